@@ -1,0 +1,18 @@
+# The two set-up commands of the README. Each creates .venv on first use (about a minute), then
+# runs. On a machine without an NVIDIA GPU, constraints-cpu.txt keeps pip on the CPU build of torch.
+PYTHON ?= python3
+VENV := .venv
+CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+
+.PHONY: quickstart test
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+quickstart: $(VENV)/.installed
+	$(VENV)/bin/distill run recipes/quickstart.yaml
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q

@@ -1,0 +1,363 @@
+"""Recipes: YAML files loaded into typed, validated objects.
+
+A recipe has the sections ``data``, ``model`` (single-model training) or ``teacher`` + ``student``
+(distillation), ``loss``, ``train``, ``eval``, ``export`` and the key ``output_dir``. Every key is
+documented on its field below; ``distill show-recipe RECIPE`` prints the resolved values.
+
+Validation is pydantic's (``extra="forbid"`` everywhere); this module only turns its errors into
+one readable message that names the key, the value and, for a misspelt key, the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RecipeError(ValueError):
+    """A recipe or an override is invalid; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SyntheticConfig(_Section):
+    """The built-in dataset, generated from a seed (see ``distill.data.SyntheticShapes``)."""
+
+    num_train: int = Field(256, ge=1, description="training images")
+    num_val: int = Field(64, ge=1, description="validation images")
+    size: tuple[int, int] = Field((96, 96), description="(height, width) of every image")
+    num_classes: int = Field(6, ge=2, le=12, description="background + shape classes")
+    seed: int = Field(0, description="generator seed; the same seed gives the same images")
+
+
+class DataConfig(_Section):
+    """Where the images come from and how they are augmented and batched."""
+
+    dataset: Literal["synthetic", "camvid", "cityscapes", "ade20k", "voc", "folder"] = "synthetic"
+    root: Path | None = Field(None, description="dataset folder (not used by `synthetic`)")
+    class_names: list[str] | None = Field(
+        None, description="required for `folder`; optional elsewhere to rename classes"
+    )
+    ignore_index: int = Field(255, ge=0, description="label value excluded from loss and metrics")
+    train_split: str = "train"
+    val_split: str = "val"
+    resize: tuple[int, int] | None = Field(
+        None, description="(height, width) every image is resized to before augmentation and eval"
+    )
+    crop_size: tuple[int, int] | None = Field(
+        None, description="(height, width) of training crops; padded with ignore_index if larger"
+    )
+    scale_range: tuple[float, float] = Field((1.0, 1.0), description="random rescale range")
+    hflip: bool = Field(True, description="random horizontal flip while training")
+    color_jitter: float = Field(
+        0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter strength (image only)"
+    )
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = Field(8, ge=1, description="per process")
+    eval_batch_size: int | None = Field(None, ge=1, description="defaults to batch_size")
+    num_workers: int = Field(2, ge=0)
+    max_samples: int | None = Field(None, ge=1, description="use only the first N of each split")
+    skip_bad_files: bool = Field(False, description="skip unreadable images instead of stopping")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.dataset != "synthetic":
+            if self.root is None:
+                raise ValueError(f"data.root is required for dataset '{self.dataset}'")
+            if not Path(self.root).is_dir():
+                raise ValueError(f"data.root '{self.root}' does not exist or is not a folder")
+        if self.dataset == "folder" and not self.class_names:
+            raise ValueError("data.class_names is required for dataset 'folder'")
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"data.scale_range {list(self.scale_range)} must satisfy 0 < low <= high")
+        for key in ("resize", "crop_size"):
+            value = getattr(self, key)
+            if value is not None and min(value) < 1:
+                raise ValueError(f"data.{key} {list(value)} must be positive")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std {list(self.std)} must be positive")
+        return self
+
+
+class ModelConfig(_Section):
+    """A segmentation model: an smp architecture with an smp or timm (``tu-...``) encoder."""
+
+    arch: str = Field("DeepLabV3Plus", description="smp architecture, e.g. Unet, FPN, Segformer")
+    encoder: str = Field("resnet18", description="smp encoder or `tu-<timm name>`")
+    encoder_weights: str | None = Field(None, description="e.g. `imagenet`; needs a network")
+    checkpoint: Path | None = Field(None, description="weights to load (.safetensors or .pt)")
+    factory: str | None = Field(
+        None, description="`package.module:function` returning an nn.Module (replaces arch/encoder)"
+    )
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    arch_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for the smp architecture"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise ValueError(f"checkpoint '{self.checkpoint}' does not exist")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"factory '{self.factory}' must look like `package.module:function`")
+        return self
+
+
+class TeacherConfig(ModelConfig):
+    """The frozen teacher. ``mean``/``std``: the normalization it was trained with, if not the data's."""
+
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class LossConfig(_Section):
+    """``loss = ce_weight * CE(hard labels) + kd_weight * T^2 * KL(teacher || student)``."""
+
+    ce_weight: float = Field(1.0, ge=0.0)
+    kd_weight: float = Field(1.0, ge=0.0, description="ignored when the recipe has no teacher")
+    temperature: float = Field(1.0, gt=0.0)
+    kind: Literal["kl", "cwd"] = Field("kl", description="pixel KL or channel-wise distillation")
+    class_weights: list[float] | None = Field(None, description="CE weight per class")
+    chunk_size: int | None = Field(
+        None, ge=1, description="KD loss computed this many samples at a time (less memory)"
+    )
+
+
+class TrainConfig(_Section):
+    """The optimisation schedule and the loop's bookkeeping."""
+
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
+    scheduler: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = Field(0.9, gt=0.0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer steps")
+    grad_accum_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(None, gt=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    channels_last: bool = Field(False, description="memory format of model and images")
+    seed: int = 0
+    eval_every_epochs: int = Field(1, ge=1)
+    checkpoint_every_epochs: int = Field(1, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    resume: Path | None = Field(None, description="a checkpoint folder written by save_state")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim"]] = Field(
+        default_factory=list, description="Accelerate trackers, besides metrics.jsonl"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.resume is not None and not Path(self.resume).is_dir():
+            raise ValueError(f"train.resume '{self.resume}' is not a checkpoint folder")
+        return self
+
+
+class EvalConfig(_Section):
+    """Evaluation of a trained model (``distill eval``)."""
+
+    split: str = Field("val", description="dataset split to evaluate")
+    checkpoint: Path | None = Field(None, description="defaults to the run's best checkpoint")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.checkpoint is not None and not Path(self.checkpoint).exists():
+            raise ValueError(f"eval.checkpoint '{self.checkpoint}' does not exist")
+        return self
+
+
+class ExportConfig(_Section):
+    """Export of the student (``distill export``)."""
+
+    formats: list[Literal["onnx", "safetensors"]] = Field(
+        default_factory=lambda: ["onnx", "safetensors"]
+    )
+    opset: int = Field(18, ge=13)
+    atol: float = Field(1e-4, gt=0.0, description="parity tolerance (max abs logits difference)")
+
+
+class Recipe(_Section):
+    """A whole recipe. Either ``model`` (train one model) or ``student`` (+ optional ``teacher``)."""
+
+    output_dir: Path = Path("runs/default")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
+    student: ModelConfig | None = None
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.model is not None and (self.student is not None or self.teacher is not None):
+            raise ValueError("use either `model` (one model) or `student`/`teacher`, not both")
+        if self.model is None and self.student is None:
+            raise ValueError("the recipe needs a `model` section (or `student` for distillation)")
+        if self.loss.class_weights is not None and self.data.dataset == "synthetic":
+            expected = self.data.synthetic.num_classes
+            if len(self.loss.class_weights) != expected:
+                raise ValueError(
+                    f"loss.class_weights has {len(self.loss.class_weights)} values "
+                    f"but the dataset has {expected} classes"
+                )
+        return self
+
+    @property
+    def student_model(self) -> ModelConfig:
+        """The model being trained: ``student``, or ``model`` in single-model recipes."""
+        spec = self.student if self.student is not None else self.model
+        assert spec is not None  # guaranteed by _check
+        return spec
+
+    @property
+    def distills(self) -> bool:
+        """True when a teacher is configured and the KD term has weight."""
+        return self.teacher is not None and self.loss.kd_weight > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["train.epochs=3", "data.root=/x"]`` into ``{"train.epochs": 3, ...}``.
+
+    Values are parsed as YAML scalars/lists, so ``3`` is an int, ``[1, 2]`` a list, ``null`` None.
+    """
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"override '{item}' must look like `section.key=value`")
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as error:
+            raise RecipeError(f"override '{item}': value is not valid YAML ({error})") from None
+    return parsed
+
+
+def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise RecipeError(f"override '{dotted}': '{where}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for suggestions)."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = get_args(annotation) or (annotation,)  # unwraps `X | None`
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _describe(error: dict[str, Any], origins: dict[str, str]) -> str:
+    loc = tuple(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+    dotted = ".".join(loc)
+    origin = origins.get(dotted, "")
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        valid = sorted(owner.model_fields) if owner is not None else []
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
+        known = f" Valid keys here: {', '.join(valid)}." if valid and not close else ""
+        return f"unknown key '{dotted}'{origin}{hint}{known}"
+    if error["type"] == "value_error":
+        message = str(error.get("ctx", {}).get("error", error["msg"]))
+        return message if not dotted else f"{dotted}: {message}"
+    value = error.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return f"'{dotted}'{origin}: {error['msg'].lower()}{shown}"
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply ``key=value`` overrides and validate it.
+
+    Raises:
+        RecipeError: the file is missing or unreadable, or a key or value is invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe '{path}' is not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe '{path}' must be a mapping of sections, not {type(tree).__name__}")
+    return recipe_from_dict(tree, overrides, source=str(path))
+
+
+def recipe_from_dict(
+    tree: dict[str, Any], overrides: list[str] | None = None, *, source: str = "<dict>"
+) -> Recipe:
+    """Validate a recipe given as a nested dict (plus overrides); see :func:`load_recipe`."""
+    origins: dict[str, str] = {}
+    for key, value in parse_overrides(overrides or []).items():
+        _apply_override(tree, key, value)
+        origins[key] = " (from override)"
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as error:
+        problems = [_describe(e, origins) for e in error.errors(include_url=False)]
+        raise RecipeError(f"recipe '{source}':\n  - " + "\n  - ".join(problems)) from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (every default written out)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_resolved_recipe(recipe: Recipe, folder: Path) -> Path:
+    """Write ``recipe.yaml`` (fully resolved) into ``folder`` and return its path."""
+    target = Path(folder) / "recipe.yaml"
+    atomic_write_text(target, recipe_to_yaml(recipe))
+    return target

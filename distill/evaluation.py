@@ -1,0 +1,64 @@
+"""``distill eval``: score a trained checkpoint on a split, print a table, write JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from distill.config import Recipe, atomic_write_text
+from distill.data import build_loader, dataset_info
+from distill.metrics import SegmentationScores, evaluate
+from distill.models import ModelError, build_model
+from distill.progress import console
+from distill.train import Stage, make_accelerator, stage_model
+
+
+def default_checkpoint(recipe: Recipe, stage: Stage) -> Path:
+    """``eval.checkpoint``, else the stage's best weights."""
+    if recipe.eval.checkpoint is not None:
+        return Path(recipe.eval.checkpoint)
+    best = Path(recipe.output_dir) / stage / "best.safetensors"
+    if not best.is_file():
+        raise ModelError(
+            f"no checkpoint to evaluate: {best} does not exist. Train the stage first "
+            f"(`distill train RECIPE --stage {stage}`) or pass checkpoint=PATH"
+        )
+    return best
+
+
+def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:
+    """Evaluate a stage's checkpoint on ``recipe.eval.split``; returns the scores and JSON path."""
+    checkpoint = default_checkpoint(recipe, stage)
+    accelerator = make_accelerator(recipe)
+    info = dataset_info(recipe.data)
+    spec = stage_model(recipe, stage).model_copy(update={"checkpoint": checkpoint, "encoder_weights": None})
+    model = build_model(spec, info.num_classes)
+    loader = build_loader(recipe.data, recipe.eval.split, train=False, seed=recipe.train.seed)
+    model, loader = accelerator.prepare(model, loader)
+    scores = evaluate(
+        model, loader, accelerator, num_classes=info.num_classes, ignore_index=info.ignore_index,
+        progress_label=f"eval {stage} on {recipe.eval.split}",
+    )
+    out = Path(recipe.output_dir) / stage / f"eval_{recipe.eval.split}.json"
+    if accelerator.is_main_process:
+        report = {"stage": stage, "split": recipe.eval.split, "checkpoint": str(checkpoint),
+                  **scores.as_dict(info.class_names)}
+        atomic_write_text(out, json.dumps(report, indent=2))
+        console.print(scores_table(scores, info.class_names, f"{stage} on {recipe.eval.split}"))
+        console.print(f"wrote {out}")
+    return scores, out
+
+
+def scores_table(scores: SegmentationScores, class_names: list[str], title: str) -> Table:
+    """A rich table: IoU per class, then mIoU and pixel accuracy."""
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for name, value in zip(class_names, scores.iou):
+        table.add_row(name, "absent" if value != value else f"{100 * value:.1f}")
+    table.add_section()
+    table.add_row("[bold]mIoU", f"[bold]{100 * scores.miou:.1f}")
+    table.add_row("pixel accuracy", f"{100 * scores.pixel_accuracy:.1f}")
+    return table

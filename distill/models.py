@@ -1,0 +1,211 @@
+"""Models: one factory, ``build_model``, over segmentation-models-pytorch and timm encoders.
+
+``arch`` is any smp architecture (``Unet``, ``FPN``, ``DeepLabV3Plus``, ``Segformer``, ...) and
+``encoder`` any smp encoder name or a timm model as ``tu-<name>``. ``factory:
+package.module:function`` is the escape hatch for models from elsewhere; the function is called as
+``function(num_classes=N, **factory_kwargs)`` and must map images [B,3,H,W] to logits [B,N,H,W].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill.config import ModelConfig
+
+HUB_HOST = "huggingface.co"
+
+
+class ModelError(ValueError):
+    """A model cannot be built or its weights cannot be loaded; the message says why."""
+
+
+def _smp():
+    import segmentation_models_pytorch as smp  # imported late: heavy, and after the compat step
+
+    return smp
+
+
+def _suggest(name: str, choices: list[str], n: int = 3) -> str:
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    return f" Close names: {', '.join(close)}." if close else ""
+
+
+def _check_names(spec: ModelConfig) -> None:
+    smp = _smp()
+    from segmentation_models_pytorch.encoders import get_encoder_names
+
+    archs = [a for a in smp.__all__ if a[0].isupper()]
+    if spec.arch not in archs:
+        raise ModelError(
+            f"unknown architecture '{spec.arch}'.{_suggest(spec.arch, archs)} "
+            f"Available: {', '.join(archs)}."
+        )
+    if spec.encoder.startswith("tu-"):
+        import timm
+
+        name = spec.encoder[3:]
+        if not timm.is_model(name.split(".")[0]):
+            raise ModelError(
+                f"unknown timm encoder '{spec.encoder}'."
+                + _suggest(name, timm.list_models()).replace(", ", ", tu-").replace(": ", ": tu-")
+            )
+    elif spec.encoder not in get_encoder_names():
+        hint = _suggest(spec.encoder, get_encoder_names())
+        timm_hint = _suggest(spec.encoder, _timm_names()).replace(", ", ", tu-").replace(": ", ": tu-")
+        raise ModelError(f"unknown encoder '{spec.encoder}'.{hint or timm_hint}")
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    """True when ``host:443`` accepts a TCP connection within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_hub() -> Iterator[None]:
+    """Make huggingface_hub use its local cache only, so a missing network fails at once.
+
+    Without this, smp/timm retry each download five times with back-off (about 25-45 s per file
+    measured here) before failing.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved
+
+
+def build_model(spec: ModelConfig, num_classes: int) -> nn.Module:
+    """Build the model a recipe describes, with ``num_classes`` output channels.
+
+    Loads ``spec.checkpoint`` when given. Raises :class:`ModelError` for unknown names, weights
+    that cannot be downloaded, and checkpoints that do not fit.
+    """
+    if spec.factory is not None:
+        model = _from_factory(spec, num_classes)
+    else:
+        _check_names(spec)
+        weights = spec.encoder_weights
+        if weights is not None and spec.encoder.startswith("tu-"):
+            weights = True  # smp's timm bridge takes a bool; the tag is part of the timm name
+        offline = weights is not None and (
+            os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()
+        )
+        context = _offline_hub() if offline else contextlib.nullcontext()
+        try:
+            with context:
+                model = _smp().create_model(
+                    spec.arch,
+                    encoder_name=spec.encoder,
+                    encoder_weights=weights,
+                    classes=num_classes,
+                    **spec.arch_kwargs,
+                )
+        except Exception as error:  # smp/timm/hub raise many types; all mean "not built"
+            if weights is None:
+                raise ModelError(f"could not build {spec.arch}/{spec.encoder}: {error}") from error
+            reason = "no network (the hub is unreachable)" if offline else str(error)
+            raise ModelError(
+                f"pretrained weights '{spec.encoder_weights}' for encoder '{spec.encoder}' could "
+                f"not be loaded: {reason}. Set encoder_weights: null to train from scratch, or "
+                f"give a checkpoint."
+            ) from error
+    if spec.checkpoint is not None:
+        load_weights(model, spec.checkpoint)
+    return model
+
+
+def _from_factory(spec: ModelConfig, num_classes: int) -> nn.Module:
+    module_name, _, function_name = str(spec.factory).partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ModelError(f"factory '{spec.factory}': cannot import '{module_name}': {error}") from None
+    function = getattr(module, function_name, None)
+    if function is None or not callable(function):
+        raise ModelError(f"factory '{spec.factory}': '{module_name}' has no function '{function_name}'")
+    model = function(num_classes=num_classes, **spec.factory_kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory '{spec.factory}' returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read weights without executing code: safetensors, or ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:
+            raise ModelError(f"checkpoint '{path}' is not a readable safetensors file: {error}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # includes the UnpicklingError raised for pickles carrying code
+        raise ModelError(
+            f"checkpoint '{path}' could not be loaded safely (weights_only=True): "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"checkpoint '{path}' does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load a state dict into ``model``; any missing, unexpected or mis-shaped key is an error."""
+    state = read_state_dict(path)
+    for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        lines = []
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}")
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
+        if mis_shaped:
+            lines.append(f"different shapes ({len(mis_shaped)}): {'; '.join(mis_shaped[:4])}")
+        raise ModelError(
+            f"checkpoint '{path}' does not fit the model (another architecture or class count?):\n  "
+            + "\n  ".join(lines)
+        )
+    model.load_state_dict(state)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())

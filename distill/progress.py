@@ -1,0 +1,47 @@
+"""Progress bars and console output (rich), printed by the main process only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def make_progress(enabled: bool = True) -> Progress:
+    """A rich progress bar with a free-text ``info`` field (loss, lr, images/s)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def track(items: Iterable[T], label: str | None, *, enabled: bool = True) -> Iterator[T]:
+    """Iterate ``items`` with a progress bar when ``label`` is given and ``enabled``."""
+    if not label or not enabled:
+        yield from items
+        return
+    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    with make_progress() as progress:
+        task = progress.add_task(label, total=total, info="")
+        for item in items:
+            yield item
+            progress.advance(task)

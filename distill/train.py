@@ -1,0 +1,306 @@
+"""One Accelerate training loop, for a model alone and for distillation into a student.
+
+The shape follows Accelerate's ``complete_cv_example.py``: build, ``prepare``, loop, evaluate,
+``save_state``. Only the student, its optimizer and its loaders are prepared; the teacher is a
+frozen module moved to the device (see ``distill.teacher``).
+
+Stages and their folders under ``recipe.output_dir``:
+
+- ``teacher``: the teacher's architecture trained alone (CE only);
+- ``baseline``: the student trained alone (CE only), the reference distillation must beat;
+- ``student``: the student, distilled from the teacher when the recipe has one.
+
+Each stage folder holds ``recipe.yaml`` (resolved), ``metrics.jsonl``, ``best.safetensors`` and
+``last.safetensors`` (model weights only), ``best.json`` and ``checkpoints/latest`` (the full
+``save_state``, for ``train.resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors.torch import save_file
+
+from distill.config import ModelConfig, Recipe, atomic_write_text, save_resolved_recipe
+from distill.data import build_loader, dataset_info
+from distill.losses import DistillLoss
+from distill.metrics import evaluate
+from distill.models import build_model
+from distill.progress import console, make_progress
+from distill.teacher import Teacher, load_teacher
+
+Stage = Literal["teacher", "baseline", "student"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a launcher mismatch); the message says why."""
+
+
+def make_accelerator(recipe: Recipe, project_dir: Path | None = None) -> Accelerator:
+    """An Accelerator for the recipe, with a check that every launched process joined it.
+
+    ``accelerate launch --num_processes 2`` without the CPU switch on a machine without a GPU
+    starts two unrelated single-process runs that write the same files. On such a machine we ask
+    for the CPU backend ourselves (gloo) whenever several processes were launched, and stop if the
+    process group still does not match the launcher's ``WORLD_SIZE``.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainingError("train.mixed_precision 'fp16' needs a GPU; use 'bf16' (or 'no') on CPU")
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available() and launched > 1,
+        mixed_precision=recipe.train.mixed_precision,
+        gradient_accumulation_steps=recipe.train.grad_accum_steps,
+        log_with=list(recipe.train.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(project_dir or recipe.output_dir)),
+        # The sampler's shuffle is then a function of (seed, epoch): a resumed run sees the same
+        # order as an uninterrupted one.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if accelerator.num_processes != launched:
+        raise TrainingError(
+            f"the launcher started {launched} processes but they did not form one process group "
+            f"(this process sees {accelerator.num_processes}). On CPU launch with "
+            "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
+            "--num_machines 1 --mixed_precision no --dynamo_backend no ...`."
+        )
+    return accelerator
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters, as the recipe's ``train`` section says."""
+    cfg = recipe.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then poly or cosine decay to 0 at ``total_steps`` (optimizer steps)."""
+    cfg = recipe.train
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if cfg.scheduler == "poly":
+            return (1.0 - progress) ** cfg.poly_power
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def stage_model(recipe: Recipe, stage: Stage) -> ModelConfig:
+    """The model a stage trains."""
+    if stage == "teacher":
+        if recipe.teacher is None:
+            raise TrainingError("stage 'teacher' needs a `teacher` section in the recipe")
+        return recipe.teacher
+    return recipe.student_model
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    run_dir: Path
+    best_miou: float
+    final_miou: float
+    steps: int
+
+
+def train(recipe: Recipe, stage: Stage = "student") -> TrainResult:
+    """Train the stage's model (distilling when ``stage == 'student'`` and there is a teacher)."""
+    run_dir = Path(recipe.output_dir) / stage
+    accelerator = make_accelerator(recipe, run_dir)
+    cfg = recipe.train
+    set_seed(cfg.seed)
+    info = dataset_info(recipe.data)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_recipe(recipe, run_dir)
+
+    model = build_model(stage_model(recipe, stage), info.num_classes)
+    teacher: Teacher | None = None
+    if stage == "student" and recipe.distills:
+        teacher = load_teacher(recipe, info.num_classes).to(accelerator.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = DistillLoss.from_config(recipe.loss, ignore_index=info.ignore_index)
+    if teacher is None:
+        criterion.kd_weight = 0.0  # plain training: the KD term is neither computed nor logged
+
+    train_loader = build_loader(recipe.data, recipe.data.train_split, train=True, seed=cfg.seed)
+    val_loader = build_loader(recipe.data, recipe.data.val_split, train=False, seed=cfg.seed)
+    optimizer = build_optimizer(model, recipe)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader
+    )
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    total_steps = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
+    # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
+    # step it once per process), and registered so that save_state/load_state include it.
+    scheduler = build_scheduler(optimizer, recipe, int(total_steps))
+    accelerator.register_for_checkpointing(scheduler)
+    if cfg.trackers:
+        accelerator.init_trackers(f"distill-{stage}", config=json.loads(recipe.model_dump_json()))
+
+    state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan")}
+    if cfg.resume is not None:
+        state = _resume(accelerator, Path(cfg.resume))
+        if main:
+            console.print(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
+
+    log_path = run_dir / "metrics.jsonl"
+    unwrapped = accelerator.unwrap_model(model)
+    with make_progress(enabled=main) as progress:
+        epochs_bar = progress.add_task(f"{stage} epochs", total=cfg.epochs, completed=state["epoch"], info="")
+        steps_bar = progress.add_task("steps", total=len(train_loader), info="")
+        for epoch in range(state["epoch"], cfg.epochs):
+            if state["step"] >= total_steps:
+                break
+            train_loader.set_epoch(epoch)
+            train_loader.dataset.set_epoch(epoch)
+            model.train()
+            progress.reset(steps_bar, total=len(train_loader))
+            window_start, window_images = time.perf_counter(), 0
+            for batch in train_loader:
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        teacher_logits = teacher(batch) if teacher is not None else None
+                        student_logits = model(batch["image"])
+                        parts = criterion(student_logits, batch["mask"], teacher_logits)
+                    _check_finite(parts, state["step"], batch)
+                    accelerator.backward(parts["loss"])
+                    if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window_images += batch["image"].shape[0] * accelerator.num_processes
+                progress.advance(steps_bar)
+                if not accelerator.sync_gradients:
+                    continue
+                state["step"] += 1
+                if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "epoch": epoch,
+                        "step": state["step"],
+                        "lr": scheduler.get_last_lr()[0],
+                        "images_per_s": window_images / max(elapsed, 1e-9),
+                        **{k: float(accelerator.reduce(v.detach(), "mean")) for k, v in parts.items()},
+                    }
+                    _log(accelerator, log_path, record)
+                    progress.update(steps_bar, info=_format(record))
+                    window_start, window_images = time.perf_counter(), 0
+                if state["step"] >= total_steps:
+                    break
+            state["epoch"] = epoch + 1
+            last_epoch = state["epoch"] == cfg.epochs or state["step"] >= total_steps
+            if state["epoch"] % cfg.eval_every_epochs == 0 or last_epoch:
+                scores = evaluate(
+                    model, val_loader, accelerator,
+                    num_classes=info.num_classes, ignore_index=info.ignore_index,
+                )
+                state["last_miou"] = scores.miou
+                _log(accelerator, log_path, {"epoch": epoch, "step": state["step"], "val_miou": scores.miou,
+                                             "val_pixel_accuracy": scores.pixel_accuracy})
+                if scores.miou > state["best_miou"]:
+                    state["best_miou"] = scores.miou
+                    _save_weights(accelerator, unwrapped, run_dir / "best.safetensors")
+                    if main:
+                        atomic_write_text(run_dir / "best.json", json.dumps(
+                            {"epoch": epoch, "step": state["step"], "miou": scores.miou}, indent=2))
+                progress.update(epochs_bar, info=f"val mIoU {scores.miou:.3f} (best {state['best_miou']:.3f})")
+            if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
+                _save_weights(accelerator, unwrapped, run_dir / "last.safetensors")
+                _save_checkpoint(accelerator, run_dir, state)
+            progress.advance(epochs_bar)
+    accelerator.end_training()
+    return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"])
+
+
+def _check_finite(parts: dict[str, torch.Tensor], step: int, batch: dict) -> None:
+    if torch.isfinite(parts["loss"]).item():
+        return
+    values = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+    raise TrainingError(
+        f"non-finite loss at optimizer step {step} ({values}); batch sample indices "
+        f"{batch['index'].tolist()}. The last checkpoint was left intact."
+    )
+
+
+def _format(record: dict) -> str:
+    losses = " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "ce", "kd") if k in record)
+    return f"{losses} lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s"
+
+
+def _log(accelerator: Accelerator, path: Path, record: dict) -> None:
+    if accelerator.log_with:
+        accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=record["step"])
+    if accelerator.is_main_process:
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _save_weights(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> None:
+    """Model weights alone (no optimizer, no wrapper prefixes), atomically, by the main process."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict) -> None:
+    """``save_state`` into a fresh folder, then swap it in for ``checkpoints/latest``.
+
+    A kill at any moment leaves either the previous complete checkpoint or the new one.
+    """
+    final = run_dir / "checkpoints" / "latest"
+    staging = run_dir / "checkpoints" / ".incoming"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        atomic_write_text(staging / "progress.json", json.dumps(state, indent=2))
+        previous = run_dir / "checkpoints" / ".previous"
+        if final.exists():
+            os.replace(final, previous)
+        os.replace(staging, final)
+        shutil.rmtree(previous, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator: Accelerator, folder: Path) -> dict:
+    """Load a ``save_state`` folder (or a stage folder's latest checkpoint) and its progress."""
+    for name in ("latest", ".previous"):  # .previous: a kill fell between the two renames
+        if (folder / "checkpoints" / name).is_dir():
+            folder = folder / "checkpoints" / name
+            break
+    progress_file = folder / "progress.json"
+    if not progress_file.is_file():
+        raise TrainingError(f"train.resume '{folder}' holds no progress.json: not a distill checkpoint")
+    accelerator.load_state(str(folder))
+    return json.loads(progress_file.read_text())

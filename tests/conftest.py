@@ -1,0 +1,21 @@
+"""Shared test setup.
+
+``import distill`` comes first: it lets torchvision import on machines where its C++ extension
+cannot load (see distill/_compat.py), before torchmetrics, timm or smp import torchvision.
+"""
+
+from pathlib import Path
+
+import distill  # noqa: F401  (side effect: torchvision compatibility step)
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CAMVID = REPO.parent / "shared" / "data" / "camvid"
+
+
+@pytest.fixture
+def camvid_root() -> Path:
+    """The real CamVid folder beside the checkout; the test is skipped when it is absent."""
+    if not (CAMVID / "train").is_dir():
+        pytest.skip(f"CamVid data not found at {CAMVID} (expected beside the checkout in ../shared)")
+    return CAMVID

@@ -1,0 +1,65 @@
+"""mIoU from the confusion matrix, against hand-made cases and torchmetrics."""
+
+import math
+
+import pytest
+import torch
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
+
+from distill.metrics import confusion_matrix, per_sample_confusion, scores_from_confusion
+
+
+def test_hand_made_case():
+    # 2x3 image, classes 0..2, one void pixel (255).
+    target = torch.tensor([[0, 0, 1], [1, 2, 255]])
+    prediction = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    scores = scores_from_confusion(confusion_matrix(prediction, target, 3, 255))
+    # class 0: tp 1, fp 0 (void pixel not counted), fn 1 -> 1/2
+    # class 1: tp 2, fp 2 (one from 0, one from 2), fn 0 -> 2/4
+    # class 2: tp 0, fn 1 -> 0
+    assert scores.iou == pytest.approx([0.5, 0.5, 0.0])
+    assert scores.miou == pytest.approx(1.0 / 3.0)
+    assert scores.pixel_accuracy == pytest.approx(3 / 5)
+
+
+def test_class_absent_from_labels_and_predictions_is_left_out():
+    target = torch.tensor([0, 0, 1, 1])
+    prediction = torch.tensor([0, 0, 1, 0])
+    scores = scores_from_confusion(confusion_matrix(prediction, target, 4, 255))
+    assert math.isnan(scores.iou[2]) and math.isnan(scores.iou[3])
+    assert scores.miou == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_label_out_of_range_is_an_error_naming_the_value():
+    with pytest.raises(ValueError, match=r"label values \[7\]"):
+        confusion_matrix(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 7, 255]), 3, 255)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_torchmetrics(seed):
+    generator = torch.Generator().manual_seed(seed)
+    num_classes, ignore = 6, 255
+    target = torch.randint(0, num_classes - 1, (4, 17, 23), generator=generator)  # class 5 absent
+    target[torch.rand(target.shape, generator=generator) < 0.2] = ignore
+    prediction = torch.randint(0, num_classes - 1, (4, 17, 23), generator=generator)
+    ours = confusion_matrix(prediction, target, num_classes, ignore)
+    reference = MulticlassConfusionMatrix(num_classes, ignore_index=ignore)(prediction, target)
+    assert torch.equal(ours, reference)
+    scores = scores_from_confusion(ours)
+    jaccard = MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore)(prediction, target)
+    present = [i for i in range(num_classes) if not math.isnan(scores.iou[i])]
+    assert present == [0, 1, 2, 3, 4]
+    assert torch.allclose(torch.tensor([scores.iou[i] for i in present], dtype=torch.float64), jaccard[present].double())
+    assert scores.miou == pytest.approx(float(jaccard[present].mean()), abs=1e-6)
+
+
+def test_per_sample_confusion_sums_to_the_batch_matrix():
+    generator = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 4, (5, 9, 9), generator=generator)
+    target[:, :2] = 255
+    prediction = torch.randint(0, 4, (5, 9, 9), generator=generator)
+    per_sample = per_sample_confusion(prediction, target, 4, 255)
+    assert per_sample.shape == (5, 16)
+    assert torch.equal(per_sample.sum(0).reshape(4, 4), confusion_matrix(prediction, target, 4, 255))
+    for i in range(5):
+        assert torch.equal(per_sample[i].reshape(4, 4), confusion_matrix(prediction[i], target[i], 4, 255))
