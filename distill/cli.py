@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     add("train", "train a model, or distill the teacher into the student", stage_default="student")
     eval_parser = add("eval", "evaluate a checkpoint: per-class IoU, mIoU, JSON", stage_default="student")
     eval_parser.epilog = "Shorthands: checkpoint=PATH (eval.checkpoint), split=NAME (eval.split)."
+    add("run", "every stage the recipe asks for: teacher, baseline, distilled student")
     add("recipe", "print the fully resolved recipe (every default written out)")
     return parser
 
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"[green]done[/]: {args.stage} best val mIoU {100 * result.best_miou:.1f} "
                 f"(final {100 * result.final_miou:.1f}) after {result.steps} steps -> {result.run_dir}"
             )
+        elif args.command == "run":
+            from distill.pipeline import run_pipeline
+
+            run_pipeline(recipe)
         elif args.command == "eval":
             from distill.evaluation import evaluate_checkpoint
 

@@ -192,6 +192,14 @@ class ExportConfig(_Section):
     atol: float = Field(1e-4, gt=0.0, description="parity tolerance (max abs logits difference)")
 
 
+class RunConfig(_Section):
+    """What ``distill run`` does besides training the student."""
+
+    baseline: bool = Field(
+        True, description="also train the student without a teacher, as the reference KD must beat"
+    )
+
+
 class Recipe(_Section):
     """A whole recipe. Either ``model`` (train one model) or ``student`` (+ optional ``teacher``)."""
 
@@ -204,6 +212,7 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

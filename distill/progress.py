@@ -16,27 +16,40 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+if not console.is_terminal:  # logs and CI: long lines rather than rich's default 80 columns
+    console.width = 120
 T = TypeVar("T")
+
+
+def live_bars() -> bool:
+    """Live bars only on a terminal; logs and CI get plain lines instead (see ``report``)."""
+    return console.is_terminal
+
+
+def report(message: str, *, enabled: bool = True) -> None:
+    """Print a progress line where no live bar shows it (not a terminal)."""
+    if enabled and not live_bars():
+        console.print(message, highlight=False)
 
 
 def make_progress(enabled: bool = True) -> Progress:
     """A rich progress bar with a free-text ``info`` field (loss, lr, images/s)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
-        disable=not enabled,
+        disable=not (enabled and live_bars()),
         transient=False,
     )
 
 
 def track(items: Iterable[T], label: str | None, *, enabled: bool = True) -> Iterator[T]:
     """Iterate ``items`` with a progress bar when ``label`` is given and ``enabled``."""
-    if not label or not enabled:
+    if not label or not enabled or not live_bars():
         yield from items
         return
     total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]

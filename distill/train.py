@@ -36,7 +36,7 @@ from distill.data import build_loader, dataset_info
 from distill.losses import DistillLoss
 from distill.metrics import evaluate
 from distill.models import build_model
-from distill.progress import console, make_progress
+from distill.progress import console, make_progress, report
 from distill.teacher import Teacher, load_teacher
 
 Stage = Literal["teacher", "baseline", "student"]
@@ -124,8 +124,12 @@ class TrainResult:
     steps: int
 
 
-def train(recipe: Recipe, stage: Stage = "student") -> TrainResult:
-    """Train the stage's model (distilling when ``stage == 'student'`` and there is a teacher)."""
+def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None = None) -> TrainResult:
+    """Train the stage's model (distilling when ``stage == 'student'`` and there is a teacher).
+
+    ``fingerprint`` (what the stage is made from, see ``distill.pipeline``) is stored with each
+    checkpoint so that ``distill run`` resumes only a checkpoint of the same inputs.
+    """
     run_dir = Path(recipe.output_dir) / stage
     accelerator = make_accelerator(recipe, run_dir)
     cfg = recipe.train
@@ -161,7 +165,8 @@ def train(recipe: Recipe, stage: Stage = "student") -> TrainResult:
     if cfg.trackers:
         accelerator.init_trackers(f"distill-{stage}", config=json.loads(recipe.model_dump_json()))
 
-    state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan")}
+    state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan"),
+             "fingerprint": fingerprint}
     if cfg.resume is not None:
         state = _resume(accelerator, Path(cfg.resume))
         if main:
@@ -210,6 +215,8 @@ def train(recipe: Recipe, stage: Stage = "student") -> TrainResult:
                     }
                     _log(accelerator, log_path, record)
                     progress.update(steps_bar, info=_format(record))
+                    report(f"{stage} epoch {epoch + 1}/{cfg.epochs} step {state['step']}/{int(total_steps)}: "
+                           f"{_format(record)}", enabled=main)
                     window_start, window_images = time.perf_counter(), 0
                 if state["step"] >= total_steps:
                     break
@@ -229,7 +236,9 @@ def train(recipe: Recipe, stage: Stage = "student") -> TrainResult:
                     if main:
                         atomic_write_text(run_dir / "best.json", json.dumps(
                             {"epoch": epoch, "step": state["step"], "miou": scores.miou}, indent=2))
-                progress.update(epochs_bar, info=f"val mIoU {scores.miou:.3f} (best {state['best_miou']:.3f})")
+                summary = f"val mIoU {100 * scores.miou:.1f} (best {100 * state['best_miou']:.1f})"
+                progress.update(epochs_bar, info=summary)
+                report(f"{stage} epoch {epoch + 1}/{cfg.epochs}: {summary}", enabled=main)
             if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
                 _save_weights(accelerator, unwrapped, run_dir / "last.safetensors")
                 _save_checkpoint(accelerator, run_dir, state)
