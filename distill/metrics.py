@@ -98,6 +98,7 @@ def evaluate(
     Logits are resized to the label's size when the model's output differs (bilinear), so models
     with output strides other than 1 are scored at the label resolution.
     """
+    from distill.models import forward_padded
     from distill.progress import track  # late import: rich is only needed here for the bar
 
     was_training = model.training
@@ -105,7 +106,7 @@ def evaluate(
     total = torch.zeros(num_classes**2, dtype=torch.long, device=accelerator.device)
     for batch in track(loader, progress_label, enabled=accelerator.is_main_process):
         with accelerator.autocast():
-            logits = model(batch["image"])
+            logits = forward_padded(model, batch["image"])
         mask = batch["mask"]
         if logits.shape[-2:] != mask.shape[-2:]:
             logits = torch.nn.functional.interpolate(

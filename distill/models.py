@@ -209,3 +209,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def forward_padded(model: nn.Module, images: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+    """Run ``model`` on images padded (bottom/right, replicated edge) to a multiple of ``multiple``.
+
+    smp encoders need sides divisible by their output stride (CamVid's 360 rows are not); the
+    logits are cropped back to the input's size, so callers see the shape they passed.
+    """
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h == 0 and pad_w == 0:
+        return model(images)
+    padded = torch.nn.functional.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+    return model(padded)[..., :height, :width]

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from distill.models import forward_padded
+
 if TYPE_CHECKING:
     from distill.config import Recipe
 
@@ -69,7 +71,7 @@ class Teacher(nn.Module):
             images = images * self._scale + self._shift
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.model(images)
+        return forward_padded(self.model, images)
 
 
 def _renormalization(
@@ -114,7 +116,7 @@ def teacher_checkpoint(recipe: Recipe) -> Path:
 
 def load_teacher(recipe: Recipe, num_classes: int) -> Teacher:
     """Build the recipe's teacher with its trained weights, frozen, on the CPU."""
-    from distill.models import build_model  # late: keeps `import distill.teacher` light
+    from distill.models import build_model
 
     assert recipe.teacher is not None
     spec = recipe.teacher.model_copy(update={"checkpoint": teacher_checkpoint(recipe)})

@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import save_file
 
@@ -57,6 +58,9 @@ def make_accelerator(recipe: Recipe, project_dir: Path | None = None) -> Acceler
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("train.mixed_precision 'fp16' needs a GPU; use 'bf16' (or 'no') on CPU")
+    # Accelerate keeps one global state per process; clear its mixed-precision part so that
+    # several runs in one process (the stages of `distill run`, tests) may each choose their own.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available() and launched > 1,
         mixed_precision=recipe.train.mixed_precision,
@@ -122,6 +126,7 @@ class TrainResult:
     best_miou: float
     final_miou: float
     steps: int
+    model: torch.nn.Module  # the trained model, unwrapped (no DDP prefix)
 
 
 def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None = None) -> TrainResult:
@@ -244,7 +249,7 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
                 _save_checkpoint(accelerator, run_dir, state)
             progress.advance(epochs_bar)
     accelerator.end_training()
-    return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"])
+    return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"], unwrapped)
 
 
 def _check_finite(parts: dict[str, torch.Tensor], step: int, batch: dict) -> None:

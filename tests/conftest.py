@@ -4,12 +4,17 @@
 cannot load (see distill/_compat.py), before torchmetrics, timm or smp import torchvision.
 """
 
+import os
+import sys
 from pathlib import Path
 
 import distill  # noqa: F401  (side effect: torchvision compatibility step)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests name factories as `helpers:tiny`; the folder must be importable in every process.
+sys.path.insert(0, str(REPO / "tests"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
 
 

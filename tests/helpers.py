@@ -1,0 +1,64 @@
+"""Small recipes and models shared by the tests (fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import torch
+
+from pathlib import Path
+
+from distill.config import Recipe, recipe_from_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class TinySegmenter(torch.nn.Module):
+    """A few convolutions: enough to learn the synthetic shapes a little, in seconds."""
+
+    def __init__(self, num_classes: int, width: int = 8) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.ReLU(),
+            torch.nn.Conv2d(width, width, 3, padding=2, dilation=2), torch.nn.ReLU(),
+            torch.nn.Conv2d(width, num_classes, 1),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+
+def tiny(num_classes: int, width: int = 8) -> torch.nn.Module:
+    """Factory for recipes: ``factory: helpers:tiny``."""
+    return TinySegmenter(num_classes, width)
+
+
+class NaNSegmenter(TinySegmenter):
+    """Outputs NaN logits: to check that a non-finite loss stops the run."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(images) * float("nan")
+
+
+def nan_model(num_classes: int) -> torch.nn.Module:
+    return NaNSegmenter(num_classes)
+
+
+def tiny_recipe(output_dir, *, teacher: bool = False, **sections) -> Recipe:
+    """A synthetic-data recipe of tiny models; ``sections`` override whole keys (dotted allowed)."""
+    tree: dict = {
+        "output_dir": str(output_dir),
+        "data": {
+            "dataset": "synthetic",
+            "synthetic": {"num_train": 24, "num_val": 13, "size": [32, 32], "num_classes": 4, "seed": 0},
+            "scale_range": [0.75, 1.25], "crop_size": [32, 32], "batch_size": 4,
+            "eval_batch_size": 4, "num_workers": 0,
+        },
+        "train": {"epochs": 2, "lr": 0.01, "log_every_steps": 2, "warmup_steps": 0},
+    }
+    if teacher:
+        tree["teacher"] = {"factory": "helpers:tiny", "factory_kwargs": {"width": 12}}
+        tree["student"] = {"factory": "helpers:tiny", "factory_kwargs": {"width": 6}}
+        tree["loss"] = {"kd_weight": 1.0, "temperature": 2.0}
+    else:
+        tree["model"] = {"factory": "helpers:tiny"}
+    overrides = [f"{k}={v}" for k, v in sections.items()]
+    return recipe_from_dict(tree, overrides)

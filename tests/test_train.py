@@ -1,0 +1,129 @@
+"""The Accelerate loop: run folder contents, resume, distillation, errors (single process)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distill.config import recipe_to_yaml
+from distill.evaluation import evaluate_checkpoint
+from distill.teacher import Teacher
+from distill.train import TrainingError, build_scheduler, train
+from helpers import TinySegmenter, tiny_recipe
+
+
+def test_run_folder_holds_recipe_metrics_and_weights(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    result = train(recipe, "student")
+    run = tmp_path / "student"
+    assert yaml.safe_load((run / "recipe.yaml").read_text()) == yaml.safe_load(recipe_to_yaml(recipe))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_miou" in r]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]  # 24 images / batch 4 = 6 steps/epoch
+    assert all(r["kd"] == 0.0 and r["loss"] == pytest.approx(r["ce"]) and r["images_per_s"] > 0 for r in steps)
+    assert len(evals) == 2 and result.steps == 12
+    best = json.loads((run / "best.json").read_text())
+    assert best["miou"] == max(r["val_miou"] for r in evals) == result.best_miou
+    # best.safetensors holds plain model weights that a fresh model loads, and its eval agrees.
+    weights = load_file(str(run / "best.safetensors"))
+    assert set(weights) == set(TinySegmenter(4).state_dict())
+    scores, report = evaluate_checkpoint(recipe, "student")
+    assert scores.miou == pytest.approx(best["miou"], abs=1e-12)
+    assert json.loads(report.read_text())["miou"] == pytest.approx(best["miou"])
+
+
+def test_resume_continues_to_the_same_final_state(tmp_path, monkeypatch):
+    straight = train(tiny_recipe(tmp_path / "a"), "student")
+
+    import distill.train as loop
+
+    save = loop._save_checkpoint
+
+    def save_then_die(*args, **kwargs):  # the run "dies" right after its first checkpoint
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_recipe(tmp_path / "b"), "student")
+    monkeypatch.setattr(loop, "_save_checkpoint", save)
+    checkpoint = tmp_path / "b" / "student" / "checkpoints" / "latest"
+    assert json.loads((checkpoint / "progress.json").read_text())["step"] == 6
+    resumed = train(tiny_recipe(tmp_path / "b", **{"train.resume": str(checkpoint)}), "student")
+    assert resumed.steps == straight.steps == 12
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_non_finite_loss_stops_with_step_parts_and_indices(tmp_path):
+    recipe = tiny_recipe(tmp_path, **{"model.factory": "helpers:nan_model"})
+    with pytest.raises(TrainingError, match=r"non-finite loss at optimizer step 0 \(loss=nan, ce=nan, kd=0\); batch sample indices \[\d+, \d+, \d+, \d+\]"):
+        train(recipe, "student")
+
+
+def test_distillation_uses_a_frozen_teacher_and_saves_only_the_student(tmp_path):
+    recipe = tiny_recipe(tmp_path, teacher=True)
+    teacher_run = train(recipe, "teacher")
+    teacher_weights = load_file(str(teacher_run.run_dir / "best.safetensors"))
+    result = train(recipe, "student")
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert all(r["kd"] > 0 for r in steps)
+    assert all(r["loss"] == pytest.approx(r["ce"] + r["kd"], rel=1e-5) for r in steps)
+    student = load_file(str(result.run_dir / "best.safetensors"))
+    assert set(student) == set(TinySegmenter(4, 6).state_dict())  # no teacher keys, no prefixes
+    assert student["body.0.weight"].shape[0] == 6
+    # The teacher's weights on disk are untouched by the student's training.
+    after = load_file(str(teacher_run.run_dir / "best.safetensors"))
+    assert all(torch.equal(teacher_weights[k], after[k]) for k in teacher_weights)
+
+
+def test_missing_teacher_weights_is_a_clear_error(tmp_path):
+    from distill.models import ModelError
+
+    with pytest.raises(ModelError, match=r"train it first with `distill train RECIPE --stage teacher`"):
+        train(tiny_recipe(tmp_path, teacher=True), "student")
+
+
+def test_teacher_stays_frozen_in_eval_and_renormalizes():
+    model = TinySegmenter(3)
+    teacher = Teacher(model, data_mean=(0.5, 0.5, 0.5), data_std=(0.25, 0.25, 0.25),
+                      teacher_mean=(0.0, 0.0, 0.0), teacher_std=(1.0, 1.0, 1.0))
+    parent = torch.nn.ModuleDict({"teacher": teacher}).train()
+    assert parent.training and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    images = torch.randn(2, 3, 32, 32)
+    logits = teacher({"image": images})
+    assert not logits.requires_grad
+    raw = images * 0.25 + 0.5  # what the teacher must see: its own normalization of the raw image
+    assert torch.allclose(logits, model(raw), atol=1e-6)
+    assert teacher.state_dict().keys() == {f"model.{k}" for k in model.state_dict()}
+
+
+def test_scheduler_warms_up_then_decays_to_zero(tmp_path):
+    recipe = tiny_recipe(tmp_path, **{"train.warmup_steps": 4, "train.scheduler": "cosine"})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, recipe, total_steps=20)
+    rates = []
+    for _ in range(20):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates[4] == pytest.approx(1.0) and rates[-1] < 0.01
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on a GPU")
+    with pytest.raises(TrainingError, match="fp16' needs a GPU; use 'bf16'"):
+        train(tiny_recipe(tmp_path, **{"train.mixed_precision": "fp16"}), "student")
+
+
+def test_bf16_autocast_trains(tmp_path):
+    result = train(tiny_recipe(tmp_path, teacher=False, **{"train.mixed_precision": "bf16", "train.epochs": 1}), "student")
+    assert result.steps == 6 and result.best_miou == result.best_miou  # finite, not NaN
