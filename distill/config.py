@@ -44,14 +44,16 @@ class SyntheticConfig(_Section):
 class DataConfig(_Section):
     """Where the images come from and how they are augmented and batched."""
 
-    dataset: Literal["synthetic", "camvid", "cityscapes", "ade20k", "voc", "folder"] = "synthetic"
+    dataset: Literal["synthetic", "camvid", "cityscapes", "ade20k", "voc", "folder"] = Field(
+        "synthetic", description="on-disk layout (see README, Datasets)"
+    )
     root: Path | None = Field(None, description="dataset folder (not used by `synthetic`)")
     class_names: list[str] | None = Field(
         None, description="required for `folder`; optional elsewhere to rename classes"
     )
     ignore_index: int = Field(255, ge=0, description="label value excluded from loss and metrics")
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = Field("train", description="split the model is trained on")
+    val_split: str = Field("val", description="split evaluated during training")
     resize: tuple[int, int] | None = Field(
         None, description="(height, width) every image is resized to before augmentation and eval"
     )
@@ -63,14 +65,16 @@ class DataConfig(_Section):
     color_jitter: float = Field(
         0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter strength (image only)"
     )
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="RGB mean, images in [0, 1]")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="RGB std, images in [0, 1]")
     batch_size: int = Field(8, ge=1, description="per process")
     eval_batch_size: int | None = Field(None, ge=1, description="defaults to batch_size")
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(2, ge=0, description="data-loader worker processes (0: in the main one)")
     max_samples: int | None = Field(None, ge=1, description="use only the first N of each split")
     skip_bad_files: bool = Field(False, description="skip unreadable images instead of stopping")
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    synthetic: SyntheticConfig = Field(
+        default_factory=SyntheticConfig, description="the built-in dataset's settings"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -103,7 +107,9 @@ class ModelConfig(_Section):
     factory: str | None = Field(
         None, description="`package.module:function` returning an nn.Module (replaces arch/encoder)"
     )
-    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    factory_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for the factory function"
+    )
     arch_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments for the smp architecture"
     )
@@ -120,16 +126,20 @@ class ModelConfig(_Section):
 class TeacherConfig(ModelConfig):
     """The frozen teacher. ``mean``/``std``: the normalization it was trained with, if not the data's."""
 
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    mean: tuple[float, float, float] | None = Field(
+        None, description="normalization the teacher was trained with, if not data.mean"
+    )
+    std: tuple[float, float, float] | None = Field(
+        None, description="normalization the teacher was trained with, if not data.std"
+    )
 
 
 class LossConfig(_Section):
     """``loss = ce_weight * CE(hard labels) + kd_weight * T^2 * KL(teacher || student)``."""
 
-    ce_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(1.0, ge=0.0, description="weight of cross-entropy on the hard labels")
     kd_weight: float = Field(1.0, ge=0.0, description="ignored when the recipe has no teacher")
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature T of the KD term")
     kind: Literal["kl", "cwd"] = Field("kl", description="pixel KL or channel-wise distillation")
     class_weights: list[float] | None = Field(None, description="CE weight per class")
     chunk_size: int | None = Field(
@@ -140,23 +150,27 @@ class LossConfig(_Section):
 class TrainConfig(_Section):
     """The optimisation schedule and the loop's bookkeeping."""
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="passes over the training split")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="decoupled (AdamW) or L2 (SGD)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
-    scheduler: Literal["poly", "cosine", "constant"] = "poly"
-    poly_power: float = Field(0.9, gt=0.0)
+    scheduler: Literal["poly", "cosine", "constant"] = Field(
+        "poly", description="decay after warm-up, to 0 at the last step"
+    )
+    poly_power: float = Field(0.9, gt=0.0, description="exponent of the poly schedule")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer steps")
-    grad_accum_steps: int = Field(1, ge=1)
-    max_grad_norm: float | None = Field(None, gt=0.0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_grad_norm: float | None = Field(None, gt=0.0, description="gradient clipping (none: off)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast for student and teacher; fp16 needs a GPU"
+    )
     channels_last: bool = Field(False, description="memory format of model and images")
-    seed: int = 0
-    eval_every_epochs: int = Field(1, ge=1)
-    checkpoint_every_epochs: int = Field(1, ge=1)
-    log_every_steps: int = Field(10, ge=1)
+    seed: int = Field(0, description="seeds weights, shuffling and augmentation")
+    eval_every_epochs: int = Field(1, ge=1, description="val mIoU every N epochs (and at the end)")
+    checkpoint_every_epochs: int = Field(1, ge=1, description="save_state every N epochs")
+    log_every_steps: int = Field(10, ge=1, description="metrics.jsonl line every N optimizer steps")
     resume: Path | None = Field(None, description="a checkpoint folder written by save_state")
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim"]] = Field(
         default_factory=list, description="Accelerate trackers, besides metrics.jsonl"
@@ -186,9 +200,9 @@ class ExportConfig(_Section):
     """Export of the student (``distill export``)."""
 
     formats: list[Literal["onnx", "safetensors"]] = Field(
-        default_factory=lambda: ["onnx", "safetensors"]
+        default_factory=lambda: ["onnx", "safetensors"], description="what `distill export` writes"
     )
-    opset: int = Field(18, ge=13)
+    opset: int = Field(18, ge=13, description="ONNX opset")
     atol: float = Field(1e-4, gt=0.0, description="parity tolerance (max abs logits difference)")
 
 
@@ -203,7 +217,7 @@ class RunConfig(_Section):
 class Recipe(_Section):
     """A whole recipe. Either ``model`` (train one model) or ``student`` (+ optional ``teacher``)."""
 
-    output_dir: Path = Path("runs/default")
+    output_dir: Path = Field(Path("runs/default"), description="run folder; one sub-folder per stage")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig | None = None
     teacher: TeacherConfig | None = None
@@ -370,3 +384,33 @@ def save_resolved_recipe(recipe: Recipe, folder: Path) -> Path:
     target = Path(folder) / "recipe.yaml"
     atomic_write_text(target, recipe_to_yaml(recipe))
     return target
+
+
+def recipe_reference() -> str:
+    """A Markdown table of every recipe key, its default and meaning (the README embeds it)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            nested = [a for a in (get_args(field.annotation) or (field.annotation,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+            key = f"{prefix}{name}"
+            if nested:
+                rows.append(f"| **`{key}`** | | {(nested[0].__doc__ or '').strip().splitlines()[0]} |")
+                walk(nested[0], f"{key}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            shown = json_default(default)
+            rows.append(f"| `{key}` | `{shown}` | {field.description or ''} |")
+
+    walk(Recipe, "")
+    return "\n".join(rows) + "\n"
+
+
+def json_default(value: Any) -> str:
+    """A default as it would be written in YAML (one line)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

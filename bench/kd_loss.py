@@ -1,0 +1,264 @@
+"""Benchmark: fused ``kd_loss`` vs the plain-autograd ``kd_loss_reference``.
+
+Measures forward+backward time (median over repeats, after a warm-up) and peak extra memory of
+each variant, side by side in one run.
+
+Time: one ``spawn`` subprocess runs the variants round-robin on the same inputs, so load from
+other processes on a shared machine hits every variant alike (the median then compares fairly).
+
+Memory: every variant runs in its own fresh ``spawn`` subprocess, so peaks cannot leak from one
+variant into the next:
+
+* CPU: peak RSS growth, ``getrusage(RUSAGE_SELF).ru_maxrss`` after the first fwd+bwd minus the
+  resident size right after the inputs (and ``student.grad``) were allocated. ``student.grad`` is
+  preallocated so neither variant is charged for it (as for a network's parameter grads).
+* CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` after the inputs.
+
+Targets: peak memory <= 0.5x and time <= 1.0x of the reference.
+
+Usage: ``python bench/kd_loss.py [--device cuda] [--dtype bf16] [--out bench/results/kd_loss.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+PEAK_TARGET = 0.5
+TIME_TARGET = 1.0
+# (row name, chunk_size). "reference" is kd_loss_reference, the plain-autograd baseline.
+VARIANTS: list[tuple[str, int | None]] = [
+    ("reference", None),
+    ("fused", None),
+    ("fused_chunk1", 1),
+    ("fused_chunk2", 2),
+]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _max_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux (bytes on macOS, where /proc is missing anyway).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _setup(cfg: dict[str, Any]) -> tuple[Any, ...]:
+    """In the child: import torch and distill, build the inputs.
+
+    Returns (torch, device, step, sync, (student, teacher, target)).
+    """
+    import torch
+
+    import distill  # noqa: F401  (project convention: import distill before anything else)
+    from distill.losses import kd_loss, kd_loss_reference
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    dtype = getattr(torch, DTYPES[cfg["dtype"]])
+    temperature = cfg["temperature"]
+
+    def step(chunk_size: int | None, reference: bool, s: Any, t: Any, y: Any) -> Any:
+        if reference:
+            loss = kd_loss_reference(s, t, temperature=temperature, target=y)
+        else:
+            loss = kd_loss(s, t, temperature=temperature, target=y, chunk_size=chunk_size)
+        loss.backward()
+        return loss
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # Tiny warm-up first: thread pools and kernels initialise without touching the peak.
+    tiny = torch.randn(2, 3, 4, 4, device=device, dtype=dtype, requires_grad=True)
+    step(None, True, tiny, torch.randn_like(tiny), None)
+    step(2, False, tiny, torch.randn_like(tiny), None)
+
+    n, c, h, w = cfg["shape"]
+    gen = torch.Generator(device="cpu").manual_seed(cfg["seed"])
+    # Generated in place, in the final dtype: no freed temporaries left resident in the heap.
+    student = torch.empty(n, c, h, w, dtype=dtype).normal_(0, 3, generator=gen).to(device)
+    teacher = torch.empty(n, c, h, w, dtype=dtype).normal_(0, 3, generator=gen).to(device)
+    target = torch.randint(0, c, (n, h, w), generator=gen)
+    target[torch.rand(n, h, w, generator=gen) < cfg["ignore_fraction"]] = 255
+    target = target.to(device)
+    student.requires_grad_(True)
+    student.grad = torch.zeros_like(student)
+    sync()
+    return torch, device, step, sync, (student, teacher, target)
+
+
+def _malloc_trim() -> None:
+    # Return freed heap pages to the OS so the RSS baseline holds only live memory.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _measure_memory(name: str, chunk_size: int | None, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Peak extra memory of one fwd+bwd of one variant (run in a fresh process)."""
+    torch, device, step, sync, (student, teacher, target) = _setup(cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        _malloc_trim()
+        base = _current_rss_bytes()
+        stale = _max_rss_bytes() - base  # > 0 if something earlier peaked above the inputs
+    loss = step(chunk_size, name == "reference", student, teacher, target)
+    sync()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = _max_rss_bytes() - base
+    out = {
+        "variant": name,
+        "chunk_size": chunk_size,
+        "loss": float(loss.detach().float()),
+        "peak_bytes": int(peak),
+        "logits_bytes": student.numel() * student.element_size(),
+    }
+    if device.type != "cuda" and stale > 16 * 2**20:
+        out["warning"] = f"RSS had peaked {stale / 2**20:.0f} MiB above the baseline before the run"
+    return out
+
+
+def _measure_time(cfg: dict[str, Any]) -> dict[str, list[float]]:
+    """Fwd+bwd seconds per variant, variants interleaved round-robin, after one warm-up each."""
+    _, _, step, sync, inputs = _setup(cfg)
+    times: dict[str, list[float]] = {name: [] for name, _ in VARIANTS}
+    for rep in range(cfg["repeats"] + 1):
+        for name, chunk_size in VARIANTS:
+            t0 = time.perf_counter()
+            step(chunk_size, name == "reference", *inputs)
+            sync()
+            if rep > 0:  # round 0 is the warm-up
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _run_isolated(fn: Any, *args: Any) -> Any:
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = result["config"]
+    table = Table(
+        title=f"kd_loss fwd+bwd, logits {'x'.join(map(str, cfg['shape']))} {cfg['dtype']} "
+        f"on {cfg['device']}, T={cfg['temperature']}, {cfg['repeats']} repeats"
+    )
+    for col in ("variant", "chunk", "loss", "peak MiB", "x logits", "peak_ratio", "time s",
+                "time_ratio", "targets"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for row in result["rows"]:
+        ok = row.get("meets_targets")
+        table.add_row(
+            row["variant"],
+            "-" if row["chunk_size"] is None else str(row["chunk_size"]),
+            f"{row['loss']:.6f}",
+            f"{row['peak_bytes'] / 2**20:.1f}",
+            f"{row['peak_bytes'] / row['logits_bytes']:.2f}",
+            f"{row['peak_ratio']:.2f}",
+            f"{row['time_s']:.3f}",
+            f"{row['time_ratio']:.2f}",
+            "-" if ok is None else ("[green]yes[/]" if ok else "[red]no[/]"),
+        )
+    console = Console(width=max(Console().width, 120))  # pipes default to 80 columns
+    console.print(table)
+    console.print(
+        f"targets: peak_ratio <= {PEAK_TARGET}, time_ratio <= {TIME_TARGET} "
+        f"(ratios to the reference row)"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shape", type=int, nargs=4, default=[8, 19, 256, 512], metavar=("N", "C", "H", "W")
+    )
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--ignore-fraction", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/kd_loss.json"))
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    cfg = {
+        "shape": args.shape,
+        "temperature": args.temperature,
+        "repeats": args.repeats,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "ignore_fraction": args.ignore_fraction,
+        "seed": args.seed,
+    }
+    load_before = os.getloadavg()[0]
+    rows = [_run_isolated(_measure_memory, name, chunk, cfg) for name, chunk in VARIANTS]
+    times = _run_isolated(_measure_time, cfg)
+    for row in rows:
+        row["times_s"] = times[row["variant"]]
+        row["time_s"] = statistics.median(row["times_s"])
+    ref = rows[0]
+    for row in rows:
+        row["peak_ratio"] = row["peak_bytes"] / ref["peak_bytes"]
+        row["time_ratio"] = row["time_s"] / ref["time_s"]
+        row["loss_rel_diff"] = abs(row["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
+        if row is not ref:
+            row["meets_targets"] = (
+                row["peak_ratio"] <= PEAK_TARGET and row["time_ratio"] <= TIME_TARGET
+            )
+    import torch
+
+    result = {
+        "config": cfg,
+        "targets": {"peak_ratio_max": PEAK_TARGET, "time_ratio_max": TIME_TARGET},
+        "env": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],  # other users' load
+            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+            "memory_method": "cuda max_memory_allocated" if args.device.startswith("cuda")
+            else "ru_maxrss growth over RSS after inputs (malloc_trim), fresh process per variant",
+            "time_method": "median of fwd+bwd, variants interleaved round-robin in one process",
+        },
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    _print_table(result)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Segmentation losses: cross entropy, pixel-wise KD, channel-wise KD (CWD) and their weighted mix.
+
+All KD losses treat the teacher's logits as constants: they are detached, so a teacher that
+still requires grad never receives one. When the teacher's logits have a different spatial size,
+they are resized to the student's with bilinear interpolation (``align_corners=False``) *before*
+the softmax, so the student is distilled at its own resolution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["DistillLoss", "ce_loss", "cwd_loss", "kd_loss", "kd_loss_reference"]
+
+KDKind = Literal["kl", "cwd"]
+_KINDS = ("kl", "cwd")
+# Chunks of at least this many pixels (N*H*W) use the per-class loop of _kd_chunk, whose
+# temporaries are 1/C of the logits. Below it the loop's per-op overhead dominates and the
+# vectorised _kd_chunk_dense is used (its chunk-sized temporaries are tiny at that size).
+_LOOP_MIN_PIXELS = 16384
+
+
+# --------------------------------------------------------------------------- checks and helpers
+def _check_number(name: str, value: Any, *, allow_zero: bool) -> float:
+    ok = isinstance(value, numbers.Real) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def _check_chunk(chunk_size: Any) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _check_pair(student: Tensor, teacher: Tensor) -> bool:
+    """Validate student/teacher logits; return True when the teacher must be resized."""
+    if student.ndim < 2 or teacher.ndim != student.ndim:
+        shapes = f"student {tuple(student.shape)}, teacher {tuple(teacher.shape)}"
+        raise ValueError(f"logits must both be [N, C, ...] of equal rank, got {shapes}")
+    if not (student.is_floating_point() and teacher.is_floating_point()):
+        raise TypeError(f"logits must be floating point, not {student.dtype}/{teacher.dtype}")
+    (n_s, c_s), (n_t, c_t) = student.shape[:2], teacher.shape[:2]
+    if c_s != c_t:
+        raise ValueError(f"student has {c_s} classes but teacher has {c_t}")
+    if n_s != n_t:
+        raise ValueError(f"student batch size {n_s} != teacher batch size {n_t}")
+    if teacher.shape[2:] == student.shape[2:]:
+        return False
+    if student.ndim != 4:
+        raise ValueError(
+            f"teacher logits {tuple(teacher.shape)} differ spatially from student's "
+            f"{tuple(student.shape)}; only 4-D [N, C, H, W] logits are resized"
+        )
+    return True
+
+
+def _valid_mask(student: Tensor, target: Tensor | None, ignore_index: int) -> Tensor | None:
+    if target is None:
+        return None
+    if tuple(target.shape) != (expected := (student.shape[0], *student.shape[2:])):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match student logits "
+                         f"shape {tuple(student.shape)} (expected target shape {expected})")
+    return target != ignore_index
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    # Half-precision logits are computed in fp32 (exp/log in bf16 lose too much); fp64 stays.
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+
+
+def _resize(teacher: Tensor, size: Sequence[int], dtype: torch.dtype) -> Tensor:
+    return F.interpolate(teacher.to(dtype), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _prepare(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Autograd-path inputs: both upcast to the compute dtype, teacher detached and resized."""
+    resize = _check_pair(student, teacher)
+    cd = _compute_dtype(student, teacher)
+    t = teacher.detach().to(cd)
+    return student.to(cd), (_resize(t, student.shape[2:], cd) if resize else t)
+
+
+# --------------------------------------------------------------------------- fused pixel-wise KD
+def _kd_chunk(s: Tensor, t: Tensor, work: Tensor, temperature: float) -> Tensor:
+    """Per-pixel KL(p_t || p_s) (without T^2) of one chunk; leaves ``p_s - p_t`` in ``work``.
+
+    Only ``work`` is logits-sized: the teacher is processed one class at a time (temporaries
+    1/C of the logits) and its softmax is never materialised. Uses, with lse = logsumexp(x/T),
+    KL = sum_c p_t,c (t_c - s_c) / T + lse_s - lse_t   (since sum_c p_t,c = 1).
+    """
+    inv_t = 1.0 / temperature
+    if s.dtype == work.dtype:
+        torch.div(s, temperature, out=work)
+    else:  # upcast first: `out=` of another dtype would still compute in the input's dtype
+        work.copy_(s).div_(temperature)
+    # Student softmax in place; subtracting the max keeps exp in (0, 1], so nothing overflows.
+    lse_s = work.amax(1)
+    work.sub_(lse_s.unsqueeze(1)).exp_()
+    z_s = work.sum(1)
+    work.div_(z_s.unsqueeze(1))  # work = p_s
+    lse_s.add_(z_s.log_())
+    del z_s
+
+    neg_m = t.amax(1).to(work.dtype).mul_(-inv_t)  # -max_c t_c / T
+    buf, lse_t = torch.empty_like(neg_m), torch.zeros_like(neg_m)
+    for c in range(s.shape[1]):
+        lse_t.add_(torch.add(neg_m, t[:, c], alpha=inv_t, out=buf).exp_())
+    lse_t.log_().sub_(neg_m)
+    neg_lse_t = torch.neg(lse_t, out=neg_m)
+    kl = lse_s.sub_(lse_t)
+    del lse_t
+    diff = torch.empty_like(buf)
+    for c in range(s.shape[1]):
+        p_t = torch.add(neg_lse_t, t[:, c], alpha=inv_t, out=buf).exp_()
+        work[:, c].sub_(p_t)
+        diff.copy_(t[:, c]).sub_(s[:, c])
+        kl.addcmul_(p_t, diff, value=inv_t)
+    return kl
+
+
+def _kd_chunk_dense(s: Tensor, t: Tensor, work: Tensor, temperature: float) -> Tensor:
+    """Same contract as :func:`_kd_chunk`, vectorised over classes (for small chunks)."""
+    log_ps = torch.log_softmax(s.to(work.dtype) / temperature, dim=1)
+    log_pt = torch.log_softmax(t.to(work.dtype) / temperature, dim=1)
+    p_t = log_pt.exp()
+    kl = (p_t * (log_pt - log_ps)).sum(1)
+    torch.exp(log_ps, out=work).sub_(p_t)
+    return kl
+
+
+def _fused_kd_forward(
+    student: Tensor, teacher: Tensor, valid: Tensor | None, temperature: float,
+    chunk_size: int | None, need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    n_total, n_classes, *spatial = student.shape
+    cd = _compute_dtype(student, teacher)
+    resize = list(teacher.shape[2:]) != spatial
+    step = max(1, n_total if chunk_size is None else min(chunk_size, n_total))
+    # Tensor arithmetic (no .item()) keeps this free of host syncs on GPU; clamp avoids 0/0.
+    n_pixels = float(n_total * math.prod(spatial))
+    num_valid = student.new_tensor(n_pixels, dtype=cd) if valid is None else valid.sum().to(cd)
+    inv_valid = 1.0 / num_valid.clamp_min(1)
+    grad_scale = inv_valid * temperature  # d(T^2 * mean KL)/ds = T (p_s - p_t) / num_valid
+
+    grad = torch.empty_like(student) if need_grad else None
+    direct = grad is not None and student.dtype == cd  # compute straight into the saved gradient
+    scratch = None if direct else student.new_empty((step, n_classes, *spatial), dtype=cd)
+    total = torch.zeros((), dtype=cd, device=student.device)
+    for start in range(0, n_total, step):
+        sl = slice(start, start + step)
+        s = student[sl]
+        t = _resize(teacher[sl], spatial, cd) if resize else teacher[sl]
+        work = grad[sl] if direct else scratch[: s.shape[0]]  # type: ignore[index]
+        lean = s.numel() // n_classes >= _LOOP_MIN_PIXELS
+        kl = (_kd_chunk if lean else _kd_chunk_dense)(s, t, work, temperature)
+        void = None if valid is None else valid[sl].logical_not()
+        if void is not None:
+            kl.masked_fill_(void, 0)  # masked_fill, not multiply: void pixels may hold inf/NaN
+        total += kl.sum()
+        if grad is not None:
+            work.mul_(grad_scale)
+            if void is not None:
+                work.masked_fill_(void.unsqueeze(1), 0)
+            if not direct:
+                grad[sl].copy_(work)
+    return total * inv_valid * (temperature * temperature), grad
+
+
+class _FusedKD(torch.autograd.Function):
+    """Loss and its student gradient computed together in forward; only the gradient is saved."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, teacher: Tensor, *args: Any) -> Tensor:  # type: ignore
+        """``args``: valid mask or None, temperature, chunk_size, need_grad."""
+        # The kernel picks its own precision: autocast must not downcast its intermediates.
+        with torch.no_grad(), torch.autocast(student.device.type, enabled=False):
+            loss, grad = _fused_kd_forward(student, teacher, *args)
+        ctx.has_grad = grad is not None
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+        if not ctx.has_grad:
+            return None, None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        # The upstream grad is usually exactly 1 (kd_weight 1): hand over the saved tensor, no
+        # copy. Otherwise scale out of place, so a retain_graph backward sees it unchanged.
+        if not bool(grad_loss == 1):
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
+    target: Tensor | None = None, ignore_index: int = 255, chunk_size: int | None = None,
+) -> Tensor:
+    """Pixel-wise KD: ``T^2 *`` mean over valid pixels of KL(teacher || student) at temperature T.
+
+    Memory-lean version of :func:`kd_loss_reference`: a custom autograd Function computes the
+    loss and its gradient ``T * (p_s - p_t) * valid / num_valid`` together in forward, in place,
+    and saves only that gradient (one student-sized tensor). The mean is over valid pixels, so
+    the loss does not grow with image area.
+
+    Args:
+        student_logits: ``[N, C, H, W]`` (or ``[N, C]``). bf16/fp16 are computed in fp32; the
+            gradient comes back in the student's dtype.
+        teacher_logits: Same layout and class count; detached. Another spatial size is resized
+            bilinearly (align_corners=False) before the softmax.
+        temperature: Softmax temperature T > 0.
+        target: Optional ``[N, H, W]`` (or ``[N]``) labels; pixels equal to ``ignore_index``
+            (void) are not distilled. ``None`` distils every pixel.
+        chunk_size: Samples per step, bounding the temporaries (resized teacher, fp32 copies of
+            half-precision logits). ``None``: the whole batch at once.
+
+    Returns: scalar loss (fp32; fp64 for fp64 inputs); 0 with zero gradient if nothing is valid.
+    Raises: ValueError on bad temperature/chunk_size or class, batch or target-shape mismatch.
+    """
+    temperature = _check_number("temperature", temperature, allow_zero=False)
+    _check_chunk(chunk_size)
+    _check_pair(student_logits, teacher_logits)
+    valid = _valid_mask(student_logits, target, ignore_index)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return _FusedKD.apply(
+        student_logits, teacher_logits.detach(), valid, temperature, chunk_size, need_grad
+    )
+
+
+def kd_loss_reference(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
+    target: Tensor | None = None, ignore_index: int = 255,
+) -> Tensor:
+    """Plain-autograd reference for :func:`kd_loss`: same semantics, about 4x the memory.
+
+    ``T^2 * masked_mean(F.kl_div(log_softmax(s/T), softmax(t/T), reduction='none').sum(1))``;
+    the naive baseline for tests and the benchmark. Inputs are upcast and resized like kd_loss.
+    """
+    temperature = _check_number("temperature", temperature, allow_zero=False)
+    s, t = _prepare(student_logits, teacher_logits)
+    valid = _valid_mask(student_logits, target, ignore_index)
+    log_ps = F.log_softmax(s / temperature, dim=1)
+    kl = F.kl_div(log_ps, F.softmax(t / temperature, dim=1), reduction="none").sum(1)
+    if valid is None:
+        return kl.mean() * temperature**2
+    kl = torch.where(valid, kl, kl.new_zeros(()))
+    return kl.sum() / valid.sum().clamp_min(1) * temperature**2
+
+
+# --------------------------------------------------------------------------- CE and CWD
+def ce_loss(
+    logits: Tensor, target: Tensor, *, ignore_index: int = 255,
+    class_weights: Tensor | None = None,
+) -> Tensor:
+    """Cross entropy with hard labels: mean over valid pixels, weighted as in F.cross_entropy.
+
+    Returns 0 with a zero-gradient path (not NaN) when every pixel is ignored. Half-precision
+    logits are upcast to fp32, as autocast would do for the log-softmax.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    target = target.long()
+    if class_weights is not None:
+        class_weights = torch.as_tensor(class_weights).to(logits.device, logits.dtype)
+        if (k := class_weights.numel()) != (c := logits.shape[1]):
+            raise ValueError(f"class_weights has {k} entries but logits have {c} classes")
+    total = F.cross_entropy(
+        logits, target, weight=class_weights, ignore_index=ignore_index, reduction="sum"
+    )
+    valid = target != ignore_index
+    if class_weights is None:
+        denom = valid.sum().to(total.dtype)
+    else:
+        denom = (class_weights[target.masked_fill(~valid, 0)] * valid).sum()
+    # All ignored: total is 0 with a zero gradient; dividing by 1 instead of 0 keeps it that way.
+    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def cwd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float) -> Tensor:
+    """Channel-wise distillation (Shu et al., ICCV 2021).
+
+    Per sample and channel, softmax over the H*W positions of ``logits / T``; KL(teacher ||
+    student) summed over positions, then ``T^2 * sum / (N * C)``. Teacher detached and resized
+    like :func:`kd_loss`.
+    """
+    temperature = _check_number("temperature", temperature, allow_zero=False)
+    if student_logits.ndim < 3:
+        raise ValueError(f"cwd_loss needs [N, C, H, W] logits, got {tuple(student_logits.shape)}")
+    s, t = _prepare(student_logits, teacher_logits)
+    log_ps = F.log_softmax(s.flatten(2) / temperature, dim=-1)
+    log_pt = F.log_softmax(t.flatten(2) / temperature, dim=-1)
+    kl = F.kl_div(log_ps, log_pt, reduction="sum", log_target=True)
+    return kl * (temperature**2 / (s.shape[0] * s.shape[1]))
+
+
+# --------------------------------------------------------------------------- module
+class DistillLoss(torch.nn.Module):
+    """``ce_weight * CE(student, target) + kd_weight * KD(student, teacher)``.
+
+    ``kind`` picks the KD term: ``"kl"`` (pixel-wise :func:`kd_loss`, void pixels masked by
+    ``ignore_index`` as in the CE) or ``"cwd"`` (:func:`cwd_loss`). Weights are >= 0 and not both
+    0; temperature > 0. ``class_weights`` (per-class CE weights) is a buffer, so ``.to()`` moves
+    it; ``chunk_size`` goes to :func:`kd_loss`.
+    """
+
+    class_weights: Tensor | None
+
+    def __init__(
+        self, *, ce_weight: float = 1.0, kd_weight: float = 1.0, temperature: float = 1.0,
+        kind: KDKind = "kl", ignore_index: int = 255,
+        class_weights: Sequence[float] | None = None, chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.ce_weight = _check_number("ce_weight", ce_weight, allow_zero=True)
+        self.kd_weight = _check_number("kd_weight", kd_weight, allow_zero=True)
+        if self.ce_weight == 0 and self.kd_weight == 0:
+            raise ValueError("ce_weight and kd_weight are both 0: the loss would be constant")
+        self.temperature = _check_number("temperature", temperature, allow_zero=False)
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        _check_chunk(chunk_size)
+        self.kind: KDKind = kind
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+        weights = None
+        if class_weights is not None:
+            weights = torch.as_tensor(list(class_weights), dtype=torch.float32)
+            if weights.ndim != 1 or not bool(weights.isfinite().all()) or bool((weights < 0).any()):
+                raise ValueError(f"class_weights must be finite and >= 0, got {weights.tolist()}")
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    @classmethod
+    def from_config(cls, loss_config: Any, *, ignore_index: int) -> DistillLoss:
+        """Build from any object with attributes ``ce_weight, kd_weight, temperature, kind,
+        class_weights, chunk_size``; missing ones take the constructor defaults."""
+        names = ("ce_weight", "kd_weight", "temperature", "kind", "class_weights", "chunk_size")
+        kwargs = {n: getattr(loss_config, n) for n in names if hasattr(loss_config, n)}
+        if "kind" in kwargs:  # accept str-valued enums from a config model
+            kwargs["kind"] = getattr(kwargs["kind"], "value", kwargs["kind"])
+        return cls(ignore_index=ignore_index, **kwargs)
+
+    def forward(
+        self, student_logits: Tensor, target: Tensor, teacher_logits: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Return ``{"loss", "ce", "kd"}``, parts not detached (the caller decides). ``kd`` is a
+        0 tensor, not computed, without a teacher or with ``kd_weight == 0``."""
+        teacher = teacher_logits if self.kd_weight > 0 else None
+        # With ce_weight 0 the CE is still reported, but kept out of the graph when KD drives it.
+        ce_off = self.ce_weight == 0 and teacher is not None
+        with torch.no_grad() if ce_off else contextlib.nullcontext():
+            ce = ce_loss(student_logits, target, ignore_index=self.ignore_index,
+                         class_weights=self.class_weights)
+        kd = ce.new_zeros(())
+        if teacher is not None and self.kind == "kl":
+            kd = kd_loss(student_logits, teacher, temperature=self.temperature, target=target,
+                         ignore_index=self.ignore_index, chunk_size=self.chunk_size)
+        elif teacher is not None:
+            kd = cwd_loss(student_logits, teacher, temperature=self.temperature)
+        return {"loss": self.ce_weight * ce + self.kd_weight * kd, "ce": ce, "kd": kd}

@@ -1,0 +1,420 @@
+"""Tests for distill.losses against independent float64 NumPy/SciPy references."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.special import log_softmax as np_log_softmax
+
+import distill.losses as losses
+from distill.losses import DistillLoss, ce_loss, cwd_loss, kd_loss, kd_loss_reference
+
+CHUNKS = [None, 1, 2]
+
+
+@pytest.fixture(params=["loop", "dense"])
+def kd_path(request, monkeypatch):
+    """Run a kd_loss test through each kernel: the per-class loop used for large chunks and the
+    vectorised one used for small chunks (test tensors are small, so the switch is forced)."""
+    monkeypatch.setattr(losses, "_LOOP_MIN_PIXELS", 0 if request.param == "loop" else 10**12)
+    return request.param
+
+
+# --------------------------------------------------------------------------- independent references
+def np_kd(s, t, temperature, target=None, ignore_index=255):
+    """float64 NumPy KL(teacher || student) per pixel, masked mean, times T^2."""
+    s = np.asarray(s, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    log_ps = np_log_softmax(s / temperature, axis=1)
+    log_pt = np_log_softmax(t / temperature, axis=1)
+    kl = (np.exp(log_pt) * (log_pt - log_ps)).sum(axis=1)
+    valid = np.ones(kl.shape, bool) if target is None else np.asarray(target) != ignore_index
+    if not valid.any():
+        return 0.0
+    return float(kl[valid].mean() * temperature**2)
+
+
+def np_cwd(s, t, temperature):
+    s = np.asarray(s, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    n, c = s.shape[:2]
+    log_ps = np_log_softmax(s.reshape(n, c, -1) / temperature, axis=-1)
+    log_pt = np_log_softmax(t.reshape(n, c, -1) / temperature, axis=-1)
+    return float((np.exp(log_pt) * (log_pt - log_ps)).sum() * temperature**2 / (n * c))
+
+
+def make(shape=(2, 5, 6, 7), dtype=torch.float64, seed=0, scale=2.0, ignore=0.2):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+    t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    target[torch.rand(target.shape, generator=g) < ignore] = 255
+    if target.numel():
+        target.view(-1)[0] = 255  # at least one void pixel
+    return s.to(dtype), t.to(dtype), target
+
+
+def grad_of(fn, s, *args, **kwargs):
+    s = s.detach().clone().requires_grad_(True)
+    loss = fn(s, *args, **kwargs)
+    (g,) = torch.autograd.grad(loss, s)
+    return loss.detach(), g
+
+
+# --------------------------------------------------------------------------- kd_loss values
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+def test_kd_matches_numpy(kd_path, temperature, chunk_size):
+    s, t, y = make()
+    expected = np_kd(s.numpy(), t.numpy(), temperature, y.numpy())
+    got = kd_loss(s, t, temperature=temperature, target=y, chunk_size=chunk_size)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    ref = kd_loss_reference(s, t, temperature=temperature, target=y)
+    assert ref.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def test_kd_float32_and_no_target_and_2d(kd_path):
+    s, t, _ = make(dtype=torch.float32)
+    assert kd_loss(s, t, temperature=2.0).item() == pytest.approx(np_kd(s, t, 2.0), rel=1e-5)
+    s2, t2, y2 = make(shape=(6, 4), ignore=0.3)  # [N, C] logits with [N] target
+    assert kd_loss(s2, t2, temperature=1.5, target=y2, chunk_size=4).item() == pytest.approx(
+        np_kd(s2, t2, 1.5, y2), rel=1e-10
+    )
+
+
+def test_kd_zero_when_equal_positive_otherwise_and_asymmetric(kd_path):
+    s, t, y = make()
+    same, g = grad_of(kd_loss, s, s.clone(), temperature=2.0, target=y)
+    assert abs(same.item()) < 1e-12
+    assert g.abs().max().item() < 1e-12
+    st = kd_loss(s, t, temperature=2.0, target=y)
+    ts = kd_loss(t, s, temperature=2.0, target=y)
+    assert st.item() > 1e-3 and ts.item() > 1e-3
+    assert st.item() != pytest.approx(ts.item(), rel=1e-3)
+    # and the asymmetry is the right way round: it is KL(teacher || student)
+    assert ts.item() == pytest.approx(np_kd(t, s, 2.0, y), rel=1e-10)
+
+
+# --------------------------------------------------------------------------- kd_loss gradients
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+def test_kd_gradcheck(kd_path, chunk_size):
+    s, t, y = make(shape=(3, 4, 3, 5))
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: kd_loss(x, t, temperature=1.7, target=y, chunk_size=chunk_size), (s,)
+    )
+    # teacher at another resolution too
+    t_small = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x: kd_loss(x, t_small, temperature=0.8, target=y, chunk_size=chunk_size), (s,)
+    )
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-7)])
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+def test_kd_grad_matches_reference(kd_path, dtype, tol, chunk_size):
+    s, t, y = make(shape=(3, 6, 8, 9), dtype=dtype, scale=4.0)
+    loss, g = grad_of(kd_loss, s, t, temperature=3.0, target=y, chunk_size=chunk_size)
+    ref_loss, ref_g = grad_of(kd_loss_reference, s, t, temperature=3.0, target=y)
+    assert g.dtype == dtype
+    assert torch.allclose(loss, ref_loss, rtol=tol * 10, atol=0)
+    assert (g - ref_g).abs().max().item() <= tol * max(ref_g.abs().max().item(), 1e-30) * 10
+    void = (y == 255).unsqueeze(1).expand_as(g)
+    assert torch.all(g[void] == 0)  # void pixels are not distilled
+
+
+def test_kd_channels_last_student(kd_path):
+    s, t, y = make(shape=(2, 5, 6, 7))
+    s_cl = s.contiguous(memory_format=torch.channels_last)
+    _, g = grad_of(kd_loss, s_cl, t, temperature=2.0, target=y)
+    _, ref_g = grad_of(kd_loss_reference, s, t, temperature=2.0, target=y)
+    assert torch.allclose(g, ref_g, rtol=1e-10, atol=1e-15)
+
+
+def test_kd_upstream_grad_and_retain_graph(kd_path):
+    s, t, y = make()
+    _, g1 = grad_of(kd_loss, s, t, temperature=2.0, target=y)
+    x = s.clone().requires_grad_(True)
+    loss = kd_loss(x, t, temperature=2.0, target=y)
+    (3.0 * loss).backward(retain_graph=True)
+    assert torch.allclose(x.grad, 3.0 * g1, rtol=1e-12)
+    loss.backward(retain_graph=True)
+    loss.backward()  # the saved gradient must not have been mutated by earlier passes
+    assert torch.allclose(x.grad, 5.0 * g1, rtol=1e-12)
+
+
+def test_kd_default_kernel_choice(monkeypatch):
+    calls = []
+    for name in ("_kd_chunk", "_kd_chunk_dense"):
+        fn = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda *a, _n=name, _f=fn: calls.append(_n) or _f(*a))
+    s, t, _ = make(shape=(1, 3, 128, 128), dtype=torch.float32)  # 16384 pixels: lean loop
+    kd_loss(s, t, temperature=1.0)
+    kd_loss(s[..., :64], t[..., :64], temperature=1.0)
+    assert calls == ["_kd_chunk", "_kd_chunk_dense"]
+
+
+def test_kd_empty_batch_and_fp64_teacher():
+    s, t, y = make(shape=(0, 3, 4, 5))
+    assert kd_loss(s, t, temperature=1.0, target=y).item() == 0.0
+    s, t, y = make(shape=(2, 3, 4, 5))
+    loss, g = grad_of(kd_loss, s.float(), t, temperature=1.0, target=y)  # fp64 teacher wins
+    assert loss.dtype == torch.float64 and g.dtype == torch.float32
+    assert loss.item() == pytest.approx(np_kd(s.float(), t, 1.0, y), rel=1e-10)
+
+
+def test_kd_teacher_gets_no_grad():
+    s, t, y = make()
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    kd_loss(s, t, temperature=2.0, target=y).backward()
+    assert s.grad is not None and t.grad is None
+
+
+def test_kd_no_grad_mode_returns_value():
+    s, t, y = make()
+    s.requires_grad_(True)
+    with torch.no_grad():
+        v = kd_loss(s, t, temperature=2.0, target=y)
+    assert not v.requires_grad
+    assert v.item() == pytest.approx(np_kd(s.detach(), t, 2.0, y), rel=1e-10)
+
+
+def test_kd_temperature_squared_keeps_gradient_scale(kd_path):
+    # Small logits: p_s - p_t ~ (s - t) / (C T), so d KL/ds ~ 1/T^2; the T^2 factor cancels it.
+    s, t, y = make(shape=(2, 5, 6, 7), scale=0.05)
+    norms = {T: grad_of(kd_loss, s, t, temperature=T, target=y)[1].norm().item() for T in (1, 4)}
+    assert 0.5 < norms[1] / norms[4] < 2.0
+    # Without T^2 the same gradients would differ by ~16x: the check above discriminates.
+    no_t2 = {T: norms[T] / T**2 for T in norms}
+    assert no_t2[1] / no_t2[4] > 10.0
+
+
+def test_kd_area_invariance(kd_path):
+    s, t, y = make(shape=(2, 5, 6, 7), ignore=0.3)
+
+    def tile(x, h_dim):  # the image twice along W, then twice along H
+        return torch.cat([torch.cat([x, x], dim=h_dim + 1)] * 2, dim=h_dim)
+
+    s4, t4, y4 = tile(s, 2), tile(t, 2), tile(y, 1)
+    base = kd_loss(s, t, temperature=2.0, target=y)
+    tiled = kd_loss(s4, t4, temperature=2.0, target=y4)
+    assert tiled.item() == pytest.approx(base.item(), rel=1e-12)
+
+    def batchmean(s_, t_, y_):  # sum over pixels / N: what F.kl_div(reduction="batchmean") does
+        ls, lt = F.log_softmax(s_ / 2.0, 1), F.log_softmax(t_ / 2.0, 1)
+        kl = (lt.exp() * (lt - ls)).sum(1) * (y_ != 255)
+        return kl.sum() / s_.shape[0] * 4.0
+
+    assert batchmean(s4, t4, y4).item() == pytest.approx(4 * batchmean(s, t, y).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+def test_kd_all_ignored(kd_path, chunk_size):
+    s, t, y = make()
+    y.fill_(255)
+    x = s.clone().requires_grad_(True)
+    loss = kd_loss(x, t, temperature=2.0, target=y, chunk_size=chunk_size)
+    loss.backward()
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    assert torch.all(x.grad == 0)
+    x2 = s.clone().requires_grad_(True)
+    ref = kd_loss_reference(x2, t, temperature=2.0, target=y)
+    ref.backward()
+    assert ref.item() == 0.0 and torch.all(x2.grad == 0)
+
+
+def test_kd_large_logits_are_finite(kd_path):
+    s, t, y = make(scale=1e4)
+    expected = np_kd(s, t, 2.0, y)
+    for dtype in (torch.float32, torch.bfloat16):
+        loss, g = grad_of(kd_loss, s.to(dtype), t.to(dtype), temperature=2.0, target=y)
+        assert torch.isfinite(loss) and torch.isfinite(g.float()).all()
+        if dtype == torch.float32:
+            assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- shapes and errors
+def test_kd_class_count_mismatch_names_both():
+    s = torch.randn(2, 12, 4, 4)
+    t = torch.randn(2, 19, 4, 4)
+    for fn in (kd_loss, kd_loss_reference, cwd_loss):
+        with pytest.raises(ValueError, match=r"12 classes.*19"):
+            fn(s, t, temperature=1.0)
+
+
+def test_kd_target_shape_and_temperature_errors():
+    s, t, _ = make(shape=(2, 3, 4, 5))
+    bad = torch.zeros(2, 4, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(2, 4, 6\).*\(2, 3, 4, 5\)"):
+        kd_loss(s, t, temperature=1.0, target=bad)
+    for T in (0.0, -1.5):
+        with pytest.raises(ValueError, match=str(T)):
+            kd_loss(s, t, temperature=T)
+    with pytest.raises(ValueError, match="chunk_size"):
+        kd_loss(s, t, temperature=1.0, chunk_size=0)
+    with pytest.raises(ValueError, match="batch"):
+        kd_loss(s, t[:1], temperature=1.0)
+
+
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+def test_kd_teacher_resized_bilinear(kd_path, chunk_size):
+    s, _, y = make(shape=(2, 4, 8, 12))
+    t_small = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    t_up = F.interpolate(t_small, size=(8, 12), mode="bilinear", align_corners=False)
+    expected = np_kd(s, t_up, 2.0, y)
+    loss, g = grad_of(kd_loss, s, t_small, temperature=2.0, target=y, chunk_size=chunk_size)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    _, g_up = grad_of(kd_loss, s, t_up, temperature=2.0, target=y)
+    assert torch.allclose(g, g_up, rtol=1e-10, atol=1e-15)
+    ref = kd_loss_reference(s, t_small, temperature=2.0, target=y)
+    assert ref.item() == pytest.approx(expected, rel=1e-10)
+    # nearest-neighbour resizing would have given a different value: the check discriminates
+    t_nn = F.interpolate(t_small, size=(8, 12), mode="nearest")
+    assert np_kd(s, t_nn, 2.0, y) != pytest.approx(expected, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- low precision
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+def test_kd_bf16(kd_path, chunk_size):
+    s, t, y = make(shape=(3, 6, 8, 9), dtype=torch.float32)
+    s16, t16 = s.bfloat16(), t.bfloat16()
+    loss, g = grad_of(kd_loss, s16, t16, temperature=3.0, target=y, chunk_size=chunk_size)
+    assert torch.isfinite(loss) and g.dtype == torch.bfloat16
+    # computed in fp32 from the bf16 values (T=3: dividing by a power of 2 would be exact in
+    # bf16 and hide a bf16 computation): matches the fp32 result on those very values
+    ref_loss, ref_g = grad_of(kd_loss, s16.float(), t16.float(), temperature=3.0, target=y)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert torch.allclose(g.float(), ref_g, rtol=1e-2, atol=1e-2 * ref_g.abs().max().item())
+    # and close to the fp32 loss of the unrounded logits
+    assert loss.item() == pytest.approx(kd_loss(s, t, temperature=3.0, target=y).item(), rel=2e-2)
+
+
+def test_kd_under_cpu_autocast_matches_fp32(kd_path):
+    s, t, y = make(dtype=torch.float32)
+    plain, g_plain = grad_of(kd_loss, s, t, temperature=2.0, target=y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp, g_amp = grad_of(kd_loss, s, t, temperature=2.0, target=y)
+    assert amp.dtype == torch.float32 and g_amp.dtype == torch.float32
+    assert amp.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert torch.allclose(g_amp, g_plain, rtol=1e-5, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- CE and CWD
+def test_ce_matches_cross_entropy():
+    s, _, y = make(dtype=torch.float32)
+    w = torch.tensor([0.5, 1.0, 2.0, 0.1, 3.0])
+    for weights in (None, w):
+        loss, g = grad_of(ce_loss, s, y, class_weights=weights)
+        ref, ref_g = grad_of(F.cross_entropy, s, y, weight=weights, ignore_index=255)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+        assert torch.allclose(g, ref_g, rtol=1e-5, atol=1e-8)
+    y2 = y.masked_fill(y == 255, 7)
+    assert ce_loss(s, y2, ignore_index=7).item() == pytest.approx(
+        F.cross_entropy(s, y2, ignore_index=7).item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="3 entries.*5 classes"):
+        ce_loss(s, y, class_weights=torch.ones(3))
+
+
+def test_ce_all_ignored_is_zero():
+    s, _, y = make()
+    y.fill_(255)
+    x = s.clone().requires_grad_(True)
+    loss = ce_loss(x, y, class_weights=torch.ones(5))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(x.grad == 0)
+    assert torch.isnan(F.cross_entropy(s, y, ignore_index=255))  # what the wrapper protects from
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_cwd_matches_numpy(temperature):
+    s, t, _ = make(shape=(2, 3, 5, 6))
+    assert cwd_loss(s, t, temperature=temperature).item() == pytest.approx(
+        np_cwd(s, t, temperature), rel=1e-10
+    )
+    t_small = torch.randn(2, 3, 3, 4, dtype=torch.float64)
+    t_up = F.interpolate(t_small, size=(5, 6), mode="bilinear", align_corners=False)
+    assert cwd_loss(s, t_small, temperature=temperature).item() == pytest.approx(
+        np_cwd(s, t_up, temperature), rel=1e-10
+    )
+    assert abs(cwd_loss(s, s.clone(), temperature=temperature).item()) < 1e-12
+    x = s.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: cwd_loss(a, t, temperature=temperature), (x,))
+
+
+# --------------------------------------------------------------------------- DistillLoss
+def test_distill_loss_combines_parts():
+    s, t, y = make(dtype=torch.float32)
+    weights = [1, 2, 1, 1, 0.5]
+    crit = DistillLoss(ce_weight=0.7, kd_weight=2.5, temperature=3.0, class_weights=weights)
+    x = s.clone().requires_grad_(True)
+    out = crit(x, y, t)
+    assert set(out) == {"loss", "ce", "kd"}
+    assert out["kd"].requires_grad and out["ce"].requires_grad
+    combined = 0.7 * out["ce"].item() + 2.5 * out["kd"].item()
+    assert out["loss"].item() == pytest.approx(combined, rel=1e-6)
+    w = torch.tensor(weights)
+    ce_ref = F.cross_entropy(s, y, weight=w, ignore_index=255)
+    assert out["ce"].item() == pytest.approx(ce_ref.item(), rel=1e-6)
+    assert out["kd"].item() == pytest.approx(np_kd(s, t, 3.0, y), rel=1e-5)
+    out["loss"].backward()
+    ce_g = grad_of(ce_loss, s, y, class_weights=w)[1]
+    kd_g = grad_of(kd_loss, s, t, temperature=3.0, target=y)[1]
+    assert torch.allclose(x.grad, 0.7 * ce_g + 2.5 * kd_g, rtol=1e-5, atol=1e-8)
+
+
+def test_distill_loss_skips_kd_without_teacher_or_weight(monkeypatch):
+    s, t, y = make(dtype=torch.float32)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("kd must not be computed")
+
+    monkeypatch.setattr(losses, "kd_loss", boom)
+    out = DistillLoss(kd_weight=1.0)(s, y)
+    assert out["kd"].item() == 0.0 and out["loss"].item() == pytest.approx(out["ce"].item())
+    out = DistillLoss(kd_weight=0.0)(s, y, t)
+    assert out["kd"].item() == 0.0
+
+
+def test_distill_loss_cwd_kind():
+    s, t, y = make()
+    out = DistillLoss(ce_weight=0.0, kd_weight=1.0, temperature=2.0, kind="cwd")(s, y, t)
+    assert out["kd"].item() == pytest.approx(np_cwd(s, t, 2.0), rel=1e-10)
+    assert out["loss"].item() == pytest.approx(out["kd"].item(), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"ce_weight": -1.0}, "-1.0"),
+        ({"kd_weight": -0.25}, "-0.25"),
+        ({"temperature": 0.0}, "0.0"),
+        ({"temperature": -2.0}, "-2.0"),
+        ({"kind": "mse"}, "mse"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"class_weights": [1.0, -3.0]}, "-3.0"),
+    ],
+)
+def test_distill_loss_validation_names_bad_value(kwargs, needle):
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        DistillLoss(**kwargs)
+
+
+def test_distill_loss_from_config():
+    cfg = SimpleNamespace(
+        ce_weight=0.5, kd_weight=2.0, temperature=4.0, kind="kl", class_weights=None, chunk_size=2
+    )
+    crit = DistillLoss.from_config(cfg, ignore_index=7)
+    got = (crit.ce_weight, crit.kd_weight, crit.temperature, crit.kind, crit.chunk_size)
+    assert got == (0.5, 2.0, 4.0, "kl", 2) and crit.ignore_index == 7
+    with pytest.raises(ValueError, match="bogus"):
+        DistillLoss.from_config(SimpleNamespace(kind="bogus"), ignore_index=255)
+    crit = DistillLoss.from_config(SimpleNamespace(class_weights=[1.0, 2.0]), ignore_index=255)
+    assert crit.class_weights is not None and crit.class_weights.tolist() == [1.0, 2.0]
+    assert crit.to(torch.float64).class_weights.dtype == torch.float64  # buffer moves with .to()
