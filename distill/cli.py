@@ -56,7 +56,14 @@ def _expand_shorthands(command: str, overrides: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``distill`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after options (`--stage teacher train.epochs=3`): argparse
+    # cannot intermix positionals with subcommands, so the words it leaves over are collected here.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [word for word in extra if "=" not in word or word.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
     from distill.data import DataError
     from distill.models import ModelError
     from distill.train import TrainingError

@@ -1,0 +1,568 @@
+"""Dataset layouts behind :mod:`distill.data`: where files live, how labels map, class metadata.
+
+Each *source* lists its samples once (sorted, paired, checked) and loads one sample as raw arrays:
+``image`` uint8 [H, W, 3] RGB and ``mask`` int64 [H, W] already mapped to train ids, with void
+pixels set to ``ignore_index``. Augmentation and batching live in :mod:`distill.data`; the public
+names here (``DataError`` and the source classes) are re-exported from there.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+Palette = list[tuple[int, int, int]]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A dataset folder, file or label is unusable; the message names the file and the value."""
+
+
+class BadFileError(DataError):
+    """An image or mask file cannot be decoded (corrupt or truncated); skippable."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        # One positional argument, so DataLoader workers can re-raise it with its own type.
+        super().__init__(message)
+        self.path = path
+
+
+def label_colormap(count: int) -> Palette:
+    """The Pascal VOC bit-interleaving colour map: ``count`` distinct, deterministic colours."""
+    colours = []
+    for index in range(count):
+        red = green = blue = 0
+        value = index
+        for shift in range(7, -1, -1):
+            red |= ((value >> 0) & 1) << shift
+            green |= ((value >> 1) & 1) << shift
+            blue |= ((value >> 2) & 1) << shift
+            value >>= 3
+        colours.append((red, green, blue))
+    return colours
+
+
+def _unmatched(kind: str, names: Sequence[str], folder: Path) -> str:
+    shown = ", ".join(sorted(names)[:5])
+    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+    return f"{len(names)} {kind} in '{folder}': {shown}{more}"
+
+
+def _files(folder: Path, suffixes: Sequence[str], what: str) -> list[Path]:
+    """Sorted files of ``folder`` (recursively) ending in one of ``suffixes``; never empty."""
+    if not folder.is_dir():
+        raise DataError(f"{what} folder '{folder}' does not exist")
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    if not found:
+        raise DataError(f"{what} folder '{folder}' has no {'/'.join(suffixes)} files")
+    return found
+
+
+def _stem_key(folder: Path, suffix: str = "") -> Callable[[Path], str]:
+    """Key of a file: its path under ``folder`` without the extension (and without ``suffix``)."""
+
+    def key(path: Path) -> str:
+        relative = path.relative_to(folder).as_posix()
+        if suffix and relative.endswith(suffix):
+            return relative[: -len(suffix)]
+        return relative.rsplit(".", 1)[0]
+
+    return key
+
+
+def pair_by_key(
+    images: list[Path], masks: list[Path], image_dir: Path, mask_dir: Path,
+    image_suffix: str = "", mask_suffix: str = "",
+) -> list[tuple[Path, Path]]:
+    """Pair image and mask files by relative path stem; any file left alone is an error."""
+    image_key, mask_key = _stem_key(image_dir, image_suffix), _stem_key(mask_dir, mask_suffix)
+    repeated = [k for k, n in Counter(map(image_key, images)).items() if n > 1]
+    if repeated:
+        raise DataError(_unmatched("names with several images (e.g. .jpg and .png)", repeated,
+                                   image_dir))
+    by_image = {image_key(p): p for p in images}
+    by_mask = {mask_key(p): p for p in masks}
+    lonely_images = [by_image[k].name for k in by_image.keys() - by_mask.keys()]
+    lonely_masks = [by_mask[k].name for k in by_mask.keys() - by_image.keys()]
+    problems = []
+    if lonely_images:
+        problems.append(_unmatched(f"images without a mask (looked in '{mask_dir}')",
+                                   lonely_images, image_dir))
+    if lonely_masks:
+        problems.append(_unmatched(f"masks without an image (looked in '{image_dir}')",
+                                   lonely_masks, mask_dir))
+    if problems:
+        raise DataError("; ".join(problems))
+    return [(by_image[key], by_mask[key]) for key in sorted(by_image)]
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode ``path`` as uint8 RGB [H, W, 3]; grey, palette and RGBA images are converted."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so a truncated file fails here and not half-way through
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise BadFileError(f"cannot read '{path}' (corrupt or truncated?): {error}",
+                           str(path)) from None
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Decode a single-channel label map (modes L, P, 1, I;16, I) as an integer array."""
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+            mode, array = mask.mode, np.asarray(mask)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise BadFileError(f"cannot read '{path}' (corrupt or truncated?): {error}",
+                           str(path)) from None
+    if array.ndim != 2:
+        raise DataError(f"mask '{path}' has mode {mode}; expected one channel of class indices "
+                        "(PIL mode L, P or 16-bit), not colours")
+    return array if array.dtype == np.uint8 else array.astype(np.int64)
+
+
+class FileSource:
+    """Base class of the on-disk datasets: a sorted list of (image, mask) file pairs.
+
+    Subclasses set ``CLASS_NAMES``/``PALETTE``, list their pairs in ``_pairs`` and describe their
+    label encoding in ``_label_table`` (raw value -> train id, ignore_index, or -1 = invalid).
+    ``class_names`` is used by :class:`ImageFolder` only (elsewhere names are renamed by
+    :func:`distill.data.dataset_info`, which needs no files).
+    """
+
+    CLASS_NAMES: tuple[str, ...] = ()
+    PALETTE: Palette = []
+
+    def __init__(self, root: Path, split: str, *, ignore_index: int,
+                 max_samples: int | None = None, class_names: Sequence[str] | None = None):
+        self.root = Path(root)
+        self.split = split
+        self.ignore_index = ignore_index
+        if not self.root.is_dir():
+            raise DataError(f"dataset root '{self.root}' does not exist or is not a folder")
+        self.pairs = self._pairs()[:max_samples]
+        self._table = self._label_table(ignore_index)
+
+    def _pairs(self) -> list[tuple[Path, Path]]:
+        raise NotImplementedError
+
+    def _label_table(self, ignore_index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _valid_description(self) -> str:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def sample_id(self, index: int) -> str:
+        """A stable name for sample ``index`` (its image path relative to the root)."""
+        return self.pairs[index][0].relative_to(self.root).as_posix()
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw sample: uint8 RGB image [H, W, 3] and int64 train-id mask [H, W]."""
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        raw = read_label(mask_path)
+        if raw.shape != image.shape[:2]:
+            raise DataError(
+                f"image '{image_path}' is {image.shape[1]}x{image.shape[0]} (WxH) but its mask "
+                f"'{mask_path}' is {raw.shape[1]}x{raw.shape[0]}"
+            )
+        return image, self._map(raw, mask_path)
+
+    def _map(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        # One table lookup maps and validates at once: invalid raw values become -1, so two cheap
+        # reductions (max of the raw values, min of the mapped ones) catch every bad pixel.
+        table = self._table
+        low, high = int(raw.min()), int(raw.max())
+        if low >= 0 and high < len(table):
+            mapped = table[raw]
+            if int(mapped.min()) >= 0:
+                return mapped
+        values = np.unique(raw)
+        bad = [int(v) for v in values if not (0 <= v < len(table)) or table[v] < 0]
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        raise DataError(
+            f"mask '{path}' has label values [{shown}] that are {self._valid_description()}"
+        )
+
+
+class CamVid(FileSource):
+    """CamVid in the SegNet layout (11 classes; label 11 is void).
+
+    Layout::
+
+        root/{split}/*.png          RGB images
+        root/{split}annot/*.png     8-bit label maps of the same file names (0..10 classes, 11 void)
+    """
+
+    CLASS_NAMES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence",
+                   "car", "pedestrian", "bicyclist")
+    PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
+               (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
+               (0, 128, 192)]
+
+    def _pairs(self) -> list[tuple[Path, Path]]:
+        image_dir, mask_dir = self.root / self.split, self.root / f"{self.split}annot"
+        images = _files(image_dir, IMAGE_SUFFIXES, f"CamVid split '{self.split}' image")
+        masks = _files(mask_dir, (".png",), f"CamVid split '{self.split}' annotation")
+        return pair_by_key(images, masks, image_dir, mask_dir)
+
+    def _label_table(self, ignore_index: int) -> np.ndarray:
+        table = np.full(256, -1, dtype=np.int64)
+        table[:11] = np.arange(11)
+        table[11] = ignore_index
+        return table
+
+    def _valid_description(self) -> str:
+        return "neither classes 0..10 nor the void value 11"
+
+
+# Cityscapes labelId -> trainId (the 19 evaluated classes); every other id 0..33 is void.
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+                        23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+class Cityscapes(FileSource):
+    """Cityscapes fine annotations, labelIds mapped to the 19 train ids.
+
+    Layout::
+
+        root/leftImg8bit/{split}/{city}/{name}_leftImg8bit.png
+        root/gtFine/{split}/{city}/{name}_gtFine_labelIds.png
+
+    Label ids 0..33 are valid; those outside the 19 train classes become ``ignore_index``.
+    """
+
+    CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light",
+                   "traffic_sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+                   "truck", "bus", "train", "motorcycle", "bicycle")
+    PALETTE = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+               (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+               (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
+               (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+
+    def _pairs(self) -> list[tuple[Path, Path]]:
+        image_dir = self.root / "leftImg8bit" / self.split
+        mask_dir = self.root / "gtFine" / self.split
+        images = [p for p in _files(image_dir, (".png",), "Cityscapes image")
+                  if p.name.endswith("_leftImg8bit.png")]
+        masks = [p for p in _files(mask_dir, (".png",), "Cityscapes annotation")
+                 if p.name.endswith("_gtFine_labelIds.png")]
+        if not images:
+            raise DataError(f"Cityscapes image folder '{image_dir}' has no *_leftImg8bit.png files")
+        if not masks:
+            raise DataError(f"Cityscapes annotation folder '{mask_dir}' has no "
+                            "*_gtFine_labelIds.png files")
+        return pair_by_key(images, masks, image_dir, mask_dir,
+                           "_leftImg8bit.png", "_gtFine_labelIds.png")
+
+    def _label_table(self, ignore_index: int) -> np.ndarray:
+        table = np.full(256, -1, dtype=np.int64)
+        table[:34] = ignore_index
+        for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
+            table[label_id] = train_id
+        return table
+
+    def _valid_description(self) -> str:
+        return "not Cityscapes label ids (0..33)"
+
+
+# The 150 SceneParsing classes in label order (label k+1 is class k), as in the ADE20K
+# benchmark's objectInfo150 short names used by mmsegmentation and most codebases.
+ADE20K_CLASS_NAMES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
+    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing",
+    "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink",
+    "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
+    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind",
+    "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth",
+    "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister",
+    "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain",
+    "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel",
+    "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step",
+    "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen",
+    "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan",
+    "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
+    "clock", "flag",
+)
+assert len(ADE20K_CLASS_NAMES) == 150
+
+
+class ADE20K(FileSource):
+    """ADE20K SceneParsing (150 classes; label 0 is "other" and ignored, k -> class k-1).
+
+    Layout (``root`` may be ``ADEChallengeData2016`` itself or the folder that contains it)::
+
+        root/ADEChallengeData2016/images/{training,validation}/*.jpg
+        root/ADEChallengeData2016/annotations/{training,validation}/*.png
+
+    Split names ``train``/``val`` mean ``training``/``validation``.
+    """
+
+    CLASS_NAMES = ADE20K_CLASS_NAMES
+    PALETTE = label_colormap(151)[1:]  # deterministic; skips black, which reads as "unlabelled"
+    SPLITS = {"train": "training", "val": "validation"}
+
+    def _pairs(self) -> list[tuple[Path, Path]]:
+        base = self.root / "ADEChallengeData2016"
+        base = base if base.is_dir() else self.root
+        split = self.SPLITS.get(self.split, self.split)
+        image_dir, mask_dir = base / "images" / split, base / "annotations" / split
+        images = _files(image_dir, IMAGE_SUFFIXES, f"ADE20K split '{split}' image")
+        masks = _files(mask_dir, (".png",), f"ADE20K split '{split}' annotation")
+        return pair_by_key(images, masks, image_dir, mask_dir)
+
+    def _label_table(self, ignore_index: int) -> np.ndarray:
+        table = np.full(256, -1, dtype=np.int64)
+        table[0] = ignore_index
+        table[1:151] = np.arange(150)
+        return table
+
+    def _valid_description(self) -> str:
+        return "outside 0..150 (0 = unlabelled, 1..150 = classes)"
+
+
+class PascalVOC(FileSource):
+    """Pascal VOC 2012 segmentation (21 classes incl. background; 255 = void).
+
+    Layout (``root`` is ``VOC2012``, or contains ``VOCdevkit/VOC2012`` or ``VOC2012``)::
+
+        root/JPEGImages/{id}.jpg
+        root/SegmentationClass/{id}.png        palette PNGs; the palette indices are the labels
+        root/ImageSets/Segmentation/{split}.txt one id per line
+    """
+
+    CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+                   "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+                   "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+    PALETTE = label_colormap(21)
+
+    def _base(self) -> Path:
+        for candidate in (self.root / "VOCdevkit" / "VOC2012", self.root / "VOC2012"):
+            if candidate.is_dir():
+                return candidate
+        return self.root
+
+    def _pairs(self) -> list[tuple[Path, Path]]:
+        base = self._base()
+        listing = base / "ImageSets" / "Segmentation" / f"{self.split}.txt"
+        if not listing.is_file():
+            raise DataError(f"VOC split list '{listing}' does not exist")
+        ids = sorted({line.split()[0] for line in listing.read_text().splitlines() if line.strip()})
+        if not ids:
+            raise DataError(f"VOC split list '{listing}' is empty")
+        image_dir, mask_dir = base / "JPEGImages", base / "SegmentationClass"
+        pairs = [(image_dir / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids]
+        no_image = [p.name for p, _ in pairs if not p.is_file()]
+        no_mask = [m.name for _, m in pairs if not m.is_file()]
+        problems = []
+        if no_image:
+            problems.append(_unmatched(f"ids of '{listing.name}' without an image", no_image,
+                                       image_dir))
+        if no_mask:
+            problems.append(_unmatched(f"ids of '{listing.name}' without a mask", no_mask,
+                                       mask_dir))
+        if problems:
+            raise DataError("; ".join(problems))
+        return pairs
+
+    def _label_table(self, ignore_index: int) -> np.ndarray:
+        table = np.full(256, -1, dtype=np.int64)
+        table[:21] = np.arange(21)
+        table[255] = ignore_index
+        return table
+
+    def _valid_description(self) -> str:
+        return "neither classes 0..20 nor the void value 255"
+
+
+class ImageFolder(FileSource):
+    """Any image/mask folder pair; classes come from ``data.class_names``.
+
+    Layout::
+
+        root/images/{split}/{stem}.{png,jpg,jpeg,bmp,tif,webp}
+        root/masks/{split}/{stem}.png     one class index per pixel (8- or 16-bit)
+
+    Mask values are 0..num_classes-1 or ``ignore_index``; anything else is an error.
+    """
+
+    def __init__(self, root: Path, split: str, *, ignore_index: int,
+                 max_samples: int | None = None, class_names: Sequence[str] | None = None):
+        if not class_names:
+            raise DataError("dataset 'folder' needs data.class_names")
+        self.CLASS_NAMES = tuple(class_names)
+        self.PALETTE = label_colormap(len(class_names))
+        super().__init__(root, split, ignore_index=ignore_index, max_samples=max_samples)
+
+    def _pairs(self) -> list[tuple[Path, Path]]:
+        image_dir, mask_dir = self.root / "images" / self.split, self.root / "masks" / self.split
+        images = _files(image_dir, IMAGE_SUFFIXES, f"split '{self.split}' image")
+        masks = _files(mask_dir, (".png",), f"split '{self.split}' mask")
+        return pair_by_key(images, masks, image_dir, mask_dir)
+
+    def _label_table(self, ignore_index: int) -> np.ndarray:
+        size = min(max(256, ignore_index + 1, len(self.CLASS_NAMES)), 1 << 16)
+        table = np.full(size, -1, dtype=np.int64)
+        table[: len(self.CLASS_NAMES)] = np.arange(len(self.CLASS_NAMES))
+        if ignore_index < size:
+            table[ignore_index] = ignore_index
+        return table
+
+    def _valid_description(self) -> str:
+        return (f"neither classes 0..{len(self.CLASS_NAMES) - 1} nor ignore_index "
+                f"{self.ignore_index}")
+
+
+
+class SyntheticShapes:
+    """The built-in dataset: shapes on cluttered backgrounds, generated from a seed, no files.
+
+    Class 0 is background: a colour field with noise, lines and blobs in background-like colours.
+    Classes 1.. are (shape, pattern) pairs such as "circle_stripes" or "square_dots": every shape
+    and every pattern belongs to several classes and colours are random, so only the combination
+    of outline and texture tells the class. Shapes vary in size and angle and occlude each other.
+    Sample ``index`` of ``split`` is a pure function of ``(config.seed, split, index)``; the splits
+    ``train``, ``val`` and ``test`` use different streams.
+    """
+
+    SPLITS = {"train": 0, "val": 1, "test": 2}
+    COMBOS = (("circle", "stripes"), ("square", "dots"), ("triangle", "solid"),
+              ("circle", "dots"), ("square", "stripes"), ("triangle", "stripes"),
+              ("circle", "solid"), ("square", "solid"), ("triangle", "dots"),
+              ("circle", "checker"), ("square", "checker"), ("triangle", "checker"))
+
+    def __init__(self, config, split: str, *, max_samples: int | None = None, **_: object):
+        if split not in self.SPLITS:
+            raise DataError(f"synthetic split '{split}' does not exist; use one of "
+                            f"{', '.join(self.SPLITS)}")
+        self.config = config
+        self.split = split
+        count = config.num_train if split == "train" else config.num_val
+        self.count = min(count, max_samples) if max_samples else count
+        self.height, self.width = config.size
+        self.num_classes = config.num_classes
+        self._yy, self._xx = np.mgrid[0 : self.height, 0 : self.width].astype(np.float32)
+        # Bilinear upsampling matrices for a smooth 4x4 colour field (cheaper than PIL per image).
+        self._up_y = self._interp_matrix(self.height, 4)
+        self._up_x = self._interp_matrix(self.width, 4)
+
+    @classmethod
+    def class_names(cls, num_classes: int) -> list[str]:
+        return ["background"] + [f"{shape}_{pattern}"
+                                 for shape, pattern in cls.COMBOS[: num_classes - 1]]
+
+    @staticmethod
+    def palette(num_classes: int) -> Palette:
+        return label_colormap(num_classes)
+
+    @staticmethod
+    def _interp_matrix(size: int, knots: int) -> np.ndarray:
+        position = np.linspace(0, knots - 1, size)
+        low = np.minimum(position.astype(int), knots - 2)
+        weight = np.zeros((size, knots), dtype=np.float32)
+        weight[np.arange(size), low] = 1 - (position - low)
+        weight[np.arange(size), low + 1] = position - low
+        return weight
+
+    def __len__(self) -> int:
+        return self.count
+
+    def sample_id(self, index: int) -> str:
+        return f"synthetic/{self.split}/{index:06d}"
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw sample: uint8 RGB image [H, W, 3] and int64 mask [H, W]."""
+        seed = self.config.seed % (1 << 64)
+        rng = np.random.default_rng([seed, self.SPLITS[self.split], index])
+        image = self._background(rng)
+        mask = np.zeros((self.height, self.width), dtype=np.int64)
+        size = min(self.height, self.width)
+        for _ in range(int(rng.integers(2, 6))):
+            label = int(rng.integers(1, self.num_classes))
+            shape, pattern = self.COMBOS[label - 1]
+            radius = size * rng.uniform(0.1, 0.28)
+            cy, cx = rng.uniform(-0.1, 1.1, 2) * (self.height, self.width)
+            angle, pattern_angle = rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
+            period = rng.uniform(5.0, 9.0)  # of the stripes, dots or checks, in pixels
+            colour = rng.uniform(0, 1, 3).astype(np.float32)
+            # The pattern colour differs from the body colour by a clear brightness/hue step.
+            second = np.clip(colour + rng.choice([-1, 1], 3) * rng.uniform(0.35, 0.6, 3), 0, 1)
+            # Rasterise inside the shape's bounding box only (a few times fewer pixels).
+            reach = 1.25 * radius + 1
+            top, bottom = max(0, int(cy - reach)), min(self.height, int(cy + reach) + 1)
+            left, right = max(0, int(cx - reach)), min(self.width, int(cx + reach) + 1)
+            if top >= bottom or left >= right:
+                continue
+            box = (slice(top, bottom), slice(left, right))
+            yy, xx = self._yy[box], self._xx[box]
+            inside = self._shape(shape, yy - cy, xx - cx, radius, angle)
+            marks = inside & self._pattern(pattern, yy, xx, pattern_angle, period)
+            image[box][inside] = colour
+            image[box][marks] = second.astype(np.float32)
+            mask[box][inside] = label
+        image += 0.03 * rng.standard_normal(image.shape, dtype=np.float32)
+        return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mask
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        base = rng.uniform(0.2, 0.8, 3).astype(np.float32)
+        field = rng.normal(0, 0.15, (4, 4, 3)).astype(np.float32)
+        # Separable bilinear upsampling as two small matmuls (einsum over three operands is slow).
+        rows = (self._up_y @ field.reshape(4, 12)).reshape(self.height, 4, 3).transpose(0, 2, 1)
+        image = base + (rows @ self._up_x.T).transpose(0, 2, 1)
+        yy, xx = self._yy, self._xx
+        for _ in range(int(rng.integers(2, 6))):  # lines in background-like colours
+            (y0, y1), (x0, x1) = rng.uniform(0, self.height, 2), rng.uniform(0, self.width, 2)
+            dy, dx = y1 - y0, x1 - x0
+            t = np.clip(((yy - y0) * dy + (xx - x0) * dx) / max(dy * dy + dx * dx, 1e-6), 0, 1)
+            near = (yy - y0 - t * dy) ** 2 + (xx - x0 - t * dx) ** 2 < rng.uniform(0.5, 2.5) ** 2
+            image[near] = base + rng.normal(0, 0.2, 3).astype(np.float32)
+        for _ in range(int(rng.integers(1, 4))):  # soft blobs
+            cy, cx = rng.uniform(0, 1, 2) * (self.height, self.width)
+            ry, rx = rng.uniform(0.05, 0.2, 2) * min(self.height, self.width)
+            blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+            image[blob] = base + rng.normal(0, 0.2, 3).astype(np.float32)
+        return image
+
+    @staticmethod
+    def _shape(shape: str, dy: np.ndarray, dx: np.ndarray, radius: float, angle: float
+               ) -> np.ndarray:
+        cos, sin = np.cos(angle), np.sin(angle)
+        u, v = dx * cos + dy * sin, dy * cos - dx * sin
+        if shape == "circle":
+            return u * u + v * v <= radius * radius
+        if shape == "square":
+            return np.maximum(np.abs(u), np.abs(v)) <= radius * 0.85
+        # Equilateral triangle of circumradius 1.25 * radius: three half-planes at the inradius.
+        inside = np.ones(u.shape, dtype=bool)
+        for k in range(3):
+            phi = np.pi / 2 + 2 * np.pi * k / 3
+            inside &= u * np.cos(phi) + v * np.sin(phi) <= 0.625 * radius
+        return inside
+
+    @staticmethod
+    def _pattern(pattern: str, yy: np.ndarray, xx: np.ndarray, angle: float, period: float
+                 ) -> np.ndarray | bool:
+        if pattern == "solid":
+            return False
+        a = (xx * np.cos(angle) + yy * np.sin(angle)) / period
+        if pattern == "stripes":
+            return a % 1.0 < 0.5
+        b = (yy * np.cos(angle) - xx * np.sin(angle)) / period
+        if pattern == "checker":
+            return (np.floor(a) + np.floor(b)) % 2 == 0
+        return (a % 1.0 - 0.5) ** 2 + (b % 1.0 - 0.5) ** 2 < 0.3**2  # dots

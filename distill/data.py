@@ -1,0 +1,358 @@
+"""Datasets, joint transforms and loaders: recipe ``data`` section -> batches.
+
+A batch is a dict ``{image, mask, index, geometry}``:
+
+- ``image`` float32 [B, 3, H, W], RGB in [0, 1] normalised with ``data.mean``/``data.std``;
+- ``mask`` int64 [B, H, W], classes ``0..num_classes-1`` and ``data.ignore_index``;
+- ``index`` int64 [B], each sample's index in its dataset;
+- ``geometry`` the joint geometric transform of every sample, so that teacher logits stored for
+  the un-augmented image can be replayed onto the batch:
+  ``base_size`` [B, 2] (H, W after ``data.resize``: the un-augmented frame), ``scaled_size``
+  [B, 2] (after the random rescale by ``scale`` [B]), ``crop_box`` [B, 4] (top, left, height,
+  width in the scaled frame; it may run past the bottom/right edge, where image pixels are 0
+  and labels ``ignore_index``) and ``flip`` [B] (horizontal flip, applied after the crop).
+  Items of different sizes are padded into a batch at the bottom/right (eval without resize).
+
+Replaying the geometry on an array ``x`` of the base frame: resize to ``scaled_size``, take
+``x[top:top+height, left:left+width]`` padding where the box leaves the array, then flip. Masks
+use exact "nearest-exact" sampling (source ``floor((i + 0.5) * in / out)``, see
+:func:`resize_nearest`); images are resized by PIL bilinear with antialiasing.
+
+Augmentation randomness is a pure function of ``(seed, epoch, index)``, so a resumed run sees the
+same augmentations whatever the number of workers. Call ``dataset.set_epoch(epoch)`` before each
+epoch (loaders do not keep workers alive between epochs, so workers pick it up). After
+``accelerator.prepare`` call it on ``loader.dataset`` directly: Accelerate's ``loader.set_epoch``
+skips the dataset when its sampler has a ``set_epoch`` of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from distill._datasets import (
+    ADE20K,
+    BadFileError,
+    CamVid,
+    Cityscapes,
+    DataError,
+    FileSource,
+    ImageFolder,
+    PascalVOC,
+    SyntheticShapes,
+    label_colormap,
+)
+from distill.config import DataConfig
+
+__all__ = [
+    "ADE20K", "CamVid", "Cityscapes", "DataError", "DatasetInfo", "ImageFolder", "PascalVOC",
+    "SampleSource", "SegmentationDataset", "SyntheticShapes", "build_dataset", "build_loader",
+    "collate_batch", "dataset_info", "resize_nearest",
+]
+
+logger = logging.getLogger(__name__)
+
+FILE_SOURCES: dict[str, type[FileSource]] = {
+    "camvid": CamVid, "cityscapes": Cityscapes, "ade20k": ADE20K, "voc": PascalVOC,
+    "folder": ImageFolder,
+}
+_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as PIL uses
+
+
+class SampleSource(Protocol):
+    """What :class:`SegmentationDataset` needs from a layout (``CamVid``, ``SyntheticShapes``)."""
+
+    def __len__(self) -> int: ...
+
+    def sample_id(self, index: int) -> str: ...
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 RGB image [H, W, 3] and int64 mask [H, W] of train ids / ignore_index."""
+        ...
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a report need to know about a dataset's labels."""
+
+    num_classes: int
+    class_names: list[str]
+    ignore_index: int
+    palette: list[tuple[int, int, int]]  # one RGB colour per class
+
+
+def dataset_info(data: DataConfig) -> DatasetInfo:
+    """Classes, ignore value and palette of ``data.dataset``, without reading any image.
+
+    Raises:
+        DataError: ``data.class_names`` has the wrong length for the dataset.
+    """
+    if data.dataset == "synthetic":
+        names = SyntheticShapes.class_names(data.synthetic.num_classes)
+        palette = SyntheticShapes.palette(data.synthetic.num_classes)
+    elif data.dataset == "folder":
+        if not data.class_names:
+            raise DataError("dataset 'folder' needs data.class_names")
+        names = list(data.class_names)
+        palette = label_colormap(len(names))
+    else:
+        source = FILE_SOURCES[data.dataset]
+        names, palette = list(source.CLASS_NAMES), list(source.PALETTE)
+    if data.class_names is not None and len(data.class_names) != len(names):
+        raise DataError(
+            f"data.class_names has {len(data.class_names)} names but dataset '{data.dataset}' "
+            f"has {len(names)} classes"
+        )
+    if data.class_names is not None:
+        names = list(data.class_names)
+    if data.ignore_index < len(names):
+        raise DataError(
+            f"data.ignore_index {data.ignore_index} is a class of dataset '{data.dataset}' "
+            f"(classes 0..{len(names) - 1}); choose a value outside, e.g. 255"
+        )
+    return DatasetInfo(len(names), names, data.ignore_index, palette)
+
+
+# --------------------------------------------------------------------------------------------
+# Geometric and photometric transforms (numpy/PIL; the same ops on image and mask)
+
+
+def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of the first two axes to ``size`` (H, W).
+
+    Output pixel ``i`` samples input pixel ``floor((i + 0.5) * in / out)``, computed exactly in
+    integers (torch's ``nearest-exact`` computes the same in float32 and can differ by one pixel
+    where the product lands exactly on a pixel border).
+    """
+    (in_h, in_w), (out_h, out_w) = array.shape[:2], size
+    if (in_h, in_w) == (out_h, out_w):
+        return array
+    rows = (2 * np.arange(out_h) + 1) * in_h // (2 * out_h)
+    cols = (2 * np.arange(out_w) + 1) * in_w // (2 * out_w)
+    return array[rows[:, None], cols[None, :]]
+
+
+def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if image.shape[:2] == tuple(size):
+        return image
+    # PIL's bilinear filter widens its support when shrinking, i.e. it antialiases.
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def _jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation jitter of a float [0, 1] RGB image (in that order)."""
+    brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, size=3)
+    image = image * np.float32(brightness)
+    mean = float((image @ _GREY).mean()) if image.size else 0.0
+    image = (image - mean) * np.float32(contrast) + mean
+    grey = (image @ _GREY)[..., None]
+    image = grey + (image - grey) * np.float32(saturation)
+    return np.clip(image, 0.0, 1.0)
+
+
+class SegmentationDataset(Dataset):
+    """A dataset source plus the train or eval transform; items are dicts (see module doc).
+
+    Attributes:
+        source: the layout that lists and decodes samples (``CamVid``, ``SyntheticShapes``...).
+        info: classes, ignore value and palette.
+        bad_files: files skipped as unreadable (``data.skip_bad_files``), in this process
+            (each loader worker keeps its own list and logs a warning per new bad file).
+
+    With ``data.skip_bad_files``, an unreadable sample is replaced by the next readable one (its
+    ``index`` says which), so an epoch keeps its length; evaluation then counts that one twice.
+    """
+
+    def __init__(self, source: SampleSource, data: DataConfig, *, train: bool, seed: int = 0
+                 ) -> None:
+        self.source = source
+        self.data = data
+        self.train = train
+        self.seed = seed % (1 << 64)  # SeedSequence wants non-negative entropy
+        self.epoch = 0
+        self.info = dataset_info(data)
+        self.bad_files: list[str] = []
+        self._mean = np.asarray(data.mean, dtype=np.float32)
+        self._std = np.asarray(data.std, dtype=np.float32)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentations of ``epoch`` (a pure function of seed, epoch and index)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def sample_id(self, index: int) -> str:
+        """A stable name of sample ``index`` (e.g. its image path under the root)."""
+        return self.source.sample_id(index)
+
+    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sample resized to the base frame: uint8 image [H, W, 3], int64 mask [H, W]."""
+        image, mask = self.source.load(index)
+        if self.data.resize is not None:
+            image = _resize_image(image, self.data.resize)
+            mask = resize_nearest(mask, self.data.resize)
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        image, mask, index = self._load_good(index)
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            return self._train_item(image, mask, index, rng)
+        return self._item(self._normalise(image.astype(np.float32) / 255.0), mask, index,
+                          scale=1.0, scaled=mask.shape, box=(0, 0, *mask.shape), flip=False,
+                          base=mask.shape)
+
+    def _load_good(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Load ``index``, or with ``skip_bad_files`` the next readable sample after a bad one."""
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            try:
+                image, mask = self.load_raw(candidate)
+                return image, mask, candidate
+            except BadFileError as error:
+                if not self.data.skip_bad_files:
+                    raise
+                if error.path not in self.bad_files:
+                    self.bad_files.append(error.path)
+                    logger.warning("skipping unreadable file (%d so far in this process): %s",
+                                   len(self.bad_files), error)
+        raise DataError(f"no readable sample in {len(self)} items: {self.bad_files[:5]}")
+
+    def _train_item(self, image: np.ndarray, mask: np.ndarray, index: int,
+                    rng: np.random.Generator) -> dict[str, Any]:
+        data = self.data
+        base = mask.shape
+        # The geometric draws happen whatever the options (the jitter's come last), so turning
+        # one option off never shifts the randomness of another.
+        scale = float(rng.uniform(*data.scale_range))
+        top_u, left_u, flip_u = rng.random(3)
+        scaled = (max(1, int(np.floor(base[0] * scale + 0.5))),
+                  max(1, int(np.floor(base[1] * scale + 0.5))))
+        image, mask = _resize_image(image, scaled), resize_nearest(mask, scaled)
+        crop_h, crop_w = data.crop_size if data.crop_size is not None else scaled
+        # The scaled image is padded at the bottom/right to at least the crop size.
+        top = int(top_u * (max(scaled[0], crop_h) - crop_h + 1))
+        left = int(left_u * (max(scaled[1], crop_w) - crop_w + 1))
+        flip = bool(data.hflip and flip_u < 0.5)
+        image = image[top : top + crop_h, left : left + crop_w].astype(np.float32) / 255.0
+        # Jitter the valid pixels before padding (the padding must not shift the contrast mean)
+        # and before the flip, which it commutes with: it uses global statistics and pixel maps.
+        if data.color_jitter > 0:
+            image = _jitter(image, data.color_jitter, rng)
+        image = self._normalise(image)
+        valid_h, valid_w = image.shape[:2]
+        # Pad after normalising with 0, i.e. the raw image padded with the mean colour.
+        canvas = np.zeros((crop_h, crop_w, 3), dtype=np.float32)
+        canvas[:valid_h, :valid_w] = image
+        labels = np.full((crop_h, crop_w), data.ignore_index, dtype=np.int64)
+        labels[:valid_h, :valid_w] = mask[top : top + crop_h, left : left + crop_w]
+        if flip:
+            canvas, labels = canvas[:, ::-1], labels[:, ::-1]
+        return self._item(canvas, labels, index, scale=scale, scaled=scaled,
+                          box=(top, left, crop_h, crop_w), flip=flip, base=base)
+
+    def _normalise(self, image: np.ndarray) -> np.ndarray:
+        return (image - self._mean) / self._std
+
+    @staticmethod
+    def _item(image: np.ndarray, mask: np.ndarray, index: int, *, scale: float,
+              scaled: tuple[int, int], box: tuple[int, int, int, int], flip: bool,
+              base: tuple[int, int]) -> dict[str, Any]:
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)),
+            "index": index,
+            "geometry": {
+                "base_size": torch.tensor(base, dtype=torch.int64),
+                "scaled_size": torch.tensor(scaled, dtype=torch.int64),
+                "scale": torch.tensor(scale, dtype=torch.float32),
+                "crop_box": torch.tensor(box, dtype=torch.int64),
+                "flip": torch.tensor(flip, dtype=torch.bool),
+            },
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Building datasets and loaders
+
+
+def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0
+                  ) -> SegmentationDataset:
+    """The ``split`` of ``data.dataset`` with the train (random) or eval (deterministic) transform.
+
+    Raises:
+        DataError: a missing or empty folder, unpaired files, or a bad ``class_names``.
+    """
+    if data.dataset == "synthetic":
+        source: SampleSource = SyntheticShapes(data.synthetic, split, max_samples=data.max_samples)
+    else:
+        if data.root is None:
+            raise DataError(f"dataset '{data.dataset}' needs data.root")
+        source = FILE_SOURCES[data.dataset](
+            data.root, split, ignore_index=data.ignore_index, max_samples=data.max_samples,
+            class_names=data.class_names,
+        )
+    return SegmentationDataset(source, data, train=train, seed=seed)
+
+
+def collate_batch(items: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
+    """Stack items into a batch dict; images of different sizes are padded at the bottom/right.
+
+    Padding is 0 in the (normalised) image and ``ignore_index`` in the mask, so evaluation of
+    datasets without ``data.resize`` (e.g. ADE20K) works; ``build_loader`` binds the recipe's value.
+    """
+    height = max(item["image"].shape[1] for item in items)
+    width = max(item["image"].shape[2] for item in items)
+    images = torch.zeros(len(items), 3, height, width, dtype=torch.float32)
+    masks = torch.full((len(items), height, width), ignore_index, dtype=torch.int64)
+    for row, item in enumerate(items):
+        _, h, w = item["image"].shape
+        images[row, :, :h, :w] = item["image"]
+        masks[row, :h, :w] = item["mask"]
+    geometry = {key: torch.stack([item["geometry"][key] for item in items])
+                for key in items[0]["geometry"]}
+    return {
+        "image": images,
+        "mask": masks,
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
+        "geometry": geometry,
+    }
+
+
+def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0) -> DataLoader:
+    """A plain DataLoader over :func:`build_dataset` (ready for ``accelerator.prepare``).
+
+    Training loaders shuffle with a generator seeded from ``seed`` and drop the last partial
+    batch; evaluation loaders keep the order and every sample.
+    """
+    dataset = build_dataset(data, split, train=train, seed=seed)
+    batch_size = data.batch_size if train else (data.eval_batch_size or data.batch_size)
+    if train and len(dataset) < batch_size:
+        raise DataError(
+            f"split '{split}' has {len(dataset)} samples, fewer than data.batch_size "
+            f"{batch_size}: dropping the last partial batch would leave no batch at all"
+        )
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=functools.partial(collate_batch, ignore_index=data.ignore_index),
+        generator=generator,
+        persistent_workers=False,
+    )
