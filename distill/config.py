@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill._io import atomic_write_text  # re-exported: callers write run files through it
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -126,12 +127,31 @@ class ModelConfig(_Section):
 class TeacherConfig(ModelConfig):
     """The frozen teacher. ``mean``/``std``: the normalization it was trained with, if not the data's."""
 
+    mode: Literal["stream", "cache"] = Field(
+        "stream", description="stream: teacher forward on each batch; cache: replay stored logits"
+    )
     mean: tuple[float, float, float] | None = Field(
         None, description="normalization the teacher was trained with, if not data.mean"
     )
     std: tuple[float, float, float] | None = Field(
         None, description="normalization the teacher was trained with, if not data.std"
     )
+
+
+class CacheConfig(_Section):
+    """The teacher's logit store (``distill cache``), replayed through each batch's geometry."""
+
+    dir: Path | None = Field(None, description="store folder; default: <output_dir>/cache")
+    stride: int = Field(4, ge=1, description="logits stored at 1/stride of the base frame")
+    layout: Literal["topk", "dense"] = Field(
+        "topk", description="topk: k largest logits per pixel + the rest; dense: every class (fp16)"
+    )
+    topk: int = Field(4, ge=1, description="logits kept per pixel (layout topk)")
+    dtype: Literal["fp16", "int8"] = Field(
+        "fp16", description="stored value type; int8 uses a per-pixel scale"
+    )
+    splits: list[str] = Field(default_factory=lambda: ["train"], description="splits to cache")
+    batch_size: int = Field(8, ge=1, description="teacher batch size while caching")
 
 
 class LossConfig(_Section):
@@ -222,6 +242,7 @@ class Recipe(_Section):
     model: ModelConfig | None = None
     teacher: TeacherConfig | None = None
     student: ModelConfig | None = None
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -362,21 +383,6 @@ def recipe_from_dict(
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (every default written out)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_resolved_recipe(recipe: Recipe, folder: Path) -> Path:

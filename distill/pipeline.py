@@ -18,7 +18,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from distill.config import Recipe, atomic_write_text
+from distill._io import atomic_write_text, file_digest
+from distill.config import Recipe
 from distill.progress import console
 from distill.teacher import teacher_checkpoint
 from distill.train import Stage, train
@@ -31,15 +32,6 @@ class StageOutcome:
     seconds: float
     best_miou: float
     run_dir: Path
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def stage_fingerprint(recipe: Recipe, stage: Stage) -> str:
