@@ -402,7 +402,8 @@ def recipe_reference() -> str:
                       if isinstance(a, type) and issubclass(a, BaseModel)]
             key = f"{prefix}{name}"
             if nested:
-                rows.append(f"| **`{key}`** | | {(nested[0].__doc__ or '').strip().splitlines()[0]} |")
+                summary = (nested[0].__doc__ or "").strip().splitlines()[0].replace("``", "`")
+                rows.append(f"| **`{key}`** | | {summary} |")
                 walk(nested[0], f"{key}.")
                 continue
             default = field.get_default(call_default_factory=True)
