@@ -62,3 +62,18 @@ def tiny_recipe(output_dir, *, teacher: bool = False, **sections) -> Recipe:
         tree["model"] = {"factory": "helpers:tiny"}
     overrides = [f"{k}={v}" for k, v in sections.items()]
     return recipe_from_dict(tree, overrides)
+
+
+class SlowSegmenter(TinySegmenter):
+    """A tiny model that sleeps in each training forward: gives a test time to kill a run mid-epoch."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            import time
+
+            time.sleep(0.05)
+        return super().forward(images)
+
+
+def slow_tiny(num_classes: int) -> torch.nn.Module:
+    return SlowSegmenter(num_classes)
