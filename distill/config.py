@@ -187,6 +187,9 @@ class TrainConfig(_Section):
         "no", description="autocast for student and teacher; fp16 needs a GPU"
     )
     channels_last: bool = Field(False, description="memory format of model and images")
+    cpu_malloc_tuning: bool = Field(
+        True, description="on CPU/Linux, keep freed memory in glibc's heap (faster steps, ~13% more RSS)"
+    )
     seed: int = Field(0, description="seeds weights, shuffling and augmentation")
     eval_every_epochs: int = Field(1, ge=1, description="val mIoU every N epochs (and at the end)")
     checkpoint_every_epochs: int = Field(1, ge=1, description="save_state every N epochs")

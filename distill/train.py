@@ -32,6 +32,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import save_file
 
+from distill._malloc import tune_cpu_malloc
 from distill.config import ModelConfig, Recipe, atomic_write_text, save_resolved_recipe
 from distill.data import build_loader, dataset_info
 from distill.losses import DistillLoss
@@ -136,8 +137,10 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
     checkpoint so that ``distill run`` resumes only a checkpoint of the same inputs.
     """
     run_dir = Path(recipe.output_dir) / stage
-    accelerator = make_accelerator(recipe, run_dir)
     cfg = recipe.train
+    if cfg.cpu_malloc_tuning and not torch.cuda.is_available():
+        tune_cpu_malloc()  # before the first large allocation; see distill/_malloc.py
+    accelerator = make_accelerator(recipe, run_dir)
     set_seed(cfg.seed)
     info = dataset_info(recipe.data)
     main = accelerator.is_main_process
@@ -192,9 +195,13 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
             window_start, window_images = time.perf_counter(), 0
             for batch in train_loader:
                 with accelerator.accumulate(model):
+                    images = batch["image"]
+                    if cfg.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    # The distillation step: teacher targets, student logits, loss parts, backward.
                     with accelerator.autocast():
                         teacher_logits = teacher(batch) if teacher is not None else None
-                        student_logits = model(batch["image"])
+                        student_logits = model(images)
                         parts = criterion(student_logits, batch["mask"], teacher_logits)
                     _check_finite(parts, state["step"], batch)
                     accelerator.backward(parts["loss"])
