@@ -317,7 +317,8 @@ def _prepare_split(recipe: Any, split: str, folder: Path, fingerprint: dict[str,
     entry = manifest.get("splits", {}).get(split)
     files = _split_files(fingerprint, folder / split)
     if entry is not None and entry.get("fingerprint") == fingerprint and not files.problems():
-        return "complete" if entry.get("complete") else "resumed"
+        complete = entry.get("complete") and bool(np.all(np.load(files.folder / "written.npy")))
+        return "up to date" if complete else "resumed"
     state = "rewritten" if entry is not None else "new"
     if entry is not None:
         logger.warning("rewriting split '%s' of the logit cache '%s': %s", split, folder,

@@ -314,7 +314,6 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     return folder
 
 
-
 def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, accelerator: Any,
                  num_classes: int) -> None:
     """Write (or resume, or skip) one split; every process calls it."""
@@ -342,14 +341,15 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
     size = replay_ops.stored_size(tuple(fingerprint["base_size"]), fingerprint["stride"])
     label = f"cache {split}"
     if main:
-        done = count - sum(len(rows) for rows in todo)
-        report(f"{label}: {state}, {done}/{count} samples already stored, "
+        report(f"{label}: {state}, {int(np.count_nonzero(written))}/{count} samples stored, "
                f"{accelerator.num_processes} process(es)")
     with make_progress(enabled=main) as progress:
         task = progress.add_task(label, total=count, completed=int(np.count_nonzero(written)),
                                  info=str(folder / split))
-        for batch in loader:
-            rows = batch["index"].numpy()
+        # Rows are the sampler's indices, not batch["index"]: with data.skip_bad_files an
+        # unreadable sample's row holds its substitute's maps (training never asks for it).
+        for rows, batch in zip(mine, loader):
+            rows = np.asarray(rows, dtype=np.int64)
             with accelerator.autocast():
                 logits = teacher(_to_device(batch, accelerator.device))
             maps = replay_ops.downsample(logits.float(), size)

@@ -27,6 +27,12 @@ def test_overrides_are_typed_and_applied(tmp_path):
     assert recipe.student_model.encoder == "resnet18"
 
 
+def test_bare_no_means_no_mixed_precision(tmp_path):
+    path = write(tmp_path, {"model": {}, "train": {"mixed_precision": False}})  # YAML's `no`
+    assert load_recipe(path).train.mixed_precision == "no"
+    assert load_recipe(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
 def test_parse_overrides_rejects_words_without_value():
     with pytest.raises(RecipeError, match="override 'epochs' must look like"):
         parse_overrides(["epochs"])

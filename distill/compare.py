@@ -1,0 +1,414 @@
+"""``distill compare RECIPE [split=val]``: what the student kept of the teacher.
+
+Evaluates the teacher, the distilled student and, when ``<output_dir>/baseline/best.safetensors``
+exists, the student trained without a teacher, on the same split with the same metric code
+(:func:`distill.metrics.evaluate`, across processes under ``accelerate launch``). Then, on the main
+process only, it measures each model's size and speed and writes ``<output_dir>/compare/``:
+
+- ``compare.json``: every number below, the resolved recipe's sha256 and each checkpoint's sha256;
+- ``compare.png``: per-class IoU bars, and a few images with ground truth and each model's
+  prediction in the dataset's palette;
+- ``recipe.yaml``: the resolved recipe the numbers come from.
+
+Conventions (also written into the JSON):
+
+- GFLOPs: FLOPs per image = 2 x multiply-accumulates, as counted by
+  ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products; element-wise
+  ops, pooling and resizing are not counted), for one image of the split at the evaluation
+  resolution, padded to a multiple of 32 like the evaluation does.
+- latency: median milliseconds of a batch-1 forward pass on the current device, after warm-up
+  runs; the timed runs of the models are interleaved, so a load from other processes hits each
+  model alike.
+- sizes: checkpoint bytes on disk; ratios are student / teacher (lower is smaller or faster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+from torch import nn
+
+from distill._io import atomic_write_bytes, atomic_write_text, file_digest
+from distill.config import Recipe, recipe_to_yaml, save_resolved_recipe
+from distill.data import DatasetInfo, build_dataset, build_loader, dataset_info
+from distill.export import ensure_writable_folder, json_text, student_checkpoint
+from distill.metrics import evaluate
+from distill.models import build_model, count_parameters, forward_padded
+from distill.progress import console
+from distill.teacher import _renormalization, teacher_checkpoint
+from distill.train import make_accelerator
+
+MODELS = ("teacher", "student", "baseline")
+IGNORE_COLOUR = (255, 255, 255)
+FLOPS_CONVENTION = (
+    "FLOPs per image = 2 x multiply-accumulates, counted by torch.utils.flop_counter.FlopCounterMode "
+    "(convolutions and matrix products; element-wise ops, pooling and resizing not counted), one "
+    "image at the evaluation resolution padded to a multiple of 32"
+)
+
+
+class CompareError(ValueError):
+    """The comparison cannot run (a missing section, an unwritable folder); the message says why."""
+
+
+class _Renormalized(nn.Module):
+    """A teacher trained with another normalization than the data's: re-normalize its input."""
+
+    def __init__(self, model: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images * self.scale + self.shift)
+
+
+def _checkpoints(recipe: Recipe) -> dict[str, Path]:
+    if recipe.student is None:
+        raise CompareError(
+            "the recipe has no `student` section: compare needs a teacher and a student "
+            "(for one model use `distill eval RECIPE`)"
+        )
+    if recipe.teacher is None:
+        raise CompareError("the recipe has no `teacher` section: compare needs a teacher and a student")
+    found = {"teacher": teacher_checkpoint(recipe), "student": student_checkpoint(recipe)}
+    baseline = Path(recipe.output_dir) / "baseline" / "best.safetensors"
+    if baseline.is_file():
+        found["baseline"] = baseline
+    return found
+
+
+def _build(recipe: Recipe, name: str, checkpoint: Path, info: DatasetInfo) -> nn.Module:
+    spec = recipe.teacher if name == "teacher" else recipe.student_model
+    assert spec is not None
+    model = build_model(spec.model_copy(update={"checkpoint": checkpoint, "encoder_weights": None}),
+                        info.num_classes)
+    if name == "teacher":
+        scale, shift = _renormalization(recipe.data.mean, recipe.data.std, recipe.teacher.mean,
+                                        recipe.teacher.std)
+        if scale is not None:
+            model = _Renormalized(model, scale, shift)
+    return model.eval()
+
+
+@torch.no_grad()
+def count_gflops(model: nn.Module, image: torch.Tensor) -> float:
+    """GFLOPs of one forward pass (see the module doc for the convention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        forward_padded(model, image)
+    return counter.get_total_flops() / 1e9
+
+
+@torch.no_grad()
+def measure_latency(models: dict[str, nn.Module], image: torch.Tensor, *, runs: int, warmup: int
+                    ) -> dict[str, float]:
+    """Median ms per batch-1 forward of each model, timed runs interleaved across models."""
+    sync = torch.cuda.synchronize if image.device.type == "cuda" else (lambda: None)
+    for model in models.values():
+        for _ in range(warmup):
+            forward_padded(model, image)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(max(1, runs)):
+        for name, model in models.items():
+            sync()
+            start = time.perf_counter()
+            forward_padded(model, image)
+            sync()
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or a != a or b != b:
+        return None
+    return a / b
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def compare(recipe: Recipe, split: str = "val", *, latency_runs: int = 20, warmup_runs: int = 3,
+            num_examples: int = 4) -> dict[str, Any]:
+    """Compare teacher, student (and baseline) on ``split``; print tables, write JSON and PNG.
+
+    Args:
+        recipe: a resolved recipe with ``teacher`` and ``student`` sections.
+        split: the dataset split evaluated (and shown in the PNG).
+        latency_runs, warmup_runs: timed and untimed batch-1 forward passes per model.
+        num_examples: images shown with their predictions in ``compare.png``.
+
+    Returns:
+        The report written to ``compare.json`` (on the main process; other processes get the
+        evaluation part only, without sizes, speeds or outputs).
+
+    Raises:
+        CompareError: no teacher or student section, or ``<output_dir>/compare`` not writable.
+        ModelError: a missing checkpoint (the message names the command that writes it), or one
+            that does not fit its model.
+    """
+    checkpoints = _checkpoints(recipe)
+    out = Path(recipe.output_dir) / "compare"
+    ensure_writable_folder(out, "comparison", CompareError)
+    accelerator = make_accelerator(recipe, out)
+    main = accelerator.is_main_process
+    info = dataset_info(recipe.data)
+    models = {name: _build(recipe, name, path, info).to(accelerator.device)
+              for name, path in checkpoints.items()}
+    loader = accelerator.prepare(build_loader(recipe.data, split, train=False, seed=recipe.train.seed))
+    scores = {name: evaluate(model, loader, accelerator, num_classes=info.num_classes,
+                             ignore_index=info.ignore_index, progress_label=f"eval {name} on {split}")
+              for name, model in models.items()}
+    report: dict[str, Any] = {
+        "split": split,
+        "recipe_sha256": hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest(),
+        "processes": accelerator.num_processes,
+        "models": {name: {"checkpoint": str(checkpoints[name]), "miou": s.miou,
+                          "pixel_accuracy": s.pixel_accuracy,
+                          "iou": {c: _nan_to_none(v) for c, v in zip(info.class_names, s.iou)}}
+                   for name, s in scores.items()},
+    }
+    if main:
+        _measure_and_write(recipe, split, info, models, checkpoints, report, out,
+                           latency_runs=latency_runs, warmup_runs=warmup_runs, num_examples=num_examples,
+                           device=accelerator.device)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def _measure_and_write(recipe: Recipe, split: str, info: DatasetInfo, models: dict[str, nn.Module],
+                       checkpoints: dict[str, Path], report: dict[str, Any], out: Path, *,
+                       latency_runs: int, warmup_runs: int, num_examples: int,
+                       device: torch.device) -> None:
+    dataset = build_dataset(recipe.data, split, train=False, seed=recipe.train.seed)
+    image = dataset[0]["image"][None].to(device)
+    latency = measure_latency(models, image, runs=latency_runs, warmup=warmup_runs)
+    for name, model in models.items():
+        entry = report["models"][name]
+        entry.update({
+            "parameters": count_parameters(model),
+            "gflops": count_gflops(model, image),
+            "latency_ms": latency[name],
+            "checkpoint_bytes": checkpoints[name].stat().st_size,
+            "checkpoint_sha256": file_digest(checkpoints[name]),
+        })
+    metrics = ("miou", "pixel_accuracy", "parameters", "gflops", "checkpoint_bytes", "latency_ms")
+    teacher = report["models"]["teacher"]
+    report["ratios"] = {f"{name}/teacher": {m: _ratio(report["models"][name][m], teacher[m]) for m in metrics}
+                        for name in models if name != "teacher"}
+    report["per_class"] = per_class_rows(report, info.class_names)
+    report["eval_resolution"] = list(image.shape[-2:])
+    report["num_images"] = len(dataset)
+    report["conventions"] = {
+        "gflops": FLOPS_CONVENTION,
+        "latency_ms": f"median of {latency_runs} batch-1 forward passes on {device} after "
+                      f"{warmup_runs} warm-up runs, interleaved across models",
+        "checkpoint_bytes": "file size on disk",
+        "ratios": "model / teacher",
+    }
+    png, json_path = out / "compare.png", out / "compare.json"
+    report["outputs"] = {"json": str(json_path), "png": str(png)}
+    console.print(summary_table(report))
+    console.print(per_class_table(report))
+    examples = example_predictions(dataset, models, num_examples, device)
+    atomic_write_bytes(png, render_png(report, info, examples))
+    save_resolved_recipe(recipe, out)
+    atomic_write_text(json_path, json_text(report))
+    console.print(f"wrote {json_path} and {png}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+def per_class_rows(report: dict[str, Any], class_names: list[str]) -> list[dict[str, Any]]:
+    """One row per class, worst student-minus-teacher delta first (classes without IoU last)."""
+    models = report["models"]
+    rows = []
+    for name in class_names:
+        row: dict[str, Any] = {"class": name}
+        for model in models:
+            row[model] = models[model]["iou"][name]
+        row["student_minus_teacher"] = (None if row["student"] is None or row["teacher"] is None
+                                        else row["student"] - row["teacher"])
+        if "baseline" in models:
+            row["student_minus_baseline"] = (None if row["student"] is None or row["baseline"] is None
+                                             else row["student"] - row["baseline"])
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["student_minus_teacher"] is None, r["student_minus_teacher"] or 0.0))
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None or value != value:
+        return "-"
+    if metric in ("miou", "pixel_accuracy"):
+        return f"{100 * value:.1f}"
+    if metric == "parameters":
+        return f"{value / 1e6:.2f} M" if value >= 1e5 else f"{int(value):,}"
+    if metric == "gflops":
+        return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+    if metric == "checkpoint_bytes":
+        return f"{value / 1e6:.1f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
+    return f"{value:.1f} ms" if value >= 1 else f"{value:.3f} ms"
+
+
+LABELS = {"miou": "mIoU (%)", "pixel_accuracy": "pixel accuracy (%)", "parameters": "parameters",
+          "gflops": "GFLOPs / image", "checkpoint_bytes": "checkpoint size", "latency_ms": "latency (batch 1)"}
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    """Metrics of each model with the student/teacher ratio."""
+    models = report["models"]
+    height, width = report["eval_resolution"]
+    table = Table(title=f"teacher vs student on {report['split']} ({report['num_images']} images, {height}x{width})")
+    table.add_column("")
+    for name in models:
+        table.add_column(name, justify="right")
+        if name == "student":
+            table.add_column("student / teacher", justify="right")
+    for metric, label in LABELS.items():
+        cells = []
+        for name in models:
+            cells.append(_fmt(metric, models[name][metric]))
+            if name == "student":
+                ratio = report["ratios"]["student/teacher"][metric]
+                cells.append("-" if ratio is None else f"{ratio:.2f}x")
+        table.add_row(label, *cells)
+    if "baseline" in models:
+        gain = models["student"]["miou"] - models["baseline"]["miou"]
+        table.caption = f"distillation gain over the baseline: {100 * gain:+.1f} mIoU points"
+    return table
+
+
+def per_class_table(report: dict[str, Any]) -> Table:
+    """IoU per class, worst student-minus-teacher delta first."""
+    baseline = "baseline" in report["models"]
+    table = Table(title="IoU per class (%), worst student - teacher first")
+    for column in ["class", "teacher", "student", "student - teacher"] + (
+            ["baseline", "student - baseline"] if baseline else []):
+        table.add_column(column, justify="left" if column == "class" else "right")
+
+    def cell(value: float | None, delta: bool = False) -> str:
+        if value is None:
+            return "absent"
+        if not delta:
+            return f"{100 * value:.1f}"
+        colour = "red" if value < -0.005 else "green" if value > 0.005 else "white"
+        return f"[{colour}]{100 * value:+.1f}[/]"
+
+    for row in report["per_class"]:
+        cells = [row["class"], cell(row["teacher"]), cell(row["student"]), cell(row["student_minus_teacher"], True)]
+        if baseline:
+            cells += [cell(row["baseline"]), cell(row["student_minus_baseline"], True)]
+        table.add_row(*cells)
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# The figure
+
+
+@torch.no_grad()
+def example_predictions(dataset, models: dict[str, nn.Module], count: int, device: torch.device
+                        ) -> list[dict[str, Any]]:
+    """``count`` images spread over the split: RGB uint8, label map and each model's argmax."""
+    mean = np.asarray(dataset.data.mean, np.float32)
+    std = np.asarray(dataset.data.std, np.float32)
+    picks = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, min(count, len(dataset)))})
+    examples = []
+    for index in picks:
+        item = dataset[index]
+        image = item["image"][None].to(device)
+        rgb = np.clip((item["image"].numpy().transpose(1, 2, 0) * std + mean) * 255, 0, 255).astype(np.uint8)
+        predictions = {name: forward_padded(model, image).argmax(1)[0].cpu().numpy()
+                       for name, model in models.items()}
+        examples.append({"id": dataset.sample_id(index), "image": rgb, "mask": item["mask"].numpy(),
+                         "predictions": predictions})
+    return examples
+
+
+def colourise(labels: np.ndarray, palette: list[tuple[int, int, int]], ignore_index: int) -> np.ndarray:
+    """Class ids [H, W] -> RGB uint8 [H, W, 3]; ignore_index (and anything unknown) white."""
+    table = np.array(list(palette) + [IGNORE_COLOUR], dtype=np.uint8)
+    index = np.where((labels >= 0) & (labels < len(palette)), labels, len(palette))
+    return table[index]
+
+
+def render_png(report: dict[str, Any], info: DatasetInfo, examples: list[dict[str, Any]]) -> bytes:
+    """Per-class IoU bars above a grid of examples (image, ground truth, each model), as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    names = list(report["models"])
+    colours = {"teacher": "#4c72b0", "student": "#dd8452", "baseline": "#8c8c8c"}
+    columns = 2 + len(names)
+    height, width = examples[0]["image"].shape[:2] if examples else (1, 1)
+    cell_w = 2.6
+    cell_h = cell_w * height / width
+    bars_h = 3.6
+    legend_h = 0.5
+    fig = Figure(figsize=(cell_w * columns, bars_h + legend_h + cell_h * len(examples) + 0.4), dpi=110)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2 + len(examples), columns,
+                            height_ratios=[bars_h, legend_h] + [cell_h] * len(examples),
+                            hspace=0.25, wspace=0.03, left=0.06, right=0.99, top=0.95, bottom=0.01)
+
+    bars = fig.add_subplot(grid[0, :])
+    x = np.arange(len(info.class_names))
+    step = 0.8 / len(names)
+    for k, name in enumerate(names):
+        values = [report["models"][name]["iou"][c] for c in info.class_names]
+        heights = [100 * v if v is not None else 0 for v in values]
+        miou = 100 * report["models"][name]["miou"]
+        bars.bar(x - 0.4 + step * (k + 0.5), heights, step, color=colours[name],
+                 label=f"{name} (mIoU {miou:.1f})")
+    bars.set_xticks(x, info.class_names, rotation=30 if len(x) > 6 else 0, ha="right" if len(x) > 6 else "center",
+                    fontsize=8)
+    bars.set_ylabel("IoU (%)")
+    bars.set_ylim(0, 100)
+    bars.set_xlim(-0.6, len(x) - 0.4)
+    bars.grid(axis="y", alpha=0.3)
+    bars.legend(loc="upper right", fontsize=8, ncol=len(names))
+    bars.set_title(f"per-class IoU on {report['split']} ({report['num_images']} images)", fontsize=10)
+
+    key = fig.add_subplot(grid[1, :])
+    key.axis("off")
+    handles = [Patch(color=np.array(c) / 255, label=n) for n, c in zip(info.class_names, info.palette)]
+    handles.append(Patch(facecolor="white", edgecolor="black", label="ignored"))
+    key.legend(handles=handles, loc="center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+
+    titles = ["image", "ground truth"] + names
+    for row, example in enumerate(examples):
+        panels = [example["image"], colourise(example["mask"], info.palette, info.ignore_index)]
+        valid = example["mask"] != info.ignore_index
+        labels = []
+        for name in names:
+            prediction = example["predictions"][name]
+            panels.append(colourise(prediction, info.palette, info.ignore_index))
+            accuracy = float((prediction[valid] == example["mask"][valid]).mean()) if valid.any() else float("nan")
+            labels.append(f"{name}: {100 * accuracy:.0f}% px acc")
+        for col, panel in enumerate(panels):
+            axis = fig.add_subplot(grid[2 + row, col])
+            axis.imshow(panel, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            caption = titles[col] if col < 2 else labels[col - 2]
+            if col == 0:
+                caption = Path(example["id"]).name
+            axis.set_title(caption, fontsize=7, pad=2)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()

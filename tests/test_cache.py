@@ -1,0 +1,340 @@
+"""The teacher logit cache: round trip, geometry replay, fingerprint, resume, 2 processes, top-k."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import distill.cache as cache_module
+from distill import _cache_replay as ops
+from distill.cache import CacheError, CachedTeacher, load_cached_teacher, open_store, write_cache
+from distill.data import build_dataset, collate_batch
+from distill.teacher import load_teacher
+from helpers import tiny_recipe
+
+LAUNCH = [
+    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    "--main_process_port", "0",
+]
+
+
+def conv1x1(num_classes: int, gain: float = 3.0) -> torch.nn.Module:
+    """A spatially equivariant, pointwise teacher (factory ``test_cache:conv1x1``)."""
+    return _Pointwise(num_classes, gain)
+
+
+class _Pointwise(torch.nn.Module):
+    def __init__(self, num_classes: int, gain: float) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, num_classes, 1)
+        self.gain = gain
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(images) * self.gain
+
+
+def save_teacher(path: Path, num_classes: int = 4, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    save_file(conv1x1(num_classes).state_dict(), str(path))
+    return path
+
+
+def recipe_for(tmp_path: Path, checkpoint: Path | None = None, **overrides):
+    """A tiny synthetic recipe whose teacher is the saved 1x1 convolution."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    checkpoint = checkpoint or tmp_path / "teacher.safetensors"
+    if not checkpoint.exists():
+        save_teacher(checkpoint, int(overrides.get("data.synthetic.num_classes", 4)))
+    settings = {
+        "data.resize": "[32,32]", "teacher.factory": "test_cache:conv1x1",
+        "teacher.factory_kwargs": "{}", "teacher.checkpoint": str(checkpoint),
+        "cache.stride": 1, "cache.batch_size": 5, "data.crop_size": "[40,24]",
+    }
+    settings.update(overrides)
+    return tiny_recipe(tmp_path / "run", teacher=True, **settings)
+
+
+def store_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def eval_logits(recipe, indices) -> torch.Tensor:
+    dataset = build_dataset(recipe.data, recipe.data.train_split, train=False)
+    return load_teacher(recipe, dataset.info.num_classes)(collate_batch([dataset[i] for i in indices]))
+
+
+def train_batch(recipe, count: int = 12, seed: int = 3) -> dict:
+    dataset = build_dataset(recipe.data, recipe.data.train_split, train=True, seed=seed)
+    return collate_batch([dataset[i] for i in range(count)], recipe.data.ignore_index)
+
+
+# ------------------------------------------------------------------------------- round trip
+@pytest.mark.parametrize("layout,dtype", [("topk", "fp16"), ("dense", "fp16"), ("topk", "int8"),
+                                          ("dense", "int8")])
+def test_round_trip_equals_teacher_within_dtype_precision(tmp_path, layout, dtype):
+    recipe = recipe_for(tmp_path, **{"cache.layout": layout, "cache.dtype": dtype, "cache.topk": 4})
+    folder = write_cache(recipe)
+    assert (folder / "manifest.json").is_file() and folder == tmp_path / "run" / "cache"
+    store = open_store(recipe)
+    indices = [0, 7, 23]
+    expected, rebuilt = eval_logits(recipe, indices), store.logits(indices)
+    assert rebuilt.shape == expected.shape == (3, 4, 32, 32) and rebuilt.dtype == torch.float32
+    if dtype == "fp16":
+        torch.testing.assert_close(rebuilt, expected, rtol=1e-3, atol=2e-3)
+    else:  # half a quantisation step of each pixel's [min, max] range
+        span = expected.amax(1, keepdim=True) - expected.amin(1, keepdim=True)
+        assert bool(((rebuilt - expected).abs() <= span / 255 * 0.51 + 2e-3).all())
+    if layout == "topk":
+        assert json.loads(store.folder.joinpath("train", "index.json").read_text())[7] == \
+            "synthetic/train/000007"
+
+
+def test_stride_stores_average_pooled_maps(tmp_path):
+    recipe = recipe_for(tmp_path, **{"cache.stride": 4, "cache.layout": "dense"})
+    write_cache(recipe)
+    store = open_store(recipe)
+    assert store.size == (8, 8)
+    pooled = F.avg_pool2d(eval_logits(recipe, [1, 2]), 4)
+    torch.testing.assert_close(store.logits([1, 2]), pooled, rtol=1e-3, atol=2e-3)
+
+
+def test_more_than_256_classes_use_wide_indices():
+    logits = torch.randn(2, 300, 3, 5) * 4
+    assert ops.index_dtype(300) == np.uint16
+    specs = ops.array_specs("topk", "fp16", 2, 300, 300, (3, 5))
+    assert specs["indices"][1] == np.uint16
+    packed = ops.compress(logits, "topk", "fp16", 300, 2.0)
+    on_disk = packed["indices"].numpy().astype(np.uint16)
+    packed["indices"] = torch.from_numpy(on_disk.astype(np.int32))
+    torch.testing.assert_close(ops.rebuild(packed, "topk", 300), logits, rtol=1e-3, atol=4e-3)
+
+
+# ------------------------------------------------------------------------------- geometry
+def reference_replay(maps: torch.Tensor, geometry: dict, image_size: tuple[int, int]) -> torch.Tensor:
+    """Per sample, the data module's recipe: resize to the scaled frame, crop (padding), flip."""
+    out = torch.full((maps.shape[0], maps.shape[1], *image_size), float("nan"))
+    for row in range(maps.shape[0]):
+        scaled = tuple(geometry["scaled_size"][row].tolist())
+        top, left, height, width = geometry["crop_box"][row].tolist()
+        resized = F.interpolate(maps[row : row + 1], scaled, mode="bilinear", align_corners=False)
+        crop = resized[0, :, top : top + height, left : left + width]
+        canvas = torch.full((maps.shape[1], height, width), float("nan"))
+        canvas[:, : crop.shape[1], : crop.shape[2]] = crop
+        if geometry["flip"][row]:
+            canvas = canvas.flip(-1)
+        out[row, :, :height, :width] = canvas
+    return out
+
+
+@pytest.mark.parametrize("stored", [(32, 32), (8, 8), (11, 6)])
+def test_replay_matches_resize_crop_flip_reference(tmp_path, stored):
+    recipe = recipe_for(tmp_path, **{"data.scale_range": "[0.5,1.7]"})
+    batch = train_batch(recipe, count=16)
+    assert batch["geometry"]["flip"].any() and not batch["geometry"]["flip"].all()
+    maps = torch.randn(16, 3, *stored)
+    got = ops.replay(maps, batch["geometry"], tuple(batch["image"].shape[-2:]))
+    want = reference_replay(maps, batch["geometry"], tuple(batch["image"].shape[-2:]))
+    inside = ~want.isnan()
+    assert inside.float().mean() > 0.5 and bool(got.isfinite().all())
+    torch.testing.assert_close(got[inside], want[inside], rtol=1e-4, atol=1e-4)
+
+
+def replay_errors(recipe, batch) -> tuple[torch.Tensor, float]:
+    """|streamed - cached| on valid pixels, and the mean error of a replay with flips toggled."""
+    streamed = load_teacher(recipe, 4)(batch)
+    cached = CachedTeacher(open_store(recipe))
+    valid = (batch["mask"] != recipe.data.ignore_index).unsqueeze(1).expand_as(streamed)
+    wrong = cached({**batch, "geometry": {**batch["geometry"], "flip": ~batch["geometry"]["flip"]}})
+    return (streamed - cached(batch)).abs()[valid], float((streamed - wrong).abs()[valid].mean())
+
+
+def test_replay_equals_teacher_on_augmented_view_stride_1(tmp_path):
+    # Upscaling only: PIL's bilinear resize of the image then matches the logits' bilinear
+    # resampling up to the image's uint8 rounding (the teacher is affine per pixel).
+    recipe = recipe_for(tmp_path, **{"data.scale_range": "[1.0,1.6]", "cache.layout": "dense"})
+    write_cache(recipe)
+    batch = train_batch(recipe)
+    assert (batch["mask"] == 255).any()  # crops past the image: padded, ignored
+    error, wrong = replay_errors(recipe, batch)
+    assert float(error.max()) < 0.06 and wrong > 0.5
+    # Downscaling too: PIL antialiases, the replay does not; only edges differ.
+    recipe = recipe_for(tmp_path / "down", **{"data.scale_range": "[0.5,1.6]", "cache.layout": "dense"})
+    write_cache(recipe)
+    error, _ = replay_errors(recipe, train_batch(recipe))
+    assert float(error.mean()) < 0.03
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_replay_equals_teacher_on_augmented_view_strided(tmp_path, stride):
+    # A smooth base frame (32x32 upscaled to 96x96) so that 1/stride maps keep its content.
+    recipe = recipe_for(tmp_path, **{"data.resize": "[96,96]", "data.crop_size": "[80,64]",
+                                     "data.scale_range": "[0.6,1.4]", "cache.stride": stride})
+    write_cache(recipe)
+    error, wrong = replay_errors(recipe, train_batch(recipe))
+    assert float(error.mean()) < 0.1 * stride and float(error.mean()) < 0.2 * wrong
+
+
+# ------------------------------------------------------------------------------- fingerprint
+@pytest.fixture
+def written(tmp_path):
+    recipe = recipe_for(tmp_path, **{"cache.topk": 2, "cache.stride": 2})
+    write_cache(recipe)
+    return tmp_path, recipe
+
+
+@pytest.mark.parametrize("change,field,values", [
+    ("teacher", "teacher_checkpoint_sha256", None),
+    ("cache.topk=3", "topk", ("2", "3")),
+    ("cache.stride=4", "stride", ("2", "4")),
+    ("data.max_samples=20", "split_files_sha256", None),
+    ("cache.layout=dense", "layout", ("'topk'", "'dense'")),
+])
+def test_stale_store_is_refused_naming_the_field(written, change, field, values):
+    tmp_path, _ = written
+    overrides = {"cache.topk": 2, "cache.stride": 2}
+    checkpoint = None
+    if change == "teacher":
+        checkpoint = save_teacher(tmp_path / "other.safetensors", seed=1)
+    else:
+        key, value = change.split("=")
+        overrides[key] = value
+    recipe = recipe_for(tmp_path, checkpoint, **overrides)
+    with pytest.raises(CacheError, match=field) as caught:
+        open_store(recipe)
+    if values:
+        assert f"{field}: store {values[0]} vs recipe {values[1]}" in str(caught.value)
+    # Writing with the new recipe rewrites the split; then it is served.
+    write_cache(recipe)
+    assert open_store(recipe).fingerprint[field] is not None
+
+
+def test_uncached_split_missing_resize_and_no_store(written, tmp_path):
+    _, recipe = written
+    with pytest.raises(CacheError, match=r"split 'val' is not in the logit cache .*cached splits: train"):
+        open_store(recipe, "val")
+    with pytest.raises(CacheError, match="data.resize"):
+        write_cache(recipe_for(tmp_path / "b", **{"data.resize": "null"}))
+    with pytest.raises(CacheError, match="no logit cache at .*distill cache"):
+        open_store(recipe_for(tmp_path / "c"))
+    with pytest.raises(CacheError, match="holds 4 classes, the dataset has 5"):
+        load_cached_teacher(recipe, 5)
+
+
+def test_truncated_array_is_detected_and_rewritten(written):
+    _, recipe = written
+    values = open_store(recipe).folder / "train" / "values.npy"
+    with values.open("r+b") as handle:
+        handle.truncate(values.stat().st_size - 100)
+    with pytest.raises(CacheError, match=r"values.npy' is truncated or damaged: \d+ bytes on disk, expected"):
+        open_store(recipe)
+    write_cache(recipe)
+    open_store(recipe)
+
+
+# ------------------------------------------------------------------------------- resume
+def test_interrupted_write_is_detected_and_resumed(tmp_path, monkeypatch):
+    recipe = recipe_for(tmp_path / "a", **{"cache.splits": "[train, val]"})
+    real, calls = ops.compress, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "compress", failing)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(recipe)
+    with pytest.raises(CacheError, match=r"incomplete \(14 of 24 samples missing\).*Rerun `distill cache"):
+        open_store(recipe)
+    calls.clear()
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "compress", counting)
+    write_cache(recipe)
+    assert len(calls) == 3 + 3  # train: the 3 missing batches of 5; val: all 3 batches of 13
+    fresh = recipe_for(tmp_path / "b", **{"cache.splits": "[train, val]"})
+    write_cache(fresh)
+    assert store_files(cache_module.cache_dir(recipe)) == store_files(cache_module.cache_dir(fresh))
+    assert open_store(recipe, "val").num_samples == 13
+    calls.clear()
+    write_cache(recipe)  # complete: nothing rewritten
+    assert not calls
+
+
+# ------------------------------------------------------------------------------- processes
+SCRIPT = """
+import sys
+import distill
+from distill.config import load_recipe
+from distill.cache import write_cache
+write_cache(load_recipe(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_store_equals_one_process_store(tmp_path):
+    from distill.config import save_resolved_recipe
+
+    stores = {}
+    for name, command in (("one", [sys.executable]), ("two", LAUNCH)):
+        recipe = recipe_for(tmp_path / name, tmp_path / "teacher.safetensors",
+                            **{"cache.splits": "[train, val]", "cache.stride": 2})
+        path = save_resolved_recipe(recipe, tmp_path / name)
+        (tmp_path / "write.py").write_text(SCRIPT)
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command + [str(tmp_path / "write.py"), str(path)], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        stores[name] = store_files(cache_module.cache_dir(recipe))
+        open_store(recipe, "val")
+    assert stores["one"].keys() == stores["two"].keys() and len(stores["one"]) == 11
+    assert stores["one"] == stores["two"]
+
+
+# ------------------------------------------------------------------------------- top-k fidelity
+def test_topk_rebuild_kl_vs_dense_is_small_and_decreases_with_k(tmp_path):
+    classes, temperature = 8, 2.0
+    checkpoint = save_teacher(tmp_path / "teacher8.safetensors", classes)
+    base = {"data.synthetic.num_classes": classes, "loss.temperature": temperature,
+            "cache.stride": 2}
+    dense = recipe_for(tmp_path / "dense", checkpoint, **base, **{"cache.layout": "dense"})
+    write_cache(dense)
+    reference = open_store(dense).logits(range(24))
+    kls = []
+    for k in (1, 2, 4, 8):
+        recipe = recipe_for(tmp_path / f"k{k}", checkpoint, **base, **{"cache.topk": k})
+        write_cache(recipe)
+        kls.append(ops.softened_kl(reference, open_store(recipe).logits(range(24)), temperature))
+    assert kls == sorted(kls, reverse=True) and kls[0] > kls[1] > kls[2]
+    assert kls[2] < 0.05 and kls[3] < 1e-5
+    # The non-top-k value keeping the tail's mass at T beats the tail's mean logit.
+    packed = ops.compress(reference, "topk", "fp16", 2, temperature)
+    mass = ops.softened_kl(reference, ops.rebuild(packed, "topk", classes), temperature)
+    packed["rest"] = ops.tail_mean_rest(reference, 2).half()
+    assert mass < ops.softened_kl(reference, ops.rebuild(packed, "topk", classes), temperature)
+
+
+# ------------------------------------------------------------------------------- training
+def test_student_distils_from_the_cache(tmp_path, monkeypatch):
+    import distill.train as loop
+
+    recipe = recipe_for(tmp_path, **{"train.epochs": 1, "teacher.mode": "cache", "cache.stride": 2})
+    write_cache(recipe)
+    monkeypatch.setattr(loop, "load_teacher", load_cached_teacher)
+    loop.train(recipe, "student")
+    records = [json.loads(line) for line in (tmp_path / "run" / "student" / "metrics.jsonl").open()]
+    assert all(r["kd"] > 0 for r in records if "kd" in r)

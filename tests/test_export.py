@@ -1,0 +1,328 @@
+"""distill.export and distill.predict: the student alone, reloadable, checked for parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from helpers import REPO_ROOT, tiny, tiny_recipe
+from PIL import Image
+from safetensors.torch import save_file
+
+from distill._io import file_digest
+from distill.config import recipe_from_dict
+from distill.data import build_dataset, build_loader, dataset_info
+from distill.export import FILES, ExportError, export_student, load_exported
+from distill.metrics import evaluate, per_sample_confusion, scores_from_confusion
+from distill.models import ModelError, build_model, forward_padded
+from distill.train import make_accelerator, train
+
+PREDICT_PY = REPO_ROOT / "distill" / "predict.py"
+CAMVID = REPO_ROOT.parent / "shared" / "data" / "camvid"  # as conftest's camvid_root (module scope here)
+EXPORT_FILES = {"config.json", "parity.json", "student.onnx", "student.safetensors"}
+
+
+def _save_untrained_student(recipe) -> Path:
+    """A student checkpoint without training: export does not care how good the weights are."""
+    info = dataset_info(recipe.data)
+    path = Path(recipe.output_dir) / "student" / "best.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = build_model(recipe.student_model, info.num_classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture
+def tiny_export(tmp_path):
+    """A factory (`helpers:tiny`) student on the synthetic data, exported."""
+    recipe = tiny_recipe(tmp_path / "run", teacher=True)
+    _save_untrained_student(recipe)
+    return recipe, export_student(recipe, parity_images=2)
+
+
+@pytest.fixture(scope="module")
+def camvid_export(tmp_path_factory):
+    """An smp student (DeepLabV3+ / MobileNetV3-Small) trained 2 steps on CamVid, exported."""
+    if not (CAMVID / "val").is_dir():
+        pytest.skip(f"CamVid data not found at {CAMVID}")
+    out = tmp_path_factory.mktemp("camvid") / "run"
+    recipe = recipe_from_dict({
+        "output_dir": str(out),
+        "data": {"dataset": "camvid", "root": str(CAMVID), "resize": [120, 160], "crop_size": [96, 128],
+                 "batch_size": 2, "eval_batch_size": 4, "num_workers": 0, "max_samples": 8},
+        "model": {"arch": "DeepLabV3Plus", "encoder": "tu-mobilenetv3_small_100"},
+        "train": {"epochs": 1, "max_steps": 2, "log_every_steps": 1},
+    })
+    train(recipe, "student")
+    return recipe, export_student(recipe, parity_images=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Files, config and parity
+
+
+def test_factory_student_exports_onnx_safetensors_config_and_parity(tiny_export):
+    recipe, out = tiny_export
+    assert out == Path(recipe.output_dir) / "export"
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES  # no staging folder, no .onnx.data
+    config = json.loads((out / "config.json").read_text())
+    assert config["kind"] == "factory" and config["smp_reload"] is False
+    assert "smp alone cannot rebuild it" in config["smp_reload_note"]
+    assert config["num_classes"] == 4 and len(config["class_names"]) == 4 and len(config["palette"]) == 4
+    assert config["ignore_index"] == 255
+    assert config["input"]["mean"] == list(recipe.data.mean) and config["input"]["std"] == list(recipe.data.std)
+    assert config["input"]["train_crop_size"] == [32, 32]
+    assert config["onnx"]["opset"] == recipe.export.opset
+    checkpoint = Path(recipe.output_dir) / "student" / "best.safetensors"
+    assert config["source"]["checkpoint_sha256"] == file_digest(checkpoint)
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and set(parity["results"]) == {"onnx", "safetensors"}
+    assert parity["results"]["onnx"]["max_abs_diff"] <= recipe.export.atol
+
+    model = onnx.load(str(out / "student.onnx"))
+    onnx.checker.check_model(model)
+    assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == ["logits"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 4, "height", "width"]
+    # The export holds the student alone: exactly its keys, no teacher, no wrapper prefixes.
+    reloaded = load_exported(out)
+    assert set(reloaded.state_dict()) == set(tiny(4, width=6).state_dict())
+
+
+def test_only_the_requested_formats_and_stale_files_are_removed(tiny_export):
+    recipe, out = tiny_export
+    export_student(recipe, "onnx", parity_images=1)
+    assert {p.name for p in out.iterdir()} == {"config.json", "parity.json", "student.onnx"}
+    assert json.loads((out / "config.json").read_text())["files"] == {"onnx": "student.onnx"}
+    export_student(recipe, ["safetensors"], parity_images=1)
+    assert {p.name for p in out.iterdir()} == {"config.json", "parity.json", "student.safetensors"}
+    assert set(json.loads((out / "parity.json").read_text())["results"]) == {"safetensors"}
+    with pytest.raises(ExportError, match=r"\['tflite'\] not supported"):
+        export_student(recipe, "onnx,tflite")
+
+
+def test_parity_beyond_tolerance_fails_loudly_and_keeps_the_previous_export(tiny_export):
+    recipe, out = tiny_export
+    before = {name: file_digest(out / name) for name in EXPORT_FILES}
+    strict = recipe.model_copy(deep=True)
+    strict.export.atol = 1e-12  # onnxruntime differs from eager by ~1e-7: must fail
+    with pytest.raises(ExportError, match=r"onnx \d.*e-\d+ exceeds export.atol=1e-12"):
+        export_student(strict, parity_images=1)
+    assert {name: file_digest(out / name) for name in EXPORT_FILES} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_onnx_accepts_any_height_width_and_batch(tiny_export):
+    recipe, out = tiny_export
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    eager = load_exported(out)
+    for shape in [(1, 3, 33, 70), (3, 3, 64, 96), (2, 3, 17, 5)]:
+        image = torch.randn(*shape)
+        got = session.run(None, {"image": image.numpy()})[0]
+        with torch.no_grad():
+            expected = forward_padded(eager, image).numpy()
+        assert got.shape == expected.shape == (shape[0], 4, *shape[2:])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# CamVid with an smp student: parity on real images, mIoU through onnxruntime, smp-only reload
+
+
+def test_camvid_round_trip_within_1e4(camvid_export):
+    recipe, out = camvid_export
+    config = json.loads((out / "config.json").read_text())
+    assert config["kind"] == "smp" and config["smp_reload"] is True
+    assert config["smp"]["create_model"] == {"arch": "DeepLabV3Plus", "encoder_name": "tu-mobilenetv3_small_100",
+                                             "encoder_weights": None, "classes": 11}
+    assert config["input"]["resize"] == [120, 160] and config["class_names"][0] == "sky"
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["resolution"] == [120, 160] and len(parity["images"]) == 3
+    for result in parity["results"].values():
+        assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0
+
+    # At CamVid's own 360x480 too (360 is not a multiple of 32: the graph pads and crops).
+    native = recipe.model_copy(deep=True)
+    native.data.resize = None
+    image = build_dataset(native.data, "val", train=False)[0]["image"][None]
+    assert image.shape[-2:] == (360, 480)
+    eager = load_exported(out)
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": image.numpy()})[0]
+    with torch.no_grad():
+        expected = forward_padded(eager, image).numpy()
+    assert got.shape == (1, 11, 360, 480)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_onnxruntime_miou_equals_eager_miou(camvid_export):
+    recipe, out = camvid_export
+    info = dataset_info(recipe.data)
+    accelerator = make_accelerator(recipe)
+    loader = build_loader(recipe.data, "val", train=False)
+    eager = evaluate(load_exported(out), loader, accelerator, num_classes=info.num_classes,
+                     ignore_index=info.ignore_index)
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    total = torch.zeros(info.num_classes**2, dtype=torch.long)
+    for batch in loader:  # batches of 4: the dynamic batch axis too
+        logits = torch.from_numpy(session.run(None, {"image": batch["image"].numpy()})[0])
+        total += per_sample_confusion(logits.argmax(1), batch["mask"], info.num_classes, info.ignore_index).sum(0)
+    through_onnx = scores_from_confusion(total.reshape(info.num_classes, info.num_classes))
+    assert eager.confusion.sum() == through_onnx.confusion.sum() > 0
+    assert through_onnx.miou == pytest.approx(eager.miou, abs=1e-6)
+
+
+SMP_ONLY = textwrap.dedent('''
+    import ctypes, glob, importlib.util, json, os, sys
+    import numpy as np
+    import torch
+
+    # The workaround of distill/_compat.py, copied because this script must not import distill:
+    # on this machine torchvision's C++ extension cannot load, so declare its nms/qnms schemas
+    # before smp imports torchvision (elsewhere the extension loads and this does nothing).
+    tv = os.path.dirname(importlib.util.find_spec("torchvision").origin)
+    try:
+        [ctypes.CDLL(p) for p in glob.glob(os.path.join(tv, "_C*.so"))]
+    except OSError:
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            lib.define(op + "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+    import segmentation_models_pytorch as smp
+    from safetensors.torch import load_file
+
+    export_dir = sys.argv[1]
+    config = json.load(open(os.path.join(export_dir, "config.json")))
+    model = smp.create_model(**config["smp"]["create_model"])
+    model.load_state_dict(load_file(os.path.join(export_dir, config["files"]["safetensors"])))
+    model.eval()
+    image = torch.from_numpy(np.load(sys.argv[2]))
+    with torch.no_grad():
+        np.save(sys.argv[3], model(image).numpy())
+    assert not [m for m in sys.modules if m == "distill" or m.startswith("distill.")]
+    print("smp-only ok")
+''')
+
+
+def test_smp_alone_reloads_the_safetensors(camvid_export, tmp_path):
+    recipe, out = camvid_export
+    image = build_dataset(recipe.data, "val", train=False)[1]["image"][None][..., :96, :128]
+    np.save(tmp_path / "image.npy", image.numpy())
+    script = tmp_path / "smp_only.py"
+    script.write_text(SMP_ONLY)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "image.npy"),
+                             str(tmp_path / "logits.npy")], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with torch.no_grad():
+        expected = load_exported(out)(image).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# predict: the export on its own, without torch
+
+
+PREDICT_NO_TORCH = textwrap.dedent('''
+    import importlib.util, sys
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("distill_predict", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.predict(sys.argv[2], [Path(p) for p in sys.argv[4:]], Path(sys.argv[3]))
+    assert "torch" not in sys.modules, "predict imported torch"
+    assert not [m for m in sys.modules if m.startswith("distill")], "predict imported distill"
+    print("\\n".join(str(p) for p in written))
+''')
+
+
+def _run_predict(export_dir: Path, images: list[Path], out_dir: Path, tmp_path: Path) -> list[Path]:
+    script = tmp_path / "predict_no_torch.py"
+    script.write_text(PREDICT_NO_TORCH)
+    result = subprocess.run([sys.executable, str(script), str(PREDICT_PY), str(export_dir), str(out_dir),
+                             *map(str, images)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [Path(line) for line in result.stdout.split()]
+
+
+def test_predict_writes_palette_masks_without_torch(tiny_export, tmp_path):
+    recipe, out = tiny_export
+    dataset = build_dataset(recipe.data, "val", train=False)
+    images = []
+    for index in range(3):
+        image, _ = dataset.load_raw(index)
+        images.append(tmp_path / f"sample{index}.png")
+        Image.fromarray(image).save(images[-1])
+    written = _run_predict(out, images, tmp_path / "masks", tmp_path)
+    assert written == [tmp_path / "masks" / f"sample{i}_mask.png" for i in range(3)]
+    config = json.loads((out / "config.json").read_text())
+    eager = load_exported(out)
+    for index, path in enumerate(written):
+        mask = Image.open(path)
+        assert mask.mode == "P" and mask.size == (32, 32)
+        assert np.array(mask.getpalette()[: 3 * 4]).reshape(4, 3).tolist() == config["palette"]
+        with torch.no_grad():
+            expected = forward_padded(eager, dataset[index]["image"][None]).argmax(1)[0].numpy()
+        assert (np.array(mask) == expected).mean() > 0.99
+
+
+def test_predict_on_camvid_images_at_their_own_size(camvid_export, tmp_path):
+    recipe, out = camvid_export
+    images = sorted((Path(recipe.data.root) / "val").glob("*.png"))[:2]
+    written = _run_predict(out, images, tmp_path / "masks", tmp_path)
+    for path in written:
+        mask = Image.open(path)
+        assert mask.mode == "P" and mask.size == (480, 360)
+        assert np.array(mask).max() < 11
+
+
+def test_predict_errors_name_the_file(tiny_export, tmp_path):
+    from distill.predict import PredictError, predict
+
+    recipe, out = tiny_export
+    with pytest.raises(PredictError, match="config.json does not exist"):
+        predict(tmp_path, [], tmp_path / "masks")
+    with pytest.raises(PredictError, match="image '.*nope.png' does not exist"):
+        predict(out, [tmp_path / "nope.png"], tmp_path / "masks")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(PredictError, match="bad.png' cannot be decoded"):
+        predict(out, [tmp_path / "bad.png"], tmp_path / "masks")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_missing_student_checkpoint_names_the_command(tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", teacher=True)
+    with pytest.raises(ModelError, match=r"student/best.safetensors does not exist.*`distill train RECIPE`"):
+        export_student(recipe)
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_unwritable_export_folder_is_reported_before_any_work(tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", teacher=True)
+    checkpoint = _save_untrained_student(recipe)
+    (tmp_path / "run" / "export").write_text("a file where the folder should be")
+    with pytest.raises(ExportError, match=r"cannot write the export to .*export: '.*export' is a file"):
+        export_student(recipe)
+
+    if os.geteuid() == 0:  # root writes into read-only folders; /sys refuses even root
+        locked = Path("/sys/distill-test-run")
+    else:
+        (tmp_path / "locked").mkdir(mode=0o555)
+        locked = tmp_path / "locked" / "run"
+    elsewhere = tiny_recipe(locked, teacher=True, **{"eval.checkpoint": str(checkpoint)})
+    with pytest.raises(ExportError, match=f"cannot write the export to {locked}/export"):
+        export_student(elsewhere)
