@@ -14,7 +14,11 @@ from distill.progress import console
 
 STAGES = ("teacher", "baseline", "student")
 # Bare `name=value` words each subcommand accepts as shorthands for recipe keys.
-SHORTHANDS = {"eval": {"checkpoint": "eval.checkpoint", "split": "eval.split"}}
+SHORTHANDS = {
+    "eval": {"checkpoint": "eval.checkpoint", "split": "eval.split"},
+    "compare": {"split": "eval.split"},
+    "export": {"format": "export.formats", "checkpoint": "eval.checkpoint"},
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     add("train", "train a model, or distill the teacher into the student", stage_default="student")
     eval_parser = add("eval", "evaluate a checkpoint: per-class IoU, mIoU, JSON", stage_default="student")
     eval_parser.epilog = "Shorthands: checkpoint=PATH (eval.checkpoint), split=NAME (eval.split)."
-    add("run", "every stage the recipe asks for: teacher, baseline, distilled student")
+    add("run", "every stage the recipe asks for: teacher, cache, baseline, student, compare, export")
+    add("cache", "run the teacher once over the cached splits and store its logits")
+    compare_parser = add("compare", "teacher vs student (vs baseline): mIoU, size, speed, per-class IoU")
+    compare_parser.epilog = "Shorthand: split=NAME (eval.split)."
+    export_parser = add("export", "export the student: ONNX + safetensors + config.json, parity checked")
+    export_parser.epilog = "Shorthands: format=onnx,safetensors (export.formats), checkpoint=PATH."
+    predict = commands.add_parser(
+        "predict", help="segment images with an exported student (onnxruntime only)",
+        description="segment images with an exported student (onnxruntime only)",
+    )
+    predict.add_argument("export_dir", help="a folder written by `distill export`")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--out", default="predictions", help="folder for the colour masks")
     add("recipe", "print the fully resolved recipe (every default written out)")
     return parser
 
@@ -50,6 +66,8 @@ def _expand_shorthands(command: str, overrides: list[str]) -> list[str]:
     expanded = []
     for item in overrides:
         key, sep, value = item.partition("=")
+        if sep and key == "format" and command == "export":
+            value = "[" + ", ".join(v.strip() for v in value.split(",") if v.strip()) + "]"
         expanded.append(f"{table[key]}={value}" if sep and key in table else item)
     return expanded
 
@@ -60,11 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after options (`--stage teacher train.epochs=3`): argparse
     # cannot intermix positionals with subcommands, so the words it leaves over are collected here.
     args, extra = parser.parse_known_args(argv)
+    if args.command == "predict":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _predict(args)
     unknown = [word for word in extra if "=" not in word or word.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(args.overrides) + extra
+    from distill.cache import CacheError
+    from distill.compare import CompareError
     from distill.data import DataError
+    from distill.export import ExportError
     from distill.models import ModelError
     from distill.train import TrainingError
 
@@ -88,9 +113,33 @@ def main(argv: list[str] | None = None) -> int:
             from distill.evaluation import evaluate_checkpoint
 
             evaluate_checkpoint(recipe, args.stage)
-    except (RecipeError, DataError, ModelError, TrainingError) as error:
+        elif args.command == "cache":
+            from distill.cache import write_cache
+
+            console.print(f"[green]done[/]: logit store in {write_cache(recipe)}")
+        elif args.command == "compare":
+            from distill.compare import compare
+
+            compare(recipe, recipe.eval.split)
+        elif args.command == "export":
+            from distill.export import export_student
+
+            export_student(recipe)  # prints where it wrote and the parity it measured
+    except (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError) as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
         return 2
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from distill.predict import PredictError, predict
+
+    try:
+        written = predict(args.export_dir, args.images, args.out)
+    except PredictError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+    console.print(f"[green]done[/]: {len(written)} masks in {args.out}")
     return 0
 
 

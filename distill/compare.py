@@ -10,16 +10,9 @@ process only, it measures each model's size and speed and writes ``<output_dir>/
   prediction in the dataset's palette;
 - ``recipe.yaml``: the resolved recipe the numbers come from.
 
-Conventions (also written into the JSON):
-
-- GFLOPs: FLOPs per image = 2 x multiply-accumulates, as counted by
-  ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products; element-wise
-  ops, pooling and resizing are not counted), for one image of the split at the evaluation
-  resolution, padded to a multiple of 32 like the evaluation does.
-- latency: median milliseconds of a batch-1 forward pass on the current device, after warm-up
-  runs; the timed runs of the models are interleaved, so a load from other processes hits each
-  model alike.
-- sizes: checkpoint bytes on disk; ratios are student / teacher (lower is smaller or faster).
+Conventions (also in the JSON): GFLOPs = 2 x multiply-accumulates (``FLOPS_CONVENTION``); latency
+= median ms of batch-1 forward passes on the current device after warm-up, the models' timed runs
+interleaved so that load from other processes hits each alike; ratios = model / teacher.
 """
 
 from __future__ import annotations
@@ -47,8 +40,8 @@ from distill.progress import console
 from distill.teacher import _renormalization, teacher_checkpoint
 from distill.train import make_accelerator
 
-MODELS = ("teacher", "student", "baseline")
 IGNORE_COLOUR = (255, 255, 255)
+MAX_BARS = 30  # classes shown in the IoU bar chart
 FLOPS_CONVENTION = (
     "FLOPs per image = 2 x multiply-accumulates, counted by torch.utils.flop_counter.FlopCounterMode "
     "(convolutions and matrix products; element-wise ops, pooling and resizing not counted), one "
@@ -75,10 +68,8 @@ class _Renormalized(nn.Module):
 
 def _checkpoints(recipe: Recipe) -> dict[str, Path]:
     if recipe.student is None:
-        raise CompareError(
-            "the recipe has no `student` section: compare needs a teacher and a student "
-            "(for one model use `distill eval RECIPE`)"
-        )
+        raise CompareError("the recipe has no `student` section: compare needs a teacher and a student "
+                           "(for one model use `distill eval RECIPE`)")
     if recipe.teacher is None:
         raise CompareError("the recipe has no `teacher` section: compare needs a teacher and a student")
     found = {"teacher": teacher_checkpoint(recipe), "student": student_checkpoint(recipe)}
@@ -131,17 +122,19 @@ def measure_latency(models: dict[str, nn.Module], image: torch.Tensor, *, runs: 
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0 or a != a or b != b:
-        return None
-    return a / b
+    return None if a is None or not b else a / b
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def _nan_to_none(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    return None if math.isnan(value) else value
 
 
 def compare(recipe: Recipe, split: str = "val", *, latency_runs: int = 20, warmup_runs: int = 3,
-            num_examples: int = 4) -> dict[str, Any]:
+            num_examples: int = 4, threads: int | None = None) -> dict[str, Any]:
     """Compare teacher, student (and baseline) on ``split``; print tables, write JSON and PNG.
 
     Args:
@@ -149,6 +142,8 @@ def compare(recipe: Recipe, split: str = "val", *, latency_runs: int = 20, warmu
         split: the dataset split evaluated (and shown in the PNG).
         latency_runs, warmup_runs: timed and untimed batch-1 forward passes per model.
         num_examples: images shown with their predictions in ``compare.png``.
+        threads: CPU threads for the latency runs (``torch.set_num_threads``, restored after);
+            None keeps the current setting. The count used is written into the JSON.
 
     Returns:
         The report written to ``compare.json`` (on the main process; other processes get the
@@ -175,15 +170,15 @@ def compare(recipe: Recipe, split: str = "val", *, latency_runs: int = 20, warmu
         "split": split,
         "recipe_sha256": hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest(),
         "processes": accelerator.num_processes,
-        "models": {name: {"checkpoint": str(checkpoints[name]), "miou": s.miou,
-                          "pixel_accuracy": s.pixel_accuracy,
+        "models": {name: {"checkpoint": str(checkpoints[name]), "miou": _nan_to_none(s.miou),
+                          "pixel_accuracy": _nan_to_none(s.pixel_accuracy),
                           "iou": {c: _nan_to_none(v) for c, v in zip(info.class_names, s.iou)}}
                    for name, s in scores.items()},
     }
     if main:
         _measure_and_write(recipe, split, info, models, checkpoints, report, out,
                            latency_runs=latency_runs, warmup_runs=warmup_runs, num_examples=num_examples,
-                           device=accelerator.device)
+                           device=accelerator.device, threads=threads)
     accelerator.wait_for_everyone()
     return report
 
@@ -191,19 +186,20 @@ def compare(recipe: Recipe, split: str = "val", *, latency_runs: int = 20, warmu
 def _measure_and_write(recipe: Recipe, split: str, info: DatasetInfo, models: dict[str, nn.Module],
                        checkpoints: dict[str, Path], report: dict[str, Any], out: Path, *,
                        latency_runs: int, warmup_runs: int, num_examples: int,
-                       device: torch.device) -> None:
+                       device: torch.device, threads: int | None) -> None:
     dataset = build_dataset(recipe.data, split, train=False, seed=recipe.train.seed)
     image = dataset[0]["image"][None].to(device)
-    latency = measure_latency(models, image, runs=latency_runs, warmup=warmup_runs)
+    saved_threads = torch.get_num_threads()
+    used_threads = threads or saved_threads
+    try:
+        torch.set_num_threads(used_threads)
+        latency = measure_latency(models, image, runs=latency_runs, warmup=warmup_runs)
+    finally:
+        torch.set_num_threads(saved_threads)
     for name, model in models.items():
-        entry = report["models"][name]
-        entry.update({
-            "parameters": count_parameters(model),
-            "gflops": count_gflops(model, image),
-            "latency_ms": latency[name],
-            "checkpoint_bytes": checkpoints[name].stat().st_size,
-            "checkpoint_sha256": file_digest(checkpoints[name]),
-        })
+        report["models"][name].update(
+            parameters=count_parameters(model), gflops=count_gflops(model, image), latency_ms=latency[name],
+            checkpoint_bytes=checkpoints[name].stat().st_size, checkpoint_sha256=file_digest(checkpoints[name]))
     metrics = ("miou", "pixel_accuracy", "parameters", "gflops", "checkpoint_bytes", "latency_ms")
     teacher = report["models"]["teacher"]
     report["ratios"] = {f"{name}/teacher": {m: _ratio(report["models"][name][m], teacher[m]) for m in metrics}
@@ -215,6 +211,7 @@ def _measure_and_write(recipe: Recipe, split: str, info: DatasetInfo, models: di
         "gflops": FLOPS_CONVENTION,
         "latency_ms": f"median of {latency_runs} batch-1 forward passes on {device} after "
                       f"{warmup_runs} warm-up runs, interleaved across models",
+        "latency_threads": used_threads,
         "checkpoint_bytes": "file size on disk",
         "ratios": "model / teacher",
     }
@@ -238,14 +235,10 @@ def per_class_rows(report: dict[str, Any], class_names: list[str]) -> list[dict[
     models = report["models"]
     rows = []
     for name in class_names:
-        row: dict[str, Any] = {"class": name}
-        for model in models:
-            row[model] = models[model]["iou"][name]
-        row["student_minus_teacher"] = (None if row["student"] is None or row["teacher"] is None
-                                        else row["student"] - row["teacher"])
+        row: dict[str, Any] = {"class": name, **{model: models[model]["iou"][name] for model in models}}
+        row["student_minus_teacher"] = _minus(row["student"], row["teacher"])
         if "baseline" in models:
-            row["student_minus_baseline"] = (None if row["student"] is None or row["baseline"] is None
-                                             else row["student"] - row["baseline"])
+            row["student_minus_baseline"] = _minus(row["student"], row["baseline"])
         rows.append(row)
     return sorted(rows, key=lambda r: (r["student_minus_teacher"] is None, r["student_minus_teacher"] or 0.0))
 
@@ -286,9 +279,13 @@ def summary_table(report: dict[str, Any]) -> Table:
                 ratio = report["ratios"]["student/teacher"][metric]
                 cells.append("-" if ratio is None else f"{ratio:.2f}x")
         table.add_row(label, *cells)
-    if "baseline" in models:
+    conventions = report["conventions"]
+    notes = [f"GFLOPs = 2 x multiply-accumulates (FlopCounterMode); latency: {conventions['latency_ms']}, "
+             f"{conventions['latency_threads']} CPU threads"]
+    if "baseline" in models and None not in (models["student"]["miou"], models["baseline"]["miou"]):
         gain = models["student"]["miou"] - models["baseline"]["miou"]
-        table.caption = f"distillation gain over the baseline: {100 * gain:+.1f} mIoU points"
+        notes.insert(0, f"distillation gain over the baseline: {100 * gain:+.1f} mIoU points")
+    table.caption = "\n".join(notes)
     return table
 
 
@@ -301,12 +298,9 @@ def per_class_table(report: dict[str, Any]) -> Table:
         table.add_column(column, justify="left" if column == "class" else "right")
 
     def cell(value: float | None, delta: bool = False) -> str:
-        if value is None:
-            return "absent"
-        if not delta:
-            return f"{100 * value:.1f}"
-        colour = "red" if value < -0.005 else "green" if value > 0.005 else "white"
-        return f"[{colour}]{100 * value:+.1f}[/]"
+        if value is None or not delta:
+            return "absent" if value is None else f"{100 * value:.1f}"
+        return f"[{'red' if value < -0.005 else 'green' if value > 0.005 else 'white'}]{100 * value:+.1f}[/]"
 
     for row in report["per_class"]:
         cells = [row["class"], cell(row["teacher"]), cell(row["student"]), cell(row["student_minus_teacher"], True)]
@@ -324,18 +318,15 @@ def per_class_table(report: dict[str, Any]) -> Table:
 def example_predictions(dataset, models: dict[str, nn.Module], count: int, device: torch.device
                         ) -> list[dict[str, Any]]:
     """``count`` images spread over the split: RGB uint8, label map and each model's argmax."""
-    mean = np.asarray(dataset.data.mean, np.float32)
-    std = np.asarray(dataset.data.std, np.float32)
     picks = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, min(count, len(dataset)))})
     examples = []
     for index in picks:
         item = dataset[index]
         image = item["image"][None].to(device)
-        rgb = np.clip((item["image"].numpy().transpose(1, 2, 0) * std + mean) * 255, 0, 255).astype(np.uint8)
         predictions = {name: forward_padded(model, image).argmax(1)[0].cpu().numpy()
                        for name, model in models.items()}
-        examples.append({"id": dataset.sample_id(index), "image": rgb, "mask": item["mask"].numpy(),
-                         "predictions": predictions})
+        examples.append({"id": dataset.sample_id(index), "image": dataset.load_raw(index)[0],
+                         "mask": item["mask"].numpy(), "predictions": predictions})
     return examples
 
 
@@ -352,63 +343,59 @@ def render_png(report: dict[str, Any], info: DatasetInfo, examples: list[dict[st
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    names = list(report["models"])
+    names, rows = list(report["models"]), len(examples)
     colours = {"teacher": "#4c72b0", "student": "#dd8452", "baseline": "#8c8c8c"}
-    columns = 2 + len(names)
+    # The colour key lists the classes visible in the examples (all of them for small datasets).
+    seen = sorted({int(c) for e in examples for m in [e["mask"], *e["predictions"].values()]
+                   for c in np.unique(m) if 0 <= c < info.num_classes})
+    columns, key_columns = 2 + len(names), 8
     height, width = examples[0]["image"].shape[:2] if examples else (1, 1)
-    cell_w = 2.6
-    cell_h = cell_w * height / width
-    bars_h = 3.6
-    legend_h = 0.5
-    fig = Figure(figsize=(cell_w * columns, bars_h + legend_h + cell_h * len(examples) + 0.4), dpi=110)
+    cell_h = 2.6 * height / width
+    key_h = 0.3 + 0.2 * math.ceil((len(seen) + 1) / key_columns)
+    ratios = [3.6, 0.7] + [cell_h] * rows + [key_h]  # bars, room for class names, examples, key
+    fig = Figure(figsize=(2.6 * columns, sum(ratios) + 0.5), dpi=110)
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2 + len(examples), columns,
-                            height_ratios=[bars_h, legend_h] + [cell_h] * len(examples),
-                            hspace=0.25, wspace=0.03, left=0.06, right=0.99, top=0.95, bottom=0.01)
+    grid = fig.add_gridspec(len(ratios), columns, height_ratios=ratios, hspace=0.25, wspace=0.03,
+                            left=0.06, right=0.99, top=0.96, bottom=0.01)
 
     bars = fig.add_subplot(grid[0, :])
-    x = np.arange(len(info.class_names))
-    step = 0.8 / len(names)
+    shown = list(info.class_names)
+    title = f"per-class IoU on {report['split']} ({report['num_images']} images)"
+    if len(shown) > MAX_BARS:  # e.g. ADE20K's 150: the classes the student lost most on
+        shown = [row["class"] for row in report["per_class"][:MAX_BARS]]
+        title += f", the {MAX_BARS} classes with the lowest student - teacher"
+    x, step = np.arange(len(shown)), 0.8 / len(names)
     for k, name in enumerate(names):
-        values = [report["models"][name]["iou"][c] for c in info.class_names]
-        heights = [100 * v if v is not None else 0 for v in values]
-        miou = 100 * report["models"][name]["miou"]
-        bars.bar(x - 0.4 + step * (k + 0.5), heights, step, color=colours[name],
-                 label=f"{name} (mIoU {miou:.1f})")
-    bars.set_xticks(x, info.class_names, rotation=30 if len(x) > 6 else 0, ha="right" if len(x) > 6 else "center",
-                    fontsize=8)
-    bars.set_ylabel("IoU (%)")
-    bars.set_ylim(0, 100)
-    bars.set_xlim(-0.6, len(x) - 0.4)
+        heights = [100 * (report["models"][name]["iou"][c] or 0.0) for c in shown]
+        miou = 100 * (report["models"][name]["miou"] or 0.0)
+        bars.bar(x - 0.4 + step * (k + 0.5), heights, step, color=colours[name], label=f"{name} (mIoU {miou:.1f})")
+    tilt = len(x) > 6
+    bars.set_xticks(x, shown, rotation=30 if tilt else 0, ha="right" if tilt else "center", fontsize=8)
+    bars.set(ylabel="IoU (%)", ylim=(0, 100), xlim=(-0.6, len(x) - 0.4))
     bars.grid(axis="y", alpha=0.3)
     bars.legend(loc="upper right", fontsize=8, ncol=len(names))
-    bars.set_title(f"per-class IoU on {report['split']} ({report['num_images']} images)", fontsize=10)
+    bars.set_title(title, fontsize=10)
 
-    key = fig.add_subplot(grid[1, :])
-    key.axis("off")
-    handles = [Patch(color=np.array(c) / 255, label=n) for n, c in zip(info.class_names, info.palette)]
-    handles.append(Patch(facecolor="white", edgecolor="black", label="ignored"))
-    key.legend(handles=handles, loc="center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
-
-    titles = ["image", "ground truth"] + names
     for row, example in enumerate(examples):
-        panels = [example["image"], colourise(example["mask"], info.palette, info.ignore_index)]
-        valid = example["mask"] != info.ignore_index
-        labels = []
+        mask, valid = example["mask"], example["mask"] != info.ignore_index
+        panels = {Path(example["id"]).name: example["image"],
+                  "ground truth": colourise(mask, info.palette, info.ignore_index)}
         for name in names:
             prediction = example["predictions"][name]
-            panels.append(colourise(prediction, info.palette, info.ignore_index))
-            accuracy = float((prediction[valid] == example["mask"][valid]).mean()) if valid.any() else float("nan")
-            labels.append(f"{name}: {100 * accuracy:.0f}% px acc")
-        for col, panel in enumerate(panels):
+            accuracy = 100 * float((prediction[valid] == mask[valid]).mean()) if valid.any() else float("nan")
+            panels[f"{name}: {accuracy:.0f}% px acc"] = colourise(prediction, info.palette, info.ignore_index)
+        for col, (caption, panel) in enumerate(panels.items()):
             axis = fig.add_subplot(grid[2 + row, col])
             axis.imshow(panel, interpolation="nearest")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            caption = titles[col] if col < 2 else labels[col - 2]
-            if col == 0:
-                caption = Path(example["id"]).name
+            axis.set(xticks=[], yticks=[])
             axis.set_title(caption, fontsize=7, pad=2)
+
+    key = fig.add_subplot(grid[2 + rows, :])
+    key.axis("off")
+    handles = [Patch(color=np.array(info.palette[c]) / 255, label=info.class_names[c]) for c in seen]
+    handles.append(Patch(facecolor="white", edgecolor="black", label="ignored"))
+    key.legend(handles=handles, loc="center", ncol=min(len(handles), key_columns), fontsize=8, frameon=False,
+               title="colours (ground truth and predictions)", title_fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()

@@ -203,9 +203,15 @@ def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: int) 
         from torch.export import Dim
 
         dims = {"image": {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}}
-        with contextlib.redirect_stdout(None):
-            torch.onnx.export(wrapper, (sample,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=dims, **names)
+        try:
+            with contextlib.redirect_stdout(None):
+                torch.onnx.export(wrapper, (sample,), str(path), dynamo=True, external_data=False,
+                                  dynamic_shapes=dims, **names)
+        except Exception as second:  # noqa: BLE001
+            raise ExportError(
+                f"the student cannot be exported to ONNX (opset {opset}): TorchScript exporter: "
+                f"{str(error).splitlines()[0]}; torch.export-based exporter: {str(second).splitlines()[0]}"
+            ) from second
         exporter = "torch.export"
     _check_onnx(path)
     return exporter

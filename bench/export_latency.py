@@ -1,0 +1,171 @@
+"""Benchmark: the exported student under onnxruntime vs eager PyTorch, CPU, batch 1.
+
+The model is the CamVid CPU recipe's student (DeepLabV3+ / ``tu-mobilenetv3_large_100``, 11
+classes), randomly initialised unless ``--checkpoint`` is given (latency does not depend on the
+weights), at CamVid's own resolution 360x480. The ONNX file is written by
+:func:`distill.export.export_onnx`, the same code ``distill export`` runs (pad to 32 and crop
+back inside the graph); eager runs :func:`distill.models.forward_padded` under
+``torch.inference_mode``.
+
+The variants run round-robin on the same input (one timed call each per repeat, after warm-up),
+so load from other processes on a shared machine hits every variant alike; each figure is the
+median over repeats. Both runtimes get the same thread count (``--threads``, default 2:
+``torch.set_num_threads`` and onnxruntime's ``intra_op_num_threads``, ``inter_op_num_threads=1``).
+Several counts (``--threads 2 1``) are measured one after the other. The 1-minute load average
+is recorded before and after each count: on a loaded machine the figures move a lot.
+
+Target: onnxruntime at most 0.8x the eager latency.
+
+Usage: ``python bench/export_latency.py [--checkpoint PATH] [--threads 2] [--repeats 30]
+[--out bench/results/export_latency.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import distill  # noqa: F401  (first: lets torchvision import on this machine, see distill/_compat.py)
+import numpy as np
+import onnxruntime as ort
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from distill.config import ModelConfig
+from distill.export import export_onnx
+from distill.models import build_model, forward_padded
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "camvid" / "dlv3p-r50_to_dlv3p-mbv3_cpu.yaml"
+TARGET = 0.8
+console = Console(width=None if Console().is_terminal else 140)
+
+
+def student_spec(recipe: Path) -> ModelConfig:
+    """The recipe's student section (read as YAML: the data folder need not exist here)."""
+    tree = yaml.safe_load(recipe.read_text())
+    return ModelConfig(**{k: v for k, v in tree["student"].items() if k != "checkpoint"})
+
+
+def make_session(path: Path, threads: int, spinning: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def measure(model: torch.nn.Module, onnx_path: Path, image: torch.Tensor, threads: int, repeats: int,
+            warmup: int) -> dict:
+    torch.set_num_threads(threads)
+    session = make_session(onnx_path, threads)
+    array = image.numpy()
+    # Eager in channels-last memory format too: often faster on CPU, so the ratio is also given
+    # against the better of the two eager layouts.
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    image_cl = image.contiguous(memory_format=torch.channels_last)
+    variants = {
+        "eager": lambda: forward_padded(model, image),
+        "eager_channels_last": lambda: forward_padded(model_cl, image_cl),
+        "onnxruntime": lambda: session.run(None, {"image": array}),
+    }
+    with torch.inference_mode():
+        eager_out = forward_padded(model, image).numpy()
+        onnx_out = session.run(None, {"image": array})[0]
+        for _ in range(warmup):
+            for run in variants.values():
+                run()
+        load_before = os.getloadavg()[0]
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(1000 * (time.perf_counter() - start))
+        load_after = os.getloadavg()[0]
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    quartiles = {name: [float(np.percentile(v, 25)), float(np.percentile(v, 75))] for name, v in times.items()}
+    return {
+        "threads": threads,
+        "median_ms": medians,
+        "iqr_ms": quartiles,
+        "ratio_onnxruntime_to_eager": medians["onnxruntime"] / medians["eager"],
+        "ratio_onnxruntime_to_best_eager": medians["onnxruntime"] / min(medians["eager"],
+                                                                        medians["eager_channels_last"]),
+        "max_abs_diff": float(np.abs(onnx_out - eager_out).max()),
+        "argmax_agreement": float((onnx_out.argmax(1) == eager_out.argmax(1)).mean()),
+        "load_average_1min": {"before": load_before, "after": load_after},
+        "meets_target": medians["onnxruntime"] / medians["eager"] <= TARGET,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="recipe whose student is measured")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="student weights (default: random)")
+    parser.add_argument("--classes", type=int, default=11, help="output classes (CamVid: 11)")
+    parser.add_argument("--size", type=int, nargs=2, default=(360, 480), metavar=("H", "W"))
+    parser.add_argument("--threads", type=int, nargs="+", default=[2])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "export_latency.json")
+    args = parser.parse_args()
+
+    spec = student_spec(args.recipe)
+    if args.checkpoint is not None:
+        spec = spec.model_copy(update={"checkpoint": args.checkpoint})
+    torch.manual_seed(0)
+    model = build_model(spec.model_copy(update={"encoder_weights": None}), args.classes).eval()
+    image = torch.randn(1, 3, *args.size)
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = Path(folder) / "student.onnx"
+        exporter = export_onnx(model, onnx_path, image, args.opset)
+        onnx_bytes = onnx_path.stat().st_size
+        results = [measure(model, onnx_path, image, t, args.repeats, args.warmup) for t in args.threads]
+
+    table = Table(title=f"{spec.arch} / {spec.encoder}, {args.classes} classes, batch 1, "
+                        f"{args.size[0]}x{args.size[1]}, CPU, median of {args.repeats} interleaved runs")
+    for column in ("threads", "eager", "eager channels_last", "onnxruntime", "ort / eager",
+                   "ort / best eager", "max |diff|", "load 1 min"):
+        table.add_column(column, justify="right")
+    for r in results:
+        ratio, best = r["ratio_onnxruntime_to_eager"], r["ratio_onnxruntime_to_best_eager"]
+        load = r["load_average_1min"]
+        ms = r["median_ms"]
+        table.add_row(str(r["threads"]), f"{ms['eager']:.1f} ms", f"{ms['eager_channels_last']:.1f} ms",
+                      f"{ms['onnxruntime']:.1f} ms", f"[{'green' if ratio <= TARGET else 'red'}]{ratio:.2f}x",
+                      f"[{'green' if best <= TARGET else 'red'}]{best:.2f}x", f"{r['max_abs_diff']:.1e}",
+                      f"{load['before']:.2f} -> {load['after']:.2f}")
+    table.caption = f"target: onnxruntime <= {TARGET}x eager"
+    console.print(table)
+
+    report = {
+        "model": {"arch": spec.arch, "encoder": spec.encoder, "classes": args.classes,
+                  "weights": str(args.checkpoint) if args.checkpoint else "random (seed 0)"},
+        "input": {"batch": 1, "height": args.size[0], "width": args.size[1]},
+        "onnx": {"exporter": exporter, "opset": args.opset, "bytes": onnx_bytes},
+        "repeats": args.repeats, "warmup": args.warmup, "target_ratio": TARGET,
+        "results": results,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "onnxruntime": ort.__version__},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
