@@ -1,33 +1,50 @@
 """The teacher's logit cache: compress once, replay through every augmentation, reuse.
 
 ``distill cache RECIPE`` (:func:`write_cache`) runs the frozen teacher once over each split in
-``cache.splits``, on the *un-augmented* base frame (the eval transform, ``data.resize``
-required), average-pools its logits to ``1/cache.stride`` and stores them compressed. While a
-student trains with ``teacher.mode: cache``, :class:`CachedTeacher` reads the maps of the batch's
-samples and replays the batch's recorded geometry on them (rescale, crop with padding, flip; one
-bilinear ``grid_sample``), so the targets line up with the augmented view the student sees.
-Photometric augmentation (``data.color_jitter``) is not replayed: the targets are the teacher's
-view of the original colours, a deliberate trade for running the teacher once.
+``cache.splits``, on the *un-augmented* base frame (the eval transform; ``data.resize`` is
+required so that every map spans one frame), average-pools its logits to ``1/cache.stride`` and
+stores them compressed. While a student trains with ``teacher.mode: cache``,
+:class:`CachedTeacher` reads the maps of the batch's samples and replays the batch's recorded
+geometry on them (rescale, crop with padding, flip: one bilinear ``grid_sample`` over the batch),
+so the targets line up with the augmented view the student sees.
+
+Choices (figures: ``bench/cache.py``):
+
+- Average pooling, not bilinear downsampling: at stride 4 bilinear reads 2 of every 4 rows and
+  aliases; the box filter keeps every teacher pixel, and the replay's bilinear upsampling then
+  reconstructs a low-pass map. (DeepLabV3+ predicts at stride 4 anyway: the replay error barely
+  moves between stride 1 and 4, while the store is 16x smaller.)
+- The non-top-k classes share one logit per pixel, ``T * log(mean exp(z / T))`` over them at
+  ``loss.temperature``: the only single value that keeps their probability mass, so the top-k
+  probabilities come back exact; it minimises KL(teacher || rebuilt) at T, and still beats the
+  tails' mean logit at other temperatures (a store is then served with a warning, not refused).
+- Targets come back at the batch images' resolution (not 1/stride): sampling once is as cheap
+  as sampling at 1/stride and letting ``kd_loss`` upsample (within 1% of a step), and sharper.
+- ``int8``: per pixel an fp16 zero point (``rest``, or the minimum for ``dense``) and scale, and
+  unsigned 8-bit codes over [zero, max]; ``fp16`` stores the logits themselves.
+- Photometric augmentation (``data.color_jitter``) is not replayed: targets are the teacher's
+  view of the original colours, the price of running the teacher once.
+- Padding (the crop past the image, labels ``ignore_index``) repeats the edge values: finite,
+  and skipped by the KD loss.
 
 Layout of ``cache.dir`` (default ``<output_dir>/cache``)::
 
-    manifest.json             format version, and per split: fingerprint, arrays, complete flag
+    manifest.json             format and layout version; per split its fingerprint, complete flag
     <split>/index.json        sample ids, in dataset order (row i = dataset index i)
     <split>/<array>.npy       one memory-mapped array per name, shaped [num_samples, ...]
     <split>/written.npy       uint8 [num_samples]: 1 once a sample's rows are on disk
 
-Arrays (see :func:`distill._cache_replay.array_specs`): ``topk`` keeps the k largest logits per
-pixel (``values`` fp16, or ``codes`` uint8 with per-pixel ``scale``), their classes (``indices``,
-uint8; uint16 beyond 256 classes) and ``rest``, the logit standing for each other class, chosen
-to preserve their probability mass at ``loss.temperature``. ``dense`` keeps every class (fp16 is
-the reference layout). Readers open the files read-only with ``mmap`` and read only the rows of
-a batch, so any number of processes share one store.
+Arrays (:func:`distill._cache_replay.array_specs`): ``topk`` keeps the k largest logits per pixel
+(``values`` fp16, or ``codes`` + ``scale``), their classes (``indices``, uint8; uint16 beyond 256
+classes) and ``rest``; ``dense`` keeps every class (fp16 is the reference layout). Readers open
+the files read-only with ``mmap`` and copy only a batch's rows, so any number of processes share
+one store.
 
-A store answers only the recipe that made it: its fingerprint (teacher weights' sha256, teacher
+A store serves only the recipe that made it: its fingerprint (teacher weights' sha256, teacher
 spec and input normalisation, dataset, root, the split's sample ids, base frame, stride, layout,
-top-k, dtype, layout version) must match, else :class:`CacheError` names each differing field. An
-interrupted write is resumed by the next ``distill cache`` (only missing samples) and refused by
-readers until then.
+top-k, dtype, layout version) must match, else :class:`CacheError` names each differing field
+with both values. An interrupted write is resumed by the next ``distill cache`` (missing samples
+only) and refused by readers until then.
 """
 
 from __future__ import annotations
@@ -207,7 +224,7 @@ def open_store(recipe: Recipe, split: str | None = None) -> LogitStore:
         cached = ", ".join(sorted(manifest.get("splits", {}))) or "none"
         raise CacheError(f"split '{split}' is not in the logit cache '{folder}' (cached splits: "
                          f"{cached}); add it to cache.splits and rerun `distill cache RECIPE`")
-    differences = _differences(entry["fingerprint"], expected_fingerprint(recipe, split))
+    differences = _differences(entry.get("fingerprint", {}), expected_fingerprint(recipe, split))
     if differences:
         raise CacheError(
             f"the logit cache '{folder}' (split '{split}') was written for a different recipe:\n  "
@@ -237,7 +254,9 @@ def open_store(recipe: Recipe, split: str | None = None) -> LogitStore:
                          "`distill cache RECIPE`")
     info = {**entry.get("info", {})}
     stored_t, recipe_t = info.get("rest_temperature"), recipe.loss.temperature
-    if entry["fingerprint"]["layout"] == "topk" and stored_t not in (None, recipe_t):
+    fingerprint = entry["fingerprint"]
+    tail = fingerprint["layout"] == "topk" and fingerprint["topk"] < fingerprint["num_classes"]
+    if tail and stored_t not in (None, recipe_t):
         logger.warning("logit cache '%s': the non-top-k logits were fitted at temperature %s, "
                        "the recipe distils at %s (slightly less faithful tails; rerun "
                        "`distill cache` to refit)", folder, stored_t, recipe_t)
@@ -246,6 +265,9 @@ def open_store(recipe: Recipe, split: str | None = None) -> LogitStore:
 
 class CachedTeacher(nn.Module):
     """``teacher(batch) -> logits``, served from a :class:`LogitStore` instead of a forward.
+
+    Stateless (no parameters or buffers): it reads on the CPU and rebuilds and replays on the
+    batch's device, in fp32 whatever the autocast; ``.to(device)`` is a no-op.
 
     ``resolution``: ``"crop"`` (default) samples the stored maps straight at every pixel of the
     batch's images, so ``kd_loss`` needs no resize; ``"stride"`` samples at ``1/stride`` of them
@@ -256,7 +278,6 @@ class CachedTeacher(nn.Module):
         super().__init__()
         self.store = store
         self.resolution = resolution
-        self.register_buffer("_anchor", torch.empty(0), persistent=False)  # follows .to(device)
 
     @torch.no_grad()
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -352,6 +373,9 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
             rows = np.asarray(rows, dtype=np.int64)
             with accelerator.autocast():
                 logits = teacher(_to_device(batch, accelerator.device))
+            if not bool(torch.isfinite(logits).all()):
+                bad = [ids[row] for row in rows]
+                raise CacheError(f"the teacher produced non-finite logits for a batch of {bad}")
             maps = replay_ops.downsample(logits.float(), size)
             packed = replay_ops.compress(maps, fingerprint["layout"], fingerprint["dtype"],
                                          fingerprint["topk"], recipe.loss.temperature)

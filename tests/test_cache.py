@@ -230,6 +230,13 @@ def test_uncached_split_missing_resize_and_no_store(written, tmp_path):
         load_cached_teacher(recipe, 5)
 
 
+def test_other_temperature_is_served_with_a_warning(written, tmp_path, caplog):
+    recipe = recipe_for(tmp_path, **{"cache.topk": 2, "cache.stride": 2, "loss.temperature": 1.0})
+    with caplog.at_level("WARNING", logger="distill.cache"):
+        assert open_store(recipe).info["rest_temperature"] == 2.0
+    assert "fitted at temperature 2.0, the recipe distils at 1.0" in caplog.text
+
+
 def test_truncated_array_is_detected_and_rewritten(written):
     _, recipe = written
     values = open_store(recipe).folder / "train" / "values.npy"
@@ -299,6 +306,8 @@ def test_two_process_store_equals_one_process_store(tmp_path):
         result = subprocess.run(command + [str(tmp_path / "write.py"), str(path)], cwd=tmp_path,
                                 env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        processes = 2 if name == "two" else 1
+        assert f"cache train: new, 0/24 samples stored, {processes} process(es)" in result.stderr
         stores[name] = store_files(cache_module.cache_dir(recipe))
         open_store(recipe, "val")
     assert stores["one"].keys() == stores["two"].keys() and len(stores["one"]) == 11
