@@ -7,6 +7,7 @@ names the file, key or value, and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from distill.config import RecipeError, load_recipe, recipe_to_yaml
@@ -116,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cache":
             from distill.cache import write_cache
 
-            console.print(f"[green]done[/]: logit store in {write_cache(recipe)}")
+            store = write_cache(recipe)
+            if int(os.environ.get("RANK", "0")) == 0:
+                console.print(f"[green]done[/]: logit store in {store}")
         elif args.command == "compare":
             from distill.compare import compare
 

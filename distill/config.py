@@ -148,7 +148,7 @@ class CacheConfig(_Section):
     )
     topk: int = Field(4, ge=1, description="logits kept per pixel (layout topk)")
     dtype: Literal["fp16", "int8"] = Field(
-        "fp16", description="stored value type; int8 uses a per-pixel scale"
+        "fp16", description="stored value type; int8: uint8 codes with a per-pixel fp16 zero point and scale"
     )
     splits: list[str] = Field(default_factory=lambda: ["train"], description="splits to cache")
     batch_size: int = Field(8, ge=1, description="teacher batch size while caching")
@@ -240,6 +240,8 @@ class RunConfig(_Section):
     baseline: bool = Field(
         True, description="also train the student without a teacher, as the reference KD must beat"
     )
+    compare: bool = Field(True, description="compare teacher and student(s) at the end")
+    export: bool = Field(True, description="export the distilled student at the end")
 
 
 class Recipe(_Section):
@@ -263,6 +265,16 @@ class Recipe(_Section):
             raise ValueError("use either `model` (one model) or `student`/`teacher`, not both")
         if self.model is None and self.student is None:
             raise ValueError("the recipe needs a `model` section (or `student` for distillation)")
+        if self.teacher is not None and self.teacher.mode == "cache":
+            if self.data.resize is None:
+                raise ValueError(
+                    "teacher.mode 'cache' needs data.resize: every image is cached in one frame"
+                )
+            if self.data.train_split not in self.cache.splits:
+                raise ValueError(
+                    f"teacher.mode 'cache' trains on '{self.data.train_split}' but cache.splits "
+                    f"is {self.cache.splits}"
+                )
         if self.loss.class_weights is not None and self.data.dataset == "synthetic":
             expected = self.data.synthetic.num_classes
             if len(self.loss.class_weights) != expected:

@@ -1,10 +1,13 @@
 """``distill run``: every stage a recipe asks for, in order, skipping what is already done.
 
-Stages: ``teacher`` (when the recipe gives no teacher checkpoint), ``baseline`` (the student
-without a teacher, when ``run.baseline``), ``student`` (distilled). A stage is done when its
-folder holds ``done.json`` whose fingerprint matches what the stage would be made from now (its
-part of the recipe, and for the student the teacher's weights); otherwise it is run again, and
-resumed from its last checkpoint when one exists.
+Stages: ``teacher`` (when the recipe gives no teacher checkpoint), ``cache`` (when
+``teacher.mode`` is ``cache``), ``baseline`` (the student without a teacher, when
+``run.baseline``), ``student`` (distilled), ``compare`` and ``export`` (when ``run.compare`` /
+``run.export``). A stage is done when its folder holds ``done.json`` whose fingerprint matches
+what the stage would be made from now (its part of the recipe and the weights it reads);
+otherwise it runs again, and a training stage resumes from its last checkpoint of the same inputs.
+The logit store keeps its own fingerprint: ``write_cache`` skips a store that is up to date and
+resumes one that was interrupted.
 """
 
 from __future__ import annotations
@@ -22,99 +25,153 @@ from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe
 from distill.progress import console
 from distill.teacher import teacher_checkpoint
-from distill.train import Stage, train
+from distill.train import train
+
+TRAINING_STAGES = ("teacher", "baseline", "student")
 
 
 @dataclass
 class StageOutcome:
+    """One stage of a ``distill run``: what happened, how long it took, what it produced."""
+
     stage: str
-    status: str  # "trained", "resumed" or "up to date"
+    status: str  # "trained", "resumed", "done" or "up to date"
     seconds: float
-    best_miou: float
-    run_dir: Path
+    best_miou: float | None
+    outputs: Path
 
 
-def stage_fingerprint(recipe: Recipe, stage: Stage) -> str:
+def _digest(parts: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     """Hash of everything a stage's result depends on."""
-    parts: dict[str, object] = {
-        "data": recipe.data.model_dump(mode="json"),
-        "train": recipe.train.model_dump(mode="json", exclude={"resume", "log_every_steps", "trackers"}),
-    }
+    data = recipe.data.model_dump(mode="json")
+    schedule = recipe.train.model_dump(mode="json", exclude={"resume", "log_every_steps", "trackers"})
+    student = recipe.student_model.model_dump(mode="json")
+    output = Path(recipe.output_dir)
     if stage == "teacher":
-        parts["model"] = recipe.teacher.model_dump(mode="json") if recipe.teacher else None
-    else:
-        parts["model"] = recipe.student_model.model_dump(mode="json")
-    if stage == "student" and recipe.distills:
-        parts["loss"] = recipe.loss.model_dump(mode="json")
-        parts["teacher"] = file_digest(teacher_checkpoint(recipe))
-    elif stage != "teacher":
-        parts["loss"] = recipe.loss.model_dump(mode="json", include={"ce_weight", "class_weights"})
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest({"data": data, "train": schedule, "model": recipe.teacher.model_dump(mode="json")})
+    if stage == "baseline":
+        ce = recipe.loss.model_dump(mode="json", include={"ce_weight", "class_weights"})
+        return _digest({"data": data, "train": schedule, "model": student, "loss": ce})
+    if stage == "student":
+        parts: dict[str, object] = {"data": data, "train": schedule, "model": student,
+                                    "loss": recipe.loss.model_dump(mode="json")}
+        if recipe.distills:
+            parts["teacher"] = file_digest(teacher_checkpoint(recipe))
+            parts["teacher_mode"] = recipe.teacher.mode
+            if recipe.teacher.mode == "cache":
+                parts["cache"] = recipe.cache.model_dump(mode="json")
+        return _digest(parts)
+    # compare and export read trained weights: their fingerprint is those weights' hashes.
+    weights = {name: file_digest(output / name / "best.safetensors")
+               for name in TRAINING_STAGES if (output / name / "best.safetensors").is_file()}
+    if recipe.teacher is not None:
+        weights["teacher"] = file_digest(teacher_checkpoint(recipe))
+    sections = ("data", "eval", "export") if stage == "export" else ("data", "eval")
+    return _digest({"weights": weights, **{k: getattr(recipe, k).model_dump(mode="json") for k in sections}})
 
 
-def planned_stages(recipe: Recipe) -> list[Stage]:
-    """The stages ``distill run`` goes through for this recipe."""
-    stages: list[Stage] = []
-    if recipe.teacher is not None and recipe.teacher.checkpoint is None and recipe.distills:
+def planned_stages(recipe: Recipe) -> list[str]:
+    """The stages ``distill run`` goes through for this recipe, in order."""
+    stages: list[str] = []
+    if recipe.distills and recipe.teacher.checkpoint is None:
         stages.append("teacher")
+    if recipe.distills and recipe.teacher.mode == "cache":
+        stages.append("cache")
     if recipe.run.baseline and recipe.distills:
         stages.append("baseline")
     stages.append("student")
+    teacher_weights = recipe.teacher is not None and (
+        recipe.teacher.checkpoint is not None or "teacher" in stages
+    )
+    if recipe.run.compare and teacher_weights:
+        stages.append("compare")
+    if recipe.run.export:
+        stages.append("export")
     return stages
 
 
 def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
-    """Run (or skip, or resume) each planned stage, then print a summary."""
-    outcomes = []
+    """Run (or skip, or resume) each planned stage, then print a summary table."""
     main = int(os.environ.get("RANK", "0")) == 0  # before any Accelerator exists
+    outcomes = []
     for stage in planned_stages(recipe):
-        run_dir = Path(recipe.output_dir) / stage
-        fingerprint = stage_fingerprint(recipe, stage)
-        done_file = run_dir / "done.json"
-        if done_file.is_file():
-            done = json.loads(done_file.read_text())
-            if done.get("fingerprint") == fingerprint:
-                outcomes.append(StageOutcome(stage, "up to date", 0.0, done["best_miou"], run_dir))
-                continue
-        latest = run_dir / "checkpoints" / "latest"
-        resumable = latest.is_dir() and _checkpoint_fingerprint(latest) == fingerprint
-        stage_recipe = recipe.model_copy(deep=True)
-        stage_recipe.train.resume = latest if resumable else None
-        if not resumable and main:
-            for stale in ("metrics.jsonl", "best.json", "done.json"):
-                (run_dir / stale).unlink(missing_ok=True)
         start = time.perf_counter()
-        result = train(stage_recipe, stage, fingerprint=fingerprint)
+        if stage == "cache":
+            from distill.cache import write_cache
+
+            store = write_cache(recipe)  # up-to-date stores are skipped, interrupted ones resumed
+            outcomes.append(StageOutcome(stage, "done", time.perf_counter() - start, None, store))
+            continue
+        folder = Path(recipe.output_dir) / stage
+        fingerprint = stage_fingerprint(recipe, stage)
+        done = _read_done(folder / "done.json")
+        if done.get("fingerprint") == fingerprint:
+            outcomes.append(StageOutcome(stage, "up to date", 0.0, done.get("best_miou"), folder))
+            continue
+        if stage in TRAINING_STAGES:
+            status, best_miou = _train_stage(recipe, stage, fingerprint, main)
+        else:
+            status, best_miou = "done", _report_stage(recipe, stage)
         seconds = time.perf_counter() - start
         if main:
-            atomic_write_text(done_file, json.dumps(
-                {"fingerprint": fingerprint, "best_miou": result.best_miou, "steps": result.steps,
-                 "seconds": seconds}, indent=2))
-        outcomes.append(StageOutcome(stage, "resumed" if resumable else "trained", seconds,
-                                     result.best_miou, run_dir))
+            atomic_write_text(folder / "done.json", json.dumps(
+                {"fingerprint": fingerprint, "best_miou": best_miou, "seconds": seconds}, indent=2))
+        outcomes.append(StageOutcome(stage, status, seconds, best_miou, folder))
     if main:
         console.print(summary_table(outcomes))
     return outcomes
 
 
-def _checkpoint_fingerprint(folder: Path) -> str | None:
-    progress = folder / "progress.json"
-    if not progress.is_file():
-        return None
-    return json.loads(progress.read_text()).get("fingerprint")
+def _read_done(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tuple[str, float]:
+    folder = Path(recipe.output_dir) / stage
+    latest = folder / "checkpoints" / "latest"
+    progress = _read_done(latest / "progress.json")
+    resumable = progress.get("fingerprint") == fingerprint
+    stage_recipe = recipe.model_copy(deep=True)
+    stage_recipe.train.resume = latest if resumable else None
+    if not resumable and main:  # a fresh start: drop what an older run of other inputs left
+        for stale in ("metrics.jsonl", "best.json", "best.safetensors", "done.json"):
+            (folder / stale).unlink(missing_ok=True)
+    result = train(stage_recipe, stage, fingerprint=fingerprint)  # type: ignore[arg-type]
+    return ("resumed" if resumable else "trained"), result.best_miou
+
+
+def _report_stage(recipe: Recipe, stage: str) -> float | None:
+    if stage == "compare":
+        from distill.compare import compare
+
+        report = compare(recipe, recipe.eval.split)
+        return report.get("models", {}).get("student", {}).get("miou")
+    from distill.export import export_student
+
+    export_student(recipe)
+    return None
 
 
 def summary_table(outcomes: list[StageOutcome]) -> Table:
-    """Stages with their time, best val mIoU and folder; plus the share of the gap KD recovered."""
+    """Stages with their time, best val mIoU and outputs, plus the share of the gap KD recovered."""
     table = Table(title="distill run")
     for column in ("stage", "status", "time", "best val mIoU", "outputs"):
         table.add_column(column, justify="right" if column in ("time", "best val mIoU") else "left")
     for o in outcomes:
-        table.add_row(o.stage, o.status, f"{o.seconds:.0f} s", f"{100 * o.best_miou:.1f}", str(o.run_dir))
-    by_stage = {o.stage: o.best_miou for o in outcomes}
+        miou = "" if o.best_miou is None else f"{100 * o.best_miou:.1f}"
+        table.add_row(o.stage, o.status, f"{o.seconds:.0f} s", miou, str(o.outputs))
+    by_stage = {o.stage: o.best_miou for o in outcomes if o.stage in TRAINING_STAGES}
     if {"teacher", "baseline", "student"} <= by_stage.keys():
         gap = by_stage["teacher"] - by_stage["baseline"]
         gain = by_stage["student"] - by_stage["baseline"]
         recovered = f"{100 * gain / gap:.0f}% of the teacher/baseline gap" if gap > 0 else "no gap to recover"
-        table.caption = f"distillation gain {100 * gain:+.1f} mIoU points: {recovered}"
+        table.caption = (f"student with distillation {100 * by_stage['student']:.1f} vs baseline "
+                         f"{100 * by_stage['baseline']:.1f} mIoU: {100 * gain:+.1f} points, {recovered}")
     return table

@@ -114,8 +114,15 @@ def teacher_checkpoint(recipe: Recipe) -> Path:
     return trained
 
 
-def load_teacher(recipe: Recipe, num_classes: int) -> Teacher:
-    """Build the recipe's teacher with its trained weights, frozen, on the CPU."""
+def load_teacher(recipe: Recipe, num_classes: int) -> nn.Module:
+    """The recipe's teacher: frozen with its trained weights, or served from the logit cache.
+
+    Either way it maps a batch to logits, so the training loop has no branch on the source.
+    """
+    if recipe.teacher is not None and recipe.teacher.mode == "cache":
+        from distill.cache import load_cached_teacher
+
+        return load_cached_teacher(recipe, num_classes)
     from distill.models import build_model
 
     assert recipe.teacher is not None

@@ -39,7 +39,7 @@ from distill.losses import DistillLoss
 from distill.metrics import evaluate
 from distill.models import build_model
 from distill.progress import console, make_progress, report
-from distill.teacher import Teacher, load_teacher
+from distill.teacher import load_teacher
 
 Stage = Literal["teacher", "baseline", "student"]
 
@@ -149,7 +149,7 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
         save_resolved_recipe(recipe, run_dir)
 
     model = build_model(stage_model(recipe, stage), info.num_classes)
-    teacher: Teacher | None = None
+    teacher: torch.nn.Module | None = None  # a Teacher, or a CachedTeacher replaying stored logits
     if stage == "student" and recipe.distills:
         teacher = load_teacher(recipe, info.num_classes).to(accelerator.device)
     if cfg.channels_last:

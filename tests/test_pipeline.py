@@ -1,0 +1,71 @@
+"""`distill run`: stages in order, skipped when up to date, redone when inputs change, resumed."""
+
+import json
+
+import pytest
+
+import distill.train as loop
+from distill.pipeline import planned_stages, run_pipeline
+from helpers import tiny_recipe
+
+pytestmark = pytest.mark.slow
+CACHED = {"teacher.mode": "cache", "data.resize": "[32, 32]"}
+
+
+def statuses(outcomes):
+    return {o.stage: o.status for o in outcomes}
+
+
+def test_planned_stages_follow_the_recipe(tmp_path):
+    assert planned_stages(tiny_recipe(tmp_path)) == ["student", "export"]
+    assert planned_stages(tiny_recipe(tmp_path, teacher=True)) == [
+        "teacher", "baseline", "student", "compare", "export"]
+    assert planned_stages(tiny_recipe(tmp_path, teacher=True, **CACHED, **{"run.baseline": "false"})) == [
+        "teacher", "cache", "student", "compare", "export"]
+
+
+def test_rerun_skips_what_is_done_and_redoes_what_changed(tmp_path):
+    recipe = tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 1})
+    first = run_pipeline(recipe)
+    assert statuses(first) == {"teacher": "trained", "baseline": "trained", "student": "trained",
+                               "compare": "done", "export": "done"}
+    compare = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert set(compare["models"]) == {"teacher", "student", "baseline"}
+    assert (tmp_path / "export" / "student.onnx").is_file()
+
+    again = run_pipeline(recipe)
+    assert set(statuses(again).values()) == {"up to date"}
+    assert [o.best_miou for o in again[:3]] == [o.best_miou for o in first[:3]]
+
+    # A new temperature changes only the distilled student, and so what reads its weights.
+    warmer = tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 1, "loss.temperature": 4.0})
+    assert statuses(run_pipeline(warmer)) == {"teacher": "up to date", "baseline": "up to date",
+                                              "student": "trained", "compare": "done", "export": "done"}
+
+
+def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 2, "run.export": "false"})
+    save = loop._save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(recipe)
+    monkeypatch.setattr(loop, "_save_checkpoint", save)
+    outcome = run_pipeline(recipe)
+    assert statuses(outcome) == {"student": "resumed"}
+    progress = json.loads((tmp_path / "student" / "checkpoints" / "latest" / "progress.json").read_text())
+    assert progress["epoch"] == 2 and progress["step"] == 12
+
+
+def test_cache_mode_runs_end_to_end(tmp_path):
+    recipe = tiny_recipe(tmp_path, teacher=True, **CACHED, **{"train.epochs": 1, "run.baseline": "false",
+                                                            "run.export": "false"})
+    outcome = statuses(run_pipeline(recipe))
+    assert outcome == {"teacher": "trained", "cache": "done", "student": "trained", "compare": "done"}
+    assert (tmp_path / "cache" / "manifest.json").is_file()
+    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kd"] > 0 for r in records if "loss" in r)
