@@ -171,7 +171,7 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
     scheduler = build_scheduler(optimizer, recipe, int(total_steps))
     accelerator.register_for_checkpointing(scheduler)
     if cfg.trackers:
-        accelerator.init_trackers(f"distill-{stage}", config=json.loads(recipe.model_dump_json()))
+        accelerator.init_trackers(f"distill-{stage}", config=_flat_config(json.loads(recipe.model_dump_json())))
 
     state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan"),
              "fingerprint": fingerprint}
@@ -257,6 +257,19 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
             progress.advance(epochs_bar)
     accelerator.end_training()
     return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"], unwrapped)
+
+
+def _flat_config(tree: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """The recipe as dotted keys with scalar values: what trackers (TensorBoard hparams) accept."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[f"{prefix}{key}"] = value
+        else:  # None and lists
+            flat[f"{prefix}{key}"] = json.dumps(value)
+    return flat
 
 
 def _check_finite(parts: dict[str, torch.Tensor], step: int, batch: dict) -> None:

@@ -127,3 +127,23 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 def test_bf16_autocast_trains(tmp_path):
     result = train(tiny_recipe(tmp_path, teacher=False, **{"train.mixed_precision": "bf16", "train.epochs": 1}), "student")
     assert result.steps == 6 and result.best_miou == result.best_miou  # finite, not NaN
+
+
+def test_tensorboard_tracker_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    result = train(tiny_recipe(tmp_path, **{"train.epochs": 1, "train.trackers": "[tensorboard]"}), "student")
+    events = list(result.run_dir.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert {"loss", "ce", "lr", "val_miou"} <= set(accumulator.Tags()["scalars"])
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    result = train(tiny_recipe(tmp_path, **{"train.epochs": 1, "train.grad_accum_steps": 2,
+                                            "train.log_every_steps": 1}), "student")
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 3  # 6 micro-batches, 2 per optimizer step
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
