@@ -275,13 +275,18 @@ class Recipe(_Section):
                     f"teacher.mode 'cache' trains on '{self.data.train_split}' but cache.splits "
                     f"is {self.cache.splits}"
                 )
-        if self.loss.class_weights is not None and self.data.dataset == "synthetic":
-            expected = self.data.synthetic.num_classes
-            if len(self.loss.class_weights) != expected:
-                raise ValueError(
-                    f"loss.class_weights has {len(self.loss.class_weights)} values "
-                    f"but the dataset has {expected} classes"
-                )
+        from distill.data import dataset_info  # late: distill.data imports this module
+
+        num_classes = dataset_info(self.data).num_classes  # from the layout; reads no image
+        weights = self.loss.class_weights
+        if weights is not None and len(weights) != num_classes:
+            raise ValueError(
+                f"loss.class_weights has {len(weights)} values but the dataset has {num_classes} classes"
+            )
+        if self.cache.layout == "topk" and self.cache.topk > num_classes:
+            raise ValueError(
+                f"cache.topk {self.cache.topk} is larger than the dataset's {num_classes} classes"
+            )
         return self
 
     @property
