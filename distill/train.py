@@ -195,14 +195,7 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
             window_start, window_images = time.perf_counter(), 0
             for batch in train_loader:
                 with accelerator.accumulate(model):
-                    images = batch["image"]
-                    if cfg.channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    # The distillation step: teacher targets, student logits, loss parts, backward.
-                    with accelerator.autocast():
-                        teacher_logits = teacher(batch) if teacher is not None else None
-                        student_logits = model(images)
-                        parts = criterion(student_logits, batch["mask"], teacher_logits)
+                    parts = distillation_step(batch, model, teacher, criterion, accelerator, cfg.channels_last)
                     _check_finite(parts, state["step"], batch)
                     accelerator.backward(parts["loss"])
                     if accelerator.sync_gradients and cfg.max_grad_norm is not None:
@@ -257,6 +250,28 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
             progress.advance(epochs_bar)
     accelerator.end_training()
     return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"], unwrapped)
+
+
+def distillation_step(
+    batch: dict,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    criterion: DistillLoss,
+    accelerator: Accelerator,
+    channels_last: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``loss = ce_weight * CE(student, labels) + kd_weight * T^2 * KL(teacher || student)``.
+
+    Returns the loss parts (``loss``, ``ce``, ``kd``); without a teacher ``kd`` is 0 and not
+    computed. The teacher (streamed or cached) runs under the same autocast as the student.
+    """
+    images = batch["image"]
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with accelerator.autocast():
+        teacher_logits = teacher(batch) if teacher is not None else None
+        student_logits = student(images)
+        return criterion(student_logits, batch["mask"], teacher_logits)
 
 
 def _flat_config(tree: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
