@@ -11,6 +11,8 @@ import os
 import sys
 
 from distill.config import RecipeError, load_recipe, recipe_to_yaml
+from rich.text import Text
+
 from distill.progress import console
 
 STAGES = ("teacher", "baseline", "student")
@@ -127,11 +129,38 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from distill.export import export_student
 
-            export_student(recipe)  # prints where it wrote and the parity it measured
-    except (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError) as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+            if int(os.environ.get("RANK", "0")) == 0:  # one export, not one per process
+                export_student(recipe)  # prints where it wrote and the parity it measured
+    except (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError,
+            ValueError, OSError) as error:
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
+        _print_error(error)
+        if not isinstance(error, (RecipeError, DataError, ModelError, TrainingError, CacheError,
+                                  CompareError, ExportError)):
+            console.print("(set DISTILL_DEBUG=1 to see the traceback)", highlight=False)
         return 2
     return 0
+
+
+def _print_error(error: BaseException) -> None:
+    # Text, not markup: messages hold file names and values with brackets.
+    console.print(Text.assemble(("error: ", "bold red"), error_message(error)), highlight=False)
+
+
+def error_message(error: BaseException) -> str:
+    """The error's own message, without a data-loader worker's re-raised traceback.
+
+    PyTorch re-raises an exception from a loader worker with "Caught X in DataLoader worker
+    process N. Original Traceback ..." in its message; the user needs only its last line.
+    """
+    text = str(error)
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror or text}: '{error.filename}'"
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -139,8 +168,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     try:
         written = predict(args.export_dir, args.images, args.out)
-    except PredictError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+    except (PredictError, OSError) as error:
+        _print_error(error)
         return 2
     console.print(f"[green]done[/]: {len(written)} masks in {args.out}")
     return 0

@@ -265,6 +265,13 @@ class Recipe(_Section):
             raise ValueError("use either `model` (one model) or `student`/`teacher`, not both")
         if self.model is None and self.student is None:
             raise ValueError("the recipe needs a `model` section (or `student` for distillation)")
+        if self.teacher is not None and self.teacher.checkpoint is None and (
+            self.teacher.mean is not None or self.teacher.std is not None
+        ):
+            raise ValueError(
+                "teacher.mean/teacher.std describe an external teacher checkpoint; a teacher "
+                "trained by distill uses data.mean/data.std (set teacher.checkpoint, or drop them)"
+            )
         if self.teacher is not None and self.teacher.mode == "cache":
             if self.data.resize is None:
                 raise ValueError(

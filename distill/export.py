@@ -332,7 +332,7 @@ def export_student(recipe: Recipe, formats: list[str] | str | None = None, *,
     model = build_model(spec, info.num_classes).eval()
     images, sample_ids = parity_samples(recipe, parity_images)
 
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-staging-"))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         from safetensors.torch import save_file
@@ -370,10 +370,17 @@ def export_student(recipe: Recipe, formats: list[str] | str | None = None, *,
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Rename the staged files into ``out``; drop files of a previous export not written now."""
-    names = {p.name for p in staging.iterdir()}
-    for stale in (*FILES.values(), "config.json", "parity.json"):
-        if stale not in names:
-            (out / stale).unlink(missing_ok=True)
-    for name in sorted(names - {"config.json"}) + ["config.json"]:  # config.json last
-        os.replace(staging / name, out / name)
+    """Swap the staged folder in for ``out`` as a whole (the folder belongs to distill).
+
+    Two renames: a kill between them leaves ``.export-previous`` beside ``out``, never a mix of
+    a new ONNX file with an old config.json.
+    """
+    previous = out.parent / ".export-previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(staging, 0o777 & ~mask)  # mkdtemp made it private
+    if out.exists():
+        os.replace(out, previous)
+    os.replace(staging, out)
+    shutil.rmtree(previous, ignore_errors=True)

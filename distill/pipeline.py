@@ -45,33 +45,48 @@ def _digest(parts: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Keys that change how a run goes, not what it produces.
+_RUN_ONLY_TRAIN = {"resume", "log_every_steps", "trackers", "cpu_malloc_tuning", "checkpoint_every_epochs"}
+_RUN_ONLY_DATA = {"num_workers"}
+
+
 def stage_fingerprint(recipe: Recipe, stage: str) -> str:
-    """Hash of everything a stage's result depends on."""
-    data = recipe.data.model_dump(mode="json")
-    schedule = recipe.train.model_dump(mode="json", exclude={"resume", "log_every_steps", "trackers"})
-    student = recipe.student_model.model_dump(mode="json")
+    """Hash of everything a stage's result depends on (and nothing that only changes the run)."""
+    data = recipe.data.model_dump(mode="json", exclude=_RUN_ONLY_DATA)
+    schedule = recipe.train.model_dump(mode="json", exclude=_RUN_ONLY_TRAIN)
+    plain_ce = {"class_weights": recipe.loss.class_weights}  # teacher and baseline: CE alone
     output = Path(recipe.output_dir)
     if stage == "teacher":
-        return _digest({"data": data, "train": schedule, "model": recipe.teacher.model_dump(mode="json")})
+        teacher = recipe.teacher.model_dump(mode="json", exclude={"mode", "mean", "std", "checkpoint"})
+        return _digest({"data": data, "train": schedule, "model": teacher, "loss": plain_ce})
+    student = recipe.student_model.model_dump(mode="json")
     if stage == "baseline":
-        ce = recipe.loss.model_dump(mode="json", include={"ce_weight", "class_weights"})
-        return _digest({"data": data, "train": schedule, "model": student, "loss": ce})
+        return _digest({"data": data, "train": schedule, "model": student, "loss": plain_ce})
     if stage == "student":
-        parts: dict[str, object] = {"data": data, "train": schedule, "model": student,
-                                    "loss": recipe.loss.model_dump(mode="json")}
+        parts: dict[str, object] = {"data": data, "train": schedule, "model": student}
         if recipe.distills:
-            parts["teacher"] = file_digest(teacher_checkpoint(recipe))
-            parts["teacher_mode"] = recipe.teacher.mode
+            parts["loss"] = recipe.loss.model_dump(mode="json", exclude={"chunk_size"})
+            parts["teacher"] = recipe.teacher.model_dump(mode="json", exclude={"checkpoint"})
+            parts["teacher_weights"] = file_digest(teacher_checkpoint(recipe))
             if recipe.teacher.mode == "cache":
-                parts["cache"] = recipe.cache.model_dump(mode="json")
+                from distill.cache import cache_dir
+
+                parts["cache"] = recipe.cache.model_dump(mode="json", exclude={"batch_size", "dir"})
+                manifest = cache_dir(recipe) / "manifest.json"
+                parts["store"] = file_digest(manifest) if manifest.is_file() else None
+        else:
+            parts["loss"] = plain_ce
         return _digest(parts)
-    # compare and export read trained weights: their fingerprint is those weights' hashes.
+    # compare and export read trained weights: their fingerprint is those weights' bytes.
     weights = {name: file_digest(output / name / "best.safetensors")
                for name in TRAINING_STAGES if (output / name / "best.safetensors").is_file()}
     if recipe.teacher is not None:
         weights["teacher"] = file_digest(teacher_checkpoint(recipe))
+    if recipe.eval.checkpoint is not None:
+        weights["eval.checkpoint"] = file_digest(recipe.eval.checkpoint)
     sections = ("data", "eval", "export") if stage == "export" else ("data", "eval")
-    return _digest({"weights": weights, **{k: getattr(recipe, k).model_dump(mode="json") for k in sections}})
+    return _digest({"weights": weights, "mixed_precision": recipe.train.mixed_precision,
+                    **{k: getattr(recipe, k).model_dump(mode="json") for k in sections}})
 
 
 def planned_stages(recipe: Recipe) -> list[str]:
@@ -109,17 +124,19 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
         folder = Path(recipe.output_dir) / stage
         fingerprint = stage_fingerprint(recipe, stage)
         done = _read_done(folder / "done.json")
-        if done.get("fingerprint") == fingerprint:
+        if done.get("fingerprint") == fingerprint and done.get("weights") == _weights_digest(folder):
             outcomes.append(StageOutcome(stage, "up to date", 0.0, done.get("best_miou"), folder))
             continue
         if stage in TRAINING_STAGES:
             status, best_miou = _train_stage(recipe, stage, fingerprint, main)
         else:
-            status, best_miou = "done", _report_stage(recipe, stage)
+            status, best_miou = "done", _report_stage(recipe, stage, main)
         seconds = time.perf_counter() - start
         if main:
+            # The weights' hash too: a later `distill train` into the same folder makes it stale.
             atomic_write_text(folder / "done.json", json.dumps(
-                {"fingerprint": fingerprint, "best_miou": best_miou, "seconds": seconds}, indent=2))
+                {"fingerprint": fingerprint, "weights": _weights_digest(folder), "best_miou": best_miou,
+                 "seconds": seconds}, indent=2))
         outcomes.append(StageOutcome(stage, status, seconds, best_miou, folder))
     if main:
         console.print(summary_table(outcomes))
@@ -147,15 +164,21 @@ def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tu
     return ("resumed" if resumable else "trained"), result.best_miou
 
 
-def _report_stage(recipe: Recipe, stage: str) -> float | None:
-    if stage == "compare":
+def _weights_digest(folder: Path) -> str | None:
+    best = folder / "best.safetensors"
+    return file_digest(best) if best.is_file() else None
+
+
+def _report_stage(recipe: Recipe, stage: str, main: bool) -> float | None:
+    if stage == "compare":  # collective: every process evaluates its share
         from distill.compare import compare
 
         report = compare(recipe, recipe.eval.split)
         return report.get("models", {}).get("student", {}).get("miou")
-    from distill.export import export_student
+    if main:  # one export, not one per process
+        from distill.export import export_student
 
-    export_student(recipe)
+        export_student(recipe)
     return None
 
 

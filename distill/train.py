@@ -30,14 +30,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from distill._io import atomic_write_bytes
 from distill._malloc import tune_cpu_malloc
 from distill.config import ModelConfig, Recipe, atomic_write_text, save_resolved_recipe
 from distill.data import build_loader, dataset_info
 from distill.losses import DistillLoss
 from distill.metrics import evaluate
-from distill.models import build_model
+from distill.models import build_model, forward_padded
 from distill.progress import console, make_progress, report
 from distill.teacher import load_teacher
 
@@ -154,9 +155,11 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
         teacher = load_teacher(recipe, info.num_classes).to(accelerator.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    criterion = DistillLoss.from_config(recipe.loss, ignore_index=info.ignore_index)
-    if teacher is None:
-        criterion.kd_weight = 0.0  # plain training: the KD term is neither computed nor logged
+    if teacher is not None:
+        criterion = DistillLoss.from_config(recipe.loss, ignore_index=info.ignore_index)
+    else:  # plain training: CE at weight 1 (the recipe's weights are the distillation's balance)
+        criterion = DistillLoss(ce_weight=1.0, kd_weight=0.0, ignore_index=info.ignore_index,
+                                class_weights=recipe.loss.class_weights)
 
     train_loader = build_loader(recipe.data, recipe.data.train_split, train=True, seed=cfg.seed)
     val_loader = build_loader(recipe.data, recipe.data.val_split, train=False, seed=cfg.seed)
@@ -164,6 +167,12 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader
     )
+    if len(train_loader) == 0:
+        raise TrainingError(
+            f"no training batch: {len(train_loader.dataset)} images in split "
+            f"'{recipe.data.train_split}' do not fill one batch of {recipe.data.batch_size} on each "
+            f"of {accelerator.num_processes} processes (lower data.batch_size)"
+        )
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     total_steps = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
     # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
@@ -181,6 +190,11 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
             console.print(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
 
     log_path = run_dir / "metrics.jsonl"
+    if cfg.resume is not None and main and log_path.is_file():
+        # Lines logged after the checkpoint are logged again by the resumed run: drop them.
+        kept = [line for line in log_path.read_text().splitlines(keepends=True)
+                if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
+        atomic_write_text(log_path, "".join(kept))
     unwrapped = accelerator.unwrap_model(model)
     with make_progress(enabled=main) as progress:
         epochs_bar = progress.add_task(f"{stage} epochs", total=cfg.epochs, completed=state["epoch"], info="")
@@ -196,7 +210,7 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
             for batch in train_loader:
                 with accelerator.accumulate(model):
                     parts = distillation_step(batch, model, teacher, criterion, accelerator, cfg.channels_last)
-                    _check_finite(parts, state["step"], batch)
+                    _check_finite(parts, state["step"], batch, accelerator)
                     accelerator.backward(parts["loss"])
                     if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -270,7 +284,7 @@ def distillation_step(
         images = images.contiguous(memory_format=torch.channels_last)
     with accelerator.autocast():
         teacher_logits = teacher(batch) if teacher is not None else None
-        student_logits = student(images)
+        student_logits = forward_padded(student, images)  # any crop size, not only multiples of 32
         return criterion(student_logits, batch["mask"], teacher_logits)
 
 
@@ -287,12 +301,17 @@ def _flat_config(tree: dict, prefix: str = "") -> dict[str, int | float | str | 
     return flat
 
 
-def _check_finite(parts: dict[str, torch.Tensor], step: int, batch: dict) -> None:
-    if torch.isfinite(parts["loss"]).item():
+def _check_finite(parts: dict[str, torch.Tensor], step: int, batch: dict, accelerator: Accelerator) -> None:
+    # Reduced over processes so that every rank stops together (a rank that raised alone would
+    # leave the others waiting in the gradient all-reduce).
+    finite = torch.isfinite(parts["loss"].detach()).float()
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, "min")
+    if finite.item():
         return
     values = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
     raise TrainingError(
-        f"non-finite loss at optimizer step {step} ({values}); batch sample indices "
+        f"non-finite loss at optimizer step {step} ({values} on process {accelerator.process_index}); batch sample indices "
         f"{batch['index'].tolist()}. The last checkpoint was left intact."
     )
 
@@ -315,9 +334,7 @@ def _save_weights(accelerator: Accelerator, model: torch.nn.Module, path: Path) 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save(state))
     accelerator.wait_for_everyone()
 
 
@@ -332,9 +349,11 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict) -> No
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every rank's random_states_<i>.pkl is in before the swap
     if accelerator.is_main_process:
         atomic_write_text(staging / "progress.json", json.dumps(state, indent=2))
         previous = run_dir / "checkpoints" / ".previous"
+        shutil.rmtree(previous, ignore_errors=True)  # left by a kill after the last swap
         if final.exists():
             os.replace(final, previous)
         os.replace(staging, final)

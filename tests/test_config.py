@@ -58,6 +58,7 @@ def test_parse_overrides_rejects_words_without_value():
         ({"model": {}, "train": {"epochs": 2}}, ["train.epochs.sub=1"], r"'train.epochs' is a value, not a section"),
         ({"model": {}}, ["cache.topk=7"], r"cache.topk 7 is larger than the dataset's 6 classes"),
         ({"model": {}}, ["loss.class_weights=[1, 2]"], r"loss.class_weights has 2 values but the dataset has 6 classes"),
+        ({"student": {}, "teacher": {"mean": [0.5, 0.5, 0.5]}}, [], r"teacher.mean/teacher.std describe an external teacher checkpoint"),
         ({"model": {}}, ["train.epochs.sub=1"], r"'train.epochs': input should be a valid integer"),
     ],
 )
@@ -113,3 +114,15 @@ def test_every_shipped_recipe_validates():
         from distill.config import recipe_from_dict
 
         recipe_from_dict(tree, source=str(path))
+
+
+def test_loader_worker_errors_lose_the_worker_traceback():
+    from distill.cli import error_message
+    from distill.data import DataError
+
+    wrapped = DataError(
+        "Caught BadFileError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise\ndistill._datasets.BadFileError: image \'/d/a.png\' is corrupt\n'
+    )
+    assert error_message(wrapped) == "image '/d/a.png' is corrupt"
+    assert error_message(DataError("plain message")) == "plain message"

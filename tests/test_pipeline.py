@@ -69,3 +69,18 @@ def test_cache_mode_runs_end_to_end(tmp_path):
     assert (tmp_path / "cache" / "manifest.json").is_file()
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kd"] > 0 for r in records if "loss" in r)
+
+
+def test_weights_retrained_outside_run_make_later_stages_stale(tmp_path):
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 1, "run.export": "false"})
+    assert statuses(run_pipeline(recipe)) == {"student": "trained"}
+    loop.train(tiny_recipe(tmp_path, **{"train.epochs": 1, "train.seed": 5}), "student")  # by hand
+    assert statuses(run_pipeline(recipe))["student"] != "up to date"
+
+
+def test_settings_that_only_change_the_run_keep_stages_up_to_date(tmp_path):
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 1, "run.export": "false"})
+    run_pipeline(recipe)
+    relaxed = tiny_recipe(tmp_path, **{"train.epochs": 1, "run.export": "false", "data.num_workers": 1,
+                                       "train.log_every_steps": 3, "train.cpu_malloc_tuning": "false"})
+    assert statuses(run_pipeline(relaxed)) == {"student": "up to date"}

@@ -60,7 +60,7 @@ def test_resume_continues_to_the_same_final_state(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_with_step_parts_and_indices(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"model.factory": "helpers:nan_model"})
-    with pytest.raises(TrainingError, match=r"non-finite loss at optimizer step 0 \(loss=nan, ce=nan, kd=0\); batch sample indices \[\d+, \d+, \d+, \d+\]"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at optimizer step 0 \(loss=nan, ce=nan, kd=0 on process 0\); batch sample indices \[\d+, \d+, \d+, \d+\]"):
         train(recipe, "student")
 
 
@@ -147,3 +147,10 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 3  # 6 micro-batches, 2 per optimizer step
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
+def test_split_smaller_than_a_batch_is_a_clear_error(tmp_path):
+    from distill.data import DataError
+
+    with pytest.raises((TrainingError, DataError), match=r"(?i)batch"):
+        train(tiny_recipe(tmp_path, **{"data.synthetic.num_train": 3}), "student")
