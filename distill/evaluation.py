@@ -10,22 +10,16 @@ from rich.table import Table
 from distill.config import Recipe, atomic_write_text
 from distill.data import build_loader, dataset_info
 from distill.metrics import SegmentationScores, evaluate
-from distill.models import ModelError, build_model
+from distill.models import build_model, stage_weights
 from distill.progress import console
 from distill.train import Stage, make_accelerator, stage_model
 
 
 def default_checkpoint(recipe: Recipe, stage: Stage) -> Path:
-    """``eval.checkpoint``, else the stage's best weights."""
+    """``eval.checkpoint`` (``checkpoint=PATH``), else the stage's trained weights."""
     if recipe.eval.checkpoint is not None:
         return Path(recipe.eval.checkpoint)
-    best = Path(recipe.output_dir) / stage / "best.safetensors"
-    if not best.is_file():
-        raise ModelError(
-            f"no checkpoint to evaluate: {best} does not exist. Train the stage first "
-            f"(`distill train RECIPE --stage {stage}`) or pass checkpoint=PATH"
-        )
-    return best
+    return stage_weights(recipe, stage)
 
 
 def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:

@@ -42,7 +42,7 @@ from torch import nn
 from distill._io import atomic_write_text, file_digest
 from distill.config import ModelConfig, Recipe, recipe_to_yaml
 from distill.data import DatasetInfo, build_dataset, dataset_info
-from distill.models import ModelError, build_model, forward_padded
+from distill.models import ModelError, build_model, forward_padded, stage_weights
 from distill.predict import PredictError, load_export_config, predict  # noqa: F401  (re-exported)
 from distill.progress import console
 
@@ -85,15 +85,7 @@ def json_text(value: Any) -> str:
 
 def student_checkpoint(recipe: Recipe) -> Path:
     """``eval.checkpoint`` when set, else ``<output_dir>/student/best.safetensors``."""
-    if recipe.eval.checkpoint is not None:
-        return Path(recipe.eval.checkpoint)
-    best = Path(recipe.output_dir) / "student" / "best.safetensors"
-    if not best.is_file():
-        raise ModelError(
-            f"the student has no weights: {best} does not exist. Train it first with "
-            f"`distill train RECIPE` (or `distill run RECIPE`), or pass eval.checkpoint=PATH"
-        )
-    return best
+    return stage_weights(recipe, "student")
 
 
 def ensure_writable_folder(folder: Path, what: str, error: type[ValueError]) -> None:

@@ -101,17 +101,9 @@ def _renormalization(
 
 def teacher_checkpoint(recipe: Recipe) -> Path:
     """The teacher's weights: ``teacher.checkpoint``, else the run's trained teacher."""
-    from distill.models import ModelError
-    assert recipe.teacher is not None
-    if recipe.teacher.checkpoint is not None:
-        return Path(recipe.teacher.checkpoint)
-    trained = Path(recipe.output_dir) / "teacher" / "best.safetensors"
-    if not trained.is_file():
-        raise ModelError(
-            f"the teacher has no weights: set teacher.checkpoint, or train it first with "
-            f"`distill train RECIPE --stage teacher` (expected {trained})"
-        )
-    return trained
+    from distill.models import stage_weights
+
+    return stage_weights(recipe, "teacher")
 
 
 def load_teacher(recipe: Recipe, num_classes: int) -> nn.Module:

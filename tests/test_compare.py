@@ -115,7 +115,7 @@ def test_latency_is_a_median_of_interleaved_runs():
 
 def test_missing_checkpoints_name_the_command(tmp_path):
     recipe = tiny_recipe(tmp_path / "run", teacher=True)
-    with pytest.raises(ModelError, match=r"train it first with `distill train RECIPE --stage teacher`"):
+    with pytest.raises(ModelError, match=r"Train it first with `distill train RECIPE --stage teacher`"):
         compare(recipe, **FAST)
     (tmp_path / "run" / "teacher").mkdir(parents=True)
     (tmp_path / "run" / "teacher" / "best.safetensors").write_bytes(b"")

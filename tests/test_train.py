@@ -84,7 +84,7 @@ def test_distillation_uses_a_frozen_teacher_and_saves_only_the_student(tmp_path)
 def test_missing_teacher_weights_is_a_clear_error(tmp_path):
     from distill.models import ModelError
 
-    with pytest.raises(ModelError, match=r"train it first with `distill train RECIPE --stage teacher`"):
+    with pytest.raises(ModelError, match=r"Train it first with `distill train RECIPE --stage teacher`"):
         train(tiny_recipe(tmp_path, teacher=True), "student")
 
 
