@@ -309,7 +309,7 @@ def _check_finite(parts: dict[str, torch.Tensor], step: int, batch: dict, accele
         finite = accelerator.reduce(finite, "min")
     if finite.item():
         return
-    values = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+    values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
     raise TrainingError(
         f"non-finite loss at optimizer step {step} ({values} on process {accelerator.process_index}); batch sample indices "
         f"{batch['index'].tolist()}. The last checkpoint was left intact."

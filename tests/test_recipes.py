@@ -85,7 +85,7 @@ def test_recipe_runs_two_steps_on_a_tiny_tree(path, tmp_path):
         "train.warmup_steps=0", "train.mixed_precision=no", "data.max_samples=4",
     ]
     if dataset == "synthetic":
-        overrides += ["data.synthetic.size=[32, 32]"]
+        overrides += ["data.synthetic.size=[32, 32]", "data.resize=[32, 32]"]
     else:
         MAKERS[dataset](tmp_path / "data")
         overrides += [f"data.root={tmp_path / 'data'}"]
@@ -94,6 +94,10 @@ def test_recipe_runs_two_steps_on_a_tiny_tree(path, tmp_path):
     recipe = load_recipe(path, overrides)
     assert recipe.teacher is not None and recipe.student is not None, "every recipe distills"
     teacher = train(recipe, "teacher")
+    if recipe.teacher.mode == "cache":
+        from distill.cache import write_cache
+
+        write_cache(recipe)
     student = train(recipe, "student")
     assert teacher.steps == student.steps == 2
     import json
