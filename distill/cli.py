@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from distill.models import ModelError
     from distill.train import TrainingError
 
+    expected = (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError)
     try:
         recipe = load_recipe(args.recipe, _expand_shorthands(args.command, args.overrides))
         if args.command == "recipe":
@@ -131,13 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 
             if int(os.environ.get("RANK", "0")) == 0:  # one export, not one per process
                 export_student(recipe)  # prints where it wrote and the parity it measured
-    except (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError,
-            ValueError, OSError) as error:
+    except (*expected, ValueError, OSError) as error:
         if os.environ.get("DISTILL_DEBUG"):
             raise
         _print_error(error)
-        if not isinstance(error, (RecipeError, DataError, ModelError, TrainingError, CacheError,
-                                  CompareError, ExportError)):
+        if not isinstance(error, expected):  # not one of ours: the traceback may help
             console.print("(set DISTILL_DEBUG=1 to see the traceback)", highlight=False)
         return 2
     return 0
