@@ -17,17 +17,18 @@ Measured, with targets:
    ``student step + teacher forward``.
    1-3 (and the parts: the cached targets' read + replay, the KD and the CE terms fwd+bwd, each
    alone) run interleaved on the same pre-loaded batches, in a fresh random order each round
-   (so no variant always follows another); every ratio is the median over rounds of the ratio within a round (adjacent in time,
-   so robust to other jobs on a shared machine), with its interquartile range.
+   (so no variant always follows another); every ratio is the median over rounds of the ratio
+   within a round (adjacent in time, so robust to other jobs on a shared machine), with its
+   interquartile range.
 4. The data loader alone: ``build_loader(..., train=True)`` with the recipe's ``num_workers``
    iterating real batches (PNG decode, resize, random scale/crop/flip, collate), one fresh loader
    per round (interleaved with 1-3): steady images/s after the first batch, as a multiple of
    the student's consumption in the same round, target >= 2x. Worker start-up is reported apart,
    and so is the student step that follows the workers' fork (untimed as a variant: forking
    leaves the parent's pages copy-on-write, so that step pays ~200k page faults; in training,
-   the first step of every epoch). Also: the loader's single-process cost per image split into decode / resize / augmentation /
-   collate, and the student alone fed by the live loader vs by pre-loaded batches (the loader's
-   workers share the 2 cores with the step).
+   the first step of every epoch). Also: the loader's single-process cost per image split into
+   decode / resize / augmentation / collate, and the student alone fed by the live loader vs by
+   pre-loaded batches (the loader's workers share the 2 cores with the step).
 5. The CPU allocator setting (``distill._malloc.tune_cpu_malloc``): ``mallopt`` cannot be undone
    in-process, so the student-alone measurement runs in fresh subprocesses, one calling
    ``tune_cpu_malloc()`` first and one not, alternated (ABBA) over several short runs; speed
@@ -390,8 +391,10 @@ def measure_omp(work: Path, cfg: dict, seed: int) -> dict[str, Any]:
         ratios.append(default["median_s"] / passive["median_s"])
     return {"runs": runs, "ratios": ratios,
             "default_over_passive": statistics.median(ratios),
-            "default_median_s": statistics.median(r["median_s"] for r in runs if r["omp"] == "default"),
-            "passive_median_s": statistics.median(r["median_s"] for r in runs if r["omp"] == "passive"),
+            "default_median_s": statistics.median(
+                r["median_s"] for r in runs if r["omp"] == "default"),
+            "passive_median_s": statistics.median(
+                r["median_s"] for r in runs if r["omp"] == "passive"),
             "foreign_cpu_share": statistics.median(r["foreign_cpu_share"] for r in runs)}
 
 
@@ -560,7 +563,8 @@ def measure_rounds(trainer: Trainer, recipe: Any, full: Any, batches: list[dict]
             seconds = variants[name](batch)
             if r > 0:
                 times[name].append(seconds)
-                minor_faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+                minor_faults[name].append(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         loads.append(load_average()[0])
         if r > 0:
             log(f"  round {r}/{cfg['rounds']}: student {times['student'][-1]:.3f} s, cached "
