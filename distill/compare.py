@@ -37,7 +37,7 @@ from distill.export import ensure_writable_folder, json_text, student_checkpoint
 from distill.metrics import evaluate
 from distill.models import build_model, count_parameters, forward_padded
 from distill.progress import console
-from distill.teacher import _renormalization, teacher_checkpoint
+from distill.teacher import teacher_checkpoint, with_teacher_normalization
 from distill.train import make_accelerator
 
 IGNORE_COLOUR = (255, 255, 255)
@@ -51,19 +51,6 @@ FLOPS_CONVENTION = (
 
 class CompareError(ValueError):
     """The comparison cannot run (a missing section, an unwritable folder); the message says why."""
-
-
-class _Renormalized(nn.Module):
-    """A teacher trained with another normalization than the data's: re-normalize its input."""
-
-    def __init__(self, model: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("shift", shift, persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images * self.scale + self.shift)
 
 
 def _checkpoints(recipe: Recipe) -> dict[str, Path]:
@@ -85,10 +72,7 @@ def _build(recipe: Recipe, name: str, checkpoint: Path, info: DatasetInfo) -> nn
     model = build_model(spec.model_copy(update={"checkpoint": checkpoint, "encoder_weights": None}),
                         info.num_classes)
     if name == "teacher":
-        scale, shift = _renormalization(recipe.data.mean, recipe.data.std, recipe.teacher.mean,
-                                        recipe.teacher.std)
-        if scale is not None:
-            model = _Renormalized(model, scale, shift)
+        model = with_teacher_normalization(model, recipe)
     return model.eval()
 
 

@@ -99,6 +99,30 @@ def _renormalization(
     return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
 
+class _Renormalized(nn.Module):
+    """A model fed ``images * scale + shift``: the data's normalization turned into its own."""
+
+    def __init__(self, model: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images * self.scale + self.shift)
+
+
+def with_teacher_normalization(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """``model`` taking data-normalized images, re-normalized for a teacher that needs it.
+
+    For callers that feed images rather than batches (compare); ``Teacher`` does the same itself.
+    """
+    assert recipe.teacher is not None
+    scale, shift = _renormalization(recipe.data.mean, recipe.data.std, recipe.teacher.mean,
+                                    recipe.teacher.std)
+    return model if scale is None else _Renormalized(model, scale, shift)
+
+
 def teacher_checkpoint(recipe: Recipe) -> Path:
     """The teacher's weights: ``teacher.checkpoint``, else the run's trained teacher."""
     from distill.models import stage_weights
