@@ -160,7 +160,12 @@ class LossConfig(_Section):
     ce_weight: float = Field(1.0, ge=0.0, description="weight of cross-entropy on the hard labels")
     kd_weight: float = Field(1.0, ge=0.0, description="ignored when the recipe has no teacher")
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature T of the KD term")
-    kind: Literal["kl", "cwd"] = Field("kl", description="pixel KL or channel-wise distillation")
+    kind: Literal["kl", "cwd", "dist"] = Field(
+        "kl", description="kl: pixel-wise KL; cwd: channel-wise (Shu 2021); dist: DIST relations (Huang 2022)"
+    )
+    kd_pixels: Literal["labelled", "teacher_correct"] = Field(
+        "labelled", description="pixels the KD term sees: every labelled one, or only those the teacher gets right"
+    )
     class_weights: list[float] | None = Field(None, description="CE weight per class")
     chunk_size: int | None = Field(
         None, ge=1, description="KD loss computed this many samples at a time (less memory)"

@@ -1,4 +1,4 @@
-"""Segmentation losses: cross entropy, pixel-wise KD, channel-wise KD (CWD) and their weighted mix.
+"""Segmentation losses: cross entropy, pixel-wise KD, channel-wise KD (CWD), DIST, and their mix.
 
 All KD losses treat the teacher's logits as constants: they are detached, so a teacher that
 still requires grad never receives one. When the teacher's logits have a different spatial size,
@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["DistillLoss", "ce_loss", "cwd_loss", "kd_loss", "kd_loss_reference"]
+__all__ = ["DistillLoss", "ce_loss", "cwd_loss", "dist_loss", "kd_loss", "kd_loss_reference"]
 
-KDKind = Literal["kl", "cwd"]
-_KINDS = ("kl", "cwd")
+KDKind = Literal["kl", "cwd", "dist"]
+KDPixels = Literal["labelled", "teacher_correct"]
+_KINDS = ("kl", "cwd", "dist")
+_PIXELS = ("labelled", "teacher_correct")
 # Chunks of at least this many pixels (N*H*W) use the per-class loop of _kd_chunk, whose
 # temporaries are 1/C of the logits. Below it the loop's per-op overhead dominates and the
 # vectorised _kd_chunk_dense is used (its chunk-sized temporaries are tiny at that size).
@@ -289,29 +291,78 @@ def ce_loss(
     return total / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
-def cwd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float) -> Tensor:
+def cwd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
+    target: Tensor | None = None, ignore_index: int = 255,
+) -> Tensor:
     """Channel-wise distillation (Shu et al., ICCV 2021).
 
     Per sample and channel, softmax over the H*W positions of ``logits / T``; KL(teacher ||
-    student) summed over positions, then ``T^2 * sum / (N * C)``. Teacher detached and resized
-    like :func:`kd_loss`.
+    student) summed over positions, then ``T^2 * sum / (N * C)``. With ``target``, void
+    positions are left out of every channel's softmax, so only labelled pixels are distilled.
+    Teacher detached and resized like :func:`kd_loss`.
     """
     temperature = _check_number("temperature", temperature, allow_zero=False)
     if student_logits.ndim < 3:
         raise ValueError(f"cwd_loss needs [N, C, H, W] logits, got {tuple(student_logits.shape)}")
     s, t = _prepare(student_logits, teacher_logits)
-    log_ps = F.log_softmax(s.flatten(2) / temperature, dim=-1)
-    log_pt = F.log_softmax(t.flatten(2) / temperature, dim=-1)
+    s, t = s.flatten(2) / temperature, t.flatten(2) / temperature
+    valid = _valid_mask(student_logits, target, ignore_index)
+    if valid is not None:
+        # A large finite fill, not -inf: exp() gives an exact 0 without the NaN that -inf - -inf
+        # would put into the KL of an all-void sample (whose uniform rows then give KL 0).
+        void = valid.flatten(1).logical_not().unsqueeze(1)
+        s, t = s.masked_fill(void, -1e4), t.masked_fill(void, -1e4)
+    log_ps = F.log_softmax(s, dim=-1)
+    log_pt = F.log_softmax(t, dim=-1)
     kl = F.kl_div(log_ps, log_pt, reduction="sum", log_target=True)
     return kl * (temperature**2 / (s.shape[0] * s.shape[1]))
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + 1e-8)
+
+
+def dist_loss(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
+    target: Tensor | None = None, ignore_index: int = 255,
+) -> Tensor:
+    """DIST (Huang et al., NeurIPS 2022): match relations, not exact probabilities.
+
+    With p = softmax(logits / T) over classes at every labelled pixel: ``T^2 * [(1 - mean over
+    pixels of pearson_c(p_s, p_t)) + (1 - mean over classes of pearson_pixels(p_s, p_t))]``,
+    the inter-class and intra-class terms with equal weight. Pearson correlation ignores scale
+    and shift, so a small student is not pushed to copy a stronger teacher's exact
+    confidence, only its ranking of classes per pixel and of pixels per class.
+    """
+    temperature = _check_number("temperature", temperature, allow_zero=False)
+    s, t = _prepare(student_logits, teacher_logits)
+    # [N, C, *spatial] -> [pixels, C], labelled pixels only.
+    s, t = (x.movedim(1, -1).reshape(-1, x.shape[1]) for x in (s, t))
+    valid = _valid_mask(student_logits, target, ignore_index)
+    if valid is not None:
+        keep = valid.reshape(-1)
+        s, t = s[keep], t[keep]
+    if s.shape[0] < 2:  # no relation to match; keep a zero-gradient path to the student
+        return s.sum() * 0.0
+    p_s = F.softmax(s / temperature, dim=1)
+    p_t = F.softmax(t / temperature, dim=1)
+    inter = 1 - _pearson(p_s, p_t, dim=1).mean()
+    intra = 1 - _pearson(p_s, p_t, dim=0).mean()
+    return (inter + intra) * temperature**2
 
 
 # --------------------------------------------------------------------------- module
 class DistillLoss(torch.nn.Module):
     """``ce_weight * CE(student, target) + kd_weight * KD(student, teacher)``.
 
-    ``kind`` picks the KD term: ``"kl"`` (pixel-wise :func:`kd_loss`, void pixels masked by
-    ``ignore_index`` as in the CE) or ``"cwd"`` (:func:`cwd_loss`). Weights are >= 0 and not both
+    ``kind`` picks the KD term: ``"kl"`` (pixel-wise :func:`kd_loss`), ``"cwd"``
+    (:func:`cwd_loss`) or ``"dist"`` (:func:`dist_loss`); each sees only the pixels
+    ``kd_pixels`` selects: ``"labelled"`` (not ``ignore_index``, as in the CE) or
+    ``"teacher_correct"`` (labelled and the teacher's top class is the label: a teacher's mistakes
+    are not taught, which matters when it is weak on rare classes). Weights are >= 0 and not both
     0; temperature > 0. ``class_weights`` (per-class CE weights) is a buffer, so ``.to()`` moves
     it; ``chunk_size`` goes to :func:`kd_loss`.
     """
@@ -320,7 +371,7 @@ class DistillLoss(torch.nn.Module):
 
     def __init__(
         self, *, ce_weight: float = 1.0, kd_weight: float = 1.0, temperature: float = 1.0,
-        kind: KDKind = "kl", ignore_index: int = 255,
+        kind: KDKind = "kl", kd_pixels: KDPixels = "labelled", ignore_index: int = 255,
         class_weights: Sequence[float] | None = None, chunk_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -331,8 +382,11 @@ class DistillLoss(torch.nn.Module):
         self.temperature = _check_number("temperature", temperature, allow_zero=False)
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        if kd_pixels not in _PIXELS:
+            raise ValueError(f"kd_pixels must be one of {_PIXELS}, got {kd_pixels!r}")
         _check_chunk(chunk_size)
         self.kind: KDKind = kind
+        self.kd_pixels: KDPixels = kd_pixels
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
         weights = None
@@ -345,11 +399,13 @@ class DistillLoss(torch.nn.Module):
     @classmethod
     def from_config(cls, loss_config: Any, *, ignore_index: int) -> DistillLoss:
         """Build from any object with attributes ``ce_weight, kd_weight, temperature, kind,
-        class_weights, chunk_size``; missing ones take the constructor defaults."""
-        names = ("ce_weight", "kd_weight", "temperature", "kind", "class_weights", "chunk_size")
+        kd_pixels, class_weights, chunk_size``; missing ones take the constructor defaults."""
+        names = ("ce_weight", "kd_weight", "temperature", "kind", "kd_pixels", "class_weights",
+                 "chunk_size")
         kwargs = {n: getattr(loss_config, n) for n in names if hasattr(loss_config, n)}
-        if "kind" in kwargs:  # accept str-valued enums from a config model
-            kwargs["kind"] = getattr(kwargs["kind"], "value", kwargs["kind"])
+        for name in ("kind", "kd_pixels"):  # accept str-valued enums from a config model
+            if name in kwargs:
+                kwargs[name] = getattr(kwargs[name], "value", kwargs[name])
         return cls(ignore_index=ignore_index, **kwargs)
 
     def forward(
@@ -364,9 +420,21 @@ class DistillLoss(torch.nn.Module):
             ce = ce_loss(student_logits, target, ignore_index=self.ignore_index,
                          class_weights=self.class_weights)
         kd = ce.new_zeros(())
-        if teacher is not None and self.kind == "kl":
-            kd = kd_loss(student_logits, teacher, temperature=self.temperature, target=target,
-                         ignore_index=self.ignore_index, chunk_size=self.chunk_size)
-        elif teacher is not None:
-            kd = cwd_loss(student_logits, teacher, temperature=self.temperature)
+        if teacher is None:
+            return {"loss": self.ce_weight * ce, "ce": ce, "kd": kd}
+        kd_target = target
+        if self.kd_pixels == "teacher_correct":
+            if _check_pair(student_logits, teacher):  # resize once, here, for argmax and loss
+                teacher = _resize(teacher.detach(), student_logits.shape[2:],
+                                  _compute_dtype(student_logits, teacher))
+            wrong = teacher.argmax(1) != target
+            kd_target = target.masked_fill(wrong, self.ignore_index)
+        args = {"temperature": self.temperature, "target": kd_target,
+                "ignore_index": self.ignore_index}
+        if self.kind == "kl":
+            kd = kd_loss(student_logits, teacher, chunk_size=self.chunk_size, **args)
+        elif self.kind == "cwd":
+            kd = cwd_loss(student_logits, teacher, **args)
+        else:
+            kd = dist_loss(student_logits, teacher, **args)
         return {"loss": self.ce_weight * ce + self.kd_weight * kd, "ce": ce, "kd": kd}

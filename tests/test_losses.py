@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy.special import log_softmax as np_log_softmax
 
 import distill.losses as losses
-from distill.losses import DistillLoss, ce_loss, cwd_loss, kd_loss, kd_loss_reference
+from distill.losses import DistillLoss, ce_loss, cwd_loss, dist_loss, kd_loss, kd_loss_reference
 
 CHUNKS = [None, 1, 2]
 
@@ -45,6 +45,34 @@ def np_cwd(s, t, temperature):
     log_ps = np_log_softmax(s.reshape(n, c, -1) / temperature, axis=-1)
     log_pt = np_log_softmax(t.reshape(n, c, -1) / temperature, axis=-1)
     return float((np.exp(log_pt) * (log_pt - log_ps)).sum() * temperature**2 / (n * c))
+
+
+def np_cwd_masked(s, t, temperature, target, ignore_index=255):
+    """CWD with each sample's void positions removed before the spatial softmax."""
+    s = np.asarray(s, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    n, c = s.shape[:2]
+    total = 0.0
+    for i in range(n):
+        keep = np.asarray(target[i]).reshape(-1) != ignore_index
+        if not keep.any():
+            continue
+        log_ps = np_log_softmax(s[i].reshape(c, -1)[:, keep] / temperature, axis=-1)
+        log_pt = np_log_softmax(t[i].reshape(c, -1)[:, keep] / temperature, axis=-1)
+        total += (np.exp(log_pt) * (log_pt - log_ps)).sum()
+    return float(total * temperature**2 / (n * c))
+
+
+def np_dist(s, t, temperature, target, ignore_index=255):
+    """DIST from its definition: 1 - Pearson over classes (per pixel) and over pixels (per class)."""
+    s = np.moveaxis(np.asarray(s, dtype=np.float64), 1, -1)
+    t = np.moveaxis(np.asarray(t, dtype=np.float64), 1, -1)
+    keep = np.asarray(target) != ignore_index
+    p_s = np.exp(np_log_softmax(s[keep] / temperature, axis=1))
+    p_t = np.exp(np_log_softmax(t[keep] / temperature, axis=1))
+    inter = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(p_s, p_t)])
+    intra = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(p_s.T, p_t.T)])
+    return float(((1 - inter) + (1 - intra)) * temperature**2)
 
 
 def make(shape=(2, 5, 6, 7), dtype=torch.float64, seed=0, scale=2.0, ignore=0.2):
@@ -348,6 +376,44 @@ def test_cwd_matches_numpy(temperature):
     assert torch.autograd.gradcheck(lambda a: cwd_loss(a, t, temperature=temperature), (x,))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_cwd_leaves_void_pixels_out(temperature):
+    s, t, y = make(shape=(3, 3, 5, 6), ignore=0.3)
+    y[2] = 255  # one sample with no labelled pixel: contributes 0, not NaN
+    got = cwd_loss(s, t, temperature=temperature, target=y)
+    assert got.item() == pytest.approx(np_cwd_masked(s, t, temperature, y), rel=1e-9)
+    s2, t2 = s.clone(), t.clone()
+    void = (y == 255).unsqueeze(1).expand_as(s2)
+    s2[void], t2[void] = 50.0, -50.0  # whatever sits on void pixels changes nothing
+    assert cwd_loss(s2, t2, temperature=temperature, target=y).item() == pytest.approx(got.item(), rel=1e-12)
+    x = s.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: cwd_loss(a, t, temperature=temperature, target=y), (x,))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_dist_matches_numpy(temperature):
+    s, t, y = make(shape=(2, 4, 5, 6))
+    assert dist_loss(s, t, temperature=temperature, target=y).item() == pytest.approx(
+        np_dist(s, t, temperature, y), rel=1e-7  # the 1e-8 eps in the denominator
+    )
+    # Pearson ignores scale and shift of the student's probabilities: equal ones give 0.
+    assert abs(dist_loss(t, t.clone(), temperature=temperature, target=y).item()) < 1e-4  # eps
+    all_valid = torch.zeros_like(y)
+    assert dist_loss(s, t, temperature=temperature).item() == pytest.approx(
+        np_dist(s, t, temperature, all_valid), rel=1e-7
+    )
+    x = s.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: dist_loss(a, t, temperature=temperature, target=y), (x,))
+
+
+def test_dist_with_no_labelled_pixel_is_zero_with_zero_grad():
+    s, t, y = make(shape=(1, 3, 2, 2))
+    x = s.clone().requires_grad_(True)
+    loss = dist_loss(x, t, temperature=1.0, target=torch.full_like(y, 255))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(x.grad == 0)
+
+
 # --------------------------------------------------------------------------- DistillLoss
 def test_distill_loss_combines_parts():
     s, t, y = make(dtype=torch.float32)
@@ -385,8 +451,25 @@ def test_distill_loss_skips_kd_without_teacher_or_weight(monkeypatch):
 def test_distill_loss_cwd_kind():
     s, t, y = make()
     out = DistillLoss(ce_weight=0.0, kd_weight=1.0, temperature=2.0, kind="cwd")(s, y, t)
-    assert out["kd"].item() == pytest.approx(np_cwd(s, t, 2.0), rel=1e-10)
+    assert out["kd"].item() == pytest.approx(np_cwd_masked(s, t, 2.0, y), rel=1e-10)
     assert out["loss"].item() == pytest.approx(out["kd"].item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["kl", "cwd", "dist"])
+def test_distill_loss_teacher_correct_pixels(kind):
+    s, t, y = make(shape=(2, 4, 6, 8))
+    t_small = torch.randn(2, 4, 3, 4, dtype=torch.float64)
+    reference = {"kl": np_kd, "cwd": np_cwd_masked, "dist": np_dist}[kind]
+    for teacher in (t, t_small):
+        t_full = F.interpolate(teacher, size=(6, 8), mode="bilinear", align_corners=False)
+        masked = y.clone()
+        masked[t_full.argmax(1) != y] = 255  # taught only where the teacher's top class is right
+        assert 0 < int((masked != 255).sum()) < int((y != 255).sum())
+        crit = DistillLoss(kd_weight=1.0, temperature=2.0, kind=kind, kd_pixels="teacher_correct")
+        got = crit(s, y, teacher)["kd"].item()
+        assert got == pytest.approx(reference(s, t_full, 2.0, masked), rel=1e-7)
+        plain = DistillLoss(kd_weight=1.0, temperature=2.0, kind=kind)(s, y, teacher)["kd"].item()
+        assert plain == pytest.approx(reference(s, t_full, 2.0, y), rel=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -397,6 +480,7 @@ def test_distill_loss_cwd_kind():
         ({"temperature": 0.0}, "0.0"),
         ({"temperature": -2.0}, "-2.0"),
         ({"kind": "mse"}, "mse"),
+        ({"kd_pixels": "all"}, "kd_pixels must be one of"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"class_weights": [1.0, -3.0]}, "-3.0"),
     ],
