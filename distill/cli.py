@@ -13,7 +13,7 @@ import sys
 from distill.config import RecipeError, load_recipe, recipe_to_yaml
 from rich.text import Text
 
-from distill.progress import console
+from distill.progress import console, is_launch_main
 
 STAGES = ("teacher", "baseline", "student")
 # Bare `name=value` words each subcommand accepts as shorthands for recipe keys.
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             from distill.cache import write_cache
 
             store = write_cache(recipe)
-            if int(os.environ.get("RANK", "0")) == 0:
+            if is_launch_main():
                 console.print(f"[green]done[/]: logit store in {store}")
         elif args.command == "compare":
             from distill.compare import compare
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from distill.export import export_student
 
-            if int(os.environ.get("RANK", "0")) == 0:  # one export, not one per process
+            if is_launch_main():  # one export, not one per process
                 export_student(recipe)  # prints where it wrote and the parity it measured
     except (*expected, ValueError, OSError) as error:
         if os.environ.get("DISTILL_DEBUG"):

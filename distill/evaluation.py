@@ -12,6 +12,7 @@ from distill.data import build_loader, dataset_info
 from distill.metrics import SegmentationScores, evaluate
 from distill.models import build_model, stage_weights
 from distill.progress import console
+from distill.teacher import with_teacher_normalization
 from distill.train import Stage, make_accelerator, stage_model
 
 
@@ -29,6 +30,8 @@ def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[Segme
     info = dataset_info(recipe.data)
     spec = stage_model(recipe, stage).model_copy(update={"checkpoint": checkpoint, "encoder_weights": None})
     model = build_model(spec, info.num_classes)
+    if stage == "teacher":  # an external teacher may expect its own mean/std (teacher.mean/std)
+        model = with_teacher_normalization(model, recipe)
     loader = build_loader(recipe.data, recipe.eval.split, train=False, seed=recipe.train.seed)
     model, loader = accelerator.prepare(model, loader)
     scores = evaluate(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from rich.table import Table
 
 from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe
-from distill.progress import console
+from distill.progress import console, is_launch_main
 from distill.teacher import teacher_checkpoint
 from distill.train import train
 
@@ -111,7 +110,7 @@ def planned_stages(recipe: Recipe) -> list[str]:
 
 def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     """Run (or skip, or resume) each planned stage, then print a summary table."""
-    main = int(os.environ.get("RANK", "0")) == 0  # before any Accelerator exists
+    main = is_launch_main()
     outcomes = []
     for stage in planned_stages(recipe):
         start = time.perf_counter()

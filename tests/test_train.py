@@ -154,3 +154,22 @@ def test_split_smaller_than_a_batch_is_a_clear_error(tmp_path):
 
     with pytest.raises((TrainingError, DataError), match=r"(?i)batch"):
         train(tiny_recipe(tmp_path, **{"data.synthetic.num_train": 3}), "student")
+
+
+def test_eval_of_an_external_teacher_uses_its_normalization(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)  # random weights: varied predictions (a briefly trained one is all background)
+    save_file(TinySegmenter(4, 12).state_dict(), str(tmp_path / "teacher.safetensors"))
+    given = {"teacher.checkpoint": str(tmp_path / "teacher.safetensors")}
+
+    def teacher_scores(folder: str, **overrides: str):
+        return evaluate_checkpoint(tiny_recipe(tmp_path / folder, teacher=True, **given, **overrides),
+                                   "teacher")[0].confusion
+
+    # A teacher that wants raw pixels (mean 0, std 1) sees exactly what it sees when the data
+    # itself is left raw; without the mapping it would see ImageNet-normalized pixels.
+    external = teacher_scores("a", **{"teacher.mean": "[0, 0, 0]", "teacher.std": "[1, 1, 1]"})
+    raw_data = teacher_scores("b", **{"data.mean": "[0, 0, 0]", "data.std": "[1, 1, 1]"})
+    assert torch.equal(external, raw_data)
+    assert not torch.equal(external, teacher_scores("c"))  # the mapping changed the predictions
