@@ -20,9 +20,10 @@ use exact "nearest-exact" sampling (source ``floor((i + 0.5) * in / out)``, see
 
 Augmentation randomness is a pure function of ``(seed, epoch, index)``, so a resumed run sees the
 same augmentations whatever the number of workers. Call ``dataset.set_epoch(epoch)`` before each
-epoch (loaders do not keep workers alive between epochs, so workers pick it up). After
-``accelerator.prepare`` call it on ``loader.dataset`` directly: Accelerate's ``loader.set_epoch``
-skips the dataset when its sampler has a ``set_epoch`` of its own.
+epoch: the epoch lives in shared memory, so the loader's persistent workers (kept alive between
+epochs, which saves seconds of worker start-up per epoch) see it. After ``accelerator.prepare``
+call it on ``loader.dataset`` directly: Accelerate's ``loader.set_epoch`` skips the dataset when
+its sampler has a ``set_epoch`` of its own.
 """
 
 from __future__ import annotations
@@ -176,7 +177,9 @@ class SegmentationDataset(Dataset):
         self.data = data
         self.train = train
         self.seed = seed % (1 << 64)  # SeedSequence wants non-negative entropy
-        self.epoch = 0
+        # A shared-memory scalar, not an int: forked persistent workers keep their copy of the
+        # dataset for the whole run, and must still see the epoch the main process sets.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.info = dataset_info(data)
         self.bad_files: list[str] = []
         self._mean = np.asarray(data.mean, dtype=np.float32)
@@ -184,7 +187,12 @@ class SegmentationDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentations of ``epoch`` (a pure function of seed, epoch and index)."""
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentations ``__getitem__`` returns."""
+        return int(self._epoch)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -354,5 +362,5 @@ def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0) ->
         pin_memory=torch.cuda.is_available(),
         collate_fn=functools.partial(collate_batch, ignore_index=data.ignore_index),
         generator=generator,
-        persistent_workers=False,
+        persistent_workers=data.num_workers > 0,
     )

@@ -335,6 +335,22 @@ def test_loader_batches_do_not_depend_on_worker_count():
         assert torch.equal(a["geometry"]["crop_box"], b["geometry"]["crop_box"])
 
 
+def test_persistent_workers_see_each_new_epoch():
+    data = config(batch_size=2, num_workers=2, scale_range=(0.5, 1.5), crop_size=(48, 48),
+                  synthetic=SyntheticConfig(num_train=4, size=(48, 48)))
+    loader = build_loader(data, "train", train=True, seed=5)
+    assert loader.persistent_workers  # the same two workers serve every epoch
+    reference = build_dataset(data.model_copy(update={"num_workers": 0}), "train", train=True, seed=5)
+    for epoch in (0, 3, 1):
+        loader.dataset.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        for batch in loader:
+            for row, index in enumerate(batch["index"].tolist()):
+                expected = reference[index]
+                assert torch.equal(batch["image"][row], expected["image"]), (epoch, index)
+                assert torch.equal(batch["geometry"]["crop_box"][row], expected["geometry"]["crop_box"])
+
+
 def test_synthetic_is_reproducible_and_splits_differ():
     cfg = SyntheticConfig(num_train=5, num_val=3, num_classes=6, seed=1)
     train = SyntheticShapes(cfg, "train")
