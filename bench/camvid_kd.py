@@ -41,12 +41,12 @@ RECIPE = Path("recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml")
 
 # Loss settings tried on val before fixing the recipe's (each a cached KD arm with --tune).
 TUNING: dict[str, list[str]] = {
-    "kl_T2_w1": ["loss.kind=kl", "loss.temperature=2", "loss.kd_weight=1"],  # the pilot's
-    "kl_T1_w1": ["loss.kind=kl", "loss.temperature=1", "loss.kd_weight=1"],
     "kl_T1_w1_correct": ["loss.kind=kl", "loss.temperature=1", "loss.kd_weight=1",
                          "loss.kd_pixels=teacher_correct"],
-    "cwd_T4_w3": ["loss.kind=cwd", "loss.temperature=4", "loss.kd_weight=3"],
     "dist_T1_w2": ["loss.kind=dist", "loss.temperature=1", "loss.kd_weight=2"],
+    "cwd_T4_w3": ["loss.kind=cwd", "loss.temperature=4", "loss.kd_weight=3"],
+    "kl_T1_w1": ["loss.kind=kl", "loss.temperature=1", "loss.kd_weight=1"],
+    "kl_T2_w1": ["loss.kind=kl", "loss.temperature=2", "loss.kd_weight=1"],  # the pilot's
 }
 
 
@@ -113,14 +113,16 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=30,
                         help="epochs of the teacher trained without --teacher-checkpoint")
     parser.add_argument("--arms", default="baseline,kd_cache,kd_stream",
-                        help="comma-separated: baseline, kd_cache, kd_stream, tuning")
+                        help="comma-separated: baseline, kd_cache, kd_stream, tuning (every "
+                        "TUNING arm) or tune/NAME (one of them)")
     parser.add_argument("--tune", action="store_true", help="same as adding 'tuning' to --arms")
     parser.add_argument("--force", action="store_true", help="rerun arms already done")
     parser.add_argument("--results", type=Path, default=Path("bench/results/camvid_kd.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] + (["tuning"] if args.tune else [])
-    unknown = set(arms) - {"baseline", "kd_cache", "kd_stream", "tuning"}
+    tuning = list(TUNING) if "tuning" in arms else [a[5:] for a in arms if a.startswith("tune/")]
+    unknown = set(arms) - {"baseline", "kd_cache", "kd_stream", "tuning", *(f"tune/{n}" for n in TUNING)}
     if unknown:
         parser.error(f"unknown arm(s) {sorted(unknown)} in --arms")
     if not args.recipe.is_file():
@@ -145,7 +147,7 @@ def main() -> None:
     with_teacher = [f"teacher.checkpoint={teacher}"]
     cache_dir = out / "cache"
     cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={cache_dir}"]
-    if "kd_cache" in arms or "tuning" in arms:
+    if "kd_cache" in arms or tuning:
         seconds = _run([sys.executable, "-m", "distill", "cache", str(args.recipe), *cached,
                         f"output_dir={out / 'kd_cache'}", *common], out / "cache.log")
         results["cache_seconds"] = seconds  # near 0 when the store was already complete
@@ -157,10 +159,9 @@ def main() -> None:
     if "kd_stream" in arms:
         results["arms"]["kd_stream"] = _arm("kd_stream", "student", args.recipe, out,
                                             [*with_teacher, "teacher.mode=stream", *common], args.force)
-    if "tuning" in arms:
-        for name, loss in TUNING.items():
-            results["arms"][f"tune/{name}"] = _arm(f"tune/{name}", "student", args.recipe, out,
-                                                   [*cached, *loss, *common], args.force)
+    for name in tuning:
+        results["arms"][f"tune/{name}"] = _arm(f"tune/{name}", "student", args.recipe, out,
+                                               [*cached, *TUNING[name], *common], args.force)
 
     t_miou = results["arms"]["teacher"]["final_miou"]
     b_miou = results["arms"].get("baseline", {}).get("final_miou")

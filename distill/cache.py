@@ -337,7 +337,12 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
 
 def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, accelerator: Any,
                  num_classes: int) -> None:
-    """Write (or resume, or skip) one split; every process calls it."""
+    """Write (or resume, or skip) one split; every process calls it.
+
+    An error on one process (an unreadable image, non-finite logits, a full disk) is shared with
+    the others at the next check (:func:`_stop_together`) instead of leaving them in a
+    collective it will never join: every process then stops with that error.
+    """
     from distill.data import build_dataset, collate_batch
     from distill.progress import make_progress, report
 
@@ -345,8 +350,13 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
     dataset = build_dataset(recipe.data, split, train=False)
     ids = [dataset.sample_id(i) for i in range(len(dataset))]
     fingerprint = expected_fingerprint(recipe, split, ids=ids, num_classes=num_classes)
-    state = _prepare_split(recipe, split, folder, fingerprint, ids) if main else ""
-    accelerator.wait_for_everyone()
+    state, error = "", None
+    if main:
+        try:
+            state = _prepare_split(recipe, split, folder, fingerprint, ids)
+        except Exception as caught:
+            error = caught
+    _stop_together(accelerator, error)  # also the barrier: the files exist before anyone opens them
     files = _split_files(fingerprint, folder / split)
     arrays = files.open("r+")
     written = arrays.pop("written")
@@ -367,40 +377,80 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
     with make_progress(enabled=main) as progress:
         task = progress.add_task(label, total=count, completed=int(np.count_nonzero(written)),
                                  info=str(folder / split))
-        # Rows are the sampler's indices, not batch["index"]: with data.skip_bad_files an
-        # unreadable sample's row holds its substitute's maps (training never asks for it).
-        for rows, batch in zip(mine, loader):
-            rows = np.asarray(rows, dtype=np.int64)
-            with accelerator.autocast():
-                logits = teacher(_to_device(batch, accelerator.device))
-            if not bool(torch.isfinite(logits).all()):
-                bad = [ids[row] for row in rows]
-                raise CacheError(f"the teacher produced non-finite logits for a batch of {bad}")
-            maps = replay_ops.downsample(logits.float(), size)
-            packed = replay_ops.compress(maps, fingerprint["layout"], fingerprint["dtype"],
-                                         fingerprint["topk"], recipe.loss.temperature)
-            missing = written[rows] == 0  # a resumed batch keeps the samples already stored
-            for name, tensor in packed.items():
-                values = tensor.cpu().numpy().astype(arrays[name].dtype, copy=False)
-                arrays[name][rows[missing]] = values[missing]
-            for array in arrays.values():  # the data reaches the disk before its flags
-                array.flush()
-            written[rows[missing]] = 1
-            written.flush()
+        loaded = iter(loader)
+        # As many turns on every process (the last may have no batch): each ends with the check
+        # that every process joins.
+        for turn in range(-(-len(todo) // accelerator.num_processes)):
+            error = None
+            if turn < len(mine):
+                try:
+                    # Rows are the sampler's indices, not batch["index"]: with
+                    # data.skip_bad_files an unreadable sample's row holds its substitute's maps
+                    # (training never asks for it).
+                    rows = np.asarray(mine[turn], dtype=np.int64)
+                    batch = next(loaded)
+                    with accelerator.autocast():
+                        logits = teacher(_to_device(batch, accelerator.device))
+                    if not bool(torch.isfinite(logits).all()):
+                        bad = [ids[row] for row in rows]
+                        raise CacheError(f"the teacher produced non-finite logits for a batch of {bad}")
+                    maps = replay_ops.downsample(logits.float(), size)
+                    packed = replay_ops.compress(maps, fingerprint["layout"], fingerprint["dtype"],
+                                                 fingerprint["topk"], recipe.loss.temperature)
+                    missing = written[rows] == 0  # a resumed batch keeps the samples already stored
+                    for name, tensor in packed.items():
+                        values = tensor.cpu().numpy().astype(arrays[name].dtype, copy=False)
+                        arrays[name][rows[missing]] = values[missing]
+                    for array in arrays.values():  # the data reaches the disk before its flags
+                        array.flush()
+                    written[rows[missing]] = 1
+                    written.flush()
+                except Exception as caught:
+                    error = caught
+            _stop_together(accelerator, error)
             if main:
                 progress.update(task, completed=int(np.count_nonzero(written)))
-    del arrays, written
+    del arrays, written, loaded
     accelerator.wait_for_everyone()
+    error = None
     if main:
         problems = files.problems()
         flags = np.load(folder / split / "written.npy", mmap_mode="r")
         if problems or not bool(np.all(flags)):
-            raise CacheError(f"logit cache split '{split}' is not complete after writing: "
-                             + ("; ".join(problems) or f"{int(np.count_nonzero(flags == 0))} "
-                                "samples missing"))
-        _set_entry(recipe, folder, split, fingerprint, complete=True)
-        report(f"{label}: {count} samples stored in {folder / split}")
-    accelerator.wait_for_everyone()
+            error = CacheError(f"logit cache split '{split}' is not complete after writing: "
+                               + ("; ".join(problems) or f"{int(np.count_nonzero(flags == 0))} "
+                                  "samples missing"))
+        else:
+            _set_entry(recipe, folder, split, fingerprint, complete=True)
+            report(f"{label}: {count} samples stored in {folder / split}")
+    _stop_together(accelerator, error)
+
+
+def _stop_together(accelerator: Any, error: Exception | None) -> None:
+    """Raise on every process if any process failed; a collective that every process joins.
+
+    A process raising alone would leave the others waiting in their next barrier: released
+    only if the launcher kills them or the transport notices the dead peer (gloo does, NCCL may
+    wait for its timeout), and then with the transport's error instead of the real one. Here the
+    failing process raises its own error and the others a :class:`CacheError` that quotes it.
+    Batches already written stay flagged, so the next ``distill cache`` resumes after them.
+    """
+    if accelerator.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    if not accelerator.reduce(failed, "sum").item():
+        return
+    messages: list[str | None] = [None] * accelerator.num_processes
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    torch.distributed.all_gather_object(messages, mine)
+    if error is not None:
+        raise error
+    rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+    raise CacheError(f"process {rank} of {accelerator.num_processes} failed, so this one stopped "
+                     f"too: {message}. Samples already stored are kept: rerun `distill cache "
+                     "RECIPE` to finish.")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

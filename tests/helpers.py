@@ -14,10 +14,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 class TinySegmenter(torch.nn.Module):
     """A few convolutions: enough to learn the synthetic shapes a little, in seconds."""
 
-    def __init__(self, num_classes: int, width: int = 8) -> None:
+    def __init__(self, num_classes: int, width: int = 8, batch_norm: bool = True) -> None:
         super().__init__()
+        norm = torch.nn.BatchNorm2d(width) if batch_norm else torch.nn.Identity()
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.ReLU(),
+            torch.nn.Conv2d(3, width, 3, padding=1), norm, torch.nn.ReLU(),
             torch.nn.Conv2d(width, width, 3, padding=2, dilation=2), torch.nn.ReLU(),
             torch.nn.Conv2d(width, num_classes, 1),
         )
@@ -29,6 +30,12 @@ class TinySegmenter(torch.nn.Module):
 def tiny(num_classes: int, width: int = 8) -> torch.nn.Module:
     """Factory for recipes: ``factory: helpers:tiny``."""
     return TinySegmenter(num_classes, width)
+
+
+def tiny_without_batch_norm(num_classes: int, width: int = 8) -> torch.nn.Module:
+    """``tiny`` without its BatchNorm: a model whose gradient does not depend on how a batch is
+    split over processes (BatchNorm normalises by each process's own samples)."""
+    return TinySegmenter(num_classes, width, batch_norm=False)
 
 
 class NaNSegmenter(TinySegmenter):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,44 @@ class _Pointwise(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.conv(images) * self.gain
+
+
+class _SlowPointwise(_Pointwise):
+    """Sleeps in every forward, eval included, so a test can kill ``distill cache`` mid-write.
+
+    With ``SLOW_TEACHER_CALLS`` set, each forward appends its batch size to that file: a rerun
+    shows how many batches it recomputed.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.15)
+        if os.environ.get("SLOW_TEACHER_CALLS"):
+            with open(os.environ["SLOW_TEACHER_CALLS"], "a") as handle:
+                handle.write(f"{images.shape[0]}\n")
+        return super().forward(images)
+
+
+def slow_conv1x1(num_classes: int, gain: float = 3.0) -> torch.nn.Module:
+    return _SlowPointwise(num_classes, gain)
+
+
+class _NaNOnOneRank(_Pointwise):
+    """NaN logits from its second batch on, on process ``rank`` only: one rank failing mid-write."""
+
+    def __init__(self, num_classes: int, rank: int) -> None:
+        super().__init__(num_classes, 3.0)
+        self.rank, self.calls = rank, 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = super().forward(images)
+        if os.environ.get("RANK", "0") == str(self.rank) and self.calls >= 2:
+            return logits * float("nan")
+        return logits
+
+
+def nan_on_one_rank(num_classes: int, rank: int = 1) -> torch.nn.Module:
+    return _NaNOnOneRank(num_classes, rank)
 
 
 def save_teacher(path: Path, num_classes: int = 4, seed: int = 0) -> Path:
@@ -282,6 +323,62 @@ def test_interrupted_write_is_detected_and_resumed(tmp_path, monkeypatch):
     assert not calls
 
 
+@pytest.mark.slow
+def test_sigkill_mid_write_then_rerun_resumes_and_equals_an_uninterrupted_store(tmp_path):
+    from distill.config import save_resolved_recipe
+
+    # 12 batches of 2, each forward sleeping 0.15 s: about 2 s of writing to kill into.
+    settings = {"teacher.factory": "test_cache:slow_conv1x1", "cache.batch_size": 2}
+    recipe = recipe_for(tmp_path / "killed", tmp_path / "teacher.safetensors", **settings)
+    path = save_resolved_recipe(recipe, tmp_path / "killed")
+    flags_file = cache_module.cache_dir(recipe) / "train" / "written.npy"
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_TEACHER_CALLS": str(calls)}
+    command = [sys.executable, "-m", "distill", "cache", str(path)]
+
+    def flags() -> np.ndarray:
+        try:
+            return np.load(flags_file)
+        except (OSError, ValueError):  # not created yet, or its header not yet written
+            return np.zeros(24, np.uint8)
+
+    with (tmp_path / "killed.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log,
+                                   start_new_session=True)
+        deadline = time.monotonic() + 60
+        while flags().sum() < 8 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError):  # ended early: the assert below says why
+            os.killpg(process.pid, signal.SIGKILL)  # the whole group, as a scheduler would
+        process.wait()
+    at_kill = flags()
+    assert 8 <= at_kill.sum() < 24, (tmp_path / "killed.log").read_text()[-3000:]
+    assert not list(cache_module.cache_dir(recipe).rglob("*.tmp")), "a temporary file was left"
+    missing = 24 - int(at_kill.sum())
+    with pytest.raises(CacheError, match=rf"incomplete \({missing} of 24 samples missing\)"):
+        open_store(recipe)
+
+    calls.unlink()
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"cache train: resumed, {int(at_kill.sum())}/24 samples stored" in rerun.stderr
+    # Only the batches not yet flagged were computed again (a kill between a batch's arrays and
+    # its flags redoes that batch; its rows are rewritten with the same bytes).
+    unfinished = sum(1 for start in range(0, 24, 2) if not at_kill[start : start + 2].all())
+    assert calls.read_text().split() == ["2"] * unfinished
+    open_store(recipe)
+
+    # Uninterrupted, by the same command: in this process (other thread count) the convolution
+    # sums in another order and some fp16 values differ by one unit in the last place.
+    fresh = recipe_for(tmp_path / "straight", tmp_path / "teacher.safetensors", **settings)
+    straight = [sys.executable, "-m", "distill", "cache",
+                str(save_resolved_recipe(fresh, tmp_path / "straight"))]
+    result = subprocess.run(straight, cwd=tmp_path, env={**env, "SLOW_TEACHER_CALLS": ""},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert store_files(cache_module.cache_dir(recipe)) == store_files(cache_module.cache_dir(fresh))
+
+
 # ------------------------------------------------------------------------------- processes
 SCRIPT = """
 import sys
@@ -312,6 +409,34 @@ def test_two_process_store_equals_one_process_store(tmp_path):
         open_store(recipe, "val")
     assert stores["one"].keys() == stores["two"].keys() and len(stores["one"]) == 11
     assert stores["one"] == stores["two"]
+
+
+@pytest.mark.slow
+def test_one_process_failing_stops_every_process_with_its_error(tmp_path):
+    from distill.config import save_resolved_recipe
+
+    # Process 1 gets non-finite logits at its second batch; process 0 has more batches to write.
+    recipe = recipe_for(tmp_path, **{"teacher.factory": "test_cache:nan_on_one_rank",
+                                     "cache.batch_size": 2})
+    path = save_resolved_recipe(recipe, tmp_path)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    # A hang fails the test here (TimeoutExpired) instead of hanging the suite.
+    result = subprocess.run(LAUNCH + ["-m", "distill", "cache", str(path)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    output = " ".join((result.stdout + result.stderr).split())  # rich wraps long lines
+    assert result.returncode != 0 and time.monotonic() - started < 120, output[-3000:]
+    error = ("the teacher produced non-finite logits for a batch of "
+             "['synthetic/train/000006', 'synthetic/train/000007']")
+    # Process 1 prints its own error; process 0 the same error, not gloo's "Connection closed by
+    # peer" traceback from a barrier that process 1 never reached.
+    assert f"error: {error}" in output, output[-3000:]
+    survivor = f"error: process 1 of 2 failed, so this one stopped too: CacheError: {error}"
+    assert survivor in output, output[-3000:]
+    assert "Connection closed by peer" not in output
+    # What was written before the failure stays, flagged: the store is refused until rerun.
+    with pytest.raises(CacheError, match=r"incomplete \(\d+ of 24 samples missing\)"):
+        open_store(recipe)
 
 
 # ------------------------------------------------------------------------------- top-k fidelity
