@@ -130,6 +130,9 @@ class TeacherConfig(ModelConfig):
     mode: Literal["stream", "cache"] = Field(
         "stream", description="stream: teacher forward on each batch; cache: replay stored logits"
     )
+    compile: bool = Field(
+        False, description="torch.compile the streamed teacher (compiles on the first batches)"
+    )
     mean: tuple[float, float, float] | None = Field(
         None, description="normalization the teacher was trained with, if not data.mean"
     )

@@ -56,7 +56,7 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     plain_ce = {"class_weights": recipe.loss.class_weights}  # teacher and baseline: CE alone
     output = Path(recipe.output_dir)
     if stage == "teacher":
-        teacher = recipe.teacher.model_dump(mode="json", exclude={"mode", "mean", "std", "checkpoint"})
+        teacher = recipe.teacher.model_dump(mode="json", exclude={"mode", "mean", "std", "checkpoint", "compile"})
         return _digest({"data": data, "train": schedule, "model": teacher, "loss": plain_ce})
     student = recipe.student_model.model_dump(mode="json")
     if stage == "baseline":
@@ -65,7 +65,7 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
         parts: dict[str, object] = {"data": data, "train": schedule, "model": student}
         if recipe.distills:
             parts["loss"] = recipe.loss.model_dump(mode="json", exclude={"chunk_size"})
-            parts["teacher"] = recipe.teacher.model_dump(mode="json", exclude={"checkpoint"})
+            parts["teacher"] = recipe.teacher.model_dump(mode="json", exclude={"checkpoint", "compile"})
             parts["teacher_weights"] = file_digest(teacher_checkpoint(recipe))
             if recipe.teacher.mode == "cache":
                 from distill.cache import cache_dir

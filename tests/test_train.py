@@ -173,3 +173,15 @@ def test_eval_of_an_external_teacher_uses_its_normalization(tmp_path):
     raw_data = teacher_scores("b", **{"data.mean": "[0, 0, 0]", "data.std": "[1, 1, 1]"})
     assert torch.equal(external, raw_data)
     assert not torch.equal(external, teacher_scores("c"))  # the mapping changed the predictions
+
+
+def test_compiled_teacher_matches_eager_and_keeps_its_keys():
+    torch.manual_seed(0)
+    model = TinySegmenter(4, 12)
+    copy = TinySegmenter(4, 12)
+    copy.load_state_dict(model.state_dict())
+    eager, compiled = Teacher(model), Teacher(copy, compile=True)  # compiles at the first call
+    batch = {"image": torch.randn(2, 3, 40, 40)}  # not a multiple of 32: the padded path
+    assert torch.allclose(compiled(batch), eager(batch), atol=1e-5)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    assert not compiled.model.training  # still frozen in eval

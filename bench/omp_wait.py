@@ -1,0 +1,136 @@
+"""Benchmark: how OpenMP threads wait, on an idle and on a shared CPU (issue 8).
+
+torch's CPU kernels run on libgomp threads. Between parallel regions libgomp's default makes
+idle threads spin for a while before sleeping; with another busy process on a 2-core machine the
+spinning threads steal each other's core and a training step can become several times slower.
+``OMP_WAIT_POLICY=PASSIVE`` never spins (safe when shared, slower when idle); ``GOMP_SPINCOUNT``
+bounds the spin. This bench times the CamVid CPU recipe's student step (DeepLabV3+
+MobileNetV3-Large, batch 8 of 192x256, CE, AdamW, channels_last, 2 threads) in fresh
+subprocesses (libgomp reads the variables once, at load) under each setting, in two
+conditions: idle, and sharing the cores with a competing process (2 threads of fp32 matmuls, as
+a second training job would). Settings are interleaved ABBA-style across repetitions; each
+figure is the median step time over its runs.
+
+Usage: ``python bench/omp_wait.py [--reps 2] [--steps 6]``; about 4 minutes on 2 cores.
+Results: ``bench/results/omp_wait.json`` and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "libgomp default": {},
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "GOMP_SPINCOUNT=30000": {"GOMP_SPINCOUNT": "30000"},
+}
+_CLEARED = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def _worker(steps: int) -> None:
+    """A fresh process: warm-up step, then ``steps`` timed student steps; prints JSON."""
+    import distill  # noqa: F401  (first: the torchvision compatibility step)
+    import torch
+
+    from distill.config import ModelConfig
+    from distill.models import build_model
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="DeepLabV3Plus", encoder="tu-mobilenetv3_large_100"), 11)
+    model = model.to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images = torch.randn(8, 3, 192, 256).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 11, (8, 192, 256))
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - start)
+    print("RESULT " + json.dumps(times))
+
+
+def _competitor() -> None:
+    """Busy until killed: 2 threads of matmuls, like a second training job on the machine."""
+    import torch
+
+    torch.set_num_threads(2)
+    a = torch.randn(1024, 1024)
+    while True:
+        a = torch.tanh(a @ a) + 0.5
+
+
+def _run_setting(name: str, steps: int) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
+    env.update(SETTINGS[name])
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(steps)], env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"worker for {name} failed:\n{proc.stderr[-2000:]}")
+    times = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=2, help="runs per setting and condition")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/omp_wait.json"))
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--competitor", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        return _worker(args.worker)
+    if args.competitor:
+        return _competitor()
+
+    names = list(SETTINGS)
+    results: dict[str, dict[str, list[float]]] = {}
+    for condition in ("idle", "shared"):
+        competitor = None
+        if condition == "shared":
+            # libgomp's default for the competitor too: what a second job launched by hand does.
+            env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
+            competitor = subprocess.Popen([sys.executable, __file__, "--competitor"], env=env)
+            time.sleep(3)
+        try:
+            runs: dict[str, list[float]] = {n: [] for n in names}
+            for rep in range(args.reps):
+                for name in names if rep % 2 == 0 else names[::-1]:  # ABBA across repetitions
+                    runs[name].append(_run_setting(name, args.steps))
+                    print(f"{condition:6s} {name:26s} {runs[name][-1]:.3f} s/step", flush=True)
+            results[condition] = runs
+        finally:
+            if competitor is not None:
+                competitor.kill()
+                competitor.wait()
+
+    print("\n| setting | idle s/step | shared s/step | idle vs default | shared vs default |")
+    print("| --- | --- | --- | --- | --- |")
+    base = {c: statistics.median(results[c][names[0]]) for c in results}
+    summary = {}
+    for name in names:
+        idle, shared = (statistics.median(results[c][name]) for c in ("idle", "shared"))
+        summary[name] = {"idle_s": idle, "shared_s": shared,
+                         "idle_ratio": idle / base["idle"], "shared_ratio": shared / base["shared"]}
+        print(f"| {name} | {idle:.3f} | {shared:.3f} | {idle / base['idle']:.2f}x | "
+              f"{shared / base['shared']:.2f}x |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"runs": results, "summary": summary, "steps": args.steps,
+                                    "reps": args.reps, "cpus": os.cpu_count()}, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
