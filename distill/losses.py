@@ -335,7 +335,7 @@ def dist_loss(
     pixels of pearson_c(p_s, p_t)) + (1 - mean over classes of pearson_pixels(p_s, p_t))]``,
     the inter-class and intra-class terms with equal weight. Pearson correlation ignores scale
     and shift, so a small student is not pushed to copy a stronger teacher's exact
-    confidence, only its ranking of classes per pixel and of pixels per class.
+    confidence, only the pattern of its class scores per pixel and of its pixels per class.
     """
     temperature = _check_number("temperature", temperature, allow_zero=False)
     s, t = _prepare(student_logits, teacher_logits)
