@@ -12,7 +12,7 @@ import contextlib
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -282,13 +282,17 @@ def ce_loss(
     total = F.cross_entropy(
         logits, target, weight=class_weights, ignore_index=ignore_index, reduction="sum"
     )
-    valid = target != ignore_index
-    if class_weights is None:
-        denom = valid.sum().to(total.dtype)
-    else:
-        denom = (class_weights[target.masked_fill(~valid, 0)] * valid).sum()
+    denom = _ce_denominator(target, ignore_index, class_weights).to(total.dtype)
     # All ignored: total is 0 with a zero gradient; dividing by 1 instead of 0 keeps it that way.
     return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _ce_denominator(target: Tensor, ignore_index: int, class_weights: Tensor | None) -> Tensor:
+    """What :func:`ce_loss` divides by: the number of valid pixels, or their summed weights."""
+    valid = target != ignore_index
+    if class_weights is None:
+        return valid.sum()
+    return (class_weights[target.long().masked_fill(~valid, 0)] * valid).sum()
 
 
 def cwd_loss(
@@ -409,16 +413,28 @@ class DistillLoss(torch.nn.Module):
         return cls(ignore_index=ignore_index, **kwargs)
 
     def forward(
-        self, student_logits: Tensor, target: Tensor, teacher_logits: Tensor | None = None
+        self, student_logits: Tensor, target: Tensor, teacher_logits: Tensor | None = None,
+        *, share: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Return ``{"loss", "ce", "kd"}``, parts not detached (the caller decides). ``kd`` is a
-        0 tensor, not computed, without a teacher or with ``kd_weight == 0``."""
+        0 tensor, not computed, without a teacher or with ``kd_weight == 0``.
+
+        ``share``: for data-parallel training, maps this process's pixel count (the CE's
+        denominator, then the pixel KL's) to ``count * world_size / global count``; the CE and
+        the pixel KL are multiplied by it, so that averaging the processes' gradients (as DDP
+        does) gives the gradient of one mean over every process's pixels, as one process with
+        the whole batch would. Without it each process's mean counts equally, however many
+        labelled pixels it had. (CWD and DIST are not pixel means and are left as they are.)
+        Every process must call it equally often: it is a collective.
+        """
         teacher = teacher_logits if self.kd_weight > 0 else None
         # With ce_weight 0 the CE is still reported, but kept out of the graph when KD drives it.
         ce_off = self.ce_weight == 0 and teacher is not None
         with torch.no_grad() if ce_off else contextlib.nullcontext():
             ce = ce_loss(student_logits, target, ignore_index=self.ignore_index,
                          class_weights=self.class_weights)
+            if share is not None:
+                ce = ce * share(_ce_denominator(target, self.ignore_index, self.class_weights))
         kd = ce.new_zeros(())
         if teacher is None:
             return {"loss": self.ce_weight * ce, "ce": ce, "kd": kd}
@@ -433,6 +449,8 @@ class DistillLoss(torch.nn.Module):
                 "ignore_index": self.ignore_index}
         if self.kind == "kl":
             kd = kd_loss(student_logits, teacher, chunk_size=self.chunk_size, **args)
+            if share is not None:
+                kd = kd * share((kd_target != self.ignore_index).sum())
         elif self.kind == "cwd":
             kd = cwd_loss(student_logits, teacher, **args)
         else:

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -285,7 +286,23 @@ def distillation_step(
     with accelerator.autocast():
         teacher_logits = teacher(batch) if teacher is not None else None
         student_logits = forward_padded(student, images)  # any crop size, not only multiples of 32
-        return criterion(student_logits, batch["mask"], teacher_logits)
+        share = _share_of_global_mean(accelerator) if accelerator.num_processes > 1 else None
+        return criterion(student_logits, batch["mask"], teacher_logits, share=share)
+
+
+def _share_of_global_mean(accelerator: Accelerator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``count -> count * world_size / (sum of count over processes)``, for DistillLoss.
+
+    Processes' crops hold different numbers of labelled pixels (void, and padding where a crop
+    is larger than the rescaled image); weighting each process's mean by its share makes
+    N processes train exactly like one with the whole batch, up to summation order.
+    """
+    def share(count: torch.Tensor) -> torch.Tensor:
+        count = count.detach().float().reshape(1)
+        total = accelerator.reduce(count.clone(), "sum")
+        return (count * accelerator.num_processes / total.clamp_min(1)).squeeze(0)
+
+    return share
 
 
 def _flat_config(tree: dict, prefix: str = "") -> dict[str, int | float | str | bool]:

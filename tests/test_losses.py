@@ -502,3 +502,46 @@ def test_distill_loss_from_config():
     crit = DistillLoss.from_config(SimpleNamespace(class_weights=[1.0, 2.0]), ignore_index=255)
     assert crit.class_weights is not None and crit.class_weights.tolist() == [1.0, 2.0]
     assert crit.to(torch.float64).class_weights.dtype == torch.float64  # buffer moves with .to()
+
+
+@pytest.mark.parametrize("kd_pixels", ["labelled", "teacher_correct"])
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 0.5, 1.0, 3.0]])
+def test_share_makes_two_halves_average_to_the_whole_batch(kd_pixels, weights):
+    # Two "processes" with very different numbers of labelled pixels: averaging their losses
+    # (as DDP averages gradients) must give the whole batch's loss and gradient.
+    s, t, y = make(shape=(4, 5, 6, 7), dtype=torch.float64)
+    y[:2][torch.rand(y[:2].shape, generator=torch.Generator().manual_seed(1)) < 0.7] = 255
+    crit = DistillLoss(ce_weight=0.6, kd_weight=1.5, temperature=2.0, class_weights=weights,
+                       kd_pixels=kd_pixels)
+    x = s.clone().requires_grad_(True)
+    whole = crit(x, y, t)
+    whole["loss"].backward()
+    expected_grad, x.grad = x.grad.clone(), None
+
+    # The counts an all-reduce would sum, computed here independently of the loss code.
+    valid = y != 255
+    w = torch.ones(5, dtype=torch.float64) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    ce_count = [(w[y[h].clamp(max=4)] * valid[h]).sum() for h in (slice(0, 2), slice(2, 4))]
+    taught = valid & (t.argmax(1) == y) if kd_pixels == "teacher_correct" else valid
+    kd_count = [taught[h].sum().double() for h in (slice(0, 2), slice(2, 4))]
+    results = []
+    for i, h in enumerate((slice(0, 2), slice(2, 4))):
+        # The loss asks for its CE share first, then its KL share.
+        shares = iter([ce_count[i] * 2 / sum(ce_count), kd_count[i] * 2 / sum(kd_count)])
+        results.append(crit(x[h], y[h], t[h], share=lambda count: next(shares)))
+    mean = {k: (results[0][k] + results[1][k]) / 2 for k in ("loss", "ce", "kd")}
+    assert mean["ce"].item() == pytest.approx(whole["ce"].item(), rel=1e-12)
+    assert mean["kd"].item() == pytest.approx(whole["kd"].item(), rel=1e-12)
+    mean["loss"].backward()
+    assert torch.allclose(x.grad, expected_grad, rtol=1e-10, atol=1e-14)
+    # Without the share, the halves' plain mean differs: the test can fail.
+    plain = (crit(s[:2], y[:2], t[:2])["loss"] + crit(s[2:], y[2:], t[2:])["loss"]) / 2
+    assert abs(plain.item() - whole["loss"].item()) > 1e-3
+
+
+def test_share_is_asked_with_the_local_counts():
+    s, t, y = make(shape=(2, 5, 6, 7))
+    asked = []
+    DistillLoss(kd_weight=1.0, kd_pixels="teacher_correct")(s, y, t, share=lambda c: asked.append(c) or 1.0)
+    valid = y != 255
+    assert [int(c) for c in asked] == [int(valid.sum()), int((valid & (t.argmax(1) == y)).sum())]
