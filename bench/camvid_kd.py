@@ -22,6 +22,10 @@ Usage::
     python bench/camvid_kd.py --tune --arms baseline,tuning      # the tuning sweep, cached arms
     python bench/camvid_kd.py                                   # trains the teacher first
 
+The README's table: ``--arms baseline,kd_cache,kd_stream,tuning --kd-loss dist_T1_w2`` (with the
+teacher checkpoint); arms already run are reused, so the sweep and the final arms may be run in
+separate calls.
+
 Extra ``key=value`` words override the recipe for every arm (e.g. ``train.epochs=2``).
 Results: ``bench/results/camvid_kd.json`` and a markdown table on stdout.
 """
@@ -116,6 +120,9 @@ def main() -> None:
                         help="comma-separated: baseline, kd_cache, kd_stream, tuning (every "
                         "TUNING arm) or tune/NAME (one of them)")
     parser.add_argument("--tune", action="store_true", help="same as adding 'tuning' to --arms")
+    parser.add_argument("--kd-loss", choices=sorted(TUNING), default=None,
+                        help="loss settings of kd_cache and kd_stream: a TUNING entry (default: "
+                        "the recipe's). kd_cache is then the same run as tune/NAME, and reuses it")
     parser.add_argument("--force", action="store_true", help="rerun arms already done")
     parser.add_argument("--results", type=Path, default=Path("bench/results/camvid_kd.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -153,12 +160,15 @@ def main() -> None:
         results["cache_seconds"] = seconds  # near 0 when the store was already complete
     if "baseline" in arms:
         results["arms"]["baseline"] = _arm("baseline", "baseline", args.recipe, out, common, args.force)
+    kd_loss = TUNING[args.kd_loss] if args.kd_loss else []
     if "kd_cache" in arms:
-        results["arms"]["kd_cache"] = _arm("kd_cache", "student", args.recipe, out,
-                                           [*cached, *common], args.force)
+        folder = f"tune/{args.kd_loss}" if args.kd_loss else "kd_cache"
+        results["arms"]["kd_cache"] = _arm(folder, "student", args.recipe, out,
+                                           [*cached, *kd_loss, *common], args.force)
     if "kd_stream" in arms:
         results["arms"]["kd_stream"] = _arm("kd_stream", "student", args.recipe, out,
-                                            [*with_teacher, "teacher.mode=stream", *common], args.force)
+                                            [*with_teacher, "teacher.mode=stream", *kd_loss, *common],
+                                            args.force)
     for name in tuning:
         results["arms"][f"tune/{name}"] = _arm(f"tune/{name}", "student", args.recipe, out,
                                                [*cached, *TUNING[name], *common], args.force)
