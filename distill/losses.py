@@ -323,10 +323,17 @@ def cwd_loss(
     return kl * (temperature**2 / (s.shape[0] * s.shape[1]))
 
 
-def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
-    a = a - a.mean(dim, keepdim=True)
-    b = b - b.mean(dim, keepdim=True)
-    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + 1e-8)
+def _masked_pearson(a: Tensor, b: Tensor, weight: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Pearson correlation of ``a`` and ``b`` over ``dims``, counting only entries where
+    ``weight`` (0/1, broadcastable) is 1; the 1e-8 in the denominator is DIST's."""
+    count = (weight * torch.ones_like(a)).sum(dims, keepdim=True).clamp_min(1)
+    a = (a - (a * weight).sum(dims, keepdim=True) / count) * weight
+    b = (b - (b * weight).sum(dims, keepdim=True) / count) * weight
+    squares = a.square().sum(dims) * b.square().sum(dims)
+    # sqrt's gradient at 0 is infinite: rows with nothing counted (void pixels) take sqrt(1)*0.
+    nonzero = squares > 0
+    norms = torch.where(nonzero, squares, torch.ones_like(squares)).sqrt() * nonzero
+    return (a * b).sum(dims) / (norms + 1e-8)
 
 
 def dist_loss(
@@ -343,18 +350,20 @@ def dist_loss(
     """
     temperature = _check_number("temperature", temperature, allow_zero=False)
     s, t = _prepare(student_logits, teacher_logits)
-    # [N, C, *spatial] -> [pixels, C], labelled pixels only.
-    s, t = (x.movedim(1, -1).reshape(-1, x.shape[1]) for x in (s, t))
     valid = _valid_mask(student_logits, target, ignore_index)
-    if valid is not None:
-        keep = valid.reshape(-1)
-        s, t = s[keep], t[keep]
-    if s.shape[0] < 2:  # no relation to match; keep a zero-gradient path to the student
+    if valid is None:
+        valid = torch.ones((s.shape[0], *s.shape[2:]), dtype=torch.bool, device=s.device)
+    num_valid = valid.sum()
+    if int(num_valid) < 2:  # no relation to match; keep a zero-gradient path to the student
         return s.sum() * 0.0
+    # Masks and weighted sums in the [N, C, ...] layout, not a gather of the labelled pixels:
+    # no copies of the logits, and a cheap backward.
+    weight = valid.unsqueeze(1).to(s.dtype)
     p_s = F.softmax(s / temperature, dim=1)
     p_t = F.softmax(t / temperature, dim=1)
-    inter = 1 - _pearson(p_s, p_t, dim=1).mean()
-    intra = 1 - _pearson(p_s, p_t, dim=0).mean()
+    inter = 1 - (_masked_pearson(p_s, p_t, weight, (1,)) * valid).sum() / num_valid
+    pixel_dims = (0, *range(2, s.ndim))
+    intra = 1 - _masked_pearson(p_s, p_t, weight, pixel_dims).mean()
     return (inter + intra) * temperature**2
 
 
