@@ -11,10 +11,10 @@ where the teacher's targets come from differ):
   (``TUNING`` below; chosen on val, since CamVid here has only train and val).
 
 Each arm runs ``python -m distill ...`` in its own folder under ``--out``; an arm whose
-``arm.json`` records the same command is reused, so an interrupted benchmark picks up where it
-stopped. Each arm's last checkpoint is then scored with ``distill eval`` (per-class IoU). The
-headline number is the val mIoU after the last epoch (no checkpoint picked on val); the best
-epoch's is given beside it. Gap recovered = ``(kd - baseline) / (teacher - baseline)``.
+``arm.json`` records the same command and recipe file (sha256) is reused, so an interrupted
+benchmark picks up where it stopped. Each arm's last checkpoint is then scored with ``distill
+eval`` (per-class IoU). The headline number is the val mIoU after the last epoch (no checkpoint
+picked on val); the best epoch's is given beside it. Gap recovered = ``(kd - baseline) / (teacher - baseline)``.
 
 Usage::
 
@@ -33,6 +33,7 @@ Results: ``bench/results/camvid_kd.json`` and a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -86,16 +87,19 @@ def _arm(name: str, stage: str, recipe: Path, out: Path, overrides: list[str], f
     command = [sys.executable, "-m", "distill", "train", str(recipe), "--stage", stage,
                f"output_dir={folder}", *overrides]
     record_path = folder / "arm.json"
+    recipe_digest = hashlib.sha256(recipe.read_bytes()).hexdigest()
     if not force and record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("command") == command[1:]:
+        # Same command and same recipe file: an edited recipe (say, its loss) reruns the arm.
+        if record.get("command") == command[1:] and record.get("recipe_sha256") == recipe_digest:
             print(f"{name}: reused {record_path}", flush=True)
             return record
     seconds = _run(command, folder / "train.log")
     curve = _val_curve(folder / stage / "metrics.jsonl")
     scores = _eval(recipe, folder, stage, folder / stage / "last.safetensors", overrides)
     record = {
-        "name": name, "stage": stage, "command": command[1:], "overrides": overrides,
+        "name": name, "stage": stage, "command": command[1:], "recipe_sha256": recipe_digest,
+        "overrides": overrides,
         "seconds": seconds, "seconds_per_epoch": seconds / max(len(curve), 1),
         "final_miou": scores["miou"], "best_miou": max(curve), "val_curve": curve,
         "pixel_accuracy": scores["pixel_accuracy"], "per_class_iou": scores["iou"],
@@ -106,6 +110,10 @@ def _arm(name: str, stage: str, recipe: Path, out: Path, overrides: list[str], f
 
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
+
+
+def _seconds(x: float | None) -> str:
+    return "" if x is None else f"{x:.1f}"
 
 
 def main() -> None:
@@ -186,7 +194,7 @@ def main() -> None:
         print(f"| {name} | {_pct(arm['final_miou'])} | {_pct(arm.get('best_miou'))} | "
               f"{'' if gain is None else f'{100 * gain:+.1f}'} | "
               f"{'' if recovered is None else f'{100 * recovered:.0f}%'} | "
-              f"{arm.get('seconds_per_epoch', 0):.1f} |")
+              f"{_seconds(arm.get('seconds_per_epoch'))} |")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.results}")
