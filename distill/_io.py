@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,3 +44,16 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def swap_in_folder(staging: Path, final: Path, previous: Path) -> None:
+    """Put the complete folder ``staging`` in the place of ``final`` (which may not exist).
+
+    Two renames: a kill between them leaves ``previous`` beside ``final`` (removed by the next
+    swap), never a mix of old and new files inside ``final``.
+    """
+    shutil.rmtree(previous, ignore_errors=True)  # left by a kill after an earlier swap
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(staging, final)
+    shutil.rmtree(previous, ignore_errors=True)

@@ -39,7 +39,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from distill._io import atomic_write_text, file_digest
+from distill._io import atomic_write_text, file_digest, swap_in_folder
 from distill.config import ModelConfig, Recipe, recipe_to_yaml
 from distill.data import DatasetInfo, build_dataset, dataset_info
 from distill.models import ModelError, build_model, forward_padded, stage_weights
@@ -367,12 +367,7 @@ def _publish(staging: Path, out: Path) -> None:
     Two renames: a kill between them leaves ``.export-previous`` beside ``out``, never a mix of
     a new ONNX file with an old config.json.
     """
-    previous = out.parent / ".export-previous"
-    shutil.rmtree(previous, ignore_errors=True)
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(staging, 0o777 & ~mask)  # mkdtemp made it private
-    if out.exists():
-        os.replace(out, previous)
-    os.replace(staging, out)
-    shutil.rmtree(previous, ignore_errors=True)
+    swap_in_folder(staging, out, out.parent / ".export-previous")

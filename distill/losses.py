@@ -326,7 +326,7 @@ def cwd_loss(
 def _masked_pearson(a: Tensor, b: Tensor, weight: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Pearson correlation of ``a`` and ``b`` over ``dims``, counting only entries where
     ``weight`` (0/1, broadcastable) is 1; the 1e-8 in the denominator is DIST's."""
-    count = (weight * torch.ones_like(a)).sum(dims, keepdim=True).clamp_min(1)
+    count = weight.expand_as(a).sum(dims, keepdim=True).clamp_min(1)
     a = (a - (a * weight).sum(dims, keepdim=True) / count) * weight
     b = (b - (b * weight).sum(dims, keepdim=True) / count) * weight
     squares = a.square().sum(dims) * b.square().sum(dims)
@@ -354,17 +354,17 @@ def dist_loss(
     if valid is None:
         valid = torch.ones((s.shape[0], *s.shape[2:]), dtype=torch.bool, device=s.device)
     num_valid = valid.sum()
-    if int(num_valid) < 2:  # no relation to match; keep a zero-gradient path to the student
-        return s.sum() * 0.0
     # Masks and weighted sums in the [N, C, ...] layout, not a gather of the labelled pixels:
     # no copies of the logits, and a cheap backward.
     weight = valid.unsqueeze(1).to(s.dtype)
     p_s = F.softmax(s / temperature, dim=1)
     p_t = F.softmax(t / temperature, dim=1)
-    inter = 1 - (_masked_pearson(p_s, p_t, weight, (1,)) * valid).sum() / num_valid
+    inter = 1 - (_masked_pearson(p_s, p_t, weight, (1,)) * valid).sum() / num_valid.clamp_min(1)
     pixel_dims = (0, *range(2, s.ndim))
     intra = 1 - _masked_pearson(p_s, p_t, weight, pixel_dims).mean()
-    return (inter + intra) * temperature**2
+    # Fewer than 2 labelled pixels: no relation to match, loss 0 with a zero gradient. A tensor
+    # factor, not an `if`: no host sync in the training step.
+    return (inter + intra) * temperature**2 * (num_valid > 1)
 
 
 # --------------------------------------------------------------------------- module

@@ -33,7 +33,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import save
 
-from distill._io import atomic_write_bytes
+from distill._io import atomic_write_bytes, swap_in_folder
 from distill._malloc import tune_cpu_malloc
 from distill.config import ModelConfig, Recipe, atomic_write_text, save_resolved_recipe
 from distill.data import build_loader, dataset_info
@@ -369,12 +369,7 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict) -> No
     accelerator.wait_for_everyone()  # every rank's random_states_<i>.pkl is in before the swap
     if accelerator.is_main_process:
         atomic_write_text(staging / "progress.json", json.dumps(state, indent=2))
-        previous = run_dir / "checkpoints" / ".previous"
-        shutil.rmtree(previous, ignore_errors=True)  # left by a kill after the last swap
-        if final.exists():
-            os.replace(final, previous)
-        os.replace(staging, final)
-        shutil.rmtree(previous, ignore_errors=True)
+        swap_in_folder(staging, final, run_dir / "checkpoints" / ".previous")
     accelerator.wait_for_everyone()
 
 
