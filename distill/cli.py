@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
+from typing import NoReturn
 
 from distill.config import RecipeError, load_recipe, recipe_to_yaml
 from rich.text import Text
@@ -98,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
 
     expected = (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError)
     try:
+        code = _run_command(args, expected)
+    except BaseException:
+        if not _in_process_group():
+            raise
+        traceback.print_exc()  # os._exit below would drop the interpreter's own report
+        code = 1
+    if _in_process_group():
+        end_launched_process(code)
+    return code
+
+
+def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]) -> int:
+    try:
         recipe = load_recipe(args.recipe, _expand_shorthands(args.command, args.overrides))
         if args.command == "recipe":
             print(recipe_to_yaml(recipe), end="")
@@ -140,6 +155,34 @@ def main(argv: list[str] | None = None) -> int:
             console.print("(set DISTILL_DEBUG=1 to see the traceback)", highlight=False)
         return 2
     return 0
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def end_launched_process(code: int = 0) -> NoReturn:
+    """End a process of a multi-process launch now, without the interpreter's teardown.
+
+    For scripts of your own that call distill under ``accelerate launch``: call it last.
+
+    A gloo worker thread releases a finished collective's tensors a moment after the caller's
+    wait returns; if the interpreter is finalizing by then, the thread cannot take the GIL and
+    the process aborts ("terminate called without an active exception", SIGABRT) after all its
+    work is done, which fails the whole launch. destroy_process_group() does not join those
+    threads (torch 2.13), so the only safe way out is to skip finalization: every file is
+    written atomically and closed, trackers are finished, and loader workers exit with their
+    parent.
+    """
+    if _in_process_group():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _print_error(error: BaseException) -> None:

@@ -263,7 +263,10 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
                 _save_weights(accelerator, unwrapped, run_dir / "last.safetensors")
                 _save_checkpoint(accelerator, run_dir, state)
             progress.advance(epochs_bar)
-    accelerator.end_training()
+    # Not accelerator.end_training(): it also destroys the process group, which the next stage
+    # of `distill run` in this process still needs. The CLI closes the group once, at exit.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"], unwrapped)
 
 

@@ -385,7 +385,9 @@ import sys
 import distill
 from distill.config import load_recipe
 from distill.cache import write_cache
+from distill.cli import end_launched_process
 write_cache(load_recipe(sys.argv[1]))
+end_launched_process()  # as `distill` does: the interpreter's teardown can race gloo's threads
 """
 
 

@@ -47,6 +47,7 @@ def test_two_process_eval_equals_one_process(tmp_path):
 SCRIPT = """
 import hashlib, sys
 import distill
+from distill.cli import end_launched_process
 from accelerate import PartialState
 from distill.config import load_recipe
 from distill.train import train
@@ -55,7 +56,9 @@ recipe = load_recipe(sys.argv[1])
 result = train(recipe, "student")
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in result.model.parameters())).hexdigest()
 rank = PartialState().process_index
-open(f"params_rank{rank}.txt", "w").write(digest)
+with open(f"params_rank{rank}.txt", "w") as file:
+    file.write(digest)
+end_launched_process()  # as `distill` does: the interpreter's teardown can race gloo's threads
 """
 
 
@@ -97,6 +100,22 @@ def test_two_process_training_matches_one_process_at_the_same_global_batch(tmp_p
     assert ones.keys() == twos.keys()
     difference = max(float((ones[k] - twos[k]).abs().max()) for k in ones)
     assert difference < 1e-5, difference
+
+
+def test_two_process_run_goes_through_every_stage(tmp_path):
+    # `distill run` runs its stages in one process group: none may close it for the next (the
+    # teacher's training once did, and the cache stage then failed with "Default process group
+    # has not been initialized").
+    recipe = tiny_recipe(tmp_path, teacher=True, **{"teacher.mode": "cache", "data.resize": "[32, 32]",
+                                                    "train.epochs": 1, "run.baseline": "true"})
+    result = launch(["-m", "distill", "run", str(save_resolved_recipe(recipe, tmp_path))], tmp_path)
+    for stage in ("teacher", "baseline", "student"):
+        assert (tmp_path / stage / "best.safetensors").is_file(), result.stdout[-2000:]
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["complete"] is True
+    comparison = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert {"teacher", "student", "baseline"} <= set(comparison["models"])
+    assert (tmp_path / "export" / "student.onnx").stat().st_size > 0
 
 
 def test_launcher_mismatch_is_detected(tmp_path, monkeypatch):
