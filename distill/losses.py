@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["DistillLoss", "ce_loss", "cwd_loss", "dist_loss", "kd_loss", "kd_loss_reference"]
+from distill._fused_dist import FusedDIST
+
+__all__ = ["DistillLoss", "ce_loss", "cwd_loss", "dist_loss", "dist_loss_reference", "kd_loss",
+           "kd_loss_reference"]
 
 KDKind = Literal["kl", "cwd", "dist"]
 KDPixels = Literal["labelled", "teacher_correct"]
@@ -347,7 +350,27 @@ def dist_loss(
     the inter-class and intra-class terms with equal weight. Pearson correlation ignores scale
     and shift, so a small student is not pushed to copy a stronger teacher's exact
     confidence, only the pattern of its class scores per pixel and of its pixels per class.
+
+    Computed with its gradient in one custom autograd Function (:mod:`distill._fused_dist`),
+    sample by sample, and equal to :func:`dist_loss_reference` to float rounding; it saves only
+    the gradient. Same arguments as :func:`kd_loss` (without ``chunk_size``); 0 with zero
+    gradient when fewer than 2 pixels are labelled.
     """
+    temperature = _check_number("temperature", temperature, allow_zero=False)
+    resize = _check_pair(student_logits, teacher_logits)
+    valid = _valid_mask(student_logits, target, ignore_index)
+    teacher = teacher_logits.detach()
+    if resize:
+        teacher = _resize(teacher, student_logits.shape[2:], _compute_dtype(student_logits, teacher))
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return FusedDIST.apply(student_logits, teacher, valid, temperature, need_grad)
+
+
+def dist_loss_reference(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
+    target: Tensor | None = None, ignore_index: int = 255,
+) -> Tensor:
+    """:func:`dist_loss` taped by autograd: the readable definition, and the tests' reference."""
     temperature = _check_number("temperature", temperature, allow_zero=False)
     s, t = _prepare(student_logits, teacher_logits)
     valid = _valid_mask(student_logits, target, ignore_index)

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from scipy.special import log_softmax as np_log_softmax
 
 import distill.losses as losses
-from distill.losses import DistillLoss, ce_loss, cwd_loss, dist_loss, kd_loss, kd_loss_reference
+from distill import _fused_dist
+from distill.losses import (
+    DistillLoss, ce_loss, cwd_loss, dist_loss, dist_loss_reference, kd_loss, kd_loss_reference,
+)
 
 CHUNKS = [None, 1, 2]
 
@@ -412,6 +415,56 @@ def test_dist_with_no_labelled_pixel_is_zero_with_zero_grad():
     loss = dist_loss(x, t, temperature=1.0, target=torch.full_like(y, 255))
     loss.backward()
     assert loss.item() == 0.0 and torch.all(x.grad == 0)
+
+
+@pytest.mark.parametrize("sweep_pixels", [65536, 40])  # one sweep; several, merged
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_fused_dist_equals_the_autograd_reference(temperature, sweep_pixels, monkeypatch):
+    monkeypatch.setattr(_fused_dist, "_SWEEP_PIXELS", sweep_pixels)  # 40: a sample per sweep
+    s, t, y = make(shape=(4, 5, 6, 7), ignore=0.3)
+    y[1] = 255  # a sweep with no labelled pixel merges as nothing
+    for target in (y, None):
+        loss, g = grad_of(dist_loss, s, t, temperature=temperature, target=target)
+        ref, ref_g = grad_of(dist_loss_reference, s, t, temperature=temperature, target=target)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+        assert torch.allclose(g, ref_g, rtol=1e-9, atol=1e-15)
+    t_small = torch.randn(4, 5, 3, 4, dtype=torch.float64)  # resized to the student's size
+    loss, g = grad_of(dist_loss, s, t_small, temperature=temperature, target=y)
+    ref, ref_g = grad_of(dist_loss_reference, s, t_small, temperature=temperature, target=y)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12) and torch.allclose(g, ref_g, atol=1e-15)
+    s2, t2 = s.clone(), t.clone()
+    void = (y == 255).unsqueeze(1).expand_as(s2)
+    s2[void], t2[void] = float("inf"), float("nan")  # whatever sits on void pixels changes nothing
+    loss2, g2 = grad_of(dist_loss, s2, t2, temperature=temperature, target=y)
+    loss, g = grad_of(dist_loss, s, t, temperature=temperature, target=y)
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-12) and torch.allclose(g2, g, atol=1e-15)
+
+
+def test_fused_dist_keeps_the_variation_of_a_class_nobody_predicts(monkeypatch):
+    # A class with probability ~1e-13 everywhere: in float32, p - 1/C rounds its variation away,
+    # and sum x^2 - (sum x)^2 / M cancels it; its intra-class Pearson must still be the fp64 one.
+    monkeypatch.setattr(_fused_dist, "_SWEEP_PIXELS", 64)
+    s, t, y = make(shape=(3, 4, 8, 8), scale=3.0)
+    s[:, 2] -= 30
+    t[:, 2] -= 30
+    exact, exact_g = grad_of(dist_loss_reference, s, t, temperature=1.0, target=y)
+    loss, g = grad_of(dist_loss, s.float(), t.float(), temperature=1.0, target=y)
+    assert loss.dtype == torch.float32 and g.dtype == torch.float32
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-6)
+    assert torch.allclose(g.double(), exact_g, rtol=1e-3, atol=1e-9)
+
+
+def test_fused_dist_half_precision_and_no_grad():
+    s, t, y = make(shape=(2, 3, 5, 6))
+    x = s.to(torch.bfloat16).requires_grad_(True)
+    loss = dist_loss(x, t.to(torch.bfloat16), temperature=1.0, target=y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    ref = dist_loss_reference(x.detach().double(), t.to(torch.bfloat16).double(), temperature=1.0, target=y)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    with torch.no_grad():
+        assert dist_loss(s, t, temperature=1.0, target=y).item() == pytest.approx(
+            dist_loss_reference(s, t, temperature=1.0, target=y).item(), rel=1e-12)
 
 
 # --------------------------------------------------------------------------- DistillLoss
