@@ -1,4 +1,5 @@
-"""Benchmark: fused ``kd_loss`` vs the plain-autograd ``kd_loss_reference``.
+"""Benchmark: fused ``kd_loss`` vs the plain-autograd ``kd_loss_reference`` (``--loss dist``:
+fused ``dist_loss`` vs ``dist_loss_reference``).
 
 Measures forward+backward time (median over repeats, after a warm-up) and peak extra memory of
 each variant, side by side in one run.
@@ -17,6 +18,8 @@ variant into the next:
 Targets: peak memory <= 0.5x and time <= 1.0x of the reference.
 
 Usage: ``python bench/kd_loss.py [--device cuda] [--dtype bf16] [--out bench/results/kd_loss.json]``
+and ``python bench/kd_loss.py --loss dist --shape 8 11 192 256 --temperature 1 --channels-last
+--out bench/results/dist_loss.json`` (the CamVid CPU recipe's loss, on its logits' layout).
 """
 
 from __future__ import annotations
@@ -36,12 +39,17 @@ from typing import Any
 PEAK_TARGET = 0.5
 TIME_TARGET = 1.0
 # (row name, chunk_size). "reference" is kd_loss_reference, the plain-autograd baseline.
-VARIANTS: list[tuple[str, int | None]] = [
+KL_VARIANTS: list[tuple[str, int | None]] = [
     ("reference", None),
     ("fused", None),
     ("fused_chunk1", 1),
     ("fused_chunk2", 2),
 ]
+DIST_VARIANTS: list[tuple[str, int | None]] = [("reference", None), ("fused", None)]
+
+
+def _variants(cfg: dict[str, Any]) -> list[tuple[str, int | None]]:
+    return DIST_VARIANTS if cfg["loss"] == "dist" else KL_VARIANTS
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -63,7 +71,7 @@ def _setup(cfg: dict[str, Any]) -> tuple[Any, ...]:
     import torch
 
     import distill  # noqa: F401  (project convention: import distill before anything else)
-    from distill.losses import kd_loss, kd_loss_reference
+    from distill.losses import dist_loss, dist_loss_reference, kd_loss, kd_loss_reference
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -72,7 +80,10 @@ def _setup(cfg: dict[str, Any]) -> tuple[Any, ...]:
     temperature = cfg["temperature"]
 
     def step(chunk_size: int | None, reference: bool, s: Any, t: Any, y: Any) -> Any:
-        if reference:
+        if cfg["loss"] == "dist":
+            fn = dist_loss_reference if reference else dist_loss
+            loss = fn(s, t, temperature=temperature, target=y)
+        elif reference:
             loss = kd_loss_reference(s, t, temperature=temperature, target=y)
         else:
             loss = kd_loss(s, t, temperature=temperature, target=y, chunk_size=chunk_size)
@@ -92,6 +103,8 @@ def _setup(cfg: dict[str, Any]) -> tuple[Any, ...]:
     gen = torch.Generator(device="cpu").manual_seed(cfg["seed"])
     # Generated in place, in the final dtype: no freed temporaries left resident in the heap.
     student = torch.empty(n, c, h, w, dtype=dtype).normal_(0, 3, generator=gen).to(device)
+    if cfg["channels_last"]:  # what a channels_last model's logits are
+        student = student.contiguous(memory_format=torch.channels_last)
     teacher = torch.empty(n, c, h, w, dtype=dtype).normal_(0, 3, generator=gen).to(device)
     target = torch.randint(0, c, (n, h, w), generator=gen)
     target[torch.rand(n, h, w, generator=gen) < cfg["ignore_fraction"]] = 255
@@ -143,9 +156,9 @@ def _measure_memory(name: str, chunk_size: int | None, cfg: dict[str, Any]) -> d
 def _measure_time(cfg: dict[str, Any]) -> dict[str, list[float]]:
     """Fwd+bwd seconds per variant, variants interleaved round-robin, after one warm-up each."""
     _, _, step, sync, inputs = _setup(cfg)
-    times: dict[str, list[float]] = {name: [] for name, _ in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name, _ in _variants(cfg)}
     for rep in range(cfg["repeats"] + 1):
-        for name, chunk_size in VARIANTS:
+        for name, chunk_size in _variants(cfg):
             t0 = time.perf_counter()
             step(chunk_size, name == "reference", *inputs)
             sync()
@@ -165,7 +178,8 @@ def _print_table(result: dict[str, Any]) -> None:
 
     cfg = result["config"]
     table = Table(
-        title=f"kd_loss fwd+bwd, logits {'x'.join(map(str, cfg['shape']))} {cfg['dtype']} "
+        title=f"{cfg['loss']} loss fwd+bwd, logits {'x'.join(map(str, cfg['shape']))} {cfg['dtype']} "
+        f"{'channels_last ' if cfg['channels_last'] else ''}"
         f"on {cfg['device']}, T={cfg['temperature']}, {cfg['repeats']} repeats"
     )
     for col in ("variant", "chunk", "loss", "peak MiB", "x logits", "peak_ratio", "time s",
@@ -206,6 +220,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--ignore-fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss", choices=["kl", "dist"], default="kl",
+                        help="kl: kd_loss (pixel KL); dist: dist_loss (DIST)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="student logits in channels_last memory (as a channels_last model gives)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/kd_loss.json"))
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -220,9 +238,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": args.threads,
         "ignore_fraction": args.ignore_fraction,
         "seed": args.seed,
+        "loss": args.loss,
+        "channels_last": args.channels_last,
     }
     load_before = os.getloadavg()[0]
-    rows = [_run_isolated(_measure_memory, name, chunk, cfg) for name, chunk in VARIANTS]
+    rows = [_run_isolated(_measure_memory, name, chunk, cfg) for name, chunk in _variants(cfg)]
     times = _run_isolated(_measure_time, cfg)
     for row in rows:
         row["times_s"] = times[row["variant"]]

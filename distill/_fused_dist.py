@@ -67,17 +67,24 @@ def fused_dist_forward(
     device = student.device
     pixels_per_sample = math.prod(spatial)
     step = max(1, _SWEEP_PIXELS // max(1, pixels_per_sample))
-    pixel_dims = (0, *range(2, student.ndim))
-    class_shape = (1, n_classes, *(1,) * len(spatial))
     uniform = 1.0 / n_classes
     stat = torch.float64  # the merged per-class moments, see the module docstring
+    # The sweeps run in the student's memory layout: with channels_last logits (what a
+    # channels_last model gives) on views with classes last, so that every softmax and sum over
+    # classes reads contiguous memory and the gradient comes back in the logits' own layout;
+    # a layout mismatch costs a transposing copy of the logits at every step.
+    class_last = student.ndim > 2 and not student.is_contiguous() and student.movedim(1, -1).is_contiguous()
+    cdim = student.ndim - 1 if class_last else 1
+    student, teacher = (x.movedim(1, -1) if class_last else x for x in (student, teacher))
+    pixel_dims = tuple(d for d in range(student.ndim) if d != cdim)
+    class_shape = tuple(n_classes if d == cdim else 1 for d in range(student.ndim))
+    pixel_shape = tuple(1 if d == cdim else n for d, n in enumerate(student.shape))
 
     # The probabilities themselves are kept, not centred copies: a class's probability near 0
     # would lose its variation in (p - 1/C) to float32 rounding. Void pixels hold 1/C, which
     # centres to 0 over classes.
     u_all = torch.empty(student.shape, dtype=cd, device=device)  # u, then the gradient
     v_all = torch.empty(student.shape, dtype=cd, device=device)
-    pixel_shape = (n_total, 1, *spatial)
     ab_i, aa_i, bb_i = (torch.empty(pixel_shape, dtype=cd, device=device) for _ in range(3))
     count = torch.zeros((), dtype=stat, device=device)
     mean_u = torch.zeros(n_classes, dtype=stat, device=device)
@@ -87,7 +94,7 @@ def fused_dist_forward(
         return tensor[sl].to(cd) if tensor.dtype != cd else tensor[sl]
 
     def voids(sl: slice) -> Tensor | None:
-        return None if valid is None else valid[sl].logical_not().unsqueeze(1)
+        return None if valid is None else valid[sl].logical_not().unsqueeze(cdim)
 
     # Sweep 1: probabilities, per-pixel inner products, per-class moments.
     for start in range(0, n_total, step):
@@ -95,16 +102,16 @@ def fused_dist_forward(
         void = voids(sl)
         u, v = u_all[sl], v_all[sl]
         s, t = rows(student, sl), rows(teacher, sl)
-        u.copy_(torch.softmax(s if temperature == 1 else s / temperature, dim=1))
-        v.copy_(torch.softmax(t if temperature == 1 else t / temperature, dim=1))
+        u.copy_(torch.softmax(s if temperature == 1 else s / temperature, dim=cdim))
+        v.copy_(torch.softmax(t if temperature == 1 else t / temperature, dim=cdim))
         if void is not None:  # masked_fill, not multiply: void pixels may hold inf/NaN
             u.masked_fill_(void, uniform)
             v.masked_fill_(void, uniform)
         a, b = u - uniform, v - uniform
         product = a * b
-        torch.sum(product, 1, keepdim=True, out=ab_i[sl])
-        torch.sum(torch.mul(a, a, out=product), 1, keepdim=True, out=aa_i[sl])
-        torch.sum(torch.mul(b, b, out=product), 1, keepdim=True, out=bb_i[sl])
+        torch.sum(product, cdim, keepdim=True, out=ab_i[sl])
+        torch.sum(torch.mul(a, a, out=product), cdim, keepdim=True, out=aa_i[sl])
+        torch.sum(torch.mul(b, b, out=product), cdim, keepdim=True, out=bb_i[sl])
 
         n_sweep = (u.new_tensor(u.shape[0] * pixels_per_sample) if void is None
                    else void.logical_not().sum().to(cd))
@@ -161,9 +168,11 @@ def fused_dist_forward(
         g.addcmul_(torch.sub(u, mean_u, out=centred), k2_c)
         if void is not None:
             g.masked_fill_(void, 0)
-        g.sub_(torch.mul(u, g, out=centred).sum(1, keepdim=True))
+        g.sub_(torch.mul(u, g, out=centred).sum(cdim, keepdim=True))
         u.mul_(g).mul_(scale)
     grad = u_all if u_all.dtype == student.dtype else u_all.to(student.dtype)
+    if class_last:
+        grad = grad.movedim(-1, 1)  # a channels_last view of the [N, C, ...] gradient
     return loss, grad
 
 

@@ -440,6 +440,17 @@ def test_fused_dist_equals_the_autograd_reference(temperature, sweep_pixels, mon
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-12) and torch.allclose(g2, g, atol=1e-15)
 
 
+def test_fused_dist_works_in_the_channels_last_layout(monkeypatch):
+    monkeypatch.setattr(_fused_dist, "_SWEEP_PIXELS", 40)
+    s, t, y = make(shape=(3, 5, 6, 7))
+    loss, g = grad_of(dist_loss, s, t, temperature=2.0, target=y)
+    s_cl = s.contiguous(memory_format=torch.channels_last)
+    loss_cl, g_cl = grad_of(dist_loss, s_cl, t, temperature=2.0, target=y)
+    assert loss_cl.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert torch.allclose(g_cl, g, atol=1e-15)
+    assert g_cl.is_contiguous(memory_format=torch.channels_last)  # no layout change in backward
+
+
 def test_fused_dist_keeps_the_variation_of_a_class_nobody_predicts(monkeypatch):
     # A class with probability ~1e-13 everywhere: in float32, p - 1/C rounds its variation away,
     # and sum x^2 - (sum x)^2 / M cancels it; its intra-class Pearson must still be the fp64 one.
