@@ -18,9 +18,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from distill._fused_dist import FusedDIST
+from distill._fused_dist import fused_dist_forward
+from distill._saved_gradient import LossWithSavedGradient
 
 __all__ = ["DistillLoss", "ce_loss", "cwd_loss", "dist_loss", "dist_loss_reference", "kd_loss",
            "kd_loss_reference"]
@@ -183,33 +183,6 @@ def _fused_kd_forward(
     return total * inv_valid * (temperature * temperature), grad
 
 
-class _FusedKD(torch.autograd.Function):
-    """Loss and its student gradient computed together in forward; only the gradient is saved."""
-
-    @staticmethod
-    def forward(ctx: Any, student: Tensor, teacher: Tensor, *args: Any) -> Tensor:  # type: ignore
-        """``args``: valid mask or None, temperature, chunk_size, need_grad."""
-        # The kernel picks its own precision: autocast must not downcast its intermediates.
-        with torch.no_grad(), torch.autocast(student.device.type, enabled=False):
-            loss, grad = _fused_kd_forward(student, teacher, *args)
-        ctx.has_grad = grad is not None
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
-        if not ctx.has_grad:
-            return None, None, None, None, None, None
-        (grad,) = ctx.saved_tensors
-        # The upstream grad is usually exactly 1 (kd_weight 1): hand over the saved tensor, no
-        # copy. Otherwise scale out of place, so a retain_graph backward sees it unchanged.
-        if not bool(grad_loss == 1):
-            grad = grad * grad_loss.to(grad.dtype)
-        return grad, None, None, None, None, None
-
-
 def kd_loss(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
     target: Tensor | None = None, ignore_index: int = 255, chunk_size: int | None = None,
@@ -240,8 +213,9 @@ def kd_loss(
     _check_pair(student_logits, teacher_logits)
     valid = _valid_mask(student_logits, target, ignore_index)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    return _FusedKD.apply(
-        student_logits, teacher_logits.detach(), valid, temperature, chunk_size, need_grad
+    return LossWithSavedGradient.apply(
+        _fused_kd_forward, student_logits, teacher_logits.detach(), valid, temperature, chunk_size,
+        need_grad,
     )
 
 
@@ -363,7 +337,9 @@ def dist_loss(
     if resize:
         teacher = _resize(teacher, student_logits.shape[2:], _compute_dtype(student_logits, teacher))
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    return FusedDIST.apply(student_logits, teacher, valid, temperature, need_grad)
+    return LossWithSavedGradient.apply(
+        fused_dist_forward, student_logits, teacher, valid, temperature, need_grad
+    )
 
 
 def dist_loss_reference(
