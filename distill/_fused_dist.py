@@ -68,7 +68,8 @@ def fused_dist_forward(
     step = max(1, _SWEEP_PIXELS // max(1, math.prod(spatial)))
     sweeps = [slice(start, start + step) for start in range(0, n_total, step)]
     uniform = 1.0 / n_classes
-    stat = torch.float64  # the merged per-class moments, see the module docstring
+    # The merged per-class moments (see the module docstring); Apple's MPS has no float64.
+    stat = torch.float32 if device.type == "mps" else torch.float64
     pixel_dims = (0, *range(2, student.ndim))
     class_shape = (1, n_classes, *(1,) * len(spatial))
     # Masks are float weights (1 at labelled pixels) applied by multiplication: over 11 classes
