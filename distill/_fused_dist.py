@@ -6,7 +6,7 @@ at CamVid's 8x11x192x256 that is 56-68 ms on 2 CPU cores, and it put the cached 
 at 1.25x the student's own step. Here the same quantities are computed in two sweeps over the
 batch, one sample (or a few small ones) at a time, so that the working set stays in cache, with
 the gradient written in closed form rather than taped: 24-26 ms, 0.35x the peak memory, and the
-cached step at 1.10x (README, "Measured").
+cached step at 1.07-1.12x over runs (README, "Measured").
 
 Notation: u = softmax(s/T), v = softmax(t/T), w = 1 at labelled pixels, M = their number.
 ``a = (u - 1/C) w`` and ``b = (v - 1/C) w`` are centred over classes (a softmax sums to 1, so its
