@@ -38,7 +38,8 @@ from typing import Any
 
 PEAK_TARGET = 0.5
 TIME_TARGET = 1.0
-# (row name, chunk_size). "reference" is kd_loss_reference, the plain-autograd baseline.
+# (row name, chunk_size). "reference" is the plain-autograd baseline (kd_loss_reference or
+# dist_loss_reference).
 KL_VARIANTS: list[tuple[str, int | None]] = [
     ("reference", None),
     ("fused", None),
@@ -46,11 +47,11 @@ KL_VARIANTS: list[tuple[str, int | None]] = [
     ("fused_chunk2", 2),
 ]
 DIST_VARIANTS: list[tuple[str, int | None]] = [("reference", None), ("fused", None)]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _variants(cfg: dict[str, Any]) -> list[tuple[str, int | None]]:
     return DIST_VARIANTS if cfg["loss"] == "dist" else KL_VARIANTS
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _current_rss_bytes() -> int:
