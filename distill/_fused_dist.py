@@ -1,12 +1,13 @@
 """DIST's loss and student gradient in two sweeps over the batch, a sample at a time.
 
 The autograd version (:func:`distill.losses.dist_loss_reference`) runs about a hundred
-logits-sized elementwise ops and reductions over the whole batch between forward and backward:
-at CamVid's 8x11x192x256 that is 56-68 ms on 2 CPU cores, and it put the cached distillation step
-at 1.25x the student's own step. Here the same quantities are computed in two sweeps over the
-batch, one sample (or a few small ones) at a time, so that the working set stays in cache, with
-the gradient written in closed form rather than taped: 24-26 ms, 0.35x the peak memory, and the
-cached step at 1.07-1.12x over runs (README, "Measured").
+logits-sized elementwise ops and reductions over the whole batch between forward and backward,
+and put the cached distillation step at 1.25x the student's own step on CamVid. Here the same
+quantities are computed in two sweeps over the batch, one sample (or a few small ones) at a time,
+so that the working set stays in cache, with the gradient written in closed form rather than
+taped: at 8x11x192x256 on 2 CPU cores, 0.57x the time and 0.35x the peak memory of the autograd
+version (``bench/kd_loss.py --loss dist``), and the cached step at 1.07-1.12x over runs
+(``bench/throughput.py``; README, "Measured").
 
 Notation: u = softmax(s/T), v = softmax(t/T), w = 1 at labelled pixels, M = their number.
 ``a = (u - 1/C) w`` and ``b = (v - 1/C) w`` are centred over classes (a softmax sums to 1, so its
