@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         miou = result["val_miou"].get(stage)
         params = result["parameters"].get(stage)
         seconds = stages.get(stage, {}).get("seconds")
+        if miou is None and seconds is None:  # the cache stage records no done.json
+            continue
         print(f"| {stage} | {'' if miou is None else f'{100 * miou:.1f}'} | "
               f"{'' if params is None else f'{params / 1e6:.1f} M'} | "
               f"{'' if seconds is None else f'{seconds:.0f}'} |")
