@@ -1,30 +1,26 @@
-"""Benchmark: what distillation gains on CamVid (issue 6's table), one command, rerunnable.
+"""Benchmark: what distillation gains on CamVid scenes no model trained on, one command, rerunnable.
 
-Arms, all from scratch with the recipe's seed, schedule and augmentation (only the loss and
-where the teacher's targets come from differ):
+The recipe validates on a held-out sequence (``data.val_split: train+val:prefix=0006R0``): the
+teacher and every student train on the other two sequences, so each score below is on unseen
+scenes, at the labels' own 360x480 (``eval.resolution: label``). Arms, all from scratch with the
+recipe's schedule and augmentation (only the loss and where the targets come from differ):
 
-- ``teacher``: the teacher checkpoint, evaluated on val.
+- ``teacher``: the teacher checkpoint (trained first with the recipe's ``teacher_train``).
 - ``baseline``: the student with CE alone (``distill train --stage baseline``).
-- ``kd_stream``: the student distilled from the teacher run on every augmented batch.
-- ``kd_cache``: the same, from the teacher's logit cache (``distill cache`` first, timed apart).
-- with ``--tune``: more cached KD arms, the loss settings tried before choosing the recipe's
-  (``TUNING`` below; chosen on val, since CamVid here has only train and val).
+- ``kd_cache`` / ``kd_stream``: the student distilled with the recipe's loss, from the logit
+  cache (``distill cache`` first, timed apart) or from the teacher run on every augmented batch.
+- ``cache/NAME`` / ``stream/NAME``: the same with the loss settings ``SETTINGS[NAME]``.
 
-Each arm runs ``python -m distill ...`` in its own folder under ``--out``; an arm whose
+Every student arm runs once per seed of ``--seeds``, in ``<out>/<arm>/seed<N>``; an arm whose
 ``arm.json`` records the same command and recipe file (sha256) is reused, so an interrupted
-benchmark picks up where it stopped. Each arm's last checkpoint is then scored with ``distill
-eval`` (per-class IoU). The headline number is the val mIoU after the last epoch (no checkpoint
-picked on val); the best epoch's is given beside it. Gap recovered = ``(kd - baseline) / (teacher - baseline)``.
+benchmark picks up where it stopped. Each arm's last checkpoint is scored with ``distill eval``
+(per-class IoU): no epoch is picked on the validation sequence. Gap recovered, per seed =
+``(kd - baseline) / (teacher - baseline)`` against the baseline of the same seed.
 
 Usage::
 
-    python bench/camvid_kd.py --teacher-checkpoint runs/camvid_cpu/teacher/best.safetensors
-    python bench/camvid_kd.py --tune --arms baseline,tuning      # the tuning sweep, cached arms
-    python bench/camvid_kd.py                                   # trains the teacher first
-
-The README's table: ``--arms baseline,kd_cache,kd_stream,tuning --kd-loss dist_T1_w2`` (with the
-teacher checkpoint); arms already run are reused, so the sweep and the final arms may be run in
-separate calls.
+    python bench/camvid_kd.py --seeds 0,1 --arms baseline,kd_cache,cache/kl_T4_w1
+    python bench/camvid_kd.py --teacher-checkpoint runs/camvid_kd/teacher/best.safetensors ...
 
 Extra ``key=value`` words override the recipe for every arm (e.g. ``train.epochs=2``).
 Results: ``bench/results/camvid_kd.json`` and a markdown table on stdout.
@@ -44,16 +40,19 @@ from pathlib import Path
 
 RECIPE = Path("recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml")
 
-# Loss settings tried on val before fixing the recipe's (each a cached KD arm with --tune).
-TUNING: dict[str, list[str]] = {
+# Loss settings an arm can name (``cache/NAME``, ``stream/NAME``).
+SETTINGS: dict[str, list[str]] = {
+    "kl_T1_w1": ["loss.kind=kl", "loss.temperature=1", "loss.kd_weight=1"],
+    "kl_T2_w1": ["loss.kind=kl", "loss.temperature=2", "loss.kd_weight=1"],
+    "kl_T4_w1": ["loss.kind=kl", "loss.temperature=4", "loss.kd_weight=1"],
+    "kl_T4_w05": ["loss.kind=kl", "loss.temperature=4", "loss.kd_weight=0.5"],
     "kl_T1_w1_correct": ["loss.kind=kl", "loss.temperature=1", "loss.kd_weight=1",
                          "loss.kd_pixels=teacher_correct"],
+    "dist_T1_w1": ["loss.kind=dist", "loss.temperature=1", "loss.kd_weight=1"],
     "dist_T1_w2": ["loss.kind=dist", "loss.temperature=1", "loss.kd_weight=2"],
     # CWD at its paper's segmentation setting (T=4, weight 3; the Cityscapes/VOC recipes' too).
     "cwd_T4_w3": ["loss.kind=cwd", "loss.temperature=4", "loss.kd_weight=3"],
 }
-# Not rerun: plain KL at T=2, weight 1, the pilot's setting in ../shared/ENVIRONMENT.md (3 points
-# below CE alone there); teacher_correct KL at T=1 above came out equal to CE alone.
 
 
 def _run(command: list[str], log: Path) -> float:
@@ -75,16 +74,15 @@ def _val_curve(metrics: Path) -> list[float]:
 
 
 def _eval(recipe: Path, out: Path, stage: str, checkpoint: Path, overrides: list[str]) -> dict:
-    """``distill eval`` of one checkpoint on val: mIoU, pixel accuracy and per-class IoU."""
+    """``distill eval`` of one checkpoint on the validation split: mIoU, accuracy, per-class IoU."""
     command = [sys.executable, "-m", "distill", "eval", str(recipe), "--stage", stage,
                f"checkpoint={checkpoint}", f"output_dir={out}", *overrides]
     _run(command, out / f"eval_{stage}.log")
-    return json.loads((out / stage / "eval_val.json").read_text())
+    return json.loads(next((out / stage).glob("eval_*.json")).read_text())
 
 
-def _arm(name: str, stage: str, recipe: Path, out: Path, overrides: list[str], force: bool) -> dict:
+def _arm(name: str, stage: str, recipe: Path, folder: Path, overrides: list[str], force: bool) -> dict:
     """Train one arm (or reuse it when its arm.json records the same command); score its end."""
-    folder = out / name
     command = [sys.executable, "-m", "distill", "train", str(recipe), "--stage", stage,
                f"output_dir={folder}", *overrides]
     record_path = folder / "arm.json"
@@ -113,8 +111,37 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
 
-def _seconds(x: float | None) -> str:
-    return "" if x is None else f"{x:.1f}"
+def _arm_overrides(arm: str, recipe_loss: list[str], cached: list[str], streamed: list[str]) -> list[str]:
+    """The overrides of a student arm's name: where its targets come from, then its loss."""
+    source, _, setting = arm.partition("/")
+    source = {"kd_cache": "cache", "kd_stream": "stream"}.get(source, source)
+    loss = SETTINGS[setting] if setting else recipe_loss
+    return [*(cached if source == "cache" else streamed), *loss]
+
+
+def _summary(arms: dict, teacher: float, seeds: list[int]) -> None:
+    """Per arm: each seed's mIoU and gain over that seed's baseline, the gap recovered."""
+    baseline = arms.get("baseline", {})
+    print("\n| arm | mIoU per seed | mean | gain per seed | gap recovered (mean) | beats baseline in every seed | s/epoch |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, runs in arms.items():
+        finals = [runs[str(s)]["final_miou"] for s in seeds if str(s) in runs]
+        row = {"mean_miou": sum(finals) / len(finals)}
+        gains = recovered = []
+        if name != "baseline" and baseline:
+            paired = [s for s in seeds if str(s) in runs and str(s) in baseline]
+            gains = [runs[str(s)]["final_miou"] - baseline[str(s)]["final_miou"] for s in paired]
+            recovered = [g / (teacher - baseline[str(s)]["final_miou"]) for g, s in zip(gains, paired)]
+            row.update(gains=gains, gap_recovered=recovered,
+                       mean_gap_recovered=sum(recovered) / len(recovered) if recovered else None,
+                       beats_baseline_every_seed=bool(gains) and min(gains) > 0)
+        runs["summary"] = row
+        epoch = [runs[str(s)]["seconds_per_epoch"] for s in seeds if str(s) in runs]
+        print(f"| {name} | {', '.join(map(_pct, finals))} | {_pct(row['mean_miou'])} | "
+              f"{', '.join(f'{100 * g:+.1f}' for g in gains)} | "
+              f"{'' if not recovered else f'{100 * sum(recovered) / len(recovered):.0f}%'} | "
+              f"{'' if not gains else ('yes' if min(gains) > 0 else 'no')} | "
+              f"{sum(epoch) / len(epoch):.1f} |")
 
 
 def main() -> None:
@@ -122,25 +149,23 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--out", type=Path, default=Path("runs/camvid_kd"))
     parser.add_argument("--teacher-checkpoint", type=Path, default=None,
-                        help="a trained teacher; without it the teacher is trained first")
-    parser.add_argument("--teacher-epochs", type=int, default=30,
-                        help="epochs of the teacher trained without --teacher-checkpoint")
-    parser.add_argument("--arms", default="baseline,kd_cache,kd_stream",
-                        help="comma-separated: baseline, kd_cache, kd_stream, tuning (every "
-                        "TUNING arm) or tune/NAME (one of them)")
-    parser.add_argument("--tune", action="store_true", help="same as adding 'tuning' to --arms")
-    parser.add_argument("--kd-loss", choices=sorted(TUNING), default=None,
-                        help="loss settings of kd_cache and kd_stream: a TUNING entry (default: "
-                        "the recipe's). kd_cache is then the same run as tune/NAME, and reuses it")
+                        help="a trained teacher; without it the teacher is trained first "
+                        "(the recipe's teacher_train schedule)")
+    parser.add_argument("--arms", default="baseline,kd_cache",
+                        help="comma-separated: baseline, kd_cache, kd_stream, cache/NAME, stream/NAME "
+                        f"(NAME one of {', '.join(SETTINGS)})")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated train.seed of every student arm")
     parser.add_argument("--force", action="store_true", help="rerun arms already done")
     parser.add_argument("--results", type=Path, default=Path("bench/results/camvid_kd.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] + (["tuning"] if args.tune else [])
-    tuning = list(TUNING) if "tuning" in arms else [a[5:] for a in arms if a.startswith("tune/")]
-    unknown = set(arms) - {"baseline", "kd_cache", "kd_stream", "tuning", *(f"tune/{n}" for n in TUNING)}
-    if unknown:
-        parser.error(f"unknown arm(s) {sorted(unknown)} in --arms")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    for arm in arms:
+        source, _, setting = arm.partition("/")
+        if arm not in ("baseline", "kd_cache", "kd_stream") and (
+                source not in ("cache", "stream") or setting not in SETTINGS):
+            parser.error(f"unknown arm '{arm}' in --arms")
     if not args.recipe.is_file():
         parser.error(f"recipe not found: {args.recipe}")
     out, common = args.out, list(args.overrides)
@@ -150,53 +175,35 @@ def main() -> None:
         teacher = out / "teacher" / "best.safetensors"
         if not teacher.is_file():
             _run([sys.executable, "-m", "distill", "train", str(args.recipe), "--stage", "teacher",
-                  f"output_dir={out}", f"train.epochs={args.teacher_epochs}", *common],
-                 out / "teacher_train.log")
+                  f"output_dir={out}", *common], out / "teacher_train.log")
     elif not teacher.is_file():
         parser.error(f"--teacher-checkpoint not found: {teacher}")
-    results: dict = {"recipe": str(args.recipe), "teacher_checkpoint": str(teacher),
+    results: dict = {"recipe": str(args.recipe), "teacher_checkpoint": str(teacher), "seeds": seeds,
                      "overrides": common, "machine": f"{platform.processor() or platform.machine()}, "
                      f"{os.cpu_count()} CPUs (torch threads as distill sets them), no GPU", "arms": {}}
-    results["arms"]["teacher"] = _eval(args.recipe, out / "teacher_eval", "teacher", teacher, common)
-    results["arms"]["teacher"].update(final_miou=results["arms"]["teacher"]["miou"])
+    teacher_scores = _eval(args.recipe, out / "teacher_eval", "teacher", teacher, common)
+    results["teacher"] = {**teacher_scores, "final_miou": teacher_scores["miou"]}
 
     with_teacher = [f"teacher.checkpoint={teacher}"]
-    cache_dir = out / "cache"
-    cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={cache_dir}"]
-    if "kd_cache" in arms or tuning:
+    cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={out / 'cache'}"]
+    streamed = [*with_teacher, "teacher.mode=stream"]
+    if any(a.startswith(("kd_cache", "cache/")) for a in arms):
         seconds = _run([sys.executable, "-m", "distill", "cache", str(args.recipe), *cached,
-                        f"output_dir={out / 'kd_cache'}", *common], out / "cache.log")
+                        f"output_dir={out / 'cache_run'}", *common], out / "cache.log")
         results["cache_seconds"] = seconds  # near 0 when the store was already complete
-    if "baseline" in arms:
-        results["arms"]["baseline"] = _arm("baseline", "baseline", args.recipe, out, common, args.force)
-    kd_loss = TUNING[args.kd_loss] if args.kd_loss else []
-    if "kd_cache" in arms:
-        folder = f"tune/{args.kd_loss}" if args.kd_loss else "kd_cache"
-        results["arms"]["kd_cache"] = _arm(folder, "student", args.recipe, out,
-                                           [*cached, *kd_loss, *common], args.force)
-    if "kd_stream" in arms:
-        results["arms"]["kd_stream"] = _arm("kd_stream", "student", args.recipe, out,
-                                            [*with_teacher, "teacher.mode=stream", *kd_loss, *common],
-                                            args.force)
-    for name in tuning:
-        results["arms"][f"tune/{name}"] = _arm(f"tune/{name}", "student", args.recipe, out,
-                                               [*cached, *TUNING[name], *common], args.force)
+    # Seed by seed, so that a shortened benchmark still has every arm of its first seeds.
+    for seed in seeds:
+        for arm in arms:
+            stage = "baseline" if arm == "baseline" else "student"
+            extra = [] if arm == "baseline" else _arm_overrides(arm, [], cached, streamed)
+            record = _arm(arm, stage, args.recipe, out / arm / f"seed{seed}",
+                          [*extra, *common, f"train.seed={seed}"], args.force)
+            results["arms"].setdefault(arm, {})[str(seed)] = record
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=2))
 
-    t_miou = results["arms"]["teacher"]["final_miou"]
-    b_miou = results["arms"].get("baseline", {}).get("final_miou")
-    print("\n| arm | val mIoU (last epoch) | best epoch | gain vs baseline | gap recovered | s/epoch |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, arm in results["arms"].items():
-        gain = recovered = None
-        if b_miou is not None and name not in ("teacher", "baseline"):
-            gain = arm["final_miou"] - b_miou
-            recovered = gain / (t_miou - b_miou) if t_miou > b_miou else None
-            arm.update(gain=gain, gap_recovered=recovered)
-        print(f"| {name} | {_pct(arm['final_miou'])} | {_pct(arm.get('best_miou'))} | "
-              f"{'' if gain is None else f'{100 * gain:+.1f}'} | "
-              f"{'' if recovered is None else f'{100 * recovered:.0f}%'} | "
-              f"{_seconds(arm.get('seconds_per_epoch'))} |")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\nteacher: {_pct(results['teacher']['final_miou'])} mIoU")
+    _summary(results["arms"], results["teacher"]["final_miou"], seeds)
     args.results.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.results}")
 

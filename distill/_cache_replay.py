@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill._io import atomic_write_text
+from distill._splits import file_safe
 
 logger = logging.getLogger("distill.cache")
 
@@ -298,6 +299,11 @@ def _split_files(fingerprint: dict[str, Any], folder: Path) -> _SplitFiles:
     return _SplitFiles(folder, specs)
 
 
+def split_folder(folder: Path, split: str) -> Path:
+    """The store's sub-folder of ``split`` (a selector made file-name safe)."""
+    return Path(folder) / file_safe(split)
+
+
 def _ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
 
@@ -310,12 +316,13 @@ def _differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
 
 def _prepare_split(recipe: Any, split: str, folder: Path, fingerprint: dict[str, Any],
                    ids: list[str]) -> str:
-    """Main process: make ``folder/split`` ready to (re)write; returns what it found."""
+    """Main process: make the split's folder ready to (re)write; returns what it found."""
+    split_dir = split_folder(folder, split)
     manifest = read_manifest(folder) or {}
     if manifest.get("layout_version") not in (None, LAYOUT_VERSION):
         manifest = {}  # another layout version: every split is rewritten
     entry = manifest.get("splits", {}).get(split)
-    files = _split_files(fingerprint, folder / split)
+    files = _split_files(fingerprint, split_dir)
     if entry is not None and entry.get("fingerprint") == fingerprint and not files.problems():
         complete = entry.get("complete") and bool(np.all(np.load(files.folder / "written.npy")))
         return "up to date" if complete else "resumed"
@@ -324,15 +331,15 @@ def _prepare_split(recipe: Any, split: str, folder: Path, fingerprint: dict[str,
         logger.warning("rewriting split '%s' of the logit cache '%s': %s", split, folder,
                        "; ".join(_differences(entry.get("fingerprint", {}), fingerprint))
                        or "damaged files")
-    shutil.rmtree(folder / split, ignore_errors=True)
-    (folder / split).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(split_dir, ignore_errors=True)
+    (split_dir).mkdir(parents=True, exist_ok=True)
     specs = {**files.specs, "written": ((len(ids),), np.dtype(np.uint8))}
     for name, (shape, dtype) in specs.items():
-        array = np.lib.format.open_memmap(folder / split / f"{name}.npy", mode="w+",
+        array = np.lib.format.open_memmap(split_dir / f"{name}.npy", mode="w+",
                                           dtype=dtype, shape=shape)
         array.flush()
         del array
-    atomic_write_text(folder / split / "index.json", json.dumps(ids) + "\n")
+    atomic_write_text(split_dir / "index.json", json.dumps(ids) + "\n")
     _set_entry(recipe, folder, split, fingerprint, complete=False)
     return state
 

@@ -70,6 +70,7 @@ from distill._cache_replay import (
     _set_entry,
     _split_files,
     read_manifest,
+    split_folder,
 )
 from distill._io import file_digest
 
@@ -167,7 +168,7 @@ class LogitStore:
         self.base_size: tuple[int, int] = tuple(fingerprint["base_size"])  # type: ignore
         self.stride: int = fingerprint["stride"]
         self.size = replay_ops.stored_size(self.base_size, self.stride)
-        self._files = _split_files(fingerprint, self.folder / split)
+        self._files = _split_files(fingerprint, split_folder(self.folder, split))
         self._arrays: dict[str, np.memmap] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -231,12 +232,12 @@ def open_store(recipe: Recipe, split: str | None = None) -> LogitStore:
             + "\n  ".join(differences)
             + "\nRerun `distill cache RECIPE` to rewrite it, or point cache.dir elsewhere."
         )
-    files = _split_files(entry["fingerprint"], folder / split)
+    files = _split_files(entry["fingerprint"], split_folder(folder, split))
     problems = files.problems()
     if problems:
         raise CacheError(f"the logit cache '{folder}' (split '{split}') is damaged: "
                          + "; ".join(problems) + ". Rerun `distill cache RECIPE` to rewrite it.")
-    written = np.load(folder / split / "written.npy", mmap_mode="r")
+    written = np.load(split_folder(folder, split) / "written.npy", mmap_mode="r")
     missing = int(written.size - np.count_nonzero(written))
     if not entry.get("complete") or missing:
         raise CacheError(
@@ -244,7 +245,7 @@ def open_store(recipe: Recipe, split: str | None = None) -> LogitStore:
             f"{written.size} samples missing): its writing was interrupted. Rerun "
             "`distill cache RECIPE` to finish it."
         )
-    index = folder / split / "index.json"
+    index = split_folder(folder, split) / "index.json"
     try:
         ids = json.loads(index.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -357,7 +358,7 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
         except Exception as caught:
             error = caught
     _stop_together(accelerator, error)  # also the barrier: the files exist before anyone opens them
-    files = _split_files(fingerprint, folder / split)
+    files = _split_files(fingerprint, split_folder(folder, split))
     arrays = files.open("r+")
     written = arrays.pop("written")
     batch_size, count = recipe.cache.batch_size, len(ids)
@@ -376,7 +377,7 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
                f"{accelerator.num_processes} process(es)")
     with make_progress(enabled=main) as progress:
         task = progress.add_task(label, total=count, completed=int(np.count_nonzero(written)),
-                                 info=str(folder / split))
+                                 info=str(split_folder(folder, split)))
         loaded = iter(loader)
         # As many turns on every process (the last may have no batch): each ends with the check
         # that every process joins.
@@ -415,14 +416,14 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
     error = None
     if main:
         problems = files.problems()
-        flags = np.load(folder / split / "written.npy", mmap_mode="r")
+        flags = np.load(split_folder(folder, split) / "written.npy", mmap_mode="r")
         if problems or not bool(np.all(flags)):
             error = CacheError(f"logit cache split '{split}' is not complete after writing: "
                                + ("; ".join(problems) or f"{int(np.count_nonzero(flags == 0))} "
                                   "samples missing"))
         else:
             _set_entry(recipe, folder, split, fingerprint, complete=True)
-            report(f"{label}: {count} samples stored in {folder / split}")
+            report(f"{label}: {count} samples stored in {split_folder(folder, split)}")
     _stop_together(accelerator, error)
 
 

@@ -141,7 +141,7 @@ def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]
         elif args.command == "compare":
             from distill.compare import compare
 
-            compare(recipe, recipe.eval.split)
+            compare(recipe, recipe.eval_split)
         elif args.command == "export":
             from distill.export import export_student
 

@@ -146,7 +146,8 @@ def compare(recipe: Recipe, split: str = "val", *, latency_runs: int = 20, warmu
     info = dataset_info(recipe.data)
     models = {name: _build(recipe, name, path, info).to(accelerator.device)
               for name, path in checkpoints.items()}
-    loader = accelerator.prepare(build_loader(recipe.data, split, train=False, seed=recipe.train.seed))
+    loader = accelerator.prepare(build_loader(recipe.data, split, train=False, seed=recipe.train.seed,
+                                              label_resolution=recipe.eval.resolution == "label"))
     scores = {name: evaluate(model, loader, accelerator, num_classes=info.num_classes,
                              ignore_index=info.ignore_index, progress_label=f"eval {name} on {split}")
               for name, model in models.items()}

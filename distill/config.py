@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -19,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill._io import atomic_write_text  # re-exported: callers write run files through it
+from distill._splits import parse_split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,8 +55,17 @@ class DataConfig(_Section):
         None, description="required for `folder`; optional elsewhere to rename classes"
     )
     ignore_index: int = Field(255, ge=0, description="label value excluded from loss and metrics")
-    train_split: str = Field("train", description="split the model is trained on")
-    val_split: str = Field("val", description="split evaluated during training")
+    train_split: str = Field(
+        "train", description="split the model is trained on; `a+b` pools splits (see Held-out groups)"
+    )
+    val_split: str = Field(
+        "val", description="split evaluated during training, or a held-out group such as "
+        "`train+val:prefix=0006R0`, `...:list=FILE`, `...:fold=K/N` (removed from train_split)"
+    )
+    group_pattern: str = Field(
+        "^[^_]+", description="regex whose first match in a file name is its group (fold=K/N); "
+        "default: the name up to the first `_` (a CamVid sequence, a Cityscapes city)"
+    )
     resize: tuple[int, int] | None = Field(
         None, description="(height, width) every image is resized to before augmentation and eval"
     )
@@ -76,6 +87,21 @@ class DataConfig(_Section):
     synthetic: SyntheticConfig = Field(
         default_factory=SyntheticConfig, description="the built-in dataset's settings"
     )
+
+    @field_validator("train_split", "val_split")
+    @classmethod
+    def _split_syntax(cls, value: str) -> str:
+        parse_split(value)  # a SplitError is a ValueError: pydantic names the key
+        return value
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"'{value}' is not a regular expression ({error})") from None
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -153,8 +179,17 @@ class CacheConfig(_Section):
     dtype: Literal["fp16", "int8"] = Field(
         "fp16", description="stored value type; int8: uint8 codes with a per-pixel fp16 zero point and scale"
     )
-    splits: list[str] = Field(default_factory=lambda: ["train"], description="splits to cache")
+    splits: list[str] = Field(
+        default_factory=lambda: ["train"], description="splits (or selectors, as data.train_split) to cache"
+    )
     batch_size: int = Field(8, ge=1, description="teacher batch size while caching")
+
+    @field_validator("splits")
+    @classmethod
+    def _split_syntax(cls, value: list[str]) -> list[str]:
+        for split in value:
+            parse_split(split)
+        return value
 
 
 class LossConfig(_Section):
@@ -222,8 +257,22 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """Evaluation of a trained model (``distill eval``)."""
 
-    split: str = Field("val", description="dataset split to evaluate")
+    split: str | None = Field(
+        None, description="split (or selector) `distill eval` and `distill compare` score; "
+        "default: data.val_split"
+    )
     checkpoint: Path | None = Field(None, description="defaults to the run's best checkpoint")
+    resolution: Literal["label", "frame"] = Field(
+        "label", description="label: logits resized to each mask's own size before the argmax "
+        "(as published scores are); frame: masks resized to data.resize (faster, not comparable)"
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _split_syntax(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_split(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -263,6 +312,11 @@ class Recipe(_Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    teacher_train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`train` keys that differ for the teacher stage (e.g. `{epochs: 40}`): a "
+        "teacher worth learning from usually needs a longer schedule than its students",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     run: RunConfig = Field(default_factory=RunConfig)
@@ -290,6 +344,14 @@ class Recipe(_Section):
                     f"teacher.mode 'cache' trains on '{self.data.train_split}' but cache.splits "
                     f"is {self.cache.splits}"
                 )
+        if self.teacher_train:
+            try:
+                self.teacher_schedule()
+            except ValidationError as error:
+                first = error.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"teacher_train.{where}: {first['msg'].lower()} "
+                                 f"(got {first.get('input')!r})") from None
         from distill.data import dataset_info  # late: distill.data imports this module
 
         num_classes = dataset_info(self.data).num_classes  # from the layout; reads no image
@@ -304,12 +366,32 @@ class Recipe(_Section):
             )
         return self
 
+    @field_validator("teacher_train")
+    @classmethod
+    def _teacher_schedule_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        valid = sorted(TrainConfig.model_fields)
+        for key in value:
+            if key not in TrainConfig.model_fields:
+                close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(valid)}"
+                raise ValueError(f"'{key}' is not a `train` key{hint}")
+        return value
+
+    def teacher_schedule(self) -> TrainConfig:
+        """``train`` with the ``teacher_train`` keys applied: the teacher stage's schedule."""
+        return TrainConfig.model_validate({**self.train.model_dump(), **self.teacher_train})
+
     @property
     def student_model(self) -> ModelConfig:
         """The model being trained: ``student``, or ``model`` in single-model recipes."""
         spec = self.student if self.student is not None else self.model
         assert spec is not None  # guaranteed by _check
         return spec
+
+    @property
+    def eval_split(self) -> str:
+        """The split evaluation and comparison score: ``eval.split``, else ``data.val_split``."""
+        return self.eval.split or self.data.val_split
 
     @property
     def distills(self) -> bool:

@@ -3,7 +3,9 @@
 A batch is a dict ``{image, mask, index, geometry}``:
 
 - ``image`` float32 [B, 3, H, W], RGB in [0, 1] normalised with ``data.mean``/``data.std``;
-- ``mask`` int64 [B, H, W], classes ``0..num_classes-1`` and ``data.ignore_index``;
+- ``mask`` int64 [B, H, W], classes ``0..num_classes-1`` and ``data.ignore_index``; for
+  evaluation at the label's resolution (``eval.resolution: label``) each mask keeps its file's
+  size, padded with ``ignore_index`` to the batch's largest, and ``label_size`` [B, 2] gives it;
 - ``index`` int64 [B], each sample's index in its dataset;
 - ``geometry`` the joint geometric transform of every sample, so that teacher logits stored for
   the un-augmented image can be replayed onto the batch:
@@ -50,6 +52,7 @@ from distill._datasets import (
     SyntheticShapes,
     label_colormap,
 )
+from distill._splits import SplitError, SplitSelector, parse_split, select
 from distill.config import DataConfig
 
 __all__ = [
@@ -171,11 +174,14 @@ class SegmentationDataset(Dataset):
     ``index`` says which), so an epoch keeps its length; evaluation then counts that one twice.
     """
 
-    def __init__(self, source: SampleSource, data: DataConfig, *, train: bool, seed: int = 0
-                 ) -> None:
+    def __init__(self, source: SampleSource, data: DataConfig, *, train: bool, seed: int = 0,
+                 label_resolution: bool = False) -> None:
         self.source = source
         self.data = data
         self.train = train
+        # Eval only: masks at their own size (not resized to data.resize), for scoring at the
+        # label's resolution as published numbers are; ``label_size`` then says each one's size.
+        self.label_resolution = label_resolution and not train
         self.seed = seed % (1 << 64)  # SeedSequence wants non-negative entropy
         # A shared-memory scalar, not an int: forked persistent workers keep their copy of the
         # dataset for the whole run, and must still see the epoch the main process sets.
@@ -202,11 +208,13 @@ class SegmentationDataset(Dataset):
         return self.source.sample_id(index)
 
     def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The sample resized to the base frame: uint8 image [H, W, 3], int64 mask [H, W]."""
+        """The sample resized to the base frame: uint8 image [H, W, 3], int64 mask [H, W]
+        (with ``label_resolution``, the mask keeps its own size)."""
         image, mask = self.source.load(index)
         if self.data.resize is not None:
             image = _resize_image(image, self.data.resize)
-            mask = resize_nearest(mask, self.data.resize)
+            if not self.label_resolution:
+                mask = resize_nearest(mask, self.data.resize)
         return image, mask
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -217,9 +225,9 @@ class SegmentationDataset(Dataset):
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             return self._train_item(image, mask, index, rng)
+        frame = image.shape[:2]
         return self._item(self._normalise(image.astype(np.float32) / 255.0), mask, index,
-                          scale=1.0, scaled=mask.shape, box=(0, 0, *mask.shape), flip=False,
-                          base=mask.shape)
+                          scale=1.0, scaled=frame, box=(0, 0, *frame), flip=False, base=frame)
 
     def _load_good(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Load ``index``, or with ``skip_bad_files`` the next readable sample after a bad one."""
@@ -280,6 +288,7 @@ class SegmentationDataset(Dataset):
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)),
+            "label_size": torch.tensor(mask.shape, dtype=torch.int64),
             "index": index,
             "geometry": {
                 "base_size": torch.tensor(base, dtype=torch.int64),
@@ -295,23 +304,88 @@ class SegmentationDataset(Dataset):
 # Building datasets and loaders
 
 
-def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0
-                  ) -> SegmentationDataset:
-    """The ``split`` of ``data.dataset`` with the train (random) or eval (deterministic) transform.
+def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0,
+                  label_resolution: bool = False) -> SegmentationDataset:
+    """The samples ``split`` selects, with the train (random) or eval (deterministic) transform.
+
+    ``split`` is a selector (``val``, ``train+val``, ``train+val:prefix=0006R0``; see
+    :mod:`distill._splits`). The training split never holds a sample of a held-out group: when
+    ``data.val_split`` selects a group, its samples are removed from ``data.train_split``.
+    ``label_resolution`` (eval only) keeps each mask at its own size, see ``eval.resolution``.
 
     Raises:
-        DataError: a missing or empty folder, unpaired files, or a bad ``class_names``.
+        DataError: a missing or empty folder, unpaired files, a bad ``class_names``, or a
+            selector that selects nothing.
     """
+    selector = _parse(split, "split")
+    source = _select(data, selector)
+    if split == data.train_split and split != data.val_split:
+        held_out = _parse(data.val_split, "data.val_split")
+        if held_out.is_group and set(held_out.splits) & set(selector.splits):
+            source = _without(source, _select(data, held_out), split, held_out.text)
+    return SegmentationDataset(source, data, train=train, seed=seed, label_resolution=label_resolution)
+
+
+def _parse(split: str, what: str) -> SplitSelector:
+    try:
+        return parse_split(split)
+    except SplitError as error:
+        raise DataError(f"{what}: {error}") from None
+
+
+def _layout_split(data: DataConfig, split: str) -> SampleSource:
     if data.dataset == "synthetic":
-        source: SampleSource = SyntheticShapes(data.synthetic, split, max_samples=data.max_samples)
-    else:
-        if data.root is None:
-            raise DataError(f"dataset '{data.dataset}' needs data.root")
-        source = FILE_SOURCES[data.dataset](
-            data.root, split, ignore_index=data.ignore_index, max_samples=data.max_samples,
-            class_names=data.class_names,
-        )
-    return SegmentationDataset(source, data, train=train, seed=seed)
+        return SyntheticShapes(data.synthetic, split, max_samples=data.max_samples)
+    if data.root is None:
+        raise DataError(f"dataset '{data.dataset}' needs data.root")
+    return FILE_SOURCES[data.dataset](
+        data.root, split, ignore_index=data.ignore_index, max_samples=data.max_samples,
+        class_names=data.class_names,
+    )
+
+
+def _select(data: DataConfig, selector: SplitSelector) -> SampleSource:
+    parts = [_layout_split(data, name) for name in selector.splits]
+    if len(parts) == 1 and not selector.is_group:
+        return parts[0]  # the common case keeps the layout's own source
+    rows = [(part, k) for part in parts for k in range(len(part))]
+    try:
+        kept = select(selector, [part.sample_id(k) for part, k in rows],
+                      group_pattern=data.group_pattern)
+    except SplitError as error:
+        raise DataError(str(error)) from None
+    return _Subset([rows[k] for k in kept])
+
+
+def _without(source: SampleSource, held_out: SampleSource, split: str, held_text: str
+             ) -> SampleSource:
+    excluded = {held_out.sample_id(k) for k in range(len(held_out))}
+    rows = [(source, k) for k in range(len(source)) if source.sample_id(k) not in excluded]
+    if not rows:
+        raise DataError(f"data.train_split '{split}' has no sample left once the held-out "
+                        f"data.val_split '{held_text}' is removed")
+    if len(rows) < len(source):
+        logger.info("%s: %d of %d samples held out by data.val_split %s", split,
+                    len(source) - len(rows), len(source), held_text)
+    return _Subset(rows)
+
+
+class _Subset:
+    """Chosen samples of one or more sources, in order (a pooled or grouped split)."""
+
+    def __init__(self, rows: list[tuple[SampleSource, int]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample_id(self, index: int) -> str:
+        source, k = self.rows[index]
+        return source.sample_id(k)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        source, k = self.rows[index]
+        return source.load(k)
 
 
 def collate_batch(items: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
@@ -323,28 +397,33 @@ def collate_batch(items: list[dict[str, Any]], ignore_index: int = 255) -> dict[
     height = max(item["image"].shape[1] for item in items)
     width = max(item["image"].shape[2] for item in items)
     images = torch.zeros(len(items), 3, height, width, dtype=torch.float32)
-    masks = torch.full((len(items), height, width), ignore_index, dtype=torch.int64)
+    # Masks are padded on their own: at the label's resolution they need not match the image.
+    mask_h = max(item["mask"].shape[0] for item in items)
+    mask_w = max(item["mask"].shape[1] for item in items)
+    masks = torch.full((len(items), mask_h, mask_w), ignore_index, dtype=torch.int64)
     for row, item in enumerate(items):
         _, h, w = item["image"].shape
         images[row, :, :h, :w] = item["image"]
-        masks[row, :h, :w] = item["mask"]
+        masks[row, : item["mask"].shape[0], : item["mask"].shape[1]] = item["mask"]
     geometry = {key: torch.stack([item["geometry"][key] for item in items])
                 for key in items[0]["geometry"]}
     return {
         "image": images,
         "mask": masks,
+        "label_size": torch.stack([item["label_size"] for item in items]),
         "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
         "geometry": geometry,
     }
 
 
-def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0) -> DataLoader:
+def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0,
+                 label_resolution: bool = False) -> DataLoader:
     """A plain DataLoader over :func:`build_dataset` (ready for ``accelerator.prepare``).
 
     Training loaders shuffle with a generator seeded from ``seed`` and drop the last partial
     batch; evaluation loaders keep the order and every sample.
     """
-    dataset = build_dataset(data, split, train=train, seed=seed)
+    dataset = build_dataset(data, split, train=train, seed=seed, label_resolution=label_resolution)
     batch_size = data.batch_size if train else (data.eval_batch_size or data.batch_size)
     if train and len(dataset) < batch_size:
         raise DataError(

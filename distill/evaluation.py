@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from distill._splits import file_safe
 from distill.config import Recipe, atomic_write_text
 from distill.data import build_loader, dataset_info
 from distill.metrics import SegmentationScores, evaluate
@@ -24,7 +25,7 @@ def default_checkpoint(recipe: Recipe, stage: Stage) -> Path:
 
 
 def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:
-    """Evaluate a stage's checkpoint on ``recipe.eval.split``; returns the scores and JSON path."""
+    """Evaluate a stage's checkpoint on ``recipe.eval_split``; returns the scores and JSON path."""
     checkpoint = default_checkpoint(recipe, stage)
     accelerator = make_accelerator(recipe)
     info = dataset_info(recipe.data)
@@ -32,18 +33,19 @@ def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[Segme
     model = build_model(spec, info.num_classes)
     if stage == "teacher":  # an external teacher may expect its own mean/std (teacher.mean/std)
         model = with_teacher_normalization(model, recipe)
-    loader = build_loader(recipe.data, recipe.eval.split, train=False, seed=recipe.train.seed)
+    loader = build_loader(recipe.data, recipe.eval_split, train=False, seed=recipe.train.seed,
+                          label_resolution=recipe.eval.resolution == "label")
     model, loader = accelerator.prepare(model, loader)
     scores = evaluate(
         model, loader, accelerator, num_classes=info.num_classes, ignore_index=info.ignore_index,
-        progress_label=f"eval {stage} on {recipe.eval.split}",
+        progress_label=f"eval {stage} on {recipe.eval_split}",
     )
-    out = Path(recipe.output_dir) / stage / f"eval_{recipe.eval.split}.json"
+    out = Path(recipe.output_dir) / stage / f"eval_{file_safe(recipe.eval_split)}.json"
     if accelerator.is_main_process:
-        report = {"stage": stage, "split": recipe.eval.split, "checkpoint": str(checkpoint),
+        report = {"stage": stage, "split": recipe.eval_split, "checkpoint": str(checkpoint),
                   **scores.as_dict(info.class_names)}
         atomic_write_text(out, json.dumps(report, indent=2))
-        console.print(scores_table(scores, info.class_names, f"{stage} on {recipe.eval.split}"))
+        console.print(scores_table(scores, info.class_names, f"{stage} on {recipe.eval_split}"))
         console.print(f"wrote {out}")
     return scores, out
 

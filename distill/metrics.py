@@ -83,6 +83,33 @@ def scores_from_confusion(confusion: torch.Tensor) -> SegmentationScores:
     return SegmentationScores(miou, pixel_accuracy, iou.tolist(), confusion.long())
 
 
+def _predict_at_label_size(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Argmax of the logits at each mask's own size, in a tensor shaped like the padded masks.
+
+    Each sample's logits are first cut to its frame (the batch pads smaller images at the
+    bottom/right; a model with an output stride pads proportionally less), then resized.
+    """
+    mask = batch["mask"]
+    sizes = batch.get("label_size", torch.tensor([mask.shape[-2:]] * mask.shape[0]))
+    frames = batch["geometry"]["base_size"] if "geometry" in batch else sizes
+    if bool((frames == frames[0]).all()) and bool((sizes == sizes[0]).all()):
+        rows = [slice(None)]  # one frame and one label size: the whole batch at once
+    else:
+        rows = [slice(row, row + 1) for row in range(mask.shape[0])]
+    prediction = torch.zeros_like(mask)
+    in_h, in_w = batch["image"].shape[-2:] if "image" in batch else logits.shape[-2:]
+    for row in rows:
+        first = row.start or 0
+        h, w = (int(v) for v in frames[first])
+        lh, lw = (int(v) for v in sizes[first])
+        part = logits[row, :, : -(-h * logits.shape[-2] // in_h), : -(-w * logits.shape[-1] // in_w)]
+        if part.shape[-2:] != (lh, lw):
+            part = torch.nn.functional.interpolate(part.float(), size=(lh, lw), mode="bilinear",
+                                                   align_corners=False)
+        prediction[row, :lh, :lw] = part.argmax(1)
+    return prediction
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -95,8 +122,8 @@ def evaluate(
 ) -> SegmentationScores:
     """Evaluate ``model`` on a prepared loader, summing confusion matrices across processes.
 
-    Logits are resized to the label's size when the model's output differs (bilinear), so models
-    with output strides other than 1 are scored at the label resolution.
+    Logits are resized (bilinear) to each label's own size before the argmax when they differ,
+    so a model is scored at the label's resolution whatever its input size or output stride.
     """
     from distill.models import forward_padded
     from distill.progress import track  # late import: rich is only needed here for the bar
@@ -108,11 +135,8 @@ def evaluate(
         with accelerator.autocast():
             logits = forward_padded(model, batch["image"])
         mask = batch["mask"]
-        if logits.shape[-2:] != mask.shape[-2:]:
-            logits = torch.nn.functional.interpolate(
-                logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False
-            )
-        counts = per_sample_confusion(logits.argmax(1), mask, num_classes, ignore_index)
+        counts = per_sample_confusion(_predict_at_label_size(logits, batch), mask, num_classes,
+                                      ignore_index)
         total += accelerator.gather_for_metrics(counts).sum(0)
     model.train(was_training)
     return scores_from_confusion(total.cpu().reshape(num_classes, num_classes))

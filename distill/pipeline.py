@@ -56,6 +56,7 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     plain_ce = {"class_weights": recipe.loss.class_weights}  # teacher and baseline: CE alone
     output = Path(recipe.output_dir)
     if stage == "teacher":
+        schedule = recipe.teacher_schedule().model_dump(mode="json", exclude=_RUN_ONLY_TRAIN)
         teacher = recipe.teacher.model_dump(mode="json", exclude={"mode", "mean", "std", "checkpoint", "compile"})
         return _digest({"data": data, "train": schedule, "model": teacher, "loss": plain_ce})
     student = recipe.student_model.model_dump(mode="json")
@@ -172,7 +173,7 @@ def _report_stage(recipe: Recipe, stage: str, main: bool) -> float | None:
     if stage == "compare":  # collective: every process evaluates its share
         from distill.compare import compare
 
-        report = compare(recipe, recipe.eval.split)
+        report = compare(recipe, recipe.eval_split)
         return report.get("models", {}).get("student", {}).get("miou")
     if main:  # one export, not one per process
         from distill.export import export_student

@@ -139,6 +139,8 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
     checkpoint so that ``distill run`` resumes only a checkpoint of the same inputs.
     """
     run_dir = Path(recipe.output_dir) / stage
+    if stage == "teacher" and recipe.teacher_train:
+        recipe = recipe.model_copy(update={"train": recipe.teacher_schedule(), "teacher_train": {}})
     cfg = recipe.train
     if cfg.cpu_malloc_tuning and not torch.cuda.is_available():
         tune_cpu_malloc()  # before the first large allocation; see distill/_malloc.py
@@ -163,7 +165,8 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
                                 class_weights=recipe.loss.class_weights)
 
     train_loader = build_loader(recipe.data, recipe.data.train_split, train=True, seed=cfg.seed)
-    val_loader = build_loader(recipe.data, recipe.data.val_split, train=False, seed=cfg.seed)
+    val_loader = build_loader(recipe.data, recipe.data.val_split, train=False, seed=cfg.seed,
+                              label_resolution=recipe.eval.resolution == "label")
     optimizer = build_optimizer(model, recipe)
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader

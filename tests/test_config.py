@@ -126,3 +126,22 @@ def test_loader_worker_errors_lose_the_worker_traceback():
     )
     assert error_message(wrapped) == "image '/d/a.png' is corrupt"
     assert error_message(DataError("plain message")) == "plain message"
+
+
+def test_teacher_train_overrides_only_the_teacher_schedule(tmp_path):
+    from distill.pipeline import stage_fingerprint
+
+    tree = {"student": {}, "teacher": {}, "train": {"epochs": 3, "lr": 0.01}}
+    path = write(tmp_path, tree)
+    plain = load_recipe(path)
+    longer = load_recipe(path, ["teacher_train.epochs=9"])
+    assert longer.teacher_schedule().epochs == 9 and longer.teacher_schedule().lr == 0.01
+    assert longer.train.epochs == 3  # the students keep theirs
+    assert plain.teacher_schedule() == plain.train
+    # A longer teacher is another teacher; the students' stages do not change.
+    assert stage_fingerprint(longer, "teacher") != stage_fingerprint(plain, "teacher")
+    assert stage_fingerprint(longer, "baseline") == stage_fingerprint(plain, "baseline")
+    with pytest.raises(RecipeError, match="teacher_train: 'epoch' is not a `train` key; did you mean 'epochs'"):
+        load_recipe(path, ["teacher_train.epoch=9"])
+    with pytest.raises(RecipeError, match=r"teacher_train.epochs: input should be greater than or equal to 1 \(got 0\)"):
+        load_recipe(path, ["teacher_train.epochs=0"])

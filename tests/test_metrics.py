@@ -63,3 +63,46 @@ def test_per_sample_confusion_sums_to_the_batch_matrix():
     assert torch.equal(per_sample.sum(0).reshape(4, 4), confusion_matrix(prediction, target, 4, 255))
     for i in range(5):
         assert torch.equal(per_sample[i].reshape(4, 4), confusion_matrix(prediction[i], target[i], 4, 255))
+
+
+@pytest.mark.parametrize("sizes", [[(12, 16)] * 3, [(12, 16), (9, 20), (15, 11)]])
+def test_label_resolution_scores_each_mask_at_its_own_size(tmp_path, sizes):
+    """evaluate() against a direct reference: logits of the resized image, resized (bilinear)
+    to each file's own mask size, argmax, torchmetrics' confusion matrix over all pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from distill.config import DataConfig
+    from distill.data import build_dataset, build_loader
+    from distill.metrics import evaluate
+    from distill.models import forward_padded
+    from distill.train import make_accelerator
+    from helpers import TinySegmenter, tiny_recipe
+
+    rng = np.random.default_rng(0)
+    for k, (h, w) in enumerate(sizes):
+        for folder, array in (("images", rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+                              ("masks", rng.choice([0, 1, 2, 255], (h, w)).astype(np.uint8))):
+            (tmp_path / folder / "val").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(tmp_path / folder / "val" / f"s{k}.png")
+    data = DataConfig(dataset="folder", root=tmp_path, class_names=["a", "b", "c"], resize=(6, 8),
+                      num_workers=0, batch_size=2)
+    torch.manual_seed(0)
+    model = TinySegmenter(3, batch_norm=False).eval()
+    accelerator = make_accelerator(tiny_recipe(tmp_path / "run"))
+    loader = build_loader(data, "val", train=False, label_resolution=True)
+    scores = evaluate(model, loader, accelerator, num_classes=3, ignore_index=255)
+
+    frame = build_dataset(data, "val", train=False)
+    reference = MulticlassConfusionMatrix(num_classes=3, ignore_index=255)
+    for k, (h, w) in enumerate(sizes):
+        with torch.no_grad():
+            logits = forward_padded(model, frame[k]["image"][None])  # as every distill eval runs
+        logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        mask = torch.from_numpy(np.array(Image.open(tmp_path / "masks" / "val" / f"s{k}.png"))).long()
+        reference.update(logits.argmax(1), mask[None])
+    assert torch.equal(scores.confusion, reference.compute())
+    assert (scores.confusion.sum(0) > 0).sum() >= 2  # the model predicts more than one class
+    # The frame-resolution score counts 6x8 pixels per image instead.
+    coarse = evaluate(model, build_loader(data, "val", train=False), accelerator, num_classes=3, ignore_index=255)
+    assert int(coarse.confusion.sum()) <= 48 * len(sizes) < int(scores.confusion.sum())

@@ -84,3 +84,25 @@ def test_settings_that_only_change_the_run_keep_stages_up_to_date(tmp_path):
     relaxed = tiny_recipe(tmp_path, **{"train.epochs": 1, "run.export": "false", "data.num_workers": 1,
                                        "train.log_every_steps": 3, "train.cpu_malloc_tuning": "false"})
     assert statuses(run_pipeline(relaxed)) == {"student": "up to date"}
+
+
+def test_held_out_group_and_teacher_schedule_through_the_cache(tmp_path):
+    # Validation on a fold of the pooled splits (groups: the last digit of a sample's name), a
+    # teacher trained longer than its student, targets from the cache.
+    recipe = tiny_recipe(tmp_path, teacher=True, **CACHED, **{
+        "data.train_split": "train+val", "data.val_split": "train+val:fold=0/4",
+        "data.group_pattern": "'\\d$'", "cache.splits": "[train+val]", "teacher_train.epochs": 3,
+        "train.epochs": 1, "run.baseline": "false", "run.export": "false", "run.compare": "false"})
+    statuses(run_pipeline(recipe))
+    epochs = {stage: sum("val_miou" in json.loads(line) for line in
+                         (tmp_path / stage / "metrics.jsonl").read_text().splitlines())
+              for stage in ("teacher", "student")}
+    assert epochs == {"teacher": 3, "student": 1}
+    from distill._cache_replay import split_folder
+    from distill.data import build_dataset
+
+    held_out = build_dataset(recipe.data, recipe.data.val_split, train=False)
+    val_ids = {held_out.sample_id(i) for i in range(len(held_out))}
+    assert {name[-1] for name in val_ids} == {"0", "4", "8"}
+    cached = json.loads((split_folder(tmp_path / "cache", "train+val") / "index.json").read_text())
+    assert len(cached) == 24 + 13 - len(val_ids) and not val_ids & set(cached)
