@@ -208,7 +208,7 @@ def measure_speed(recipe: Any, rounds: int, batches: int, seed: int) -> dict[str
     from distill.losses import DistillLoss, kd_loss
     from distill.models import build_model
     from distill.teacher import load_teacher
-    from distill.train import build_optimizer
+    from distill.training import build_optimizer
 
     info = dataset_info(recipe.data)
     torch.manual_seed(seed)

@@ -46,7 +46,7 @@ Measured, with targets:
    an idle machine PASSIVE made the student step ~1.3x slower (0.57 vs 0.43 s); the ratios
    (targets) came out the same within noise either way.
 
-The training step is the one of ``distill.train.train`` (an Accelerator, ``DistillLoss``,
+The training step is the one of ``distill.training.train`` (an Accelerator, ``DistillLoss``,
 ``accelerator.autocast``/``backward``, the finite-loss check (inlined: the private helper's
 signature is in flux), AdamW and the scheduler), on batches from ``build_loader``. The main
 process calls ``tune_cpu_malloc()`` as training does.
@@ -196,7 +196,7 @@ def preload(recipe: Any, count: int, seed: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# the training step (the loop body of distill.train.train)
+# the training step (the loop body of distill.training.train)
 
 
 class Trainer:
@@ -208,7 +208,8 @@ class Trainer:
         from distill.data import dataset_info
         from distill.losses import DistillLoss
         from distill.models import build_model
-        from distill.train import build_optimizer, build_scheduler, make_accelerator
+        from distill.launch import make_accelerator
+        from distill.training import build_optimizer, build_scheduler
 
         self.recipe = recipe
         info = dataset_info(recipe.data)
@@ -247,7 +248,7 @@ class Trainer:
                 if criterion is None:
                     criterion = self.distill if teacher is not None else self.plain
                 parts = criterion(student_logits, batch["mask"], teacher_logits)
-            # distill.train._check_finite: one host sync on the loss (reduced across processes
+            # distill.training._check_finite: one host sync on the loss (reduced across processes
             # there; a single process here)
             if not torch.isfinite(parts["loss"].detach()).item():
                 raise RuntimeError(f"non-finite loss: {parts}")
@@ -854,7 +855,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import distill  # noqa: F401  (first: the torchvision compatibility step)
     from distill._malloc import tune_cpu_malloc
 
-    applied = tune_cpu_malloc()  # as distill.train.train does on CPU (train.cpu_malloc_tuning)
+    applied = tune_cpu_malloc()  # as distill.training.train does on CPU (train.cpu_malloc_tuning)
     import torch
 
     torch.set_num_threads(THREADS)

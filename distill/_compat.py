@@ -11,23 +11,27 @@ ops that file needs (``nms`` and ``qnms``) before torchvision is imported. Model
 the pure-Python ops then work; C++-only ops (``nms``, ``torchvision.io`` decoders) still raise
 their own errors when called, which distill never does (images are decoded with PIL).
 Where torchvision is healthy, or already imported, this does nothing.
+
+``import distill`` only installs :class:`_BeforeTorchvision`, an import hook that runs the check
+the first time anything imports torchvision, so that ``import distill`` itself (and ``distill
+predict``, which needs only onnxruntime) imports no torch.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
-
-import torch
+from typing import Any
 
 _SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
-_shim_library: torch.library.Library | None = None  # kept alive: dropping it unregisters the ops
+_shim_library: Any = None  # a torch.library.Library, kept alive: dropping it unregisters the ops
 shim_applied = False
 
 
@@ -59,6 +63,8 @@ def ensure_torchvision_importable() -> None:
     path = _extension_path()
     if path is None or _extension_loads(path):
         return
+    import torch
+
     if hasattr(torch.ops.torchvision, "nms"):  # someone else already declared them
         return
     library = torch.library.Library("torchvision", "FRAGMENT")
@@ -66,3 +72,20 @@ def ensure_torchvision_importable() -> None:
         library.define(schema)
     _shim_library = library
     shim_applied = True
+
+
+class _BeforeTorchvision(importlib.abc.MetaPathFinder):
+    """Runs :func:`ensure_torchvision_importable` just before the first ``import torchvision``."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "torchvision":
+            sys.meta_path.remove(self)  # first: the check itself looks torchvision up
+            ensure_torchvision_importable()
+        return None  # the normal finders import it
+
+
+def install_torchvision_hook() -> None:
+    """Arrange for the check to run before torchvision is first imported (no torch import now)."""
+    if "torchvision" in sys.modules or any(isinstance(f, _BeforeTorchvision) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _BeforeTorchvision())

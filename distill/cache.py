@@ -322,7 +322,7 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     """
     from distill.data import dataset_info
     from distill.teacher import load_teacher
-    from distill.train import make_accelerator
+    from distill.launch import make_accelerator
 
     stream = _stream_recipe(recipe)
     base_size(stream)

@@ -15,7 +15,7 @@ from typing import NoReturn
 from distill.config import RecipeError, load_recipe, recipe_to_yaml
 from rich.text import Text
 
-from distill.progress import console, is_launch_main
+from distill.progress import console
 
 STAGES = ("teacher", "baseline", "student")
 # Bare `name=value` words each subcommand accepts as shorthands for recipe keys.
@@ -91,33 +91,36 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(args.overrides) + extra
+    # Not at the top: `distill predict` above must run without torch.
     from distill.cache import CacheError
-    from distill.compare import CompareError
+    from distill.comparison import CompareError
+    from distill.launch import TrainingError, end_launched_process, in_process_group
     from distill.data import DataError
     from distill.export import ExportError
     from distill.models import ModelError
-    from distill.train import TrainingError
 
     expected = (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError)
     try:
         code = _run_command(args, expected)
     except BaseException:
-        if not _in_process_group():
+        if not in_process_group():
             raise
         traceback.print_exc()  # os._exit below would drop the interpreter's own report
         code = 1
-    if _in_process_group():
+    if in_process_group():
         end_launched_process(code)
     return code
 
 
 def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]) -> int:
+    from distill.launch import is_launch_main
+
     try:
         recipe = load_recipe(args.recipe, _expand_shorthands(args.command, args.overrides))
         if args.command == "recipe":
             print(recipe_to_yaml(recipe), end="")
         elif args.command == "train":
-            from distill.train import train
+            from distill.training import train
 
             result = train(recipe, args.stage)
             console.print(
@@ -139,7 +142,7 @@ def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]
             if is_launch_main():
                 console.print(f"[green]done[/]: logit store in {store}")
         elif args.command == "compare":
-            from distill.compare import compare
+            from distill.comparison import compare
 
             compare(recipe, recipe.eval_split)
         elif args.command == "export":
@@ -155,34 +158,6 @@ def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]
             console.print("(set DISTILL_DEBUG=1 to see the traceback)", highlight=False)
         return 2
     return 0
-
-
-def _in_process_group() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def end_launched_process(code: int = 0) -> NoReturn:
-    """End a process of a multi-process launch now, without the interpreter's teardown.
-
-    For scripts of your own that call distill under ``accelerate launch``: call it last.
-
-    A gloo worker thread releases a finished collective's tensors a moment after the caller's
-    wait returns; if the interpreter is finalizing by then, the thread cannot take the GIL and
-    the process aborts ("terminate called without an active exception", SIGABRT) after all its
-    work is done, which fails the whole launch. destroy_process_group() does not join those
-    threads (torch 2.13), so the only safe way out is to skip finalization: every file is
-    written atomically and closed, trackers are finished, and loader workers exit with their
-    parent.
-    """
-    if _in_process_group():
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _print_error(error: BaseException) -> None:

@@ -58,7 +58,7 @@ from distill.config import DataConfig
 __all__ = [
     "ADE20K", "CamVid", "Cityscapes", "DataError", "DatasetInfo", "ImageFolder", "PascalVOC",
     "SampleSource", "SegmentationDataset", "SyntheticShapes", "build_dataset", "build_loader",
-    "collate_batch", "dataset_info", "resize_nearest",
+    "collate_batch", "dataset_info", "loader_for_dataset", "resize_nearest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -414,6 +414,44 @@ def collate_batch(items: list[dict[str, Any]], ignore_index: int = 255) -> dict[
         "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
         "geometry": geometry,
     }
+
+
+def _as_item(item: Any) -> dict[str, Any]:
+    """A user dataset's item as distill's: ``(image, mask)`` pairs or dicts without geometry."""
+    if isinstance(item, (tuple, list)):
+        item = {"image": item[0], "mask": item[1]}
+    if "geometry" in item:
+        return item
+    image, mask = torch.as_tensor(item["image"]), torch.as_tensor(item["mask"]).long()
+    frame = tuple(image.shape[-2:])
+    return {"image": image, "mask": mask, "label_size": torch.tensor(mask.shape[-2:]),
+            "index": int(item.get("index", -1)),
+            "geometry": {"base_size": torch.tensor(frame), "scaled_size": torch.tensor(frame),
+                         "scale": torch.tensor(1.0), "crop_box": torch.tensor((0, 0, *frame)),
+                         "flip": torch.tensor(False)}}
+
+
+def _collate_user_items(items: list[Any], ignore_index: int = 255) -> dict[str, Any]:
+    return collate_batch([_as_item(item) for item in items], ignore_index)
+
+
+def loader_for_dataset(dataset: Dataset, data: DataConfig, *, train: bool, seed: int = 0
+                       ) -> DataLoader:
+    """A DataLoader over a dataset of your own, batched as distill's (see the module doc).
+
+    Items are ``(image, mask)`` pairs or dicts with ``image`` (float [3, H, W], normalised as
+    the models expect) and ``mask`` (int [H, W] of class ids and ``data.ignore_index``); a
+    :class:`SegmentationDataset` passes through unchanged. ``data`` gives batch sizes and workers.
+    """
+    batch_size = data.batch_size if train else (data.eval_batch_size or data.batch_size)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=train, drop_last=train,
+        num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
+        collate_fn=functools.partial(_collate_user_items, ignore_index=data.ignore_index),
+        generator=generator, persistent_workers=data.num_workers > 0,
+    )
 
 
 def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0,

@@ -1,20 +1,27 @@
-"""``distill eval``: score a trained checkpoint on a split, print a table, write JSON."""
+"""Evaluation: the loop that scores a model on a loader, and ``distill eval`` around it.
+
+``evaluate_model`` is the loop every stage uses (training's validation, eval, compare); it sums
+per-sample confusion matrices across processes. ``evaluate`` builds the model and the split from
+a recipe (or takes yours); ``evaluate_checkpoint`` is ``distill eval``: a table and a JSON file.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 from rich.table import Table
+from torch.utils.data import Dataset
 
 from distill._splits import file_safe
 from distill.config import Recipe, atomic_write_text
-from distill.data import build_loader, dataset_info
-from distill.metrics import SegmentationScores, evaluate
-from distill.models import build_model, stage_weights
-from distill.progress import console
+from distill.launch import is_launch_main, make_accelerator
+from distill.data import build_loader, dataset_info, loader_for_dataset
+from distill.metrics import SegmentationScores, per_sample_confusion, scores_from_confusion
+from distill.models import Stage, build_model, forward_padded, stage_model, stage_weights
+from distill.progress import console, track
 from distill.teacher import with_teacher_normalization
-from distill.train import Stage, make_accelerator, stage_model
 
 
 def default_checkpoint(recipe: Recipe, stage: Stage) -> Path:
@@ -24,26 +31,52 @@ def default_checkpoint(recipe: Recipe, stage: Stage) -> Path:
     return stage_weights(recipe, stage)
 
 
-def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:
-    """Evaluate a stage's checkpoint on ``recipe.eval_split``; returns the scores and JSON path."""
-    checkpoint = default_checkpoint(recipe, stage)
+def evaluate(
+    recipe: Recipe,
+    stage: Stage = "student",
+    *,
+    model: torch.nn.Module | None = None,
+    dataset: Dataset | None = None,
+) -> SegmentationScores:
+    """Score a model: mIoU, pixel accuracy and IoU per class (``scores.as_dict(names)``).
+
+    Args:
+        recipe: the settings; ``eval.split`` (default ``data.val_split``) is scored at the
+            label's own resolution unless ``eval.resolution`` is ``frame``.
+        stage: whose weights to load when ``model`` is not given: ``eval.checkpoint``, else the
+            stage's ``best.safetensors`` in ``output_dir``.
+        model: a model of your own to score (images -> logits), in place of a checkpoint.
+        dataset: a dataset of your own in place of the split (see
+            :func:`distill.data.loader_for_dataset`).
+    """
     accelerator = make_accelerator(recipe)
     info = dataset_info(recipe.data)
-    spec = stage_model(recipe, stage).model_copy(update={"checkpoint": checkpoint, "encoder_weights": None})
-    model = build_model(spec, info.num_classes)
-    if stage == "teacher":  # an external teacher may expect its own mean/std (teacher.mean/std)
-        model = with_teacher_normalization(model, recipe)
-    loader = build_loader(recipe.data, recipe.eval_split, train=False, seed=recipe.train.seed,
-                          label_resolution=recipe.eval.resolution == "label")
+    if model is None:
+        spec = stage_model(recipe, stage).model_copy(
+            update={"checkpoint": default_checkpoint(recipe, stage), "encoder_weights": None})
+        model = build_model(spec, info.num_classes)
+        if stage == "teacher":  # an external teacher may expect its own mean/std (teacher.mean/std)
+            model = with_teacher_normalization(model, recipe)
+    if dataset is not None:
+        loader = loader_for_dataset(dataset, recipe.data, train=False, seed=recipe.train.seed)
+    else:
+        loader = build_loader(recipe.data, recipe.eval_split, train=False, seed=recipe.train.seed,
+                              label_resolution=recipe.eval.resolution == "label")
     model, loader = accelerator.prepare(model, loader)
-    scores = evaluate(
-        model, loader, accelerator, num_classes=info.num_classes, ignore_index=info.ignore_index,
-        progress_label=f"eval {stage} on {recipe.eval_split}",
-    )
+    return evaluate_model(model, loader, accelerator, num_classes=info.num_classes,
+                          ignore_index=info.ignore_index,
+                          progress_label=f"eval {stage} on {recipe.eval_split}")
+
+
+def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:
+    """``distill eval``: score a stage's checkpoint, print a table, write ``eval_<split>.json``."""
+    checkpoint = default_checkpoint(recipe, stage)
+    info = dataset_info(recipe.data)
+    scores = evaluate(recipe, stage)
     out = Path(recipe.output_dir) / stage / f"eval_{file_safe(recipe.eval_split)}.json"
-    if accelerator.is_main_process:
+    if is_launch_main():
         report = {"stage": stage, "split": recipe.eval_split, "checkpoint": str(checkpoint),
-                  **scores.as_dict(info.class_names)}
+                  "resolution": recipe.eval.resolution, **scores.as_dict(info.class_names)}
         atomic_write_text(out, json.dumps(report, indent=2))
         console.print(scores_table(scores, info.class_names, f"{stage} on {recipe.eval_split}"))
         console.print(f"wrote {out}")
@@ -61,3 +94,59 @@ def scores_table(scores: SegmentationScores, class_names: list[str], title: str)
     table.add_row("[bold]mIoU", f"[bold]{100 * scores.miou:.1f}")
     table.add_row("pixel accuracy", f"{100 * scores.pixel_accuracy:.1f}")
     return table
+
+
+def _predict_at_label_size(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Argmax of the logits at each mask's own size, in a tensor shaped like the padded masks.
+
+    Each sample's logits are first cut to its frame (the batch pads smaller images at the
+    bottom/right; a model with an output stride pads proportionally less), then resized.
+    """
+    mask = batch["mask"]
+    sizes = batch.get("label_size", torch.tensor([mask.shape[-2:]] * mask.shape[0]))
+    frames = batch["geometry"]["base_size"] if "geometry" in batch else sizes
+    if bool((frames == frames[0]).all()) and bool((sizes == sizes[0]).all()):
+        rows = [slice(None)]  # one frame and one label size: the whole batch at once
+    else:
+        rows = [slice(row, row + 1) for row in range(mask.shape[0])]
+    prediction = torch.zeros_like(mask)
+    in_h, in_w = batch["image"].shape[-2:] if "image" in batch else logits.shape[-2:]
+    for row in rows:
+        first = row.start or 0
+        h, w = (int(v) for v in frames[first])
+        lh, lw = (int(v) for v in sizes[first])
+        part = logits[row, :, : -(-h * logits.shape[-2] // in_h), : -(-w * logits.shape[-1] // in_w)]
+        if part.shape[-2:] != (lh, lw):
+            part = torch.nn.functional.interpolate(part.float(), size=(lh, lw), mode="bilinear",
+                                                   align_corners=False)
+        prediction[row, :lh, :lw] = part.argmax(1)
+    return prediction
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    accelerator,
+    *,
+    num_classes: int,
+    ignore_index: int,
+    progress_label: str | None = None,
+) -> SegmentationScores:
+    """Evaluate ``model`` on a prepared loader, summing confusion matrices across processes.
+
+    Logits are resized (bilinear) to each label's own size before the argmax when they differ,
+    so a model is scored at the label's resolution whatever its input size or output stride.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(num_classes**2, dtype=torch.long, device=accelerator.device)
+    for batch in track(loader, progress_label, enabled=accelerator.is_main_process):
+        with accelerator.autocast():
+            logits = forward_padded(model, batch["image"])
+        mask = batch["mask"]
+        counts = per_sample_confusion(_predict_at_label_size(logits, batch), mask, num_classes,
+                                      ignore_index)
+        total += accelerator.gather_for_metrics(counts).sum(0)
+    model.train(was_training)
+    return scores_from_confusion(total.cpu().reshape(num_classes, num_classes))

@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -244,3 +245,15 @@ def stage_weights(recipe, stage: str) -> Path:
             + (", or set teacher.checkpoint" if stage == "teacher" else ", or pass checkpoint=PATH")
         )
     return best
+
+
+Stage = Literal["teacher", "baseline", "student"]
+
+
+def stage_model(recipe: Any, stage: Stage) -> ModelConfig:
+    """The model a stage trains."""
+    if stage == "teacher":
+        if recipe.teacher is None:
+            raise ModelError("stage 'teacher' needs a `teacher` section in the recipe")
+        return recipe.teacher
+    return recipe.student_model

@@ -22,9 +22,10 @@ from rich.table import Table
 
 from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe
-from distill.progress import console, is_launch_main
+from distill.launch import is_launch_main
+from distill.progress import console
 from distill.teacher import teacher_checkpoint
-from distill.train import train
+from distill.training import train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")
 
@@ -171,7 +172,7 @@ def _weights_digest(folder: Path) -> str | None:
 
 def _report_stage(recipe: Recipe, stage: str, main: bool) -> float | None:
     if stage == "compare":  # collective: every process evaluates its share
-        from distill.compare import compare
+        from distill.comparison import compare
 
         report = compare(recipe, recipe.eval_split)
         return report.get("models", {}).get("student", {}).get("miou")

@@ -2,7 +2,7 @@
 
 This module is the proof that an export stands on its own: it reads ``config.json`` and
 ``student.onnx`` written by :func:`distill.export.export_student` and needs only numpy, Pillow
-and onnxruntime. It imports nothing from ``distill`` (whose ``__init__`` imports torch) nor torch
+and onnxruntime. It imports nothing from ``distill`` nor torch
 itself, so it can be copied next to an export, or loaded by file path, and run where torch is not
 installed::
 

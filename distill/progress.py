@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -20,12 +19,6 @@ console = Console(stderr=True)
 if not console.is_terminal:  # logs and CI: long lines rather than rich's default 80 columns
     console.width = 120
 T = TypeVar("T")
-
-
-def is_launch_main() -> bool:
-    """True in the main process of an ``accelerate launch`` (or a plain run), before any
-    Accelerator exists: for output that one process writes or prints for all."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def live_bars() -> bool:

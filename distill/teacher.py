@@ -136,15 +136,12 @@ def teacher_checkpoint(recipe: Recipe) -> Path:
     return stage_weights(recipe, "teacher")
 
 
-def load_teacher(recipe: Recipe, num_classes: int) -> nn.Module:
-    """The recipe's teacher: frozen with its trained weights, or served from the logit cache.
+def load_teacher(recipe: Recipe, num_classes: int) -> Teacher:
+    """The recipe's teacher, frozen with its trained weights (streamed: run on every batch).
 
-    Either way it maps a batch to logits, so the training loop has no branch on the source.
+    Its cached counterpart, :func:`distill.cache.load_cached_teacher`, maps a batch to logits
+    too, so the training loop has no branch on where the targets come from.
     """
-    if recipe.teacher is not None and recipe.teacher.mode == "cache":
-        from distill.cache import load_cached_teacher
-
-        return load_cached_teacher(recipe, num_classes)
     from distill.models import build_model
 
     assert recipe.teacher is not None

@@ -385,7 +385,7 @@ import sys
 import distill
 from distill.config import load_recipe
 from distill.cache import write_cache
-from distill.cli import end_launched_process
+from distill.launch import end_launched_process
 write_cache(load_recipe(sys.argv[1]))
 end_launched_process()  # as `distill` does: the interpreter's teardown can race gloo's threads
 """
@@ -466,7 +466,7 @@ def test_topk_rebuild_kl_vs_dense_is_small_and_decreases_with_k(tmp_path):
 
 # ------------------------------------------------------------------------------- training
 def test_student_distils_from_the_cache(tmp_path, monkeypatch):
-    import distill.train as loop
+    import distill.training as loop
 
     recipe = recipe_for(tmp_path, **{"train.epochs": 1, "teacher.mode": "cache", "cache.stride": 2})
     write_cache(recipe)

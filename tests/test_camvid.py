@@ -5,7 +5,7 @@ import json
 import pytest
 
 from distill.config import load_recipe
-from distill.train import train
+from distill.training import train
 from helpers import REPO_ROOT
 
 RECIPE = REPO_ROOT / "recipes" / "camvid" / "dlv3p-r50_to_dlv3p-mbv3_cpu.yaml"

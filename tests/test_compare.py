@@ -1,4 +1,4 @@
-"""distill.compare: teacher vs student (vs baseline) table, JSON and PNG, and clear errors."""
+"""distill.comparison: teacher vs student (vs baseline) table, JSON and PNG, and clear errors."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from helpers import tiny_recipe
 from PIL import Image
 
 from distill._io import file_digest
-from distill.compare import CompareError, compare, measure_latency
+from distill.comparison import CompareError, compare, measure_latency
 from distill.config import recipe_from_dict, recipe_to_yaml
 from distill.evaluation import evaluate_checkpoint
 from distill.models import ModelError
-from distill.train import train
+from distill.training import train
 
 FAST = {"latency_runs": 2, "warmup_runs": 1, "num_examples": 2}
 

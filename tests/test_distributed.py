@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from distill.config import save_resolved_recipe
 from distill.evaluation import evaluate_checkpoint
-from distill.train import train
+from distill.training import train
 from helpers import tiny_recipe
 
 LAUNCH = [
@@ -47,10 +47,10 @@ def test_two_process_eval_equals_one_process(tmp_path):
 SCRIPT = """
 import hashlib, sys
 import distill
-from distill.cli import end_launched_process
+from distill.launch import end_launched_process
 from accelerate import PartialState
 from distill.config import load_recipe
-from distill.train import train
+from distill.training import train
 
 recipe = load_recipe(sys.argv[1])
 result = train(recipe, "student")
@@ -119,7 +119,8 @@ def test_two_process_run_goes_through_every_stage(tmp_path):
 
 
 def test_launcher_mismatch_is_detected(tmp_path, monkeypatch):
-    import distill.train as loop
+    import distill.launch as loop
+    from distill.launch import make_accelerator
 
     class OneProcess:  # what each process sees when the launcher's group did not form
         num_processes = 1
@@ -130,4 +131,4 @@ def test_launcher_mismatch_is_detected(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "Accelerator", OneProcess)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(loop.TrainingError, match="started 2 processes but they did not form one process group"):
-        loop.make_accelerator(tiny_recipe(tmp_path))
+        make_accelerator(tiny_recipe(tmp_path))

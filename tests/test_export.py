@@ -22,9 +22,11 @@ from distill._io import file_digest
 from distill.config import recipe_from_dict
 from distill.data import build_dataset, build_loader, dataset_info
 from distill.export import ExportError, export_student, load_exported
-from distill.metrics import evaluate, per_sample_confusion, scores_from_confusion
+from distill.evaluation import evaluate_model as evaluate
+from distill.metrics import per_sample_confusion, scores_from_confusion
 from distill.models import ModelError, build_model, forward_padded
-from distill.train import make_accelerator, train
+from distill.launch import make_accelerator
+from distill.training import train
 
 PREDICT_PY = REPO_ROOT / "distill" / "predict.py"
 CAMVID = REPO_ROOT.parent / "shared" / "data" / "camvid"  # as conftest's camvid_root (module scope here)
@@ -333,3 +335,21 @@ def test_unwritable_export_folder_is_reported_before_any_work(tmp_path):
     elsewhere = tiny_recipe(locked, teacher=True, **{"eval.checkpoint": str(checkpoint)})
     with pytest.raises(ExportError, match=f"cannot write the export to {locked}/export"):
         export_student(elsewhere)
+
+
+def test_predict_command_imports_no_torch(tiny_export, tmp_path):
+    # `python -m distill predict` goes through distill/__init__ and the CLI: neither may import torch.
+    _, out = tiny_export
+    image = tmp_path / "one.png"
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(image)
+    script = textwrap.dedent('''
+        import sys
+        from distill.cli import main
+        code = main(["predict", sys.argv[1], sys.argv[2], "--out", sys.argv[3]])
+        assert "torch" not in sys.modules, "distill predict imported torch"
+        sys.exit(code)
+    ''')
+    result = subprocess.run([sys.executable, "-c", script, str(out), str(image), str(tmp_path / "masks")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "masks" / "one_mask.png").is_file()

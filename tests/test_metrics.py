@@ -74,9 +74,9 @@ def test_label_resolution_scores_each_mask_at_its_own_size(tmp_path, sizes):
 
     from distill.config import DataConfig
     from distill.data import build_dataset, build_loader
-    from distill.metrics import evaluate
+    from distill.evaluation import evaluate_model as evaluate
     from distill.models import forward_padded
-    from distill.train import make_accelerator
+    from distill.launch import make_accelerator
     from helpers import TinySegmenter, tiny_recipe
 
     rng = np.random.default_rng(0)

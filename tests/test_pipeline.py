@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import distill.train as loop
+import distill.training as loop
 from distill.pipeline import planned_stages, run_pipeline
 from helpers import tiny_recipe
 

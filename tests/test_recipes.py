@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from distill.config import load_recipe
-from distill.train import train
+from distill.training import train
 from helpers import REPO_ROOT
 
 pytestmark = pytest.mark.slow

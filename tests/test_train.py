@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from distill.config import recipe_to_yaml
 from distill.evaluation import evaluate_checkpoint
 from distill.teacher import Teacher
-from distill.train import TrainingError, build_scheduler, train
+from distill.training import TrainingError, build_scheduler, train
 from helpers import TinySegmenter, tiny_recipe
 
 
@@ -38,7 +38,7 @@ def test_run_folder_holds_recipe_metrics_and_weights(tmp_path):
 def test_resume_continues_to_the_same_final_state(tmp_path, monkeypatch):
     straight = train(tiny_recipe(tmp_path / "a"), "student")
 
-    import distill.train as loop
+    import distill.training as loop
 
     save = loop._save_checkpoint
 

@@ -2,7 +2,7 @@
 
 Evaluates the teacher, the distilled student and, when ``<output_dir>/baseline/best.safetensors``
 exists, the student trained without a teacher, on the same split with the same metric code
-(:func:`distill.metrics.evaluate`, across processes under ``accelerate launch``). Then, on the main
+(:func:`distill.evaluation.evaluate_model`, across processes under ``accelerate launch``). Then, on the main
 process only, it measures each model's size and speed and writes ``<output_dir>/compare/``:
 
 - ``compare.json``: every number below, the resolved recipe's sha256 and each checkpoint's sha256;
@@ -34,11 +34,11 @@ from distill._io import atomic_write_bytes, atomic_write_text, file_digest
 from distill.config import Recipe, recipe_to_yaml, save_resolved_recipe
 from distill.data import DatasetInfo, build_dataset, build_loader, dataset_info
 from distill.export import ensure_writable_folder, json_text, student_checkpoint
-from distill.metrics import evaluate
+from distill.evaluation import evaluate_model
 from distill.models import build_model, count_parameters, forward_padded
 from distill.progress import console
 from distill.teacher import teacher_checkpoint, with_teacher_normalization
-from distill.train import make_accelerator
+from distill.launch import make_accelerator
 
 IGNORE_COLOUR = (255, 255, 255)
 MAX_BARS = 30  # classes shown in the IoU bar chart
@@ -117,13 +117,14 @@ def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def compare(recipe: Recipe, split: str = "val", *, latency_runs: int = 20, warmup_runs: int = 3,
+def compare(recipe: Recipe, split: str | None = None, *, latency_runs: int = 20, warmup_runs: int = 3,
             num_examples: int = 4, threads: int | None = None) -> dict[str, Any]:
     """Compare teacher, student (and baseline) on ``split``; print tables, write JSON and PNG.
 
     Args:
         recipe: a resolved recipe with ``teacher`` and ``student`` sections.
-        split: the dataset split evaluated (and shown in the PNG).
+        split: the split (or selector) evaluated and shown in the PNG; default
+            ``recipe.eval_split`` (``eval.split``, else ``data.val_split``).
         latency_runs, warmup_runs: timed and untimed batch-1 forward passes per model.
         num_examples: images shown with their predictions in ``compare.png``.
         threads: CPU threads for the latency runs (``torch.set_num_threads``, restored after);
@@ -138,6 +139,7 @@ def compare(recipe: Recipe, split: str = "val", *, latency_runs: int = 20, warmu
         ModelError: a missing checkpoint (the message names the command that writes it), or one
             that does not fit its model.
     """
+    split = split or recipe.eval_split
     checkpoints = _checkpoints(recipe)
     out = Path(recipe.output_dir) / "compare"
     ensure_writable_folder(out, "comparison", CompareError)
@@ -148,7 +150,7 @@ def compare(recipe: Recipe, split: str = "val", *, latency_runs: int = 20, warmu
               for name, path in checkpoints.items()}
     loader = accelerator.prepare(build_loader(recipe.data, split, train=False, seed=recipe.train.seed,
                                               label_resolution=recipe.eval.resolution == "label"))
-    scores = {name: evaluate(model, loader, accelerator, num_classes=info.num_classes,
+    scores = {name: evaluate_model(model, loader, accelerator, num_classes=info.num_classes,
                              ignore_index=info.ignore_index, progress_label=f"eval {name} on {split}")
               for name, model in models.items()}
     report: dict[str, Any] = {

@@ -28,61 +28,22 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch.utils.data import Dataset
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import save
 
 from distill._io import atomic_write_bytes, swap_in_folder
 from distill._malloc import tune_cpu_malloc
 from distill.config import ModelConfig, Recipe, atomic_write_text, save_resolved_recipe
-from distill.data import build_loader, dataset_info
+from distill.cache import load_cached_teacher
+from distill.data import build_loader, dataset_info, loader_for_dataset
+from distill.launch import TrainingError, make_accelerator
 from distill.losses import DistillLoss
-from distill.metrics import evaluate
-from distill.models import build_model, forward_padded
+from distill.evaluation import evaluate_model
+from distill.models import Stage, build_model, forward_padded, stage_model
 from distill.progress import console, make_progress, report
-from distill.teacher import load_teacher
-
-Stage = Literal["teacher", "baseline", "student"]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a launcher mismatch); the message says why."""
-
-
-def make_accelerator(recipe: Recipe, project_dir: Path | None = None) -> Accelerator:
-    """An Accelerator for the recipe, with a check that every launched process joined it.
-
-    ``accelerate launch --num_processes 2`` without the CPU switch on a machine without a GPU
-    starts two unrelated single-process runs that write the same files. On such a machine we ask
-    for the CPU backend ourselves (gloo) whenever several processes were launched, and stop if the
-    process group still does not match the launcher's ``WORLD_SIZE``.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise TrainingError("train.mixed_precision 'fp16' needs a GPU; use 'bf16' (or 'no') on CPU")
-    # Accelerate keeps one global state per process; clear its mixed-precision part so that
-    # several runs in one process (the stages of `distill run`, tests) may each choose their own.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available() and launched > 1,
-        mixed_precision=recipe.train.mixed_precision,
-        gradient_accumulation_steps=recipe.train.grad_accum_steps,
-        log_with=list(recipe.train.trackers) or None,
-        project_config=ProjectConfiguration(project_dir=str(project_dir or recipe.output_dir)),
-        # The sampler's shuffle is then a function of (seed, epoch): a resumed run sees the same
-        # order as an uninterrupted one.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    if accelerator.num_processes != launched:
-        raise TrainingError(
-            f"the launcher started {launched} processes but they did not form one process group "
-            f"(this process sees {accelerator.num_processes}). On CPU launch with "
-            "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
-            "--num_machines 1 --mixed_precision no --dynamo_backend no ...`."
-        )
-    return accelerator
-
+from distill.teacher import Teacher, load_teacher
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters, as the recipe's ``train`` section says."""
@@ -112,15 +73,6 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def stage_model(recipe: Recipe, stage: Stage) -> ModelConfig:
-    """The model a stage trains."""
-    if stage == "teacher":
-        if recipe.teacher is None:
-            raise TrainingError("stage 'teacher' needs a `teacher` section in the recipe")
-        return recipe.teacher
-    return recipe.student_model
-
-
 @dataclass
 class TrainResult:
     """What a training run produced."""
@@ -132,13 +84,32 @@ class TrainResult:
     model: torch.nn.Module  # the trained model, unwrapped (no DDP prefix)
 
 
-def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None = None) -> TrainResult:
+def train(
+    recipe: Recipe,
+    stage: Stage = "student",
+    *,
+    teacher: torch.nn.Module | None = None,
+    student: torch.nn.Module | None = None,
+    train_dataset: Dataset | None = None,
+    val_dataset: Dataset | None = None,
+    fingerprint: str | None = None,
+) -> TrainResult:
     """Train the stage's model (distilling when ``stage == 'student'`` and there is a teacher).
 
-    ``fingerprint`` (what the stage is made from, see ``distill.pipeline``) is stored with each
-    checkpoint so that ``distill run`` resumes only a checkpoint of the same inputs.
+    Args:
+        recipe: the settings (:func:`load_recipe`, :func:`recipe_from_dict`).
+        stage: ``teacher``, ``baseline`` (the student, CE only) or ``student``.
+        teacher: a model of your own to distil from (normalised images -> logits), in place of
+            the recipe's ``teacher`` section; it is frozen and run on every batch.
+        student: the model to train, in place of the recipe's ``student`` (or ``model``).
+        train_dataset, val_dataset: datasets in place of ``data.train_split``/``val_split``;
+            items are ``(image, mask)`` pairs or dicts (see :func:`distill.data.loader_for_dataset`).
+        fingerprint: what the stage is made from (see ``distill.pipeline``), stored with each
+            checkpoint so that ``distill run`` resumes only a checkpoint of the same inputs.
     """
     run_dir = Path(recipe.output_dir) / stage
+    if teacher is not None and stage != "student":
+        raise TrainingError(f"a teacher module distils into the student; stage '{stage}' trains alone")
     if stage == "teacher" and recipe.teacher_train:
         recipe = recipe.model_copy(update={"train": recipe.teacher_schedule(), "teacher_train": {}})
     cfg = recipe.train
@@ -148,14 +119,19 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
     set_seed(cfg.seed)
     info = dataset_info(recipe.data)
     main = accelerator.is_main_process
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_recipe(recipe, run_dir)
 
-    model = build_model(stage_model(recipe, stage), info.num_classes)
-    teacher: torch.nn.Module | None = None  # a Teacher, or a CachedTeacher replaying stored logits
-    if stage == "student" and recipe.distills:
-        teacher = load_teacher(recipe, info.num_classes).to(accelerator.device)
+    model = student if student is not None else build_model(stage_model(recipe, stage), info.num_classes)
+    # The teacher serves targets for a batch: a module of the caller's, the recipe's model run on
+    # every batch, or its logits replayed from the cache; the loop below never asks which.
+    if teacher is not None:
+        teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher, channels_last=cfg.channels_last)
+    elif stage == "student" and recipe.distills:
+        if recipe.teacher.mode == "cache":
+            teacher = load_cached_teacher(recipe, info.num_classes)
+        else:
+            teacher = load_teacher(recipe, info.num_classes)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if teacher is not None:
@@ -164,9 +140,18 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
         criterion = DistillLoss(ce_weight=1.0, kd_weight=0.0, ignore_index=info.ignore_index,
                                 class_weights=recipe.loss.class_weights)
 
-    train_loader = build_loader(recipe.data, recipe.data.train_split, train=True, seed=cfg.seed)
-    val_loader = build_loader(recipe.data, recipe.data.val_split, train=False, seed=cfg.seed,
-                              label_resolution=recipe.eval.resolution == "label")
+    if train_dataset is not None:
+        train_loader = loader_for_dataset(train_dataset, recipe.data, train=True, seed=cfg.seed)
+    else:
+        train_loader = build_loader(recipe.data, recipe.data.train_split, train=True, seed=cfg.seed)
+    if val_dataset is not None:
+        val_loader = loader_for_dataset(val_dataset, recipe.data, train=False, seed=cfg.seed)
+    else:
+        val_loader = build_loader(recipe.data, recipe.data.val_split, train=False, seed=cfg.seed,
+                                  label_resolution=recipe.eval.resolution == "label")
+    if main:  # every input is built and checked: only now does the run write its folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_recipe(recipe, run_dir)
     optimizer = build_optimizer(model, recipe)
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader
@@ -207,7 +192,8 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
             if state["step"] >= total_steps:
                 break
             train_loader.set_epoch(epoch)
-            train_loader.dataset.set_epoch(epoch)
+            if hasattr(train_loader.dataset, "set_epoch"):  # distill's datasets: augmentation epoch
+                train_loader.dataset.set_epoch(epoch)
             model.train()
             progress.reset(steps_bar, total=len(train_loader))
             window_start, window_images = time.perf_counter(), 0
@@ -246,7 +232,7 @@ def train(recipe: Recipe, stage: Stage = "student", *, fingerprint: str | None =
             state["epoch"] = epoch + 1
             last_epoch = state["epoch"] == cfg.epochs or state["step"] >= total_steps
             if state["epoch"] % cfg.eval_every_epochs == 0 or last_epoch:
-                scores = evaluate(
+                scores = evaluate_model(
                     model, val_loader, accelerator,
                     num_classes=info.num_classes, ignore_index=info.ignore_index,
                 )
