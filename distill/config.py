@@ -82,7 +82,7 @@ class DataConfig(_Section):
     batch_size: int = Field(8, ge=1, description="per process")
     eval_batch_size: int | None = Field(None, ge=1, description="defaults to batch_size")
     num_workers: int = Field(2, ge=0, description="data-loader worker processes (0: in the main one)")
-    max_samples: int | None = Field(None, ge=1, description="use only the first N of each split")
+    max_samples: int | None = Field(None, ge=1, description="use only the first N samples a split (or selector) selects")
     skip_bad_files: bool = Field(False, description="skip unreadable images instead of stopping")
     synthetic: SyntheticConfig = Field(
         default_factory=SyntheticConfig, description="the built-in dataset's settings"

@@ -322,7 +322,9 @@ def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0,
     if split == data.train_split and split != data.val_split:
         held_out = _parse(data.val_split, "data.val_split")
         if held_out.is_group and set(held_out.splits) & set(selector.splits):
+            # The whole group, whatever data.max_samples keeps of it for validation.
             source = _without(source, _select(data, held_out), split, held_out.text)
+    source = _first(source, data.max_samples)  # after the selection: N of the chosen samples
     return SegmentationDataset(source, data, train=train, seed=seed, label_resolution=label_resolution)
 
 
@@ -335,13 +337,19 @@ def _parse(split: str, what: str) -> SplitSelector:
 
 def _layout_split(data: DataConfig, split: str) -> SampleSource:
     if data.dataset == "synthetic":
-        return SyntheticShapes(data.synthetic, split, max_samples=data.max_samples)
+        return SyntheticShapes(data.synthetic, split)
     if data.root is None:
         raise DataError(f"dataset '{data.dataset}' needs data.root")
-    return FILE_SOURCES[data.dataset](
-        data.root, split, ignore_index=data.ignore_index, max_samples=data.max_samples,
-        class_names=data.class_names,
-    )
+    return FILE_SOURCES[data.dataset](data.root, split, ignore_index=data.ignore_index,
+                                      class_names=data.class_names)
+
+
+def _first(source: SampleSource, count: int | None) -> SampleSource:
+    if count is None or len(source) <= count:
+        return source
+    if isinstance(source, _Subset):
+        return _Subset(source.rows[:count])
+    return _Subset([(source, k) for k in range(count)])
 
 
 def _select(data: DataConfig, selector: SplitSelector) -> SampleSource:

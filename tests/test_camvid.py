@@ -16,8 +16,9 @@ def test_camvid_recipe_trains_teacher_then_distills_student(camvid_root, tmp_pat
     recipe = load_recipe(RECIPE, [
         f"data.root={camvid_root}", f"output_dir={tmp_path}", "data.max_samples=8",
         "data.resize=[120, 160]", "data.crop_size=[96, 128]", "data.batch_size=4", "data.num_workers=0",
-        "train.epochs=1", "train.warmup_steps=0",
+        "train.epochs=1", "train.warmup_steps=0", "teacher_train.epochs=1",
     ])
+    assert recipe.data.val_split == "train+val:prefix=0006R0"  # validated on a held-out sequence
     assert recipe.teacher.encoder == "resnet50" and recipe.student.encoder == "tu-mobilenetv3_large_100"
     teacher = train(recipe, "teacher")
     student = train(recipe, "student")
