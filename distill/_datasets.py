@@ -147,7 +147,8 @@ class FileSource:
         self.split = split
         self.ignore_index = ignore_index
         if not self.root.is_dir():
-            raise DataError(f"dataset root '{self.root}' does not exist or is not a folder")
+            tried = "" if self.root.is_absolute() else f" (tried '{self.root.absolute()}')"
+            raise DataError(f"data.root '{self.root}' does not exist or is not a folder{tried}")
         self.pairs = self._pairs()[:max_samples]
         self._table = self._label_table(ignore_index)
 

@@ -150,12 +150,12 @@ def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]
 
             if is_launch_main():  # one export, not one per process
                 export_student(recipe)  # prints where it wrote and the parity it measured
-    except (*expected, ValueError, OSError) as error:
+    except expected as error:
+        # Only distill's own errors are the user's input: anything else is a bug and keeps its
+        # traceback (exit 1), so that it is not mistaken for a bad recipe.
         if os.environ.get("DISTILL_DEBUG"):
             raise
         _print_error(error)
-        if not isinstance(error, expected):  # not one of ours: the traceback may help
-            console.print("(set DISTILL_DEBUG=1 to see the traceback)", highlight=False)
         return 2
     return 0
 

@@ -105,11 +105,10 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.dataset != "synthetic":
-            if self.root is None:
-                raise ValueError(f"data.root is required for dataset '{self.dataset}'")
-            if not Path(self.root).is_dir():
-                raise ValueError(f"data.root '{self.root}' does not exist or is not a folder")
+        # A value check only: whether the folder exists is asked where it is read (the schema
+        # validates values, not the disk, so a recipe prints before its data is there).
+        if self.dataset != "synthetic" and self.root is None:
+            raise ValueError(f"data.root is required for dataset '{self.dataset}'")
         if self.dataset == "folder" and not self.class_names:
             raise ValueError("data.class_names is required for dataset 'folder'")
         low, high = self.scale_range
@@ -143,8 +142,6 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
-            raise ValueError(f"checkpoint '{self.checkpoint}' does not exist")
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(f"factory '{self.factory}' must look like `package.module:function`")
         return self
@@ -247,11 +244,6 @@ class TrainConfig(_Section):
     def _yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.resume is not None and not Path(self.resume).is_dir():
-            raise ValueError(f"train.resume '{self.resume}' is not a checkpoint folder")
-        return self
 
 
 class EvalConfig(_Section):
@@ -274,11 +266,6 @@ class EvalConfig(_Section):
             parse_split(value)
         return value
 
-    @model_validator(mode="after")
-    def _check(self) -> EvalConfig:
-        if self.checkpoint is not None and not Path(self.checkpoint).exists():
-            raise ValueError(f"eval.checkpoint '{self.checkpoint}' does not exist")
-        return self
 
 
 class ExportConfig(_Section):

@@ -235,6 +235,9 @@ def stage_weights(recipe, stage: str) -> Path:
     given = {"teacher": recipe.teacher.checkpoint if recipe.teacher is not None else None,
              "student": recipe.eval.checkpoint}.get(stage)
     if given is not None:
+        if not Path(given).is_file():
+            key = "teacher.checkpoint" if stage == "teacher" else "eval.checkpoint"
+            raise ModelError(f"{key} '{given}' does not exist or is not a file")
         return Path(given)
     best = Path(recipe.output_dir) / stage / "best.safetensors"
     if not best.is_file():

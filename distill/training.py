@@ -367,6 +367,9 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict) -> No
 
 def _resume(accelerator: Accelerator, folder: Path) -> dict:
     """Load a ``save_state`` folder (or a stage folder's latest checkpoint) and its progress."""
+    if not folder.is_dir():
+        raise TrainingError(f"train.resume '{folder}' is not a checkpoint folder "
+                            f"(tried '{folder.absolute()}')")
     for name in ("latest", ".previous"):  # .previous: a kill fell between the two renames
         if (folder / "checkpoints" / name).is_dir():
             folder = folder / "checkpoints" / name
