@@ -19,8 +19,8 @@ benchmark picks up where it stopped. Each arm's last checkpoint is scored with `
 
 Usage::
 
-    python bench/camvid_kd.py --seeds 0,1 --arms baseline,kd_cache,cache/kl_T4_w1
-    python bench/camvid_kd.py --teacher-checkpoint runs/camvid_kd/teacher/best.safetensors ...
+    python bench/camvid_kd.py --data-root data/camvid --seeds 0,1 --arms baseline,kd_cache,cache/kl_T4_w1
+    python bench/camvid_kd.py --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors ...
 
 Extra ``key=value`` words override the recipe for every arm (e.g. ``train.epochs=2``).
 Results: ``bench/results/camvid_kd.json`` and a markdown table on stdout.
@@ -148,6 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--out", type=Path, default=Path("runs/camvid_kd"))
+    parser.add_argument("--data-root", type=Path, default=Path("data/camvid"),
+                        help="the CamVid folder (SegNet layout)")
     parser.add_argument("--teacher-checkpoint", type=Path, default=None,
                         help="a trained teacher; without it the teacher is trained first "
                         "(the recipe's teacher_train schedule)")
@@ -168,11 +170,11 @@ def main() -> None:
             parser.error(f"unknown arm '{arm}' in --arms")
     if not args.recipe.is_file():
         parser.error(f"recipe not found: {args.recipe}")
-    out, common = args.out, list(args.overrides)
+    out, common = args.out, [f"data.root={args.data_root}", *args.overrides]
 
     teacher = args.teacher_checkpoint
     if teacher is None:
-        teacher = out / "teacher" / "best.safetensors"
+        teacher = out / "teacher" / "last.safetensors"  # its last epoch: none picked on val
         if not teacher.is_file():
             _run([sys.executable, "-m", "distill", "train", str(args.recipe), "--stage", "teacher",
                   f"output_dir={out}", *common], out / "teacher_train.log")
