@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     from distill.export import ExportError
     from distill.models import ModelError
 
-    expected = (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError)
+    from distill.run_folder import FolderBusyError
+
+    expected = (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError,
+                FolderBusyError)
     try:
         code = _run_command(args, expected)
     except BaseException:

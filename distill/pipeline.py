@@ -24,6 +24,7 @@ from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe
 from distill.launch import is_launch_main
 from distill.progress import console
+from distill.run_folder import exclusive_folder
 from distill.teacher import teacher_checkpoint
 from distill.training import train
 
@@ -159,8 +160,9 @@ def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tu
     stage_recipe = recipe.model_copy(deep=True)
     stage_recipe.train.resume = latest if resumable else None
     if not resumable and main:  # a fresh start: drop what an older run of other inputs left
-        for stale in ("metrics.jsonl", "best.json", "best.safetensors", "done.json"):
-            (folder / stale).unlink(missing_ok=True)
+        with exclusive_folder(folder):  # never from under a run still writing there
+            for stale in ("metrics.jsonl", "best.json", "best.safetensors", "done.json"):
+                (folder / stale).unlink(missing_ok=True)
     result = train(stage_recipe, stage, fingerprint=fingerprint)  # type: ignore[arg-type]
     return ("resumed" if resumable else "trained"), result.best_miou
 

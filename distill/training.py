@@ -43,6 +43,7 @@ from distill.losses import DistillLoss
 from distill.evaluation import evaluate_model
 from distill.models import Stage, build_model, forward_padded, stage_model
 from distill.progress import console, make_progress, report
+from distill.run_folder import exclusive_folder
 from distill.teacher import Teacher, load_teacher
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -149,114 +150,116 @@ def train(
     else:
         val_loader = build_loader(recipe.data, recipe.data.val_split, train=False, seed=cfg.seed,
                                   label_resolution=recipe.eval.resolution == "label")
-    if main:  # every input is built and checked: only now does the run write its folder
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_recipe(recipe, run_dir)
-    optimizer = build_optimizer(model, recipe)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader
-    )
-    if len(train_loader) == 0:
-        raise TrainingError(
-            f"no training batch: {len(train_loader.dataset)} images in split "
-            f"'{recipe.data.train_split}' do not fill one batch of {recipe.data.batch_size} on each "
-            f"of {accelerator.num_processes} processes (lower data.batch_size)"
+    # One writer per stage folder, from before its first write to the end of the run.
+    with exclusive_folder(run_dir, accelerator):
+        if main:  # every input is built and checked: only now does the run write its folder
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved_recipe(recipe, run_dir)
+        optimizer = build_optimizer(model, recipe)
+        model, optimizer, train_loader, val_loader = accelerator.prepare(
+            model, optimizer, train_loader, val_loader
         )
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    total_steps = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
-    # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
-    # step it once per process), and registered so that save_state/load_state include it.
-    scheduler = build_scheduler(optimizer, recipe, int(total_steps))
-    accelerator.register_for_checkpointing(scheduler)
-    if cfg.trackers:
-        accelerator.init_trackers(f"distill-{stage}", config=_flat_config(json.loads(recipe.model_dump_json())))
+        if len(train_loader) == 0:
+            raise TrainingError(
+                f"no training batch: {len(train_loader.dataset)} images in split "
+                f"'{recipe.data.train_split}' do not fill one batch of {recipe.data.batch_size} on each "
+                f"of {accelerator.num_processes} processes (lower data.batch_size)"
+            )
+        steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+        total_steps = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
+        # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
+        # step it once per process), and registered so that save_state/load_state include it.
+        scheduler = build_scheduler(optimizer, recipe, int(total_steps))
+        accelerator.register_for_checkpointing(scheduler)
+        if cfg.trackers:
+            accelerator.init_trackers(f"distill-{stage}", config=_flat_config(json.loads(recipe.model_dump_json())))
 
-    state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan"),
-             "fingerprint": fingerprint}
-    if cfg.resume is not None:
-        state = _resume(accelerator, Path(cfg.resume))
-        if main:
-            console.print(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
+        state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan"),
+                 "fingerprint": fingerprint}
+        if cfg.resume is not None:
+            state = _resume(accelerator, Path(cfg.resume))
+            if main:
+                console.print(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
 
-    log_path = run_dir / "metrics.jsonl"
-    if cfg.resume is not None and main and log_path.is_file():
-        # Lines logged after the checkpoint are logged again by the resumed run: drop them.
-        kept = [line for line in log_path.read_text().splitlines(keepends=True)
-                if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
-        atomic_write_text(log_path, "".join(kept))
-    unwrapped = accelerator.unwrap_model(model)
-    with make_progress(enabled=main) as progress:
-        epochs_bar = progress.add_task(f"{stage} epochs", total=cfg.epochs, completed=state["epoch"], info="")
-        steps_bar = progress.add_task("steps", total=len(train_loader), info="")
-        for epoch in range(state["epoch"], cfg.epochs):
-            if state["step"] >= total_steps:
-                break
-            train_loader.set_epoch(epoch)
-            if hasattr(train_loader.dataset, "set_epoch"):  # distill's datasets: augmentation epoch
-                train_loader.dataset.set_epoch(epoch)
-            model.train()
-            progress.reset(steps_bar, total=len(train_loader))
-            window_start, window_images = time.perf_counter(), 0
-            for batch in train_loader:
-                with accelerator.accumulate(model):
-                    parts = distillation_step(batch, model, teacher, criterion, accelerator, cfg.channels_last)
-                    _check_finite(parts, state["step"], batch, accelerator)
-                    accelerator.backward(parts["loss"])
-                    if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                window_images += batch["image"].shape[0] * accelerator.num_processes
-                progress.advance(steps_bar)
-                if not accelerator.sync_gradients:
-                    continue
-                state["step"] += 1
-                if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "epoch": epoch,
-                        "step": state["step"],
-                        "lr": scheduler.get_last_lr()[0],
-                        "images_per_s": window_images / max(elapsed, 1e-9),
-                        **{k: float(accelerator.reduce(v.detach(), "mean")) for k, v in parts.items()},
-                    }
-                    _log(accelerator, log_path, record)
-                    progress.update(steps_bar, info=_format(record))
-                    report(f"{stage} epoch {epoch + 1}/{cfg.epochs} step {state['step']}/{int(total_steps)}: "
-                           f"{_format(record)}", enabled=main)
-                    window_start, window_images = time.perf_counter(), 0
+        log_path = run_dir / "metrics.jsonl"
+        if cfg.resume is not None and main and log_path.is_file():
+            # Lines logged after the checkpoint are logged again by the resumed run: drop them.
+            kept = [line for line in log_path.read_text().splitlines(keepends=True)
+                    if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
+            atomic_write_text(log_path, "".join(kept))
+        unwrapped = accelerator.unwrap_model(model)
+        with make_progress(enabled=main) as progress:
+            epochs_bar = progress.add_task(f"{stage} epochs", total=cfg.epochs, completed=state["epoch"], info="")
+            steps_bar = progress.add_task("steps", total=len(train_loader), info="")
+            for epoch in range(state["epoch"], cfg.epochs):
                 if state["step"] >= total_steps:
                     break
-            state["epoch"] = epoch + 1
-            last_epoch = state["epoch"] == cfg.epochs or state["step"] >= total_steps
-            if state["epoch"] % cfg.eval_every_epochs == 0 or last_epoch:
-                scores = evaluate_model(
-                    model, val_loader, accelerator,
-                    num_classes=info.num_classes, ignore_index=info.ignore_index,
-                )
-                state["last_miou"] = scores.miou
-                _log(accelerator, log_path, {"epoch": epoch, "step": state["step"], "val_miou": scores.miou,
-                                             "val_pixel_accuracy": scores.pixel_accuracy})
-                if scores.miou > state["best_miou"]:
-                    state["best_miou"] = scores.miou
-                    _save_weights(accelerator, unwrapped, run_dir / "best.safetensors")
-                    if main:
-                        atomic_write_text(run_dir / "best.json", json.dumps(
-                            {"epoch": epoch, "step": state["step"], "miou": scores.miou}, indent=2))
-                summary = f"val mIoU {100 * scores.miou:.1f} (best {100 * state['best_miou']:.1f})"
-                progress.update(epochs_bar, info=summary)
-                report(f"{stage} epoch {epoch + 1}/{cfg.epochs}: {summary}", enabled=main)
-            if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
-                _save_weights(accelerator, unwrapped, run_dir / "last.safetensors")
-                _save_checkpoint(accelerator, run_dir, state)
-            progress.advance(epochs_bar)
-    # Not accelerator.end_training(): it also destroys the process group, which the next stage
-    # of `distill run` in this process still needs. The CLI closes the group once, at exit.
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"], unwrapped)
+                train_loader.set_epoch(epoch)
+                if hasattr(train_loader.dataset, "set_epoch"):  # distill's datasets: augmentation epoch
+                    train_loader.dataset.set_epoch(epoch)
+                model.train()
+                progress.reset(steps_bar, total=len(train_loader))
+                window_start, window_images = time.perf_counter(), 0
+                for batch in train_loader:
+                    with accelerator.accumulate(model):
+                        parts = distillation_step(batch, model, teacher, criterion, accelerator, cfg.channels_last)
+                        _check_finite(parts, state["step"], batch, accelerator)
+                        accelerator.backward(parts["loss"])
+                        if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
+                        if accelerator.sync_gradients:
+                            scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    window_images += batch["image"].shape[0] * accelerator.num_processes
+                    progress.advance(steps_bar)
+                    if not accelerator.sync_gradients:
+                        continue
+                    state["step"] += 1
+                    if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        record = {
+                            "epoch": epoch,
+                            "step": state["step"],
+                            "lr": scheduler.get_last_lr()[0],
+                            "images_per_s": window_images / max(elapsed, 1e-9),
+                            **{k: float(accelerator.reduce(v.detach(), "mean")) for k, v in parts.items()},
+                        }
+                        _log(accelerator, log_path, record)
+                        progress.update(steps_bar, info=_format(record))
+                        report(f"{stage} epoch {epoch + 1}/{cfg.epochs} step {state['step']}/{int(total_steps)}: "
+                               f"{_format(record)}", enabled=main)
+                        window_start, window_images = time.perf_counter(), 0
+                    if state["step"] >= total_steps:
+                        break
+                state["epoch"] = epoch + 1
+                last_epoch = state["epoch"] == cfg.epochs or state["step"] >= total_steps
+                if state["epoch"] % cfg.eval_every_epochs == 0 or last_epoch:
+                    scores = evaluate_model(
+                        model, val_loader, accelerator,
+                        num_classes=info.num_classes, ignore_index=info.ignore_index,
+                    )
+                    state["last_miou"] = scores.miou
+                    _log(accelerator, log_path, {"epoch": epoch, "step": state["step"], "val_miou": scores.miou,
+                                                 "val_pixel_accuracy": scores.pixel_accuracy})
+                    if scores.miou > state["best_miou"]:
+                        state["best_miou"] = scores.miou
+                        _save_weights(accelerator, unwrapped, run_dir / "best.safetensors")
+                        if main:
+                            atomic_write_text(run_dir / "best.json", json.dumps(
+                                {"epoch": epoch, "step": state["step"], "miou": scores.miou}, indent=2))
+                    summary = f"val mIoU {100 * scores.miou:.1f} (best {100 * state['best_miou']:.1f})"
+                    progress.update(epochs_bar, info=summary)
+                    report(f"{stage} epoch {epoch + 1}/{cfg.epochs}: {summary}", enabled=main)
+                if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
+                    _save_weights(accelerator, unwrapped, run_dir / "last.safetensors")
+                    _save_checkpoint(accelerator, run_dir, state)
+                progress.advance(epochs_bar)
+        # Not accelerator.end_training(): it also destroys the process group, which the next stage
+        # of `distill run` in this process still needs. The CLI closes the group once, at exit.
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"], unwrapped)
 
 
 def distillation_step(

@@ -1,4 +1,4 @@
-"""The README documents every recipe key and the commands CI runs."""
+"""The docs list every recipe key (docs/recipe.md), and the README the commands CI runs."""
 
 from pathlib import Path
 
@@ -8,14 +8,17 @@ REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->"
 
 
+REFERENCE = REPO / "docs" / "recipe.md"
+
+
 def embedded_reference() -> str:
-    text = (REPO / "README.md").read_text()
+    text = REFERENCE.read_text()
     return text[text.index(START) + len(START) : text.index(END)]
 
 
 def test_readme_lists_every_recipe_key():
     assert embedded_reference() == recipe_reference(), (
-        "README's recipe table is stale: run `python -m tests.test_readme` to regenerate it"
+        "docs/recipe.md is stale: run `python -m tests.test_readme` to regenerate it"
     )
 
 
@@ -25,11 +28,10 @@ def test_ci_runs_the_readme_test_command():
     assert "make test " in (REPO / "README.md").read_text()
 
 
-if __name__ == "__main__":  # regenerate the README's table
+if __name__ == "__main__":  # regenerate docs/recipe.md's table
     import distill  # noqa: F401
 
-    readme = REPO / "README.md"
-    text = readme.read_text()
+    text = REFERENCE.read_text()
     head, rest = text.split(START)
     _, tail = rest.split(END)
-    readme.write_text(head + START + recipe_reference() + END + tail)
+    REFERENCE.write_text(head + START + recipe_reference() + END + tail)

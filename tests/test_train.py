@@ -185,3 +185,26 @@ def test_compiled_teacher_matches_eager_and_keeps_its_keys():
     assert torch.allclose(compiled(batch), eager(batch), atol=1e-5)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     assert not compiled.model.training  # still frozen in eval
+
+
+def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
+    from distill.run_folder import FolderBusyError, exclusive_folder
+
+    recipe = tiny_recipe(tmp_path)
+    with exclusive_folder(tmp_path / "student"):  # another run holds the stage folder
+        with pytest.raises(FolderBusyError, match=r"'.*student' is being written by another run \(pid \d+ on "):
+            train(recipe, "student")
+        assert not (tmp_path / "student" / "metrics.jsonl").exists()
+    train(recipe, "student")  # released: the next run goes ahead
+    assert not (tmp_path / "student" / ".lock.json").exists()
+
+
+def test_a_refused_run_leaves_the_finished_run_as_it_was(tmp_path):
+    from distill.data import DataError
+
+    train(tiny_recipe(tmp_path), "student")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "student").iterdir() if p.is_file()}
+    with pytest.raises(DataError, match="fewer than data.batch_size 1000"):
+        train(tiny_recipe(tmp_path, **{"data.batch_size": 1000}), "student")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "student").iterdir() if p.is_file()}
+    assert after == before  # recipe.yaml still describes the weights beside it
