@@ -154,7 +154,7 @@ def loss_costs(sizes: dict, device: torch.device) -> dict[str, dict[str, float |
     for name, fn in variants.items():
         student = torch.randn(shape, generator=generator).to(device).requires_grad_(True)
 
-        def run() -> None:
+        def run(student: torch.Tensor = student, fn: Callable = fn) -> None:
             fn(student, teacher, temperature=1.0, target=target).backward()
             student.grad = None
 
@@ -167,7 +167,6 @@ def loss_costs(sizes: dict, device: torch.device) -> dict[str, dict[str, float |
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         seconds = _median_time(run, device, sizes["steps"], sizes["warmup"])
         out[name] = {"seconds": seconds, "peak_extra_mib": peak}
-        del student
     return out
 
 

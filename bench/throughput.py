@@ -440,7 +440,7 @@ def profile_loader(recipe: Any, count: int, seed: int) -> dict[str, Any]:
     """Single-process cost per image of each stage of the train transform (no workers)."""
     import numpy as np
 
-    from distill.data import _resize_image, build_dataset, collate_batch, resize_nearest
+    from distill.data import build_dataset, collate_batch, resize_image, resize_nearest
 
     ds = build_dataset(recipe.data, recipe.data.train_split, train=True, seed=seed)
     source, data = ds.source, recipe.data
@@ -453,7 +453,7 @@ def profile_loader(recipe: Any, count: int, seed: int) -> dict[str, Any]:
         image, mask = source.load(index)
         t1 = time.perf_counter()
         if data.resize is not None:
-            image = _resize_image(image, data.resize)
+            image = resize_image(image, data.resize)
             mask = resize_nearest(mask, data.resize)
         t2 = time.perf_counter()
         rng = np.random.default_rng([ds.seed, 0, index])

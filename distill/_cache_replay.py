@@ -314,7 +314,7 @@ def _differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
             for key in keys if stored.get(key) != expected.get(key)]
 
 
-def _prepare_split(recipe: Any, split: str, folder: Path, fingerprint: dict[str, Any],
+def _prepare_split(rest_temperature: float, split: str, folder: Path, fingerprint: dict[str, Any],
                    ids: list[str]) -> str:
     """Main process: make the split's folder ready to (re)write; returns what it found."""
     split_dir = split_folder(folder, split)
@@ -340,11 +340,11 @@ def _prepare_split(recipe: Any, split: str, folder: Path, fingerprint: dict[str,
         array.flush()
         del array
     atomic_write_text(split_dir / "index.json", json.dumps(ids) + "\n")
-    _set_entry(recipe, folder, split, fingerprint, complete=False)
+    _set_entry(rest_temperature, folder, split, fingerprint, complete=False)
     return state
 
 
-def _set_entry(recipe: Any, folder: Path, split: str, fingerprint: dict[str, Any], *,
+def _set_entry(rest_temperature: float, folder: Path, split: str, fingerprint: dict[str, Any], *,
                complete: bool) -> None:
     manifest = read_manifest(folder) or {}
     if manifest.get("layout_version") != LAYOUT_VERSION:
@@ -355,7 +355,7 @@ def _set_entry(recipe: Any, folder: Path, split: str, fingerprint: dict[str, Any
         "complete": complete,
         "info": {
             "downsample": "area (average pooling)",
-            "rest_temperature": recipe.loss.temperature if fingerprint["layout"] == "topk" else None,
+            "rest_temperature": rest_temperature if fingerprint["layout"] == "topk" else None,
             "stored_size": list(stored_size(tuple(fingerprint["base_size"]),
                                                        fingerprint["stride"])),
         },

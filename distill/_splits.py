@@ -22,10 +22,14 @@ the layout and removes a held-out group from the training split.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
+
+_logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _KINDS = ("prefix", "list", "fold")
@@ -147,3 +151,45 @@ def _listed(selector: SplitSelector, ids: Sequence[str], names: Sequence[str]) -
         raise SplitError(f"list file '{path}' names {len(unknown)} sample(s) not in "
                          f"{'+'.join(selector.splits)}, e.g. '{unknown[0]}'")
     return kept
+
+
+# Selections of a sample source (anything with __len__, sample_id and load)
+
+
+def first_samples(source: Any, count: int | None) -> Any:
+    if count is None or len(source) <= count:
+        return source
+    if isinstance(source, Subset):
+        return Subset(source.rows[:count])
+    return Subset([(source, k) for k in range(count)])
+
+
+def without_samples(source: Any, held_out: Any, split: str, held_text: str
+             ) -> Any:
+    excluded = {held_out.sample_id(k) for k in range(len(held_out))}
+    rows = [(source, k) for k in range(len(source)) if source.sample_id(k) not in excluded]
+    if not rows:
+        raise SplitError(f"data.train_split '{split}' has no sample left once the held-out "
+                        f"data.val_split '{held_text}' is removed")
+    if len(rows) < len(source):
+        _logger.info("%s: %d of %d samples held out by data.val_split %s", split,
+                    len(source) - len(rows), len(source), held_text)
+    return Subset(rows)
+
+
+class Subset:
+    """Chosen samples of one or more sources, in order (a pooled or grouped split)."""
+
+    def __init__(self, rows: list[tuple[Any, int]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample_id(self, index: int) -> str:
+        source, k = self.rows[index]
+        return source.sample_id(k)
+
+    def load(self, index: int) -> tuple[Any, Any]:
+        source, k = self.rows[index]
+        return source.load(k)

@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 import traceback
-from typing import NoReturn
 
 from distill.config import RecipeError, load_recipe, recipe_to_yaml
 from rich.text import Text

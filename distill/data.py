@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from distill._datasets import (
@@ -46,28 +44,31 @@ from distill._datasets import (
     CamVid,
     Cityscapes,
     DataError,
-    FileSource,
     ImageFolder,
     PascalVOC,
-    SyntheticShapes,
-    label_colormap,
 )
-from distill._splits import SplitError, SplitSelector, parse_split, select
+from distill._labels import FILE_SOURCES, DatasetInfo, dataset_info
+from distill._splits import (
+    SplitError,
+    SplitSelector,
+    Subset,
+    first_samples,
+    parse_split,
+    select,
+    without_samples,
+)
+from distill._synthetic import SyntheticShapes
+from distill._transforms import jitter, resize_image, resize_nearest  # resize_*: re-exported
 from distill.config import DataConfig
 
 __all__ = [
     "ADE20K", "CamVid", "Cityscapes", "DataError", "DatasetInfo", "ImageFolder", "PascalVOC",
     "SampleSource", "SegmentationDataset", "SyntheticShapes", "build_dataset", "build_loader",
-    "collate_batch", "dataset_info", "loader_for_dataset", "resize_nearest",
+    "collate_batch", "dataset_info", "loader_for_dataset", "resize_image", "resize_nearest",
 ]
 
 logger = logging.getLogger(__name__)
 
-FILE_SOURCES: dict[str, type[FileSource]] = {
-    "camvid": CamVid, "cityscapes": Cityscapes, "ade20k": ADE20K, "voc": PascalVOC,
-    "folder": ImageFolder,
-}
-_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as PIL uses
 
 
 class SampleSource(Protocol):
@@ -80,85 +81,6 @@ class SampleSource(Protocol):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """uint8 RGB image [H, W, 3] and int64 mask [H, W] of train ids / ignore_index."""
         ...
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model and a report need to know about a dataset's labels."""
-
-    num_classes: int
-    class_names: list[str]
-    ignore_index: int
-    palette: list[tuple[int, int, int]]  # one RGB colour per class
-
-
-def dataset_info(data: DataConfig) -> DatasetInfo:
-    """Classes, ignore value and palette of ``data.dataset``, without reading any image.
-
-    Raises:
-        DataError: ``data.class_names`` has the wrong length for the dataset.
-    """
-    if data.dataset == "synthetic":
-        names = SyntheticShapes.class_names(data.synthetic.num_classes)
-        palette = SyntheticShapes.palette(data.synthetic.num_classes)
-    elif data.dataset == "folder":
-        if not data.class_names:
-            raise DataError("dataset 'folder' needs data.class_names")
-        names = list(data.class_names)
-        palette = label_colormap(len(names))
-    else:
-        source = FILE_SOURCES[data.dataset]
-        names, palette = list(source.CLASS_NAMES), list(source.PALETTE)
-    if data.class_names is not None and len(data.class_names) != len(names):
-        raise DataError(
-            f"data.class_names has {len(data.class_names)} names but dataset '{data.dataset}' "
-            f"has {len(names)} classes"
-        )
-    if data.class_names is not None:
-        names = list(data.class_names)
-    if data.ignore_index < len(names):
-        raise DataError(
-            f"data.ignore_index {data.ignore_index} is a class of dataset '{data.dataset}' "
-            f"(classes 0..{len(names) - 1}); choose a value outside, e.g. 255"
-        )
-    return DatasetInfo(len(names), names, data.ignore_index, palette)
-
-
-# --------------------------------------------------------------------------------------------
-# Geometric and photometric transforms (numpy/PIL; the same ops on image and mask)
-
-
-def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of the first two axes to ``size`` (H, W).
-
-    Output pixel ``i`` samples input pixel ``floor((i + 0.5) * in / out)``, computed exactly in
-    integers (torch's ``nearest-exact`` computes the same in float32 and can differ by one pixel
-    where the product lands exactly on a pixel border).
-    """
-    (in_h, in_w), (out_h, out_w) = array.shape[:2], size
-    if (in_h, in_w) == (out_h, out_w):
-        return array
-    rows = (2 * np.arange(out_h) + 1) * in_h // (2 * out_h)
-    cols = (2 * np.arange(out_w) + 1) * in_w // (2 * out_w)
-    return array[rows[:, None], cols[None, :]]
-
-
-def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if image.shape[:2] == tuple(size):
-        return image
-    # PIL's bilinear filter widens its support when shrinking, i.e. it antialiases.
-    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-
-
-def _jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Brightness, contrast and saturation jitter of a float [0, 1] RGB image (in that order)."""
-    brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, size=3)
-    image = image * np.float32(brightness)
-    mean = float((image @ _GREY).mean()) if image.size else 0.0
-    image = (image - mean) * np.float32(contrast) + mean
-    grey = (image @ _GREY)[..., None]
-    image = grey + (image - grey) * np.float32(saturation)
-    return np.clip(image, 0.0, 1.0)
 
 
 class SegmentationDataset(Dataset):
@@ -212,7 +134,7 @@ class SegmentationDataset(Dataset):
         (with ``label_resolution``, the mask keeps its own size)."""
         image, mask = self.source.load(index)
         if self.data.resize is not None:
-            image = _resize_image(image, self.data.resize)
+            image = resize_image(image, self.data.resize)
             if not self.label_resolution:
                 mask = resize_nearest(mask, self.data.resize)
         return image, mask
@@ -255,7 +177,7 @@ class SegmentationDataset(Dataset):
         top_u, left_u, flip_u = rng.random(3)
         scaled = (max(1, int(np.floor(base[0] * scale + 0.5))),
                   max(1, int(np.floor(base[1] * scale + 0.5))))
-        image, mask = _resize_image(image, scaled), resize_nearest(mask, scaled)
+        image, mask = resize_image(image, scaled), resize_nearest(mask, scaled)
         crop_h, crop_w = data.crop_size if data.crop_size is not None else scaled
         # The scaled image is padded at the bottom/right to at least the crop size.
         top = int(top_u * (max(scaled[0], crop_h) - crop_h + 1))
@@ -265,7 +187,7 @@ class SegmentationDataset(Dataset):
         # Jitter the valid pixels before padding (the padding must not shift the contrast mean)
         # and before the flip, which it commutes with: it uses global statistics and pixel maps.
         if data.color_jitter > 0:
-            image = _jitter(image, data.color_jitter, rng)
+            image = jitter(image, data.color_jitter, rng)
         image = self._normalise(image)
         valid_h, valid_w = image.shape[:2]
         # Pad after normalising with 0, i.e. the raw image padded with the mean colour.
@@ -323,8 +245,11 @@ def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0,
         held_out = _parse(data.val_split, "data.val_split")
         if held_out.is_group and set(held_out.splits) & set(selector.splits):
             # The whole group, whatever data.max_samples keeps of it for validation.
-            source = _without(source, _select(data, held_out), split, held_out.text)
-    source = _first(source, data.max_samples)  # after the selection: N of the chosen samples
+            try:
+                source = without_samples(source, _select(data, held_out), split, held_out.text)
+            except SplitError as error:
+                raise DataError(str(error)) from None
+    source = first_samples(source, data.max_samples)  # after the selection: N of the chosen samples
     return SegmentationDataset(source, data, train=train, seed=seed, label_resolution=label_resolution)
 
 
@@ -344,14 +269,6 @@ def _layout_split(data: DataConfig, split: str) -> SampleSource:
                                       class_names=data.class_names)
 
 
-def _first(source: SampleSource, count: int | None) -> SampleSource:
-    if count is None or len(source) <= count:
-        return source
-    if isinstance(source, _Subset):
-        return _Subset(source.rows[:count])
-    return _Subset([(source, k) for k in range(count)])
-
-
 def _select(data: DataConfig, selector: SplitSelector) -> SampleSource:
     parts = [_layout_split(data, name) for name in selector.splits]
     if len(parts) == 1 and not selector.is_group:
@@ -362,38 +279,7 @@ def _select(data: DataConfig, selector: SplitSelector) -> SampleSource:
                       group_pattern=data.group_pattern)
     except SplitError as error:
         raise DataError(str(error)) from None
-    return _Subset([rows[k] for k in kept])
-
-
-def _without(source: SampleSource, held_out: SampleSource, split: str, held_text: str
-             ) -> SampleSource:
-    excluded = {held_out.sample_id(k) for k in range(len(held_out))}
-    rows = [(source, k) for k in range(len(source)) if source.sample_id(k) not in excluded]
-    if not rows:
-        raise DataError(f"data.train_split '{split}' has no sample left once the held-out "
-                        f"data.val_split '{held_text}' is removed")
-    if len(rows) < len(source):
-        logger.info("%s: %d of %d samples held out by data.val_split %s", split,
-                    len(source) - len(rows), len(source), held_text)
-    return _Subset(rows)
-
-
-class _Subset:
-    """Chosen samples of one or more sources, in order (a pooled or grouped split)."""
-
-    def __init__(self, rows: list[tuple[SampleSource, int]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def sample_id(self, index: int) -> str:
-        source, k = self.rows[index]
-        return source.sample_id(k)
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        source, k = self.rows[index]
-        return source.load(k)
+    return Subset([rows[k] for k in kept])
 
 
 def collate_batch(items: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:

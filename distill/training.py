@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -35,7 +33,7 @@ from safetensors.torch import save
 
 from distill._io import atomic_write_bytes, swap_in_folder
 from distill._malloc import tune_cpu_malloc
-from distill.config import ModelConfig, Recipe, atomic_write_text, save_resolved_recipe
+from distill.config import Recipe, atomic_write_text, save_resolved_recipe
 from distill.cache import load_cached_teacher
 from distill.data import build_loader, dataset_info, loader_for_dataset
 from distill.launch import TrainingError, make_accelerator

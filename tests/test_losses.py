@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import log_softmax as np_log_softmax
 
+import distill._fused_kl as _fused_kl
 import distill.losses as losses
 from distill import _fused_dist
 from distill.losses import (
@@ -23,7 +24,7 @@ CHUNKS = [None, 1, 2]
 def kd_path(request, monkeypatch):
     """Run a kd_loss test through each kernel: the per-class loop used for large chunks and the
     vectorised one used for small chunks (test tensors are small, so the switch is forced)."""
-    monkeypatch.setattr(losses, "_LOOP_MIN_PIXELS", 0 if request.param == "loop" else 10**12)
+    monkeypatch.setattr(_fused_kl, "_LOOP_MIN_PIXELS", 0 if request.param == "loop" else 10**12)
     return request.param
 
 
@@ -182,8 +183,8 @@ def test_kd_upstream_grad_and_retain_graph(kd_path):
 def test_kd_default_kernel_choice(monkeypatch):
     calls = []
     for name in ("_kd_chunk", "_kd_chunk_dense"):
-        fn = getattr(losses, name)
-        monkeypatch.setattr(losses, name, lambda *a, _n=name, _f=fn: calls.append(_n) or _f(*a))
+        fn = getattr(_fused_kl, name)
+        monkeypatch.setattr(_fused_kl, name, lambda *a, _n=name, _f=fn: calls.append(_n) or _f(*a))
     s, t, _ = make(shape=(1, 3, 128, 128), dtype=torch.float32)  # 16384 pixels: lean loop
     kd_loss(s, t, temperature=1.0)
     kd_loss(s[..., :64], t[..., :64], temperature=1.0)

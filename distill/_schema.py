@@ -1,0 +1,381 @@
+"""The recipe's schema: one pydantic model per section, every key documented on its field.
+
+Validation is pydantic's (``extra="forbid"`` everywhere) and checks values, never the disk: a
+recipe loads and prints before its data or weights exist. :mod:`distill.config` loads YAML into
+these models and turns pydantic's errors into one readable message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distill._labels import dataset_info
+from distill._splits import parse_split
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RecipeError(ValueError):
+    """A recipe or an override is invalid; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SyntheticConfig(_Section):
+    """The built-in dataset, generated from a seed (see ``distill.data.SyntheticShapes``)."""
+
+    num_train: int = Field(256, ge=1, description="training images")
+    num_val: int = Field(64, ge=1, description="validation images")
+    size: tuple[int, int] = Field((96, 96), description="(height, width) of every image")
+    num_classes: int = Field(6, ge=2, le=12, description="background + shape classes")
+    seed: int = Field(0, description="generator seed; the same seed gives the same images")
+
+
+class DataConfig(_Section):
+    """Where the images come from and how they are augmented and batched."""
+
+    dataset: Literal["synthetic", "camvid", "cityscapes", "ade20k", "voc", "folder"] = Field(
+        "synthetic", description="on-disk layout (see README, Datasets)"
+    )
+    root: Path | None = Field(None, description="dataset folder (not used by `synthetic`)")
+    class_names: list[str] | None = Field(
+        None, description="required for `folder`; optional elsewhere to rename classes"
+    )
+    ignore_index: int = Field(255, ge=0, description="label value excluded from loss and metrics")
+    train_split: str = Field(
+        "train", description="split the model is trained on; `a+b` pools splits (see Held-out groups)"
+    )
+    val_split: str = Field(
+        "val", description="split evaluated during training, or a held-out group such as "
+        "`train+val:prefix=0006R0`, `...:list=FILE`, `...:fold=K/N` (removed from train_split)"
+    )
+    group_pattern: str = Field(
+        "^[^_]+", description="regex whose first match in a file name is its group (fold=K/N); "
+        "default: the name up to the first `_` (a CamVid sequence, a Cityscapes city)"
+    )
+    resize: tuple[int, int] | None = Field(
+        None, description="(height, width) every image is resized to before augmentation and eval"
+    )
+    crop_size: tuple[int, int] | None = Field(
+        None, description="(height, width) of training crops; padded with ignore_index if larger"
+    )
+    scale_range: tuple[float, float] = Field((1.0, 1.0), description="random rescale range")
+    hflip: bool = Field(True, description="random horizontal flip while training")
+    color_jitter: float = Field(
+        0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter strength (image only)"
+    )
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="RGB mean, images in [0, 1]")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="RGB std, images in [0, 1]")
+    batch_size: int = Field(8, ge=1, description="per process")
+    eval_batch_size: int | None = Field(None, ge=1, description="defaults to batch_size")
+    num_workers: int = Field(2, ge=0, description="data-loader worker processes (0: in the main one)")
+    max_samples: int | None = Field(None, ge=1, description="use only the first N samples a split (or selector) selects")
+    skip_bad_files: bool = Field(False, description="skip unreadable images instead of stopping")
+    synthetic: SyntheticConfig = Field(
+        default_factory=SyntheticConfig, description="the built-in dataset's settings"
+    )
+
+    @field_validator("train_split", "val_split")
+    @classmethod
+    def _split_syntax(cls, value: str) -> str:
+        parse_split(value)  # a SplitError is a ValueError: pydantic names the key
+        return value
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"'{value}' is not a regular expression ({error})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        # A value check only: whether the folder exists is asked where it is read (the schema
+        # validates values, not the disk, so a recipe prints before its data is there).
+        if self.dataset != "synthetic" and self.root is None:
+            raise ValueError(f"data.root is required for dataset '{self.dataset}'")
+        if self.dataset == "folder" and not self.class_names:
+            raise ValueError("data.class_names is required for dataset 'folder'")
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"data.scale_range {list(self.scale_range)} must satisfy 0 < low <= high")
+        for key in ("resize", "crop_size"):
+            value = getattr(self, key)
+            if value is not None and min(value) < 1:
+                raise ValueError(f"data.{key} {list(value)} must be positive")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std {list(self.std)} must be positive")
+        return self
+
+
+class ModelConfig(_Section):
+    """A segmentation model: an smp architecture with an smp or timm (``tu-...``) encoder."""
+
+    arch: str = Field("DeepLabV3Plus", description="smp architecture, e.g. Unet, FPN, Segformer")
+    encoder: str = Field("resnet18", description="smp encoder or `tu-<timm name>`")
+    encoder_weights: str | None = Field(None, description="e.g. `imagenet`; needs a network")
+    checkpoint: Path | None = Field(None, description="weights to load (.safetensors or .pt)")
+    factory: str | None = Field(
+        None, description="`package.module:function` returning an nn.Module (replaces arch/encoder)"
+    )
+    factory_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for the factory function"
+    )
+    arch_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for the smp architecture"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"factory '{self.factory}' must look like `package.module:function`")
+        return self
+
+
+class TeacherConfig(ModelConfig):
+    """The frozen teacher. ``mean``/``std``: the normalization it was trained with, if not the data's."""
+
+    mode: Literal["stream", "cache"] = Field(
+        "stream", description="stream: teacher forward on each batch; cache: replay stored logits"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the streamed teacher (compiles on the first batches)"
+    )
+    mean: tuple[float, float, float] | None = Field(
+        None, description="normalization the teacher was trained with, if not data.mean"
+    )
+    std: tuple[float, float, float] | None = Field(
+        None, description="normalization the teacher was trained with, if not data.std"
+    )
+
+
+class CacheConfig(_Section):
+    """The teacher's logit store (``distill cache``), replayed through each batch's geometry."""
+
+    dir: Path | None = Field(None, description="store folder; default: <output_dir>/cache")
+    stride: int = Field(4, ge=1, description="logits stored at 1/stride of the base frame")
+    layout: Literal["topk", "dense"] = Field(
+        "topk", description="topk: k largest logits per pixel + the rest; dense: every class (fp16)"
+    )
+    topk: int = Field(4, ge=1, description="logits kept per pixel (layout topk)")
+    dtype: Literal["fp16", "int8"] = Field(
+        "fp16", description="stored value type; int8: uint8 codes with a per-pixel fp16 zero point and scale"
+    )
+    splits: list[str] = Field(
+        default_factory=lambda: ["train"], description="splits (or selectors, as data.train_split) to cache"
+    )
+    batch_size: int = Field(8, ge=1, description="teacher batch size while caching")
+
+    @field_validator("splits")
+    @classmethod
+    def _split_syntax(cls, value: list[str]) -> list[str]:
+        for split in value:
+            parse_split(split)
+        return value
+
+
+class LossConfig(_Section):
+    """``loss = ce_weight * CE(hard labels) + kd_weight * T^2 * KL(teacher || student)``."""
+
+    ce_weight: float = Field(1.0, ge=0.0, description="weight of cross-entropy on the hard labels")
+    kd_weight: float = Field(1.0, ge=0.0, description="ignored when the recipe has no teacher")
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature T of the KD term")
+    kind: Literal["kl", "cwd", "dist"] = Field(
+        "kl", description="kl: pixel-wise KL; cwd: channel-wise (Shu 2021); dist: DIST relations (Huang 2022)"
+    )
+    kd_pixels: Literal["labelled", "teacher_correct"] = Field(
+        "labelled", description="pixels the KD term sees: every labelled one, or only those the teacher gets right"
+    )
+    class_weights: list[float] | None = Field(None, description="CE weight per class")
+    chunk_size: int | None = Field(
+        None, ge=1, description="KD loss computed this many samples at a time (less memory)"
+    )
+
+
+class TrainConfig(_Section):
+    """The optimisation schedule and the loop's bookkeeping."""
+
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="decoupled (AdamW) or L2 (SGD)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
+    scheduler: Literal["poly", "cosine", "constant"] = Field(
+        "poly", description="decay after warm-up, to 0 at the last step"
+    )
+    poly_power: float = Field(0.9, gt=0.0, description="exponent of the poly schedule")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer steps")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_grad_norm: float | None = Field(None, gt=0.0, description="gradient clipping (none: off)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast for student and teacher; fp16 needs a GPU"
+    )
+    channels_last: bool = Field(False, description="memory format of model and images")
+    cpu_malloc_tuning: bool = Field(
+        True, description="on CPU/Linux, keep freed memory in glibc's heap (faster steps, ~13% more RSS)"
+    )
+    seed: int = Field(0, description="seeds weights, shuffling and augmentation")
+    eval_every_epochs: int = Field(1, ge=1, description="val mIoU every N epochs (and at the end)")
+    checkpoint_every_epochs: int = Field(1, ge=1, description="save_state every N epochs")
+    log_every_steps: int = Field(10, ge=1, description="metrics.jsonl line every N optimizer steps")
+    resume: Path | None = Field(None, description="a checkpoint folder written by save_state")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim"]] = Field(
+        default_factory=list, description="Accelerate trackers, besides metrics.jsonl"
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
+
+
+class EvalConfig(_Section):
+    """Evaluation of a trained model (``distill eval``)."""
+
+    split: str | None = Field(
+        None, description="split (or selector) `distill eval` and `distill compare` score; "
+        "default: data.val_split"
+    )
+    checkpoint: Path | None = Field(None, description="defaults to the run's best checkpoint")
+    resolution: Literal["label", "frame"] = Field(
+        "label", description="label: logits resized to each mask's own size before the argmax "
+        "(as published scores are); frame: masks resized to data.resize (faster, not comparable)"
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _split_syntax(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_split(value)
+        return value
+
+
+
+class ExportConfig(_Section):
+    """Export of the student (``distill export``)."""
+
+    formats: list[Literal["onnx", "safetensors"]] = Field(
+        default_factory=lambda: ["onnx", "safetensors"], description="what `distill export` writes"
+    )
+    opset: int = Field(18, ge=13, description="ONNX opset")
+    atol: float = Field(1e-4, gt=0.0, description="parity tolerance (max abs logits difference)")
+
+
+class RunConfig(_Section):
+    """What ``distill run`` does besides training the student."""
+
+    baseline: bool = Field(
+        True, description="also train the student without a teacher, as the reference KD must beat"
+    )
+    compare: bool = Field(True, description="compare teacher and student(s) at the end")
+    export: bool = Field(True, description="export the distilled student at the end")
+
+
+class Recipe(_Section):
+    """A whole recipe. Either ``model`` (train one model) or ``student`` (+ optional ``teacher``)."""
+
+    output_dir: Path = Field(Path("runs/default"), description="run folder; one sub-folder per stage")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
+    student: ModelConfig | None = None
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    teacher_train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`train` keys that differ for the teacher stage (e.g. `{epochs: 40}`): a "
+        "teacher worth learning from usually needs a longer schedule than its students",
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.model is not None and (self.student is not None or self.teacher is not None):
+            raise ValueError("use either `model` (one model) or `student`/`teacher`, not both")
+        if self.model is None and self.student is None:
+            raise ValueError("the recipe needs a `model` section (or `student` for distillation)")
+        if self.teacher is not None and self.teacher.checkpoint is None and (
+            self.teacher.mean is not None or self.teacher.std is not None
+        ):
+            raise ValueError(
+                "teacher.mean/teacher.std describe an external teacher checkpoint; a teacher "
+                "trained by distill uses data.mean/data.std (set teacher.checkpoint, or drop them)"
+            )
+        if self.teacher is not None and self.teacher.mode == "cache":
+            if self.data.resize is None:
+                raise ValueError(
+                    "teacher.mode 'cache' needs data.resize: every image is cached in one frame"
+                )
+            if self.data.train_split not in self.cache.splits:
+                raise ValueError(
+                    f"teacher.mode 'cache' trains on '{self.data.train_split}' but cache.splits "
+                    f"is {self.cache.splits}"
+                )
+        if self.teacher_train:
+            try:
+                self.teacher_schedule()
+            except ValidationError as error:
+                first = error.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"teacher_train.{where}: {first['msg'].lower()} "
+                                 f"(got {first.get('input')!r})") from None
+
+        num_classes = dataset_info(self.data).num_classes  # from the layout; reads no image
+        weights = self.loss.class_weights
+        if weights is not None and len(weights) != num_classes:
+            raise ValueError(
+                f"loss.class_weights has {len(weights)} values but the dataset has {num_classes} classes"
+            )
+        if self.cache.layout == "topk" and self.cache.topk > num_classes:
+            raise ValueError(
+                f"cache.topk {self.cache.topk} is larger than the dataset's {num_classes} classes"
+            )
+        return self
+
+    @field_validator("teacher_train")
+    @classmethod
+    def _teacher_schedule_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        valid = sorted(TrainConfig.model_fields)
+        for key in value:
+            if key not in TrainConfig.model_fields:
+                close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(valid)}"
+                raise ValueError(f"'{key}' is not a `train` key{hint}")
+        return value
+
+    def teacher_schedule(self) -> TrainConfig:
+        """``train`` with the ``teacher_train`` keys applied: the teacher stage's schedule."""
+        return TrainConfig.model_validate({**self.train.model_dump(), **self.teacher_train})
+
+    @property
+    def student_model(self) -> ModelConfig:
+        """The model being trained: ``student``, or ``model`` in single-model recipes."""
+        spec = self.student if self.student is not None else self.model
+        assert spec is not None  # guaranteed by _check
+        return spec
+
+    @property
+    def eval_split(self) -> str:
+        """The split evaluation and comparison score: ``eval.split``, else ``data.val_split``."""
+        return self.eval.split or self.data.val_split
+
+    @property
+    def distills(self) -> bool:
+        """True when a teacher is configured and the KD term has weight."""
+        return self.teacher is not None and self.loss.kd_weight > 0
