@@ -7,7 +7,7 @@ Below :mod:`distill.config` (which checks class counts against it) and :mod:`dis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from distill._datasets import (
     ADE20K,
@@ -21,8 +21,15 @@ from distill._datasets import (
 )
 from distill._synthetic import SyntheticShapes
 
-if TYPE_CHECKING:
-    from distill.config import DataConfig
+
+
+class DataValues(Protocol):
+    """What :func:`dataset_info` reads of a recipe's ``data`` section (a ``DataConfig``)."""
+
+    dataset: str
+    class_names: list[str] | None
+    ignore_index: int
+    synthetic: Any  # .num_classes
 
 FILE_SOURCES: dict[str, type[FileSource]] = {
     "camvid": CamVid, "cityscapes": Cityscapes, "ade20k": ADE20K, "voc": PascalVOC,
@@ -40,7 +47,7 @@ class DatasetInfo:
     palette: list[tuple[int, int, int]]  # one RGB colour per class
 
 
-def dataset_info(data: DataConfig) -> DatasetInfo:
+def dataset_info(data: DataValues) -> DatasetInfo:
     """Classes, ignore value and palette of ``data.dataset``, without reading any image.
 
     Raises:
