@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     add("cache", "run the teacher once over the cached splits and store its logits")
     compare_parser = add("compare", "teacher vs student (vs baseline): mIoU, size, speed, per-class IoU")
     compare_parser.epilog = "Shorthand: split=NAME (eval.split)."
-    export_parser = add("export", "export the student: ONNX + safetensors + config.json, parity checked")
+    export_parser = add("export", "export the student: ONNX + smp folder (safetensors) + distill.json, parity checked")
     export_parser.epilog = "Shorthands: format=onnx,safetensors (export.formats), checkpoint=PATH."
     predict = commands.add_parser(
         "predict", help="segment images with an exported student (onnxruntime only)",

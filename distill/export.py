@@ -2,9 +2,12 @@
 
 Writes to ``<output_dir>/export/``:
 
-- ``student.safetensors``: the student's state dict (no teacher, optimizer or wrapper prefixes);
-- ``config.json``: what using the model elsewhere needs (architecture, encoder, classes, palette,
-  normalization, resolution; for smp students the exact ``smp.create_model`` arguments);
+- an smp student in smp's own hub format: ``config.json`` + ``model.safetensors`` (+ its
+  ``README.md`` model card), so ``smp.from_pretrained(export_dir)`` rebuilds it and
+  ``push_to_hub`` publishes it; a ``factory`` student as ``student.safetensors``. Either way the
+  state dict alone: no teacher, optimizer or wrapper prefixes;
+- ``distill.json``: what using the model elsewhere needs beyond the weights (classes and their
+  names, palette, normalization, resolution, the files, versions, where it came from);
 - ``student.onnx``: one self-contained file, input ``image`` float32 [N, 3, H, W] with dynamic
   N, H and W, output ``logits`` [N, C, H, W]. The pad to a multiple of 32 (bottom/right,
   replicated edge) and the crop back are part of the graph, exactly as
@@ -15,7 +18,7 @@ Writes to ``<output_dir>/export/``:
 The ONNX graph comes from the TorchScript-based exporter (``dynamo=False``): it writes one file
 and took under a second here where the ``torch.export``-based one took about 30 s for the same
 graph (with the same onnxruntime parity, 1e-7..1e-5). If it fails, the ``torch.export``-based
-exporter is tried with ``external_data=False``; ``config.json`` says which one was used.
+exporter is tried with ``external_data=False``; ``distill.json`` says which one was used.
 
 Every file is written into a staging folder first and renamed into ``export/`` only after the
 parity check passed, so a failed export leaves the previous export (or nothing), never half files.
@@ -43,11 +46,12 @@ from distill._io import atomic_write_text, file_digest, swap_in_folder
 from distill.config import ModelConfig, Recipe, recipe_to_yaml
 from distill.data import DatasetInfo, build_dataset, dataset_info
 from distill.models import ModelError, build_model, forward_padded, stage_weights
-from distill.predict import PredictError, load_export_config, predict  # noqa: F401  (re-exported)
+from distill.predict import CONFIG_NAME, PredictError, load_export_config, predict  # noqa: F401  (re-exported)
 from distill.progress import console
 
 FORMATS = ("onnx", "safetensors")
-FILES = {"onnx": "student.onnx", "safetensors": "student.safetensors"}
+FILES = {"onnx": "student.onnx", "safetensors": "student.safetensors"}  # safetensors: factory students
+SMP_FILES = ("config.json", "model.safetensors", "README.md")  # smp's save_pretrained
 PAD_MULTIPLE = 32
 
 
@@ -121,7 +125,7 @@ def _parse_formats(formats: Any, recipe: Recipe) -> list[str]:
 
 def export_config(recipe: Recipe, spec: ModelConfig, info: DatasetInfo, checkpoint: Path,
                   formats: list[str], exporter: str | None) -> dict[str, Any]:
-    """The content of ``config.json``."""
+    """The content of ``distill.json``."""
     import importlib.metadata as metadata
 
     data = recipe.data
@@ -150,7 +154,8 @@ def export_config(recipe: Recipe, spec: ModelConfig, info: DatasetInfo, checkpoi
                     "the ONNX graph pads to pad_multiple itself, the PyTorch model does not "
                     "(pad bottom/right with replicated edges, crop the logits back)",
         },
-        "files": {fmt: FILES[fmt] for fmt in formats},
+        "files": {fmt: ("model.safetensors" if fmt == "safetensors" and smp_reload else FILES[fmt])
+                  for fmt in formats},
         "onnx": {"input": "image", "output": "logits", "opset": recipe.export.opset,
                  "dynamic_axes": ["batch", "height", "width"], "exporter": exporter}
         if "onnx" in formats else None,
@@ -286,7 +291,7 @@ def load_exported(export_dir: str | os.PathLike[str]) -> nn.Module:
     """Rebuild an exported student with :func:`distill.models.build_model` (eval mode)."""
     export_dir = Path(export_dir)
     config = load_export_config(export_dir)
-    weights = export_dir / config["files"].get("safetensors", FILES["safetensors"])
+    weights = export_dir / config["files"]["safetensors"]
     if config["kind"] == "smp":
         spec = ModelConfig(arch=config["arch"], encoder=config["encoder"], arch_kwargs=config["arch_kwargs"],
                            checkpoint=weights)
@@ -304,7 +309,7 @@ def export_student(recipe: Recipe, formats: list[str] | str | None = None, *,
         recipe: the resolved recipe; the student is ``student`` (or ``model``), its weights
             ``eval.checkpoint`` or ``<output_dir>/student/best.safetensors``.
         formats: ``["onnx", "safetensors"]``, a comma-separated string, or None for
-            ``recipe.export.formats``. ``config.json`` and ``parity.json`` are always written.
+            ``recipe.export.formats``. ``distill.json`` and ``parity.json`` are always written.
         parity_images: how many val images the parity check runs on (batch 1 each).
 
     Returns:
@@ -326,16 +331,20 @@ def export_student(recipe: Recipe, formats: list[str] | str | None = None, *,
 
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-staging-"))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        from safetensors.torch import save_file
+        smp_format = spec.factory is None and hasattr(model, "save_pretrained")
+        if smp_format:  # smp's hub format: smp.from_pretrained(folder) and push_to_hub work on it
+            model.save_pretrained(staging, dataset=recipe.data.dataset)
+        else:
+            from safetensors.torch import save_file
 
-        save_file(state, str(staging / FILES["safetensors"]), metadata={"format": "pt"})
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(staging / FILES["safetensors"]), metadata={"format": "pt"})
         exporter = None
         if "onnx" in formats:
             exporter = export_onnx(model, staging / FILES["onnx"], images[0], recipe.export.opset)
-        config = export_config(recipe, spec, info, checkpoint, formats, exporter)
-        atomic_write_text(staging / "config.json", json_text(config))
-        reloaded = load_exported(staging)
+        config = export_config(recipe, spec, info, checkpoint, [*formats, "safetensors"], exporter)
+        atomic_write_text(staging / CONFIG_NAME, json_text(config))
+        reloaded = load_exported(staging)  # the parity check reads the weights back
         results = check_parity(model, images, onnx_path=staging / FILES["onnx"] if "onnx" in formats else None,
                                reloaded=reloaded)
         atol = recipe.export.atol
@@ -353,7 +362,10 @@ def export_student(recipe: Recipe, formats: list[str] | str | None = None, *,
                 f"exceeds export.atol={atol:g} (nothing was written to {out})"
             )
         if "safetensors" not in formats:
-            (staging / FILES["safetensors"]).unlink()
+            for name in (*SMP_FILES, FILES["safetensors"]):
+                (staging / name).unlink(missing_ok=True)
+            config["files"].pop("safetensors")
+            atomic_write_text(staging / CONFIG_NAME, json_text(config))
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -365,7 +377,7 @@ def _publish(staging: Path, out: Path) -> None:
     """Swap the staged folder in for ``out`` as a whole (the folder belongs to distill).
 
     Two renames: a kill between them leaves ``.export-previous`` beside ``out``, never a mix of
-    a new ONNX file with an old config.json.
+    a new ONNX file with an old distill.json.
     """
     mask = os.umask(0)
     os.umask(mask)

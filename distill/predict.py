@@ -1,6 +1,6 @@
 """``distill predict EXPORT_DIR IMAGE... [--out DIR]``: run an exported student without PyTorch.
 
-This module is the proof that an export stands on its own: it reads ``config.json`` and
+This module is the proof that an export stands on its own: it reads ``distill.json`` and
 ``student.onnx`` written by :func:`distill.export.export_student` and needs only numpy, Pillow
 and onnxruntime. It imports nothing from ``distill`` nor torch
 itself, so it can be copied next to an export, or loaded by file path, and run where torch is not
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-CONFIG_NAME = "config.json"
+CONFIG_NAME = "distill.json"  # distill's metadata; config.json beside it is smp's
 
 
 class PredictError(ValueError):
@@ -36,11 +36,12 @@ class PredictError(ValueError):
 
 
 def load_export_config(export_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``<export_dir>/config.json`` (raises :class:`PredictError` when missing or invalid)."""
+    """Read ``<export_dir>/distill.json`` (raises :class:`PredictError` when missing or invalid)."""
     path = Path(export_dir) / CONFIG_NAME
     if not path.is_file():
+        older = " (an export of an older distill: export again)" if (Path(export_dir) / "config.json").is_file() else ""
         raise PredictError(
-            f"{path} does not exist: not an export folder (write one with `distill export RECIPE`)"
+            f"{path} does not exist: not an export folder{older} (write one with `distill export RECIPE`)"
         )
     try:
         config = json.loads(path.read_text())
@@ -81,7 +82,7 @@ def _session(export_dir: Path, config: dict[str, Any], threads: int | None):
     model_path = export_dir / name if name else None
     if model_path is None or not model_path.is_file():
         raise PredictError(
-            f"{export_dir} holds no ONNX model ({model_path or 'config.json lists none'}); "
+            f"{export_dir} holds no ONNX model ({model_path or 'distill.json lists none'}); "
             f"export with format=onnx"
         )
     options = ort.SessionOptions()

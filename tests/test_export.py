@@ -30,7 +30,7 @@ from distill.training import train
 
 PREDICT_PY = REPO_ROOT / "distill" / "predict.py"
 CAMVID = REPO_ROOT.parent / "shared" / "data" / "camvid"  # as conftest's camvid_root (module scope here)
-EXPORT_FILES = {"config.json", "parity.json", "student.onnx", "student.safetensors"}
+EXPORT_FILES = {"distill.json", "parity.json", "student.onnx", "student.safetensors"}  # a factory student
 
 
 def _save_untrained_student(recipe) -> Path:
@@ -77,7 +77,7 @@ def test_factory_student_exports_onnx_safetensors_config_and_parity(tiny_export)
     recipe, out = tiny_export
     assert out == Path(recipe.output_dir) / "export"
     assert {p.name for p in out.iterdir()} == EXPORT_FILES  # no staging folder, no .onnx.data
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "distill.json").read_text())
     assert config["kind"] == "factory" and config["smp_reload"] is False
     assert "smp alone cannot rebuild it" in config["smp_reload_note"]
     assert config["num_classes"] == 4 and len(config["class_names"]) == 4 and len(config["palette"]) == 4
@@ -104,10 +104,10 @@ def test_factory_student_exports_onnx_safetensors_config_and_parity(tiny_export)
 def test_only_the_requested_formats_and_stale_files_are_removed(tiny_export):
     recipe, out = tiny_export
     export_student(recipe, "onnx", parity_images=1)
-    assert {p.name for p in out.iterdir()} == {"config.json", "parity.json", "student.onnx"}
-    assert json.loads((out / "config.json").read_text())["files"] == {"onnx": "student.onnx"}
+    assert {p.name for p in out.iterdir()} == {"distill.json", "parity.json", "student.onnx"}
+    assert json.loads((out / "distill.json").read_text())["files"] == {"onnx": "student.onnx"}
     export_student(recipe, ["safetensors"], parity_images=1)
-    assert {p.name for p in out.iterdir()} == {"config.json", "parity.json", "student.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"distill.json", "parity.json", "student.safetensors"}
     assert set(json.loads((out / "parity.json").read_text())["results"]) == {"safetensors"}
     with pytest.raises(ExportError, match=r"\['tflite'\] not supported"):
         export_student(recipe, "onnx,tflite")
@@ -143,8 +143,12 @@ def test_onnx_accepts_any_height_width_and_batch(tiny_export):
 
 def test_camvid_round_trip_within_1e4(camvid_export):
     recipe, out = camvid_export
-    config = json.loads((out / "config.json").read_text())
+    # smp's hub format beside distill's metadata and the ONNX file.
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md",
+                                               "distill.json", "parity.json", "student.onnx"}
+    config = json.loads((out / "distill.json").read_text())
     assert config["kind"] == "smp" and config["smp_reload"] is True
+    assert config["files"]["safetensors"] == "model.safetensors"
     assert config["smp"]["create_model"] == {"arch": "DeepLabV3Plus", "encoder_name": "tu-mobilenetv3_small_100",
                                              "encoder_weights": None, "classes": 11}
     assert config["input"]["resize"] == [120, 160] and config["class_names"][0] == "sky"
@@ -211,13 +215,15 @@ SMP_ONLY = textwrap.dedent('''
     from safetensors.torch import load_file
 
     export_dir = sys.argv[1]
-    config = json.load(open(os.path.join(export_dir, "config.json")))
-    model = smp.create_model(**config["smp"]["create_model"])
-    model.load_state_dict(load_file(os.path.join(export_dir, config["files"]["safetensors"])))
-    model.eval()
+    model = smp.from_pretrained(export_dir).eval()  # smp's own loader on the export folder
+    config = json.load(open(os.path.join(export_dir, "distill.json")))
+    rebuilt = smp.create_model(**config["smp"]["create_model"])  # or from distill.json's call
+    rebuilt.load_state_dict(load_file(os.path.join(export_dir, config["files"]["safetensors"])))
+    rebuilt.eval()
     image = torch.from_numpy(np.load(sys.argv[2]))
     with torch.no_grad():
         np.save(sys.argv[3], model(image).numpy())
+        assert torch.equal(model(image), rebuilt(image))
     assert not [m for m in sys.modules if m == "distill" or m.startswith("distill.")]
     print("smp-only ok")
 ''')
@@ -275,7 +281,7 @@ def test_predict_writes_palette_masks_without_torch(tiny_export, tmp_path):
         Image.fromarray(image).save(images[-1])
     written = _run_predict(out, images, tmp_path / "masks", tmp_path)
     assert written == [tmp_path / "masks" / f"sample{i}_mask.png" for i in range(3)]
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "distill.json").read_text())
     eager = load_exported(out)
     for index, path in enumerate(written):
         mask = Image.open(path)
@@ -300,7 +306,7 @@ def test_predict_errors_name_the_file(tiny_export, tmp_path):
     from distill.predict import PredictError, predict
 
     recipe, out = tiny_export
-    with pytest.raises(PredictError, match="config.json does not exist"):
+    with pytest.raises(PredictError, match="distill.json does not exist"):
         predict(tmp_path, [], tmp_path / "masks")
     with pytest.raises(PredictError, match="image '.*nope.png' does not exist"):
         predict(out, [tmp_path / "nope.png"], tmp_path / "masks")
