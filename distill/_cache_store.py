@@ -25,16 +25,12 @@ from distill._cache_replay import (
     split_folder,
 )
 from distill._io import file_digest
+from distill.run_folder import cache_dir, trained_weights
 
 if TYPE_CHECKING:
     from distill.config import Recipe
 
 logger = logging.getLogger(__name__)
-
-
-def cache_dir(recipe: Recipe) -> Path:
-    """``cache.dir``, or ``<output_dir>/cache``."""
-    return Path(recipe.cache.dir) if recipe.cache.dir is not None else Path(recipe.output_dir) / "cache"
 
 
 def _stream_recipe(recipe: Recipe) -> Recipe:
@@ -66,7 +62,6 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
                          num_classes: int | None = None) -> dict[str, Any]:
     """What a store of ``split`` written from ``recipe`` would record (a flat JSON dict)."""
     from distill.data import dataset_info
-    from distill.teacher import teacher_checkpoint
 
     recipe = _stream_recipe(recipe)
     teacher, data, cache = recipe.teacher, recipe.data, recipe.cache
@@ -75,7 +70,7 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
     ids = list(ids) if ids is not None else _split_ids(recipe, split)
     return {
         "layout_version": LAYOUT_VERSION,
-        "teacher_checkpoint_sha256": file_digest(teacher_checkpoint(recipe)),
+        "teacher_checkpoint_sha256": file_digest(trained_weights(recipe, "teacher")),
         "teacher_model": teacher.model_dump(
             mode="json", include={"arch", "encoder", "factory", "factory_kwargs", "arch_kwargs"}),
         "teacher_input": {"mean": list(teacher.mean or data.mean), "std": list(teacher.std or data.std)},

@@ -33,11 +33,12 @@ from torch import nn
 from distill._io import atomic_write_bytes, atomic_write_text, file_digest
 from distill.config import Recipe, recipe_to_yaml, save_resolved_recipe
 from distill.data import DatasetInfo, build_dataset, build_loader, dataset_info
-from distill.export import ensure_writable_folder, json_text, student_checkpoint
+from distill.export import ensure_writable_folder, json_text
 from distill.evaluation import evaluate_model
 from distill.models import build_model, count_parameters, forward_padded
 from distill.progress import console
-from distill.teacher import teacher_checkpoint, with_teacher_normalization
+from distill.run_folder import baseline_weights, compare_dir, trained_weights
+from distill.teacher import with_teacher_normalization
 from distill.launch import make_accelerator
 
 IGNORE_COLOUR = (255, 255, 255)
@@ -59,9 +60,9 @@ def _checkpoints(recipe: Recipe) -> dict[str, Path]:
                            "(for one model use `distill eval RECIPE`)")
     if recipe.teacher is None:
         raise CompareError("the recipe has no `teacher` section: compare needs a teacher and a student")
-    found = {"teacher": teacher_checkpoint(recipe), "student": student_checkpoint(recipe)}
-    baseline = Path(recipe.output_dir) / "baseline" / "best.safetensors"
-    if baseline.is_file():
+    found = {"teacher": trained_weights(recipe, "teacher"), "student": trained_weights(recipe, "student")}
+    baseline = baseline_weights(recipe)
+    if baseline is not None:
         found["baseline"] = baseline
     return found
 
@@ -141,7 +142,7 @@ def compare(recipe: Recipe, split: str | None = None, *, latency_runs: int = 20,
     """
     split = split or recipe.eval_split
     checkpoints = _checkpoints(recipe)
-    out = Path(recipe.output_dir) / "compare"
+    out = compare_dir(recipe)
     ensure_writable_folder(out, "comparison", CompareError)
     accelerator = make_accelerator(recipe, out)
     main = accelerator.is_main_process

@@ -19,16 +19,10 @@ from distill.config import Recipe, atomic_write_text
 from distill.launch import is_launch_main, make_accelerator
 from distill.data import build_loader, dataset_info, loader_for_dataset
 from distill.metrics import SegmentationScores, per_sample_confusion, scores_from_confusion
-from distill.models import Stage, build_model, forward_padded, stage_model, stage_weights
+from distill.models import Stage, build_model, forward_padded, stage_model
 from distill.progress import console, track
+from distill.run_folder import checkpoint_to_score, stage_dir
 from distill.teacher import with_teacher_normalization
-
-
-def default_checkpoint(recipe: Recipe, stage: Stage) -> Path:
-    """``eval.checkpoint`` (``checkpoint=PATH``), else the stage's trained weights."""
-    if recipe.eval.checkpoint is not None:
-        return Path(recipe.eval.checkpoint)
-    return stage_weights(recipe, stage)
 
 
 def evaluate(
@@ -53,7 +47,7 @@ def evaluate(
     info = dataset_info(recipe.data)
     if model is None:
         spec = stage_model(recipe, stage).model_copy(
-            update={"checkpoint": default_checkpoint(recipe, stage), "encoder_weights": None})
+            update={"checkpoint": checkpoint_to_score(recipe, stage), "encoder_weights": None})
         model = build_model(spec, info.num_classes)
         if stage == "teacher":  # an external teacher may expect its own mean/std (teacher.mean/std)
             model = with_teacher_normalization(model, recipe)
@@ -70,10 +64,10 @@ def evaluate(
 
 def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:
     """``distill eval``: score a stage's checkpoint, print a table, write ``eval_<split>.json``."""
-    checkpoint = default_checkpoint(recipe, stage)
+    checkpoint = checkpoint_to_score(recipe, stage)
     info = dataset_info(recipe.data)
     scores = evaluate(recipe, stage)
-    out = Path(recipe.output_dir) / stage / f"eval_{file_safe(recipe.eval_split)}.json"
+    out = stage_dir(recipe, stage) / f"eval_{file_safe(recipe.eval_split)}.json"
     if is_launch_main():
         report = {"stage": stage, "split": recipe.eval_split, "checkpoint": str(checkpoint),
                   "resolution": recipe.eval.resolution, **scores.as_dict(info.class_names)}

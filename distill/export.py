@@ -45,9 +45,10 @@ from torch import nn
 from distill._io import atomic_write_text, file_digest, swap_in_folder
 from distill.config import ModelConfig, Recipe, recipe_to_yaml
 from distill.data import DatasetInfo, build_dataset, dataset_info
-from distill.models import ModelError, build_model, forward_padded, stage_weights
+from distill.models import ModelError, build_model, forward_padded  # noqa: F401  (ModelError: raised through)
 from distill.predict import CONFIG_NAME, PredictError, load_export_config, predict  # noqa: F401  (re-exported)
 from distill.progress import console
+from distill.run_folder import export_dir, trained_weights
 
 FORMATS = ("onnx", "safetensors")
 FILES = {"onnx": "student.onnx", "safetensors": "student.safetensors"}  # safetensors: factory students
@@ -85,11 +86,6 @@ def json_text(value: Any) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Paths and checks done before any expensive work
-
-
-def student_checkpoint(recipe: Recipe) -> Path:
-    """``eval.checkpoint`` when set, else ``<output_dir>/student/best.safetensors``."""
-    return stage_weights(recipe, "student")
 
 
 def ensure_writable_folder(folder: Path, what: str, error: type[ValueError]) -> None:
@@ -321,8 +317,8 @@ def export_student(recipe: Recipe, formats: list[str] | str | None = None, *,
         DataError: the val split cannot be read (the parity check needs real images).
     """
     formats = _parse_formats(formats, recipe)
-    checkpoint = student_checkpoint(recipe)
-    out = Path(recipe.output_dir) / "export"
+    checkpoint = trained_weights(recipe, "student")
+    out = export_dir(recipe)
     ensure_writable_folder(out, "export", ExportError)
     info = dataset_info(recipe.data)
     spec = recipe.student_model.model_copy(update={"checkpoint": checkpoint, "encoder_weights": None})

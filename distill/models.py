@@ -226,30 +226,6 @@ def forward_padded(model: nn.Module, images: torch.Tensor, multiple: int = 32) -
     return model(padded)[..., :height, :width]
 
 
-def stage_weights(recipe, stage: str) -> Path:
-    """Where a stage's trained weights are; :class:`ModelError` naming the command if missing.
-
-    The teacher's are ``teacher.checkpoint`` when given; the student's ``eval.checkpoint`` when
-    given (what compare and export use); otherwise ``<output_dir>/<stage>/best.safetensors``.
-    """
-    given = {"teacher": recipe.teacher.checkpoint if recipe.teacher is not None else None,
-             "student": recipe.eval.checkpoint}.get(stage)
-    if given is not None:
-        if not Path(given).is_file():
-            key = "teacher.checkpoint" if stage == "teacher" else "eval.checkpoint"
-            raise ModelError(f"{key} '{given}' does not exist or is not a file")
-        return Path(given)
-    best = Path(recipe.output_dir) / stage / "best.safetensors"
-    if not best.is_file():
-        flag = "" if stage == "student" else f" --stage {stage}"
-        raise ModelError(
-            f"the {stage} has no weights: {best} does not exist. Train it first with "
-            f"`distill train RECIPE{flag}` (or `distill run RECIPE`)"
-            + (", or set teacher.checkpoint" if stage == "teacher" else ", or pass checkpoint=PATH")
-        )
-    return best
-
-
 Stage = Literal["teacher", "baseline", "student"]
 
 

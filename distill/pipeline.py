@@ -24,8 +24,7 @@ from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe
 from distill.launch import is_launch_main
 from distill.progress import console
-from distill.run_folder import exclusive_folder
-from distill.teacher import teacher_checkpoint
+from distill.run_folder import cache_dir, exclusive_folder, stage_dir, trained_weights
 from distill.training import train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")
@@ -69,10 +68,8 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
         if recipe.distills:
             parts["loss"] = recipe.loss.model_dump(mode="json", exclude={"chunk_size"})
             parts["teacher"] = recipe.teacher.model_dump(mode="json", exclude={"checkpoint", "compile"})
-            parts["teacher_weights"] = file_digest(teacher_checkpoint(recipe))
+            parts["teacher_weights"] = file_digest(trained_weights(recipe, "teacher"))
             if recipe.teacher.mode == "cache":
-                from distill.cache import cache_dir
-
                 parts["cache"] = recipe.cache.model_dump(mode="json", exclude={"batch_size", "dir"})
                 manifest = cache_dir(recipe) / "manifest.json"
                 parts["store"] = file_digest(manifest) if manifest.is_file() else None
@@ -83,7 +80,7 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     weights = {name: file_digest(output / name / "best.safetensors")
                for name in TRAINING_STAGES if (output / name / "best.safetensors").is_file()}
     if recipe.teacher is not None:
-        weights["teacher"] = file_digest(teacher_checkpoint(recipe))
+        weights["teacher"] = file_digest(trained_weights(recipe, "teacher"))
     if recipe.eval.checkpoint is not None:
         weights["eval.checkpoint"] = file_digest(recipe.eval.checkpoint)
     sections = ("data", "eval", "export") if stage == "export" else ("data", "eval")
@@ -123,7 +120,7 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
             store = write_cache(recipe)  # up-to-date stores are skipped, interrupted ones resumed
             outcomes.append(StageOutcome(stage, "done", time.perf_counter() - start, None, store))
             continue
-        folder = Path(recipe.output_dir) / stage
+        folder = stage_dir(recipe, stage)
         fingerprint = stage_fingerprint(recipe, stage)
         done = _read_done(folder / "done.json")
         if done.get("fingerprint") == fingerprint and done.get("weights") == _weights_digest(folder):
@@ -153,7 +150,7 @@ def _read_done(path: Path) -> dict:
 
 
 def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tuple[str, float]:
-    folder = Path(recipe.output_dir) / stage
+    folder = stage_dir(recipe, stage)
     latest = folder / "checkpoints" / "latest"
     progress = _read_done(latest / "progress.json")
     resumable = progress.get("fingerprint") == fingerprint

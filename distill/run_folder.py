@@ -1,4 +1,9 @@
-"""One writer per run folder: a lock held for the whole of a stage, naming its holder.
+"""The run folder: where each stage, its weights, the cache, the comparison and the export live,
+and one writer per folder.
+
+Layout of ``output_dir``: ``<stage>/`` for teacher, baseline and student (``recipe.yaml``,
+``metrics.jsonl``, ``best.safetensors``, ``last.safetensors``, ``checkpoints/latest/``),
+``cache/`` (unless ``cache.dir``), ``compare/`` and ``export/``. Every module asks here.
 
 Two runs writing one stage folder interleave ``metrics.jsonl`` and leave weights from one run
 beside the recipe of the other. ``filelock`` holds an OS lock on ``<folder>/.lock`` (released
@@ -19,6 +24,67 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
+
+from distill.models import ModelError
+
+
+def stage_dir(recipe: Any, stage: str) -> Path:
+    """``<output_dir>/<stage>``: a training stage's folder (teacher, baseline, student)."""
+    return Path(recipe.output_dir) / stage
+
+
+def cache_dir(recipe: Any) -> Path:
+    """``cache.dir``, or ``<output_dir>/cache``."""
+    return Path(recipe.cache.dir) if recipe.cache.dir is not None else Path(recipe.output_dir) / "cache"
+
+
+def compare_dir(recipe: Any) -> Path:
+    """``<output_dir>/compare``."""
+    return Path(recipe.output_dir) / "compare"
+
+
+def export_dir(recipe: Any) -> Path:
+    """``<output_dir>/export``."""
+    return Path(recipe.output_dir) / "export"
+
+
+def checkpoint_to_score(recipe: Any, stage: str) -> Path:
+    """What ``distill eval --stage S`` scores: ``eval.checkpoint``, else the stage's trained weights."""
+    if recipe.eval.checkpoint is not None:
+        if not Path(recipe.eval.checkpoint).is_file():
+            raise ModelError(f"eval.checkpoint '{recipe.eval.checkpoint}' does not exist or is not a file")
+        return Path(recipe.eval.checkpoint)
+    return trained_weights(recipe, stage)
+
+
+def baseline_weights(recipe: Any) -> Path | None:
+    """The baseline's best weights when it was trained, else None (compare's optional row)."""
+    best = stage_dir(recipe, "baseline") / "best.safetensors"
+    return best if best.is_file() else None
+
+
+def trained_weights(recipe: Any, stage: str) -> Path:
+    """Where a stage's trained weights are; :class:`ModelError` naming the command if missing.
+
+    The teacher's are ``teacher.checkpoint`` when given; the student's ``eval.checkpoint`` when
+    given (what compare and export use); otherwise ``<output_dir>/<stage>/best.safetensors``.
+    """
+    given = {"teacher": recipe.teacher.checkpoint if recipe.teacher is not None else None,
+             "student": recipe.eval.checkpoint}.get(stage)
+    if given is not None:
+        if not Path(given).is_file():
+            key = "teacher.checkpoint" if stage == "teacher" else "eval.checkpoint"
+            raise ModelError(f"{key} '{given}' does not exist or is not a file")
+        return Path(given)
+    best = stage_dir(recipe, stage) / "best.safetensors"
+    if not best.is_file():
+        flag = "" if stage == "student" else f" --stage {stage}"
+        raise ModelError(
+            f"the {stage} has no weights: {best} does not exist. Train it first with "
+            f"`distill train RECIPE{flag}` (or `distill run RECIPE`)"
+            + (", or set teacher.checkpoint" if stage == "teacher" else ", or pass checkpoint=PATH")
+        )
+    return best
 
 
 class FolderBusyError(RuntimeError):

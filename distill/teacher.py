@@ -7,13 +7,13 @@ come from (a streamed forward pass here, a logit cache later) never branches the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from distill.models import forward_padded
+from distill.run_folder import trained_weights
 
 if TYPE_CHECKING:
     from distill.config import Recipe
@@ -129,13 +129,6 @@ def with_teacher_normalization(model: nn.Module, recipe: Recipe) -> nn.Module:
     return model if scale is None else _Renormalized(model, scale, shift)
 
 
-def teacher_checkpoint(recipe: Recipe) -> Path:
-    """The teacher's weights: ``teacher.checkpoint``, else the run's trained teacher."""
-    from distill.models import stage_weights
-
-    return stage_weights(recipe, "teacher")
-
-
 def load_teacher(recipe: Recipe, num_classes: int) -> Teacher:
     """The recipe's teacher, frozen with its trained weights (streamed: run on every batch).
 
@@ -145,7 +138,7 @@ def load_teacher(recipe: Recipe, num_classes: int) -> Teacher:
     from distill.models import build_model
 
     assert recipe.teacher is not None
-    spec = recipe.teacher.model_copy(update={"checkpoint": teacher_checkpoint(recipe)})
+    spec = recipe.teacher.model_copy(update={"checkpoint": trained_weights(recipe, "teacher")})
     return Teacher(
         build_model(spec, num_classes),
         data_mean=recipe.data.mean,

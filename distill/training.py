@@ -41,7 +41,7 @@ from distill.losses import DistillLoss
 from distill.evaluation import evaluate_model
 from distill.models import Stage, build_model, forward_padded, stage_model
 from distill.progress import console, make_progress, report
-from distill.run_folder import exclusive_folder
+from distill.run_folder import exclusive_folder, stage_dir
 from distill.teacher import Teacher, load_teacher
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -106,7 +106,7 @@ def train(
         fingerprint: what the stage is made from (see ``distill.pipeline``), stored with each
             checkpoint so that ``distill run`` resumes only a checkpoint of the same inputs.
     """
-    run_dir = Path(recipe.output_dir) / stage
+    run_dir = stage_dir(recipe, stage)
     if teacher is not None and stage != "student":
         raise TrainingError(f"a teacher module distils into the student; stage '{stage}' trains alone")
     if stage == "teacher" and recipe.teacher_train:

@@ -9,9 +9,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distill"
 # Lowest first; a module may import only modules of its own layer or below.
 LAYERS = [
     ["_io", "_splits", "_compat", "_malloc", "_saved_gradient", "_fused_kl", "_fused_dist",
-     "_transforms", "predict", "progress", "run_folder"],
+     "_transforms", "predict", "progress"],
     ["_datasets"], ["_synthetic"], ["_labels"], ["_schema"], ["config"],
-    ["data"], ["launch"], ["models"], ["teacher"], ["_cache_replay"], ["_cache_store"], ["cache"],
+    ["data"], ["launch"], ["models"], ["run_folder"], ["teacher"], ["_cache_replay"], ["_cache_store"], ["cache"],
     ["losses"], ["metrics"], ["evaluation"], ["training"], ["export"], ["comparison"],
     ["pipeline"], ["cli"], ["__init__", "__main__"],
 ]
