@@ -63,6 +63,8 @@ def build_recipe(args: argparse.Namespace, work: Path) -> tuple[Any, str]:
 
     overrides = [f"output_dir={work}", f"cache.dir={work / 'cache'}", f"cache.stride={args.stride}",
                  f"cache.topk={args.topk}", "cache.layout=topk", "cache.dtype=fp16"]
+    if getattr(args, "data_root", None):
+        overrides.append(f"data.root={Path(args.data_root).resolve()}")
     if args.cache_samples:
         overrides.append(f"data.max_samples={args.cache_samples}")
     recipe = load_recipe(args.recipe, overrides)
@@ -363,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml")
     parser.add_argument("--teacher-checkpoint", default=None, help="default: a random teacher")
+    parser.add_argument("--data-root", default=None, help="the dataset folder (default: the recipe's)")
     parser.add_argument("--cache-samples", type=int, default=128,
                         help="cache the first N training images (0: all 367; the teacher "
                         "takes about 0.3-0.6 s per image on 2 cores)")

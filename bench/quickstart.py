@@ -36,11 +36,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_quickstart"),
                         help="run folder; emptied first, so that every stage runs")
     parser.add_argument("--results", type=Path, default=Path("bench/results/quickstart.json"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe overrides (the smoke test shrinks the run with them)")
     args = parser.parse_args(argv)
     os.chdir(REPO)
     if args.out.exists():
         shutil.rmtree(args.out)
-    command = [sys.executable, "-m", "distill", "run", RECIPE, f"output_dir={args.out}"]
+    command = [sys.executable, "-m", "distill", "run", RECIPE, f"output_dir={args.out}", *args.overrides]
     print("$", " ".join(command[1:]), flush=True)
     load_before = os.getloadavg()
     start = time.perf_counter()

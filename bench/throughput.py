@@ -81,6 +81,9 @@ THREADS = 2
 QUICK = dict(rounds=10, cache_samples=48, batches=3, loader_batches=8, malloc_pairs=2,
              worker_steps=5, live_pairs=1, live_steps=6, profile_images=24, rss_variants=True,
              omp_pairs=1, omp_steps=3)
+SMOKE = dict(rounds=1, cache_samples=16, batches=1, loader_batches=2, malloc_pairs=1,
+             worker_steps=2, live_pairs=1, live_steps=2, profile_images=2, rss_variants=False,
+             omp_pairs=1, omp_steps=1)
 FULL = dict(rounds=24, cache_samples=96, batches=4, loader_batches=12, malloc_pairs=4,
             worker_steps=8, live_pairs=2, live_steps=10, profile_images=48, rss_variants=True,
             omp_pairs=2, omp_steps=3)
@@ -156,12 +159,12 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(values), q[2]
 
 
-def data_available(recipe_path: str) -> tuple[bool, str]:
+def data_available(recipe_path: str, data_root: str | None) -> tuple[bool, str]:
     from distill.config import load_recipe
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, [f"data.root={data_root}"] if data_root else [])
     root = Path(recipe.data.root) if recipe.data.root is not None else None
-    ok = root is not None and (root / recipe.data.train_split).is_dir()
+    ok = root is not None and root.is_dir()
     return ok, str(root)
 
 
@@ -172,9 +175,9 @@ def build_recipes(args: argparse.Namespace, work: Path, synthetic: bool) -> tupl
     from distill.config import Recipe
 
     ns = argparse.Namespace(recipe=args.recipe, teacher_checkpoint=None, stride=4, topk=4,
-                            cache_samples=args.cache_samples)
+                            cache_samples=args.cache_samples, data_root=args.data_root)
     recipe, described = build_recipe(ns, work)
-    if synthetic:  # CamVid's shape: 360x480 frames, 11 classes, 367 training images
+    if synthetic and recipe.data.dataset != "synthetic":  # CamVid's shape: 360x480, 11 classes
         tree = recipe.model_dump(mode="json")
         tree["data"].update(dataset="synthetic", root=None)
         tree["data"]["synthetic"] = {"num_train": 367, "num_val": 101, "size": [360, 480],
@@ -819,6 +822,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (about 3-4 minutes)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one round of everything, to check that the script runs (a test runs "
+                        "it with --recipe recipes/quickstart.yaml); its figures mean nothing")
+    parser.add_argument("--data-root", default=None, help="the dataset folder (default: the recipe's)")
     parser.add_argument("--recipe", default="recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml")
     parser.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds")
     parser.add_argument("--cache-samples", type=int, default=None,
@@ -840,7 +847,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         worker(args.worker)
         return {}
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg = dict(SMOKE if args.smoke else QUICK if args.quick else FULL)
     if args.rounds:
         cfg["rounds"] = args.rounds
     if args.cache_samples:
@@ -861,7 +868,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     from distill.cache import write_cache
 
-    real, root = data_available(args.recipe)
+    real, root = data_available(args.recipe, args.data_root)
     data_note = (f"CamVid at {root}" if real else
                  f"SYNTHETIC: {root} not found; synthetic 360x480 images, 11 classes (CamVid's "
                  "shape); decode costs differ from PNG")
