@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -27,7 +27,25 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: `loss.temperature=.inf` is refused here, naming the key, not mid-run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, values: Any) -> Any:
+        # pydantic reads `epochs: true` as 1; a boolean where a number belongs is a mistake.
+        if isinstance(values, dict):
+            for name, value in values.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+                    raise ValueError(f"'{name}' is {value!r}, a boolean, not a number")
+        return values
+
+
+def _is_number(annotation: Any) -> bool:
+    args = get_args(annotation) or (annotation,)
+    return bool(set(args) & {int, float}) and bool not in args
 
 
 class SyntheticConfig(_Section):
@@ -36,6 +54,13 @@ class SyntheticConfig(_Section):
     num_train: int = Field(256, ge=1, description="training images")
     num_val: int = Field(64, ge=1, description="validation images")
     size: tuple[int, int] = Field((96, 96), description="(height, width) of every image")
+
+    @field_validator("size")
+    @classmethod
+    def _positive(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 8:
+            raise ValueError(f"{list(value)} must be at least 8 pixels on each side")
+        return value
     num_classes: int = Field(6, ge=2, le=12, description="background + shape classes")
     seed: int = Field(0, description="generator seed; the same seed gives the same images")
 
@@ -288,6 +313,14 @@ class Recipe(_Section):
     """A whole recipe. Either ``model`` (train one model) or ``student`` (+ optional ``teacher``)."""
 
     output_dir: Path = Field(Path("runs/default"), description="run folder; one sub-folder per stage")
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if value is None or str(value).strip() in ("", "."):
+            raise ValueError("output_dir is empty: name a run folder (the run would write into "
+                             "the current directory)")
+        return value
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig | None = None
     teacher: TeacherConfig | None = None

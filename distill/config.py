@@ -97,6 +97,16 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _sections_with_key(key: str) -> list[str]:
+    """``data.batch_size`` for ``batch_size``: the sections that have ``key``."""
+    found = []
+    for name, field in Recipe.model_fields.items():
+        owner = _model_at((name,))
+        if owner is not None and key in owner.model_fields:
+            found.append(f"{name}.{key}")
+    return found
+
+
 def _describe(error: dict[str, Any], origins: dict[str, str]) -> str:
     loc = tuple(str(p) for p in error["loc"] if not str(p).startswith("function-"))
     dotted = ".".join(loc)
@@ -106,6 +116,9 @@ def _describe(error: dict[str, Any], origins: dict[str, str]) -> str:
         valid = sorted(owner.model_fields) if owner is not None else []
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
+        nested = _sections_with_key(loc[-1]) if len(loc) == 1 else []
+        if nested:  # a section's key at the top level (`batch_size:`), not a misspelt section
+            hint = f"; it is a key of a section: did you mean {' or '.join(repr(n) for n in nested)}?"
         known = f" Valid keys here: {', '.join(valid)}." if valid and not close else ""
         return f"unknown key '{dotted}'{origin}{hint}{known}"
     if error["type"] == "value_error":
@@ -116,6 +129,21 @@ def _describe(error: dict[str, Any], origins: dict[str, str]) -> str:
     return f"'{dotted}'{origin}: {error['msg'].lower()}{shown}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1}); YAML would silently keep the last", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file, apply ``key=value`` overrides and validate it.
 
@@ -123,10 +151,18 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
         RecipeError: the file is missing or unreadable, or a key or value is invalid.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file '{path}' does not exist")
+    if path.is_dir():
+        raise RecipeError(f"recipe '{path}' is a folder, not a YAML file")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file '{path}' does not exist") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe '{path}' is not a text file (not UTF-8): is it a YAML recipe?") from None
+    except OSError as error:  # a symlink loop, no permission...
+        raise RecipeError(f"recipe '{path}' cannot be read: {error.strerror or error}") from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe '{path}' is not valid YAML: {error}") from None
     if not isinstance(tree, dict):

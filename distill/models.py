@@ -146,7 +146,11 @@ def _from_factory(spec: ModelConfig, num_classes: int) -> nn.Module:
     function = getattr(module, function_name, None)
     if function is None or not callable(function):
         raise ModelError(f"factory '{spec.factory}': '{module_name}' has no function '{function_name}'")
-    model = function(num_classes=num_classes, **spec.factory_kwargs)
+    try:
+        model = function(num_classes=num_classes, **spec.factory_kwargs)
+    except TypeError as error:  # a function that takes other arguments (`os:getcwd`)
+        raise ModelError(f"factory '{spec.factory}' cannot be called as "
+                         f"{function_name}(num_classes={num_classes}, **factory_kwargs): {error}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory '{spec.factory}' returned {type(model).__name__}, not an nn.Module")
     return model
@@ -155,8 +159,14 @@ def _from_factory(spec: ModelConfig, num_classes: int) -> nn.Module:
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read weights without executing code: safetensors, or ``torch.load(weights_only=True)``."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"checkpoint '{path}' is a folder; give its weights file "
+                         "(for a run folder: <stage>/best.safetensors)")
     if not path.is_file():
         raise ModelError(f"checkpoint '{path}' does not exist")
+    if path.suffix == ".onnx":
+        raise ModelError(f"checkpoint '{path}' is an ONNX model: distill loads weights from "
+                         ".safetensors or a torch state dict")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -167,10 +177,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # includes the UnpicklingError raised for pickles carrying code
-        raise ModelError(
-            f"checkpoint '{path}' could not be loaded safely (weights_only=True): "
-            f"{str(error).splitlines()[0]}"
-        ) from None
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "weights_only" not in first and "Unpickl" not in type(error).__name__:
+            first = f"not a torch checkpoint ({first})"  # a text file, truncated bytes...
+        raise ModelError(f"checkpoint '{path}' could not be loaded safely (weights_only=True): "
+                         f"{first}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

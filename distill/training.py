@@ -107,6 +107,7 @@ def train(
             checkpoint so that ``distill run`` resumes only a checkpoint of the same inputs.
     """
     run_dir = stage_dir(recipe, stage)
+    _check_trackers(recipe.train.trackers)
     if teacher is not None and stage != "student":
         raise TrainingError(f"a teacher module distils into the student; stage '{stage}' trains alone")
     if stage == "teacher" and recipe.teacher_train:
@@ -150,9 +151,6 @@ def train(
                                   label_resolution=recipe.eval.resolution == "label")
     # One writer per stage folder, from before its first write to the end of the run.
     with exclusive_folder(run_dir, accelerator):
-        if main:  # every input is built and checked: only now does the run write its folder
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved_recipe(recipe, run_dir)
         optimizer = build_optimizer(model, recipe)
         model, optimizer, train_loader, val_loader = accelerator.prepare(
             model, optimizer, train_loader, val_loader
@@ -165,6 +163,13 @@ def train(
             )
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
         total_steps = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
+        if cfg.warmup_steps >= total_steps:
+            raise TrainingError(
+                f"train.warmup_steps {cfg.warmup_steps} is not below the run's {int(total_steps)} "
+                "optimizer steps: the learning rate would never leave its warm-up"
+            )
+        if main:  # every input is built and checked: only now does the run write its folder
+            save_resolved_recipe(recipe, run_dir)
         # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
         # step it once per process), and registered so that save_state/load_state include it.
         scheduler = build_scheduler(optimizer, recipe, int(total_steps))
@@ -258,6 +263,21 @@ def train(
         for tracker in accelerator.trackers:
             tracker.finish()
         return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"], unwrapped)
+
+
+# The package each Accelerate tracker needs (tensorboard: either writer).
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
+                     "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "aim": ("aim",)}
+
+
+def _check_trackers(trackers: list[str]) -> None:
+    """Refuse a tracker whose package is missing (Accelerate would only warn and go on untracked)."""
+    import importlib.util
+
+    for tracker in trackers:
+        if not any(importlib.util.find_spec(p) for p in _TRACKER_PACKAGES[tracker]):
+            raise TrainingError(f"train.trackers: '{tracker}' is not installed (pip install "
+                                f"{_TRACKER_PACKAGES[tracker][0]}), so the run would not be tracked")
 
 
 def distillation_step(

@@ -62,7 +62,7 @@ def test_quickstart_bench(tmp_path):
     results = tmp_path / "quickstart.json"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "quickstart.py"), "--out", str(tmp_path / "run"),
-                             "--results", str(results), "train.epochs=1", "data.synthetic.num_train=32",
+                             "--results", str(results), "train.epochs=1", "train.warmup_steps=0", "data.synthetic.num_train=32",
                              "data.synthetic.num_val=8"], cwd=REPO_ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -75,7 +75,7 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "bench" / "camvid_kd.py"), "--out", str(tmp_path / "run"),
          "--data-root", str(camvid_root), "--seeds", "0", "--arms", "baseline,cache/kl_T2_w1",
-         "--results", str(results), "train.epochs=1", "teacher_train.epochs=1", "data.max_samples=16",
+         "--results", str(results), "train.epochs=1", "teacher_train.epochs=1", "data.max_samples=16", "train.warmup_steps=0",
          "data.resize=[60,80]", "data.crop_size=[48,64]", "data.num_workers=0"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

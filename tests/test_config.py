@@ -173,3 +173,31 @@ def test_a_bug_keeps_its_traceback_and_is_not_called_bad_input(tmp_path, monkeyp
     path = write(tmp_path, {"model": {}, "output_dir": str(tmp_path / "run")})
     with pytest.raises(ValueError, match="internal invariant"):
         main(["train", str(path)])
+
+
+@pytest.mark.parametrize(("text", "overrides", "message"), [
+    ("model: {}\ntrain:\n  epochs: 2\n  epochs: 3\n", [], r"key 'epochs' appears twice \(lines 3 and 4\)"),
+    ("model: {}\n", ["train.epochs=true"], r"train: 'epochs' is True, a boolean, not a number"),
+    ("model: {}\n", ["loss.temperature=.inf"], r"'loss.temperature' \(from override\): input should be a finite number"),
+    ("model: {}\n", ["output_dir="], r"output_dir is empty"),
+    ("model: {}\nbatch_size: 4\n", [], r"unknown key 'batch_size'; it is a key of a section: did you mean 'data.batch_size'"),
+    ("model: {}\n", ["data.synthetic.size=[0,0]"], r"data.synthetic.size: \[0, 0\] must be at least 8 pixels"),
+])
+def test_silently_accepted_values_are_refused(tmp_path, text, overrides, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path, overrides)
+
+
+def test_recipe_that_is_binary_or_a_folder(tmp_path):
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\x89\xff\xfe\x00binary")
+    with pytest.raises(RecipeError, match="is not a text file"):
+        load_recipe(binary)
+    with pytest.raises(RecipeError, match="is a folder, not a YAML file"):
+        load_recipe(tmp_path)
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)
+    with pytest.raises(RecipeError, match="cannot be read"):
+        load_recipe(loop)

@@ -86,3 +86,19 @@ def test_pickle_carrying_code_is_refused(tmp_path):
         pickle.dump({"weight": _Exploit()}, handle)
     with pytest.raises(ModelError, match="could not be loaded safely"):
         read_state_dict(path)
+
+
+def test_checkpoints_that_are_not_weights_are_named(tmp_path):
+    from distill.config import ModelConfig
+    from distill.models import ModelError, read_state_dict
+
+    text = tmp_path / "notes.pt"
+    text.write_text("these are not weights\n")
+    onnx_file = tmp_path / "student.onnx"
+    onnx_file.write_bytes(b"\x08\x07")
+    for path, message in [(text, r"notes.pt' could not be loaded safely .*not a torch checkpoint"),
+                          (onnx_file, "is an ONNX model"), (tmp_path, "is a folder; give its weights file")]:
+        with pytest.raises(ModelError, match=message):
+            read_state_dict(path)
+    with pytest.raises(ModelError, match=r"factory 'os:getcwd' cannot be called as getcwd\(num_classes=3"):
+        build_model(ModelConfig(factory="os:getcwd"), 3)

@@ -208,3 +208,16 @@ def test_a_refused_run_leaves_the_finished_run_as_it_was(tmp_path):
         train(tiny_recipe(tmp_path, **{"data.batch_size": 1000}), "student")
     after = {p.name: p.read_bytes() for p in (tmp_path / "student").iterdir() if p.is_file()}
     assert after == before  # recipe.yaml still describes the weights beside it
+
+
+def test_warmup_beyond_the_run_and_missing_trackers_are_refused_before_any_write(tmp_path, monkeypatch):
+    import importlib.util
+
+    with pytest.raises(TrainingError, match=r"train.warmup_steps 50 is not below the run's 12 optimizer steps"):
+        train(tiny_recipe(tmp_path, **{"train.warmup_steps": 50}), "student")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("wandb",) else real_find_spec(name, *a))
+    with pytest.raises(TrainingError, match=r"train.trackers: 'wandb' is not installed"):
+        train(tiny_recipe(tmp_path, **{"train.trackers": "[wandb]"}), "student")
+    assert not (tmp_path / "student" / "recipe.yaml").exists()
