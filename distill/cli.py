@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Knowledge distillation for semantic segmentation.",
         epilog="Overrides are dotted recipe keys, e.g. train.epochs=3 data.root=/data/camvid.",
     )
+    from distill import __version__
+
+    parser.add_argument("--version", action="version", version=f"distill {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, *, stage_default: str | None = None) -> argparse.ArgumentParser:
@@ -159,7 +162,31 @@ def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]
             raise
         _print_error(error)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
+        console.print(Text(_interrupted(args)), highlight=False)
+        return 130  # 128 + SIGINT, as shells report it
     return 0
+
+
+# What a Ctrl-C leaves, per command: every file is written to a temporary name and renamed, and
+# checkpoint and export folders are swapped in whole, so what is on disk is whole.
+_AFTER_INTERRUPT = {
+    "train": "the last epoch's checkpoint is whole; resume with `distill train {recipe} --stage "
+             "{stage} train.resume={output}/{stage}` (or `distill run {recipe}`)",
+    "run": "finished stages are kept and a killed training stage resumes: run `distill run {recipe}` again",
+    "cache": "samples already stored are kept: `distill cache {recipe}` again writes only the missing ones",
+    "export": "the previous export (if any) is untouched: run `distill export {recipe}` again",
+}
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    advice = _AFTER_INTERRUPT.get(args.command, "nothing was written half-way; run the command again")
+    output = next((o.partition("=")[2] for o in args.overrides if o.startswith("output_dir=")), "<output_dir>")
+    stage = getattr(args, "stage", "student")
+    return f"interrupted: distill {args.command} stopped; " + advice.format(
+        recipe=args.recipe, stage=stage, output=output)
 
 
 def _print_error(error: BaseException) -> None:

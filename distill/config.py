@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, get_args
 
@@ -126,7 +127,14 @@ def _describe(error: dict[str, Any], origins: dict[str, str]) -> str:
         return message if not dotted else f"{dotted}: {message}"
     value = error.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-    return f"'{dotted}'{origin}: {error['msg'].lower()}{shown}"
+    return f"'{dotted}'{origin}: {_plain(error['msg'])}{shown}"
+
+
+def _plain(message: str) -> str:
+    """pydantic's message without Python type names (``<class 'pathlib.Path'>``, ``TrainConfig``)."""
+    message = re.sub(r" for <class '[\w.]+'>", "", message)
+    message = re.sub(r"a valid dictionary or instance of (?:\w+Config|Recipe)\b", "a section (a mapping of keys)", message)
+    return message[:1].lower() + message[1:]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

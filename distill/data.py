@@ -195,8 +195,8 @@ class SegmentationDataset(Dataset):
         canvas[:valid_h, :valid_w] = image
         labels = np.full((crop_h, crop_w), data.ignore_index, dtype=np.int64)
         labels[:valid_h, :valid_w] = mask[top : top + crop_h, left : left + crop_w]
-        if flip:
-            canvas, labels = canvas[:, ::-1], labels[:, ::-1]
+        if flip:  # copies: a one-pixel-wide view flipped keeps a negative stride torch refuses
+            canvas, labels = canvas[:, ::-1].copy(), labels[:, ::-1].copy()
         return self._item(canvas, labels, index, scale=scale, scaled=scaled,
                           box=(top, left, crop_h, crop_w), flip=flip, base=base)
 

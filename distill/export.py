@@ -48,7 +48,7 @@ from distill.data import DatasetInfo, build_dataset, dataset_info
 from distill.models import ModelError, build_model, forward_padded  # noqa: F401  (ModelError: raised through)
 from distill.predict import CONFIG_NAME, PredictError, load_export_config, predict  # noqa: F401  (re-exported)
 from distill.progress import console
-from distill.run_folder import export_dir, trained_weights
+from distill.run_folder import exclusive_folder, export_dir, trained_weights
 
 FORMATS = ("onnx", "safetensors")
 FILES = {"onnx": "student.onnx", "safetensors": "student.safetensors"}  # safetensors: factory students
@@ -324,7 +324,19 @@ def export_student(recipe: Recipe, formats: list[str] | str | None = None, *,
     spec = recipe.student_model.model_copy(update={"checkpoint": checkpoint, "encoder_weights": None})
     model = build_model(spec, info.num_classes).eval()
     images, sample_ids = parity_samples(recipe, parity_images)
+    with exclusive_folder(out.parent, name=".export.lock"):
+        # Holding the export's lock, any staging folder here is a killed export's: remove it.
+        for stale in out.parent.glob(".export-staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _write_export(recipe, model, spec, info, checkpoint, formats, images, sample_ids, out)
+    console.print(f"exported {', '.join(formats)} to {out}")
+    return out
 
+
+def _write_export(recipe: Recipe, model: nn.Module, spec: ModelConfig, info: DatasetInfo,
+                  checkpoint: Path, formats: list[str], images: list[torch.Tensor],
+                  sample_ids: list[str], out: Path) -> None:
+    """Write the export into a staging folder, check its parity, then swap it in whole."""
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-staging-"))
     try:
         smp_format = spec.factory is None and hasattr(model, "save_pretrained")
@@ -365,8 +377,6 @@ def export_student(recipe: Recipe, formats: list[str] | str | None = None, *,
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    console.print(f"exported {', '.join(formats)} to {out}")
-    return out
 
 
 def _publish(staging: Path, out: Path) -> None:

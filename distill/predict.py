@@ -88,7 +88,18 @@ def _session(export_dir: Path, config: dict[str, Any], threads: int | None):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own types for truncated or foreign files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PredictError(f"ONNX model '{model_path}' cannot be loaded (truncated or not an "
+                           f"ONNX file?): {first}") from None
+    channels = session.get_outputs()[0].shape[1] if len(session.get_outputs()[0].shape) == 4 else None
+    if isinstance(channels, int) and channels != config["num_classes"]:
+        raise PredictError(f"ONNX model '{model_path}' outputs {channels} classes but "
+                           f"{export_dir / CONFIG_NAME} says {config['num_classes']}: the files come "
+                           "from different exports")
+    return session
 
 
 def predict(
@@ -112,6 +123,12 @@ def predict(
     for path in paths:
         if not path.is_file():
             raise PredictError(f"image '{path}' does not exist")
+    by_stem: dict[str, Path] = {}
+    for path in paths:  # masks are named after the image: two of one name would overwrite
+        if path.stem in by_stem and by_stem[path.stem] != path:
+            raise PredictError(f"images '{by_stem[path.stem]}' and '{path}' would both write "
+                               f"'{path.stem}_mask.png': predict them into different --out folders")
+        by_stem[path.stem] = path
     session = _session(export_dir, config, threads)
     input_name = config.get("onnx", {}).get("input", session.get_inputs()[0].name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +137,8 @@ def predict(
         try:
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
+        except Image.DecompressionBombError as error:  # PIL's guard against huge images
+            raise PredictError(f"image '{path}' is too large to decode safely: {error}") from None
         except OSError as error:
             raise PredictError(f"image '{path}' cannot be decoded: {error}") from None
         logits = session.run(None, {input_name: preprocess(image, config)})[0]

@@ -92,8 +92,11 @@ class FolderBusyError(RuntimeError):
 
 
 @contextmanager
-def exclusive_folder(folder: Path, accelerator: Any = None) -> Iterator[None]:
+def exclusive_folder(folder: Path, accelerator: Any = None, *, name: str = ".lock") -> Iterator[None]:
     """Hold ``folder``'s lock for the block; :class:`FolderBusyError` at once if another run has it.
+
+    ``name`` is the lock file's name in ``folder`` (the export locks ``.export.lock`` beside the
+    ``export/`` folder it swaps in whole).
 
     Under several processes the main one takes the lock and tells the others, so that every
     process stops together instead of the others waiting in a collective.
@@ -103,13 +106,13 @@ def exclusive_folder(folder: Path, accelerator: Any = None) -> Iterator[None]:
     lock, holder = None, None
     if main:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(folder / ".lock", timeout=0)
+        lock = FileLock(folder / name, timeout=0)
         try:
             lock.acquire()
         except Timeout:
-            holder = _holder(folder)
+            holder = _holder(folder / f"{name}.json")
         else:
-            (folder / ".lock.json").write_text(json.dumps(
+            (folder / f"{name}.json").write_text(json.dumps(
                 {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "command": " ".join(sys.argv)}) + "\n")
     if accelerator is not None and accelerator.num_processes > 1:
@@ -123,13 +126,13 @@ def exclusive_folder(folder: Path, accelerator: Any = None) -> Iterator[None]:
         yield
     finally:
         if lock is not None:
-            (folder / ".lock.json").unlink(missing_ok=True)
+            (folder / f"{name}.json").unlink(missing_ok=True)
             lock.release()
 
 
-def _holder(folder: Path) -> str:
+def _holder(record: Path) -> str:
     try:
-        info = json.loads((folder / ".lock.json").read_text())
+        info = json.loads(record.read_text())
         return f"pid {info['pid']} on {info['host']} since {info['since']}: {info['command']}"
     except (OSError, ValueError, KeyError):
         return "holder unknown"

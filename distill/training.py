@@ -222,7 +222,7 @@ def train(
                     if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
                         elapsed = time.perf_counter() - window_start
                         record = {
-                            "epoch": epoch,
+                            "epoch": epoch + 1,  # counted from 1, as the console counts
                             "step": state["step"],
                             "lr": scheduler.get_last_lr()[0],
                             "images_per_s": window_images / max(elapsed, 1e-9),
@@ -243,14 +243,14 @@ def train(
                         num_classes=info.num_classes, ignore_index=info.ignore_index,
                     )
                     state["last_miou"] = scores.miou
-                    _log(accelerator, log_path, {"epoch": epoch, "step": state["step"], "val_miou": scores.miou,
+                    _log(accelerator, log_path, {"epoch": epoch + 1, "step": state["step"], "val_miou": scores.miou,
                                                  "val_pixel_accuracy": scores.pixel_accuracy})
                     if scores.miou > state["best_miou"]:
                         state["best_miou"] = scores.miou
                         _save_weights(accelerator, unwrapped, run_dir / "best.safetensors")
                         if main:
                             atomic_write_text(run_dir / "best.json", json.dumps(
-                                {"epoch": epoch, "step": state["step"], "miou": scores.miou}, indent=2))
+                                {"epoch": epoch + 1, "step": state["step"], "miou": scores.miou}, indent=2))
                     summary = f"val mIoU {100 * scores.miou:.1f} (best {100 * state['best_miou']:.1f})"
                     progress.update(epochs_bar, info=summary)
                     report(f"{stage} epoch {epoch + 1}/{cfg.epochs}: {summary}", enabled=main)

@@ -201,3 +201,34 @@ def test_recipe_that_is_binary_or_a_folder(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(RecipeError, match="cannot be read"):
         load_recipe(loop)
+
+
+def test_messages_name_no_python_types(tmp_path):
+    path = write(tmp_path, {"model": {}})
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, ["train=3"])
+    assert "'train' (from override): input should be a section (a mapping of keys) (got 3)" in str(caught.value)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, ["output_dir=[1, 2]"])
+    assert "input is not a valid path (got [1, 2])" in str(caught.value) and "<class" not in str(caught.value)
+
+
+def test_ctrl_c_says_what_is_safe_and_how_to_resume(tmp_path, monkeypatch, capfd):
+    import distill.training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.training, "train", interrupted)
+    path = write(tmp_path, {"model": {}})
+    assert main(["train", str(path), "--stage", "baseline", f"output_dir={tmp_path / 'run'}"]) == 130
+    captured = capfd.readouterr()
+    out = "".join((captured.out + captured.err).split())  # rich wraps long lines
+    assert "interrupted:distilltrainstopped" in out and "Traceback" not in out
+    assert f"train.resume={tmp_path / 'run'}/baseline" in out
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("distill ")

@@ -585,3 +585,16 @@ def test_real_camvid(real_camvid):
         values = set(mask.unique().tolist())
         assert values <= {*range(11), 255} and len(values - {255}) >= 3
     assert torch.isfinite(item["image"]).all()
+
+
+def test_one_pixel_wide_images_flip_without_a_stride_error(tmp_path):
+    make_camvid(tmp_path, count=2, size=(12, 1))
+    dataset = build_dataset(config(dataset="camvid", root=tmp_path, crop_size=(4, 1), hflip=True), "train",
+                            train=True)
+    flips = []
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        item = dataset[0]
+        flips.append(bool(item["geometry"]["flip"]))
+        assert item["image"].shape == (3, 4, 1) and item["mask"].shape == (4, 1)
+    assert any(flips)  # the flipped path ran

@@ -359,3 +359,45 @@ def test_predict_command_imports_no_torch(tiny_export, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (tmp_path / "masks" / "one_mask.png").is_file()
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tiny_export):
+    recipe, out = tiny_export
+    stale = out.parent / ".export-staging-killed"
+    stale.mkdir()
+    (stale / "student.onnx").write_bytes(b"half an export")
+    export_student(recipe, parity_images=1)
+    assert not stale.exists() and not list(out.parent.glob(".export-staging-*"))
+    assert (out / "student.onnx").stat().st_size > 100
+
+
+def test_predict_refuses_mismatched_truncated_clashing_and_huge_inputs(tiny_export, tmp_path):
+    import shutil as sh
+
+    from distill.predict import PredictError, predict
+
+    _, out = tiny_export
+    image = tmp_path / "a" / "frame.png"
+    image.parent.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    twin = tmp_path / "b" / "frame.png"
+    twin.parent.mkdir()
+    sh.copy(image, twin)
+    with pytest.raises(PredictError, match=r"would both write 'frame_mask.png'"):
+        predict(out, [image, twin], tmp_path / "masks")
+    # An export whose distill.json says 11 classes but whose ONNX model gives 4.
+    mixed = tmp_path / "mixed"
+    sh.copytree(out, mixed)
+    config = json.loads((mixed / "distill.json").read_text())
+    (mixed / "distill.json").write_text(json.dumps({**config, "num_classes": 11}))
+    with pytest.raises(PredictError, match=r"outputs 4 classes but .*distill.json says 11"):
+        predict(mixed, [image], tmp_path / "masks")
+    (mixed / "distill.json").write_text(json.dumps(config))
+    data = (mixed / "student.onnx").read_bytes()
+    (mixed / "student.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(PredictError, match=r"student.onnx' cannot be loaded \(truncated"):
+        predict(mixed, [image], tmp_path / "masks")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (20000, 10000)).save(huge)  # above twice PIL's MAX_IMAGE_PIXELS
+    with pytest.raises(PredictError, match=r"huge.png' is too large to decode safely"):
+        predict(out, [huge], tmp_path / "masks")
