@@ -9,6 +9,7 @@ CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constra
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(CONSTRAINTS) -e '.[dev]'
+	$(VENV)/bin/python -c "from distill._compat import install_startup_hook_if_needed as f; print(f())"
 	touch $@
 
 quickstart: $(VENV)/.installed

@@ -84,8 +84,39 @@ class _BeforeTorchvision(importlib.abc.MetaPathFinder):
         return None  # the normal finders import it
 
 
+PTH_NAME = "distill-torchvision-compat.pth"
+# A .pth line that starts with `import` runs at every interpreter start-up: it installs the hook
+# (cheap: no torch import) so that programs that import timm before distill, such as the
+# `accelerate` console script, import torchvision too. Silent where distill is not importable.
+PTH_LINE = ('import sys; exec("try:\\n from distill._compat import install_torchvision_hook as h; h()'
+            '\\nexcept Exception:\\n pass")\n')
+
+
+def needs_hook() -> bool:
+    """True where torchvision is installed but its C++ extension cannot load."""
+    path = _extension_path()
+    return path is not None and not _extension_loads(path)
+
+
+def install_pth(site_packages: Path) -> Path:
+    """Write the start-up hook's ``.pth`` file into ``site_packages`` and return its path."""
+    target = Path(site_packages) / PTH_NAME
+    target.write_text(PTH_LINE)
+    return target
+
+
 def install_torchvision_hook() -> None:
     """Arrange for the check to run before torchvision is first imported (no torch import now)."""
     if "torchvision" in sys.modules or any(isinstance(f, _BeforeTorchvision) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _BeforeTorchvision())
+
+
+
+def install_startup_hook_if_needed() -> str:
+    """What ``make`` runs after installing: the ``.pth`` hook where torchvision needs it."""
+    import sysconfig
+
+    if not needs_hook():
+        return "torchvision imports normally here: no start-up hook needed"
+    return f"torchvision's extension cannot load here: wrote {install_pth(Path(sysconfig.get_paths()['purelib']))}"

@@ -169,6 +169,7 @@ def train(
                 "optimizer steps: the learning rate would never leave its warm-up"
             )
         if main:  # every input is built and checked: only now does the run write its folder
+            _warn_about_padding(recipe)
             save_resolved_recipe(recipe, run_dir)
         # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
         # step it once per process), and registered so that save_state/load_state include it.
@@ -177,10 +178,12 @@ def train(
         if cfg.trackers:
             accelerator.init_trackers(f"distill-{stage}", config=_flat_config(json.loads(recipe.model_dump_json())))
 
+        made_from = _made_from(recipe, stage, steps_per_epoch, len(train_loader.dataset),
+                               accelerator.num_processes)
         state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan"),
-                 "fingerprint": fingerprint}
+                 "fingerprint": fingerprint, "made_from": made_from}
         if cfg.resume is not None:
-            state = _resume(accelerator, Path(cfg.resume))
+            state = _resume(accelerator, Path(cfg.resume), made_from)
             if main:
                 console.print(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
 
@@ -386,8 +389,37 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict) -> No
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator: Accelerator, folder: Path) -> dict:
-    """Load a ``save_state`` folder (or a stage folder's latest checkpoint) and its progress."""
+def _warn_about_padding(recipe: Recipe) -> None:
+    """Say once when training crops are larger than the largest rescaled frame (mostly padding)."""
+    data = recipe.data
+    if data.crop_size is None or data.resize is None:
+        return
+    largest = [round(side * data.scale_range[1]) for side in data.resize]
+    if data.crop_size[0] > largest[0] or data.crop_size[1] > largest[1]:
+        console.print(f"[yellow]warning[/]: data.crop_size {list(data.crop_size)} is larger than "
+                      f"the frame at its largest scale ({largest}, data.resize {list(data.resize)} x "
+                      f"{data.scale_range[1]}): part of every crop is padding, which trains nothing")
+
+
+# Train keys that change how a run goes, not what it computes: a resume may change them.
+_RUN_ONLY_TRAIN = {"resume", "log_every_steps", "trackers", "cpu_malloc_tuning",
+                   "checkpoint_every_epochs", "eval_every_epochs"}
+
+
+def _made_from(recipe: Recipe, stage: str, steps_per_epoch: int, samples: int, processes: int
+               ) -> dict[str, object]:
+    """What a checkpoint's progress depends on, as flat keys: a resume must match every one."""
+    tree = {"model": stage_model(recipe, stage).model_dump(mode="json", exclude={"checkpoint"}),
+            "data": recipe.data.model_dump(mode="json", exclude={"num_workers"}),
+            "train": recipe.train.model_dump(mode="json", exclude=_RUN_ONLY_TRAIN),
+            "loss": recipe.loss.model_dump(mode="json", exclude={"chunk_size"})}
+    return {**_flat_config(tree), "training samples": samples, "steps per epoch": steps_per_epoch,
+            "processes": processes}
+
+
+def _resume(accelerator: Accelerator, folder: Path, made_from: dict[str, object]) -> dict:
+    """Load a ``save_state`` folder (or a stage folder's latest checkpoint) and its progress,
+    refusing one made from other settings (the schedule would silently go wrong)."""
     if not folder.is_dir():
         raise TrainingError(f"train.resume '{folder}' is not a checkpoint folder "
                             f"(tried '{folder.absolute()}')")
@@ -398,5 +430,17 @@ def _resume(accelerator: Accelerator, folder: Path) -> dict:
     progress_file = folder / "progress.json"
     if not progress_file.is_file():
         raise TrainingError(f"train.resume '{folder}' holds no progress.json: not a distill checkpoint")
-    accelerator.load_state(str(folder))
-    return json.loads(progress_file.read_text())
+    progress = json.loads(progress_file.read_text())
+    recorded = progress.get("made_from") or {}
+    changed = [f"{key}: checkpoint {recorded.get(key)!r}, now {made_from.get(key)!r}"
+               for key in sorted(set(recorded) | set(made_from)) if recorded.get(key) != made_from.get(key)]
+    if recorded and changed:
+        raise TrainingError(f"train.resume '{folder}' was made with other settings; resume with the "
+                            "same ones, or start a fresh run:\n  - " + "\n  - ".join(changed))
+    try:
+        accelerator.load_state(str(folder))
+    except (RuntimeError, KeyError, ValueError) as error:  # load_state_dict of another model
+        first = str(error).strip().splitlines()
+        raise TrainingError(f"train.resume '{folder}' holds weights of another model: "
+                            f"{' '.join(first[:2])[:400]}") from None
+    return progress

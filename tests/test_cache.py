@@ -25,7 +25,7 @@ from distill.teacher import load_teacher
 from helpers import tiny_recipe
 
 LAUNCH = [
-    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
     "--main_process_port", "0",
 ]

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,10 @@ from distill.evaluation import evaluate_checkpoint
 from distill.training import train
 from helpers import tiny_recipe
 
+# Exactly the README's command, through the `accelerate` console script of this environment: it
+# imports timm (so torchvision) before distill, which the start-up hook `make` installs allows.
 LAUNCH = [
-    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
     "--main_process_port", "0",
 ]

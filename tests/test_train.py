@@ -221,3 +221,34 @@ def test_warmup_beyond_the_run_and_missing_trackers_are_refused_before_any_write
     with pytest.raises(TrainingError, match=r"train.trackers: 'wandb' is not installed"):
         train(tiny_recipe(tmp_path, **{"train.trackers": "[wandb]"}), "student")
     assert not (tmp_path / "student" / "recipe.yaml").exists()
+
+
+def test_resume_with_other_settings_names_each_change(tmp_path):
+    train(tiny_recipe(tmp_path), "student")
+    checkpoint = str(tmp_path / "student" / "checkpoints" / "latest")
+    changed = tiny_recipe(tmp_path / "b", **{"train.resume": checkpoint, "data.batch_size": 2, "train.epochs": 3})
+    with pytest.raises(TrainingError) as caught:
+        train(changed, "student")
+    message = str(caught.value)
+    assert "was made with other settings" in message
+    assert "data.batch_size: checkpoint 4, now 2" in message and "train.epochs: checkpoint 2, now 3" in message
+    assert "steps per epoch: checkpoint 6, now 12" in message
+
+
+def test_resume_of_another_architecture_is_a_clear_error(tmp_path):
+    train(tiny_recipe(tmp_path), "student")
+    progress_file = tmp_path / "student" / "checkpoints" / "latest" / "progress.json"
+    progress = json.loads(progress_file.read_text())
+    progress.pop("made_from")  # as a checkpoint of an older distill: only the weights can tell
+    progress_file.write_text(json.dumps(progress))
+    wider = tiny_recipe(tmp_path / "b", **{"train.resume": str(progress_file.parent),
+                                            "model.factory_kwargs": "{width: 16}"})
+    with pytest.raises(TrainingError, match="holds weights of another model"):
+        train(wider, "student")
+
+
+def test_crops_larger_than_the_frame_are_warned_about(tmp_path, capfd):
+    train(tiny_recipe(tmp_path, **{"data.resize": "[16, 16]", "data.scale_range": "[1.0, 1.0]",
+                                    "data.crop_size": "[32, 32]", "train.epochs": 1}), "student")
+    err = " ".join(capfd.readouterr().err.split())
+    assert "data.crop_size [32, 32] is larger than the frame at its largest scale ([16, 16]" in err
