@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     from distill.export import ExportError
     from distill.models import ModelError
 
-    from distill.run_folder import FolderBusyError
+    from distill.run_folder import FolderBusyError, UnwritableFolderError
 
     expected = (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError,
-                FolderBusyError)
+                FolderBusyError, UnwritableFolderError)
     try:
         code = _run_command(args, expected)
     except BaseException:

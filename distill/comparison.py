@@ -33,11 +33,11 @@ from torch import nn
 from distill._io import atomic_write_bytes, atomic_write_text, file_digest
 from distill.config import Recipe, recipe_to_yaml, save_resolved_recipe
 from distill.data import DatasetInfo, build_dataset, build_loader, dataset_info
-from distill.export import ensure_writable_folder, json_text
+from distill.export import json_text
 from distill.evaluation import evaluate_model
 from distill.models import build_model, count_parameters, forward_padded
 from distill.progress import console
-from distill.run_folder import baseline_weights, compare_dir, trained_weights
+from distill.run_folder import baseline_weights, compare_dir, ensure_writable_folder, trained_weights
 from distill.teacher import with_teacher_normalization
 from distill.launch import make_accelerator
 

@@ -21,7 +21,7 @@ from distill.data import build_loader, dataset_info, loader_for_dataset
 from distill.metrics import SegmentationScores, per_sample_confusion, scores_from_confusion
 from distill.models import Stage, build_model, forward_padded, stage_model
 from distill.progress import console, track
-from distill.run_folder import checkpoint_to_score, stage_dir
+from distill.run_folder import checkpoint_to_score, ensure_writable_folder, stage_dir
 from distill.teacher import with_teacher_normalization
 
 
@@ -65,6 +65,7 @@ def evaluate(
 def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:
     """``distill eval``: score a stage's checkpoint, print a table, write ``eval_<split>.json``."""
     checkpoint = checkpoint_to_score(recipe, stage)
+    ensure_writable_folder(stage_dir(recipe, stage), "evaluation report")  # before the evaluation
     info = dataset_info(recipe.data)
     scores = evaluate(recipe, stage)
     out = stage_dir(recipe, stage) / f"eval_{file_safe(recipe.eval_split)}.json"

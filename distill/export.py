@@ -48,7 +48,7 @@ from distill.data import DatasetInfo, build_dataset, dataset_info
 from distill.models import ModelError, build_model, forward_padded  # noqa: F401  (ModelError: raised through)
 from distill.predict import CONFIG_NAME, PredictError, load_export_config, predict  # noqa: F401  (re-exported)
 from distill.progress import console
-from distill.run_folder import exclusive_folder, export_dir, trained_weights
+from distill.run_folder import ensure_writable_folder, exclusive_folder, export_dir, trained_weights
 
 FORMATS = ("onnx", "safetensors")
 FILES = {"onnx": "student.onnx", "safetensors": "student.safetensors"}  # safetensors: factory students
@@ -86,22 +86,6 @@ def json_text(value: Any) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Paths and checks done before any expensive work
-
-
-def ensure_writable_folder(folder: Path, what: str, error: type[ValueError]) -> None:
-    """Create ``folder`` if needed and prove a file can be written there; else raise ``error``."""
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise error(f"cannot write the {what} to {folder}: '{parent}' is a file, not a folder")
-            break
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as problem:
-        raise error(f"cannot write the {what} to {folder}: {problem.strerror or problem}") from None
 
 
 def _parse_formats(formats: Any, recipe: Recipe) -> list[str]:

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,6 +86,26 @@ def trained_weights(recipe: Any, stage: str) -> Path:
             + (", or set teacher.checkpoint" if stage == "teacher" else ", or pass checkpoint=PATH")
         )
     return best
+
+
+class UnwritableFolderError(ValueError):
+    """A command's output folder cannot be created or written; the message names it and why."""
+
+
+def ensure_writable_folder(folder: Path, what: str,
+                           error: type[Exception] = UnwritableFolderError) -> None:
+    """Prove that ``folder`` can be created and written before any expensive work, creating
+    nothing (a refused command leaves no empty folder behind); else raise ``error``."""
+    folder = Path(folder)
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        raise error(f"cannot write the {what} to {folder}: '{existing}' is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as problem:
+        raise error(f"cannot write the {what} to {folder}: {problem.strerror or problem}") from None
 
 
 class FolderBusyError(RuntimeError):

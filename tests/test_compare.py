@@ -147,3 +147,22 @@ def test_unwritable_output_folder(trained, tmp_path):
         locked = tmp_path / "locked" / "run"
     with pytest.raises(CompareError, match=f"cannot write the comparison to {locked}/compare"):
         compare(tiny_recipe(locked, teacher=True, **checkpoints), **FAST)
+
+
+def test_refused_commands_leave_no_empty_folder_and_eval_checks_before_scoring(trained, tmp_path, monkeypatch):
+    import distill.evaluation as evaluation
+    from distill.evaluation import evaluate_checkpoint
+    from distill.run_folder import UnwritableFolderError
+
+    run = tmp_path / "run"
+    with pytest.raises(ModelError):  # no checkpoints there: refused
+        compare(tiny_recipe(run, teacher=True), **FAST)
+    assert not (run / "compare").exists()
+    # distill eval into a folder it cannot write stops before it evaluates anything.
+    (tmp_path / "blocked").write_text("a file where the run folder should be")
+    checkpoint = str(Path(trained.output_dir) / "student" / "best.safetensors")
+    scored = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: scored.append(1))
+    with pytest.raises(UnwritableFolderError, match=r"cannot write the evaluation report to .*blocked/student"):
+        evaluate_checkpoint(tiny_recipe(tmp_path / "blocked", **{"eval.checkpoint": checkpoint}), "student")
+    assert not scored
