@@ -308,7 +308,7 @@ def export_student(recipe: Recipe, formats: list[str] | str | None = None, *,
     spec = recipe.student_model.model_copy(update={"checkpoint": checkpoint, "encoder_weights": None})
     model = build_model(spec, info.num_classes).eval()
     images, sample_ids = parity_samples(recipe, parity_images)
-    with exclusive_folder(out.parent, name=".export.lock"):
+    with exclusive_folder(out):
         # Holding the export's lock, any staging folder here is a killed export's: remove it.
         for stale in out.parent.glob(".export-staging-*"):
             shutil.rmtree(stale, ignore_errors=True)

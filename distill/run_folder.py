@@ -6,8 +6,8 @@ Layout of ``output_dir``: ``<stage>/`` for teacher, baseline and student (``reci
 ``cache/`` (unless ``cache.dir``), ``compare/`` and ``export/``. Every module asks here.
 
 Two runs writing one stage folder interleave ``metrics.jsonl`` and leave weights from one run
-beside the recipe of the other. ``filelock`` holds an OS lock on ``<folder>/.lock`` (released
-by the OS when the process dies, so a killed run never leaves a stale lock); ``.lock.json``
+beside the recipe of the other. ``filelock`` holds an OS lock on ``.<folder>.lock`` beside it
+(released by the OS when the process dies, so a killed run never leaves a stale lock); ``.<folder>.lock.json``
 beside it says who holds it, for the refusal's message.
 """
 
@@ -113,11 +113,11 @@ class FolderBusyError(RuntimeError):
 
 
 @contextmanager
-def exclusive_folder(folder: Path, accelerator: Any = None, *, name: str = ".lock") -> Iterator[None]:
+def exclusive_folder(folder: Path, accelerator: Any = None) -> Iterator[None]:
     """Hold ``folder``'s lock for the block; :class:`FolderBusyError` at once if another run has it.
 
-    ``name`` is the lock file's name in ``folder`` (the export locks ``.export.lock`` beside the
-    ``export/`` folder it swaps in whole).
+    The lock is ``.<name>.lock`` beside the folder, not in it: a refused run creates no stage
+    folder, and the export, which swaps its folder in whole, keeps its lock while it does.
 
     Under several processes the main one takes the lock and tells the others, so that every
     process stops together instead of the others waiting in a collective.
@@ -125,15 +125,17 @@ def exclusive_folder(folder: Path, accelerator: Any = None, *, name: str = ".loc
     folder = Path(folder)
     main = accelerator is None or accelerator.is_main_process
     lock, holder = None, None
+    lock_file = folder.parent / f".{folder.name}.lock"
+    record = lock_file.with_name(lock_file.name + ".json")
     if main:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(folder / name, timeout=0)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file, timeout=0)
         try:
             lock.acquire()
         except Timeout:
-            holder = _holder(folder / f"{name}.json")
+            holder = _holder(record)
         else:
-            (folder / f"{name}.json").write_text(json.dumps(
+            record.write_text(json.dumps(
                 {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "command": " ".join(sys.argv)}) + "\n")
     if accelerator is not None and accelerator.num_processes > 1:
@@ -147,7 +149,7 @@ def exclusive_folder(folder: Path, accelerator: Any = None, *, name: str = ".loc
         yield
     finally:
         if lock is not None:
-            (folder / f"{name}.json").unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
             lock.release()
 
 

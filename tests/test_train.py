@@ -196,7 +196,7 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
             train(recipe, "student")
         assert not (tmp_path / "student" / "metrics.jsonl").exists()
     train(recipe, "student")  # released: the next run goes ahead
-    assert not (tmp_path / "student" / ".lock.json").exists()
+    assert not (tmp_path / ".student.lock.json").exists()
 
 
 def test_a_refused_run_leaves_the_finished_run_as_it_was(tmp_path):
@@ -252,3 +252,11 @@ def test_crops_larger_than_the_frame_are_warned_about(tmp_path, capfd):
                                     "data.crop_size": "[32, 32]", "train.epochs": 1}), "student")
     err = " ".join(capfd.readouterr().err.split())
     assert "data.crop_size [32, 32] is larger than the frame at its largest scale ([16, 16]" in err
+
+
+def test_a_refused_run_creates_no_stage_folder(tmp_path):
+    from distill.data import DataError
+
+    with pytest.raises(DataError):
+        train(tiny_recipe(tmp_path, **{"data.batch_size": 1000}), "student")
+    assert not (tmp_path / "student").exists()
