@@ -91,8 +91,9 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     missing samples only); one written for another recipe is rewritten. Returns the store folder.
     """
     from distill.data import dataset_info
-    from distill.teacher import load_teacher
     from distill.launch import make_accelerator
+    from distill.run_folder import exclusive_folder
+    from distill.teacher import load_teacher
 
     stream = _stream_recipe(recipe)
     base_size(stream)
@@ -100,9 +101,10 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     accelerator = make_accelerator(stream, folder)
     info = dataset_info(stream.data)
     teacher = load_teacher(stream, info.num_classes).to(accelerator.device)
-    for split in (splits or stream.cache.splits):
-        _write_split(stream, split, folder, teacher, accelerator, info.num_classes)
-    accelerator.wait_for_everyone()
+    with exclusive_folder(folder, accelerator):  # one writer per store
+        for split in (splits or stream.cache.splits):
+            _write_split(stream, split, folder, teacher, accelerator, info.num_classes)
+        accelerator.wait_for_everyone()
     return folder
 
 

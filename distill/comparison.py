@@ -37,7 +37,7 @@ from distill.export import json_text
 from distill.evaluation import evaluate_model
 from distill.models import build_model, count_parameters, forward_padded
 from distill.progress import console
-from distill.run_folder import baseline_weights, compare_dir, ensure_writable_folder, trained_weights
+from distill.run_folder import baseline_weights, compare_dir, ensure_writable_folder, exclusive_folder, trained_weights
 from distill.teacher import with_teacher_normalization
 from distill.launch import make_accelerator
 
@@ -145,29 +145,30 @@ def compare(recipe: Recipe, split: str | None = None, *, latency_runs: int = 20,
     out = compare_dir(recipe)
     ensure_writable_folder(out, "comparison", CompareError)
     accelerator = make_accelerator(recipe, out)
-    main = accelerator.is_main_process
-    info = dataset_info(recipe.data)
-    models = {name: _build(recipe, name, path, info).to(accelerator.device)
-              for name, path in checkpoints.items()}
-    loader = accelerator.prepare(build_loader(recipe.data, split, train=False, seed=recipe.train.seed,
-                                              label_resolution=recipe.eval.resolution == "label"))
-    scores = {name: evaluate_model(model, loader, accelerator, num_classes=info.num_classes,
-                             ignore_index=info.ignore_index, progress_label=f"eval {name} on {split}")
-              for name, model in models.items()}
-    report: dict[str, Any] = {
-        "split": split,
-        "recipe_sha256": hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest(),
-        "processes": accelerator.num_processes,
-        "models": {name: {"checkpoint": str(checkpoints[name]), "miou": _nan_to_none(s.miou),
-                          "pixel_accuracy": _nan_to_none(s.pixel_accuracy),
-                          "iou": {c: _nan_to_none(v) for c, v in zip(info.class_names, s.iou)}}
-                   for name, s in scores.items()},
-    }
-    if main:
-        _measure_and_write(recipe, split, info, models, checkpoints, report, out,
-                           latency_runs=latency_runs, warmup_runs=warmup_runs, num_examples=num_examples,
-                           device=accelerator.device, threads=threads)
-    accelerator.wait_for_everyone()
+    with exclusive_folder(out, accelerator):  # one writer per comparison folder
+        main = accelerator.is_main_process
+        info = dataset_info(recipe.data)
+        models = {name: _build(recipe, name, path, info).to(accelerator.device)
+                  for name, path in checkpoints.items()}
+        loader = accelerator.prepare(build_loader(recipe.data, split, train=False, seed=recipe.train.seed,
+                                                  label_resolution=recipe.eval.resolution == "label"))
+        scores = {name: evaluate_model(model, loader, accelerator, num_classes=info.num_classes,
+                                 ignore_index=info.ignore_index, progress_label=f"eval {name} on {split}")
+                  for name, model in models.items()}
+        report: dict[str, Any] = {
+            "split": split,
+            "recipe_sha256": hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest(),
+            "processes": accelerator.num_processes,
+            "models": {name: {"checkpoint": str(checkpoints[name]), "miou": _nan_to_none(s.miou),
+                              "pixel_accuracy": _nan_to_none(s.pixel_accuracy),
+                              "iou": {c: _nan_to_none(v) for c, v in zip(info.class_names, s.iou)}}
+                       for name, s in scores.items()},
+        }
+        if main:
+            _measure_and_write(recipe, split, info, models, checkpoints, report, out,
+                               latency_runs=latency_runs, warmup_runs=warmup_runs, num_examples=num_examples,
+                               device=accelerator.device, threads=threads)
+        accelerator.wait_for_everyone()
     return report
 
 

@@ -372,4 +372,7 @@ def _publish(staging: Path, out: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(staging, 0o777 & ~mask)  # mkdtemp made it private
+    for path in staging.iterdir():  # safetensors writes its files 0600: give the usual mode
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
     swap_in_folder(staging, out, out.parent / ".export-previous")

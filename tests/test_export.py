@@ -401,3 +401,11 @@ def test_predict_refuses_mismatched_truncated_clashing_and_huge_inputs(tiny_expo
     Image.new("L", (20000, 10000)).save(huge)  # above twice PIL's MAX_IMAGE_PIXELS
     with pytest.raises(PredictError, match=r"huge.png' is too large to decode safely"):
         predict(out, [huge], tmp_path / "masks")
+
+
+def test_every_export_file_has_the_usual_permissions(tiny_export):
+    _, out = tiny_export
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
