@@ -31,7 +31,6 @@ Usage: ``python bench/cache.py [--teacher-checkpoint PATH] [--out bench/results/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchlib import save_json
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE_TARGET = 0.02
@@ -87,7 +88,7 @@ def build_recipe(args: argparse.Namespace, work: Path) -> tuple[Any, str]:
 def measure_size(recipe: Any) -> dict[str, Any]:
     import numpy as np
 
-    from distill import _cache_replay as ops
+    from distill.cache import store_ops as ops
     from distill.cache import open_store, write_cache
 
     start = time.perf_counter()
@@ -119,7 +120,7 @@ def measure_fidelity(recipe: Any, samples: int, seed: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from distill import _cache_replay as ops
+    from distill.cache import store_ops as ops
     from distill.data import build_dataset, collate_batch, dataset_info
     from distill.teacher import load_teacher
 
@@ -396,8 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                              "machine": platform.machine(), "cpus": os.cpu_count()}
     print_tables(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.out, result)
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")
     return result
 

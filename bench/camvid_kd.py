@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import save_json
+
 RECIPE = Path("recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml")
 
 # Loss settings an arm can name (``cache/NAME``, ``stream/NAME``).
@@ -103,7 +105,7 @@ def _arm(name: str, stage: str, recipe: Path, folder: Path, overrides: list[str]
         "final_miou": scores["miou"], "best_miou": max(curve), "val_curve": curve,
         "pixel_accuracy": scores["pixel_accuracy"], "per_class_iou": scores["iou"],
     }
-    record_path.write_text(json.dumps(record, indent=2))
+    save_json(record_path, record)
     return record
 
 
@@ -201,12 +203,11 @@ def main() -> None:
             record = _arm(arm, stage, args.recipe, out / arm / f"seed{seed}",
                           [*extra, *common, f"train.seed={seed}"], args.force)
             results["arms"].setdefault(arm, {})[str(seed)] = record
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            args.results.write_text(json.dumps(results, indent=2))
+            save_json(args.results, results)
 
     print(f"\nteacher: {_pct(results['teacher']['final_miou'])} mIoU")
     _summary(results["arms"], results["teacher"]["final_miou"], seeds)
-    args.results.write_text(json.dumps(results, indent=2))
+    save_json(args.results, results)
     print(f"\nwrote {args.results}")
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -43,6 +42,8 @@ from rich.table import Table
 from distill.config import ModelConfig
 from distill.export import export_onnx
 from distill.models import build_model, forward_padded
+
+from benchlib import save_json
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "camvid" / "dlv3p-r50_to_dlv3p-mbv3_cpu.yaml"
@@ -162,8 +163,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "onnxruntime": ort.__version__},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(args.out, report)
     console.print(f"wrote {args.out}")
 
 

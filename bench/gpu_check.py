@@ -46,6 +46,8 @@ from distill.models import build_model
 from distill.teacher import load_teacher
 from distill.training import build_optimizer, distillation_step
 
+from benchlib import save_json
+
 FULL = {"size": [360, 480], "batch": 16, "logits": [8, 19, 512, 1024], "teacher": "resnet50",
         "student": "tu-mobilenetv3_large_100", "steps": 10, "warmup": 3, "cache_samples": 64}
 SMOKE = {"size": [48, 64], "batch": 2, "logits": [2, 19, 32, 64], "teacher": "resnet18",
@@ -205,8 +207,7 @@ def main() -> None:
         report["losses"] = loss_costs(sizes, device)
         print(f"losses: {json.dumps(report['losses'])}", flush=True)
         report["short_run"] = short_run(sizes, work, 2 if args.smoke else args.steps, camvid, precisions[0])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(args.out, report)
     print(f"\n{report['gpu'] or 'CPU (smoke)'}, torch {report['torch']}, CUDA {report['cuda']}")
     print("| precision | student s/step | cached / student | streamed / (student + teacher fwd) |")
     print("| --- | --- | --- | --- |")

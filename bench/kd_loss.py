@@ -25,7 +25,6 @@ and ``python bench/kd_loss.py --loss dist --shape 8 11 192 256 --temperature 1 -
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -35,6 +34,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from benchlib import save_json
 
 PEAK_TARGET = 0.5
 TIME_TARGET = 1.0
@@ -274,8 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.out, result)
     _print_table(result)
     print(f"wrote {args.out}")
     return result

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import save_json
+
 SETTINGS = {
     "libgomp default": {},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
@@ -126,9 +128,8 @@ def main() -> None:
                          "idle_ratio": idle / base["idle"], "shared_ratio": shared / base["shared"]}
         print(f"| {name} | {idle:.3f} | {shared:.3f} | {idle / base['idle']:.2f}x | "
               f"{shared / base['shared']:.2f}x |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runs": results, "summary": summary, "steps": args.steps,
-                                    "reps": args.reps, "cpus": os.cpu_count()}, indent=2))
+    save_json(args.out, {"runs": results, "summary": summary, "steps": args.steps,
+                         "reps": args.reps, "cpus": os.cpu_count()})
     print(f"\nwrote {args.out}")
 
 

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import save_json
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/quickstart.yaml"
 STAGES = ("teacher", "cache", "baseline", "student", "compare", "export")
@@ -74,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "machine": platform.machine()},
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.results, result)
 
     print(f"\nwall {wall:.0f} s for every stage ({wall // 60:.0f} min {wall % 60:.0f} s)\n")
     print("| stage | val mIoU | parameters | seconds |")

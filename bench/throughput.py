@@ -73,6 +73,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from benchlib import save_json
+
 REPO = Path(__file__).resolve().parents[1]
 CACHED_TARGET = 1.10   # cached distillation step / student step
 STREAMED_TARGET = 1.10  # streamed / (student + teacher fwd)
@@ -277,7 +279,7 @@ def worker(spec_path: str) -> None:
     """Run in a fresh process: optional tune_cpu_malloc, then warm-up + timed steps; JSON out."""
     spec = json.loads(Path(spec_path).read_text())
     import distill  # noqa: F401  (first: the torchvision compatibility step)
-    from distill._malloc import tune_cpu_malloc
+    from distill.launch import tune_cpu_malloc
 
     applied = tune_cpu_malloc() if spec["malloc"] else {}
     import torch
@@ -860,7 +862,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     whole = CpuMeter()
     import distill  # noqa: F401  (first: the torchvision compatibility step)
-    from distill._malloc import tune_cpu_malloc
+    from distill.launch import tune_cpu_malloc
 
     applied = tune_cpu_malloc()  # as distill.training.train does on CPU (train.cpu_malloc_tuning)
     import torch
@@ -926,8 +928,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     result["summary"] = summarize(result)
     print_report(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.out, result)
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")
     return result
 

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill import _cache_replay as replay_ops
+from distill import _cache_replay as store_ops  # public: the store's array operations (bench/cache.py)
 from distill._cache_replay import CacheError, _prepare_split, _set_entry, _split_files, split_folder
 from distill._cache_store import (  # re-exported: the reading side
     CachedTeacher,
@@ -75,7 +75,7 @@ from distill._cache_store import (  # re-exported: the reading side
 if TYPE_CHECKING:
     from distill.config import Recipe
 
-__all__ = ["CacheError", "CachedTeacher", "LogitStore", "cache_dir", "expected_fingerprint",
+__all__ = ["CacheError", "CachedTeacher", "LogitStore", "cache_dir", "expected_fingerprint", "store_ops",
            "load_cached_teacher", "open_store", "write_cache"]
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=mine, num_workers=recipe.data.num_workers,
         collate_fn=partial(collate_batch, ignore_index=recipe.data.ignore_index))
-    size = replay_ops.stored_size(tuple(fingerprint["base_size"]), fingerprint["stride"])
+    size = store_ops.stored_size(tuple(fingerprint["base_size"]), fingerprint["stride"])
     label = f"cache {split}"
     if main:
         report(f"{label}: {state}, {int(np.count_nonzero(written))}/{count} samples stored, "
@@ -167,8 +167,8 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
                     if not bool(torch.isfinite(logits).all()):
                         bad = [ids[row] for row in rows]
                         raise CacheError(f"the teacher produced non-finite logits for a batch of {bad}")
-                    maps = replay_ops.downsample(logits.float(), size)
-                    packed = replay_ops.compress(maps, fingerprint["layout"], fingerprint["dtype"],
+                    maps = store_ops.downsample(logits.float(), size)
+                    packed = store_ops.compress(maps, fingerprint["layout"], fingerprint["dtype"],
                                                  fingerprint["topk"], recipe.loss.temperature)
                     missing = written[rows] == 0  # a resumed batch keeps the samples already stored
                     for name, tensor in packed.items():

@@ -16,8 +16,13 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+from distill._malloc import tune_cpu_malloc  # public here: the process's allocator setting
+
 if TYPE_CHECKING:
     from distill.config import Recipe
+
+__all__ = ["TrainingError", "end_launched_process", "in_process_group", "is_launch_main",
+           "make_accelerator", "tune_cpu_malloc"]
 
 
 class TrainingError(RuntimeError):
