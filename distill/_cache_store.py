@@ -54,7 +54,7 @@ def base_size(recipe: Recipe) -> tuple[int, int]:
 def _split_ids(recipe: Recipe, split: str) -> list[str]:
     from distill.data import build_dataset
 
-    dataset = build_dataset(recipe.data, split, train=False)
+    dataset = build_dataset(recipe.data, split, train=False, unlabelled=True)
     return [dataset.sample_id(i) for i in range(len(dataset))]
 
 

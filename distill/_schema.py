@@ -65,6 +65,33 @@ class SyntheticConfig(_Section):
     seed: int = Field(0, description="generator seed; the same seed gives the same images")
 
 
+class UnlabelledSource(_Section):
+    """Images without masks, distilled on every pixel: exactly one of the three keys."""
+
+    split: str | None = Field(
+        None, description="a split (or selector) of data.dataset's layout, its masks ignored"
+    )
+    folder: Path | None = Field(None, description="a folder of images (sub-folders included)")
+    synthetic: int | None = Field(
+        None, ge=1, description="this many more images of the built-in generator (another stream)"
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _split_syntax(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_split(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> UnlabelledSource:
+        given = [k for k in ("split", "folder", "synthetic") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"an unlabelled source takes exactly one of split, folder, synthetic "
+                             f"(got {', '.join(given) or 'none'})")
+        return self
+
+
 class DataConfig(_Section):
     """Where the images come from and how they are augmented and batched."""
 
@@ -107,6 +134,18 @@ class DataConfig(_Section):
     skip_bad_files: bool = Field(False, description="skip unreadable images instead of stopping")
     synthetic: SyntheticConfig = Field(
         default_factory=SyntheticConfig, description="the built-in dataset's settings"
+    )
+    unlabelled: list[UnlabelledSource] = Field(
+        default_factory=list, description="images without masks the distilled student also learns "
+        "from (the teacher labels them softly); see README, Images without masks"
+    )
+    labelled_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="keep the masks of every k-th training image (k = "
+        "round(1 / fraction)); with a teacher the others train as unlabelled images"
+    )
+    unlabelled_ratio: float = Field(
+        0.5, ge=0.0, lt=1.0, description="share of each distillation batch drawn from the "
+        "unlabelled images, when there are any"
     )
 
     @field_validator("train_split", "val_split")
@@ -339,6 +378,12 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
+        if self.data.unlabelled and self.teacher is None:
+            raise ValueError("data.unlabelled needs a `teacher`: without one, images without masks "
+                             "teach the student nothing")
+        if (self.data.unlabelled or self.data.labelled_fraction < 1) and self.data.unlabelled_ratio == 0 \
+                and self.teacher is not None:
+            raise ValueError("data.unlabelled_ratio is 0: the unlabelled images would never be drawn")
         if self.model is not None and (self.student is not None or self.teacher is not None):
             raise ValueError("use either `model` (one model) or `student`/`teacher`, not both")
         if self.model is None and self.student is None:

@@ -193,3 +193,14 @@ class Subset:
     def load(self, index: int) -> tuple[Any, Any]:
         source, k = self.rows[index]
         return source.load(k)
+
+    def is_labelled(self, index: int) -> bool:
+        """False for an image without a mask (see :mod:`distill._unlabelled`)."""
+        return is_labelled(*self.rows[index])
+
+
+def is_labelled(source: Any, index: int) -> bool:
+    """Whether sample ``index`` of ``source`` has a real mask."""
+    if hasattr(source, "is_labelled"):
+        return source.is_labelled(index)
+    return getattr(source, "labelled", True)

@@ -120,7 +120,7 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
     from distill.progress import make_progress, report
 
     main = accelerator.is_main_process
-    dataset = build_dataset(recipe.data, split, train=False)
+    dataset = build_dataset(recipe.data, split, train=False, unlabelled=True)  # their targets too
     ids = [dataset.sample_id(i) for i in range(len(dataset))]
     fingerprint = expected_fingerprint(recipe, split, ids=ids, num_classes=num_classes)
     state, error = "", None

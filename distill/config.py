@@ -36,12 +36,13 @@ from distill._schema import (  # re-exported: the recipe's sections
     SyntheticConfig,
     TeacherConfig,
     TrainConfig,
+    UnlabelledSource,
 )
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "CacheConfig", "DataConfig", "EvalConfig", "ExportConfig",
     "LossConfig", "ModelConfig", "Recipe", "RecipeError", "RunConfig", "SyntheticConfig",
-    "TeacherConfig", "TrainConfig", "atomic_write_text", "json_default", "load_recipe",
+    "TeacherConfig", "TrainConfig", "UnlabelledSource", "atomic_write_text", "json_default", "load_recipe",
     "parse_overrides", "recipe_from_dict", "recipe_reference", "recipe_to_yaml",
     "save_resolved_recipe",
 ]

@@ -53,12 +53,14 @@ from distill._splits import (
     SplitSelector,
     Subset,
     first_samples,
+    is_labelled,
     parse_split,
     select,
     without_samples,
 )
 from distill._synthetic import SyntheticShapes
 from distill._transforms import jitter, resize_image, resize_nearest  # resize_*: re-exported
+from distill._unlabelled import FolderImages, MixedBatchSampler, WithoutMasks
 from distill.config import DataConfig
 
 __all__ = [
@@ -146,10 +148,19 @@ class SegmentationDataset(Dataset):
         image, mask, index = self._load_good(index)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            return self._train_item(image, mask, index, rng)
-        frame = image.shape[:2]
-        return self._item(self._normalise(image.astype(np.float32) / 255.0), mask, index,
-                          scale=1.0, scaled=frame, box=(0, 0, *frame), flip=False, base=frame)
+            item = self._train_item(image, mask, index, rng)
+        else:
+            frame = image.shape[:2]
+            item = self._item(self._normalise(image.astype(np.float32) / 255.0), mask, index,
+                              scale=1.0, scaled=frame, box=(0, 0, *frame), flip=False, base=frame)
+        labelled = is_labelled(self.source, index)
+        item["labelled"] = torch.tensor(labelled)
+        # The KD term's pixels: the labelled ones, or every image pixel of an image without a
+        # mask (its placeholder mask, transformed with it, is 0 there and void in the padding).
+        item["kd_mask"] = item["mask"]
+        if not labelled:
+            item["mask"] = torch.full_like(item["mask"], self.data.ignore_index)
+        return item
 
     def _load_good(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Load ``index``, or with ``skip_bad_files`` the next readable sample after a bad one."""
@@ -227,13 +238,16 @@ class SegmentationDataset(Dataset):
 
 
 def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0,
-                  label_resolution: bool = False) -> SegmentationDataset:
+                  label_resolution: bool = False, unlabelled: bool = False) -> SegmentationDataset:
     """The samples ``split`` selects, with the train (random) or eval (deterministic) transform.
 
     ``split`` is a selector (``val``, ``train+val``, ``train+val:prefix=0006R0``; see
     :mod:`distill._splits`). The training split never holds a sample of a held-out group: when
     ``data.val_split`` selects a group, its samples are removed from ``data.train_split``.
     ``label_resolution`` (eval only) keeps each mask at its own size, see ``eval.resolution``.
+    Of ``data.train_split``, ``data.labelled_fraction`` keeps every k-th image's mask; with
+    ``unlabelled`` (distillation, and the logit cache) the other images and ``data.unlabelled``
+    follow as images without masks (see :mod:`distill._unlabelled`).
 
     Raises:
         DataError: a missing or empty folder, unpaired files, a bad ``class_names``, or a
@@ -250,7 +264,36 @@ def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0,
             except SplitError as error:
                 raise DataError(str(error)) from None
     source = first_samples(source, data.max_samples)  # after the selection: N of the chosen samples
+    if split == data.train_split:
+        source = _with_unlabelled(data, source, include=unlabelled)
     return SegmentationDataset(source, data, train=train, seed=seed, label_resolution=label_resolution)
+
+
+def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -> SampleSource:
+    """The training split's labelled part (``labelled_fraction``), then, with ``include``, its
+    other images and ``data.unlabelled`` as images without masks."""
+    step = max(1, round(1 / data.labelled_fraction))
+    rows: list[tuple[Any, int]] = [(source, k) for k in range(0, len(source), step)]
+    if not include:
+        return source if step == 1 else Subset(rows)
+    extra: list[Any] = []
+    if step > 1:
+        extra.append(Subset([(source, k) for k in range(len(source)) if k % step]))
+    for entry in data.unlabelled:
+        if entry.split is not None:
+            extra.append(_select(data, _parse(entry.split, "data.unlabelled split")))
+        elif entry.folder is not None:
+            extra.append(FolderImages(entry.folder))
+        else:
+            synthetic = data.synthetic.model_copy(update={"num_val": entry.synthetic})
+            extra.append(SyntheticShapes(synthetic, "test"))  # a stream neither train nor val uses
+    if not extra:
+        return source
+    for part in extra:
+        part = first_samples(part, data.max_samples)
+        unlabelled = part if isinstance(part, FolderImages) else WithoutMasks(part)
+        rows += [(unlabelled, k) for k in range(len(unlabelled))]
+    return Subset(rows)
 
 
 def _parse(split: str, what: str) -> SplitSelector:
@@ -301,10 +344,16 @@ def collate_batch(items: list[dict[str, Any]], ignore_index: int = 255) -> dict[
         masks[row, : item["mask"].shape[0], : item["mask"].shape[1]] = item["mask"]
     geometry = {key: torch.stack([item["geometry"][key] for item in items])
                 for key in items[0]["geometry"]}
+    kd_masks = torch.full_like(masks, ignore_index)
+    for row, item in enumerate(items):
+        kd = item.get("kd_mask", item["mask"])
+        kd_masks[row, : kd.shape[0], : kd.shape[1]] = kd
     return {
         "image": images,
         "mask": masks,
         "label_size": torch.stack([item["label_size"] for item in items]),
+        "kd_mask": kd_masks,
+        "labelled": torch.tensor([bool(item.get("labelled", True)) for item in items]),
         "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
         "geometry": geometry,
     }
@@ -349,14 +398,26 @@ def loader_for_dataset(dataset: Dataset, data: DataConfig, *, train: bool, seed:
 
 
 def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0,
-                 label_resolution: bool = False) -> DataLoader:
+                 label_resolution: bool = False, unlabelled: bool = False) -> DataLoader:
     """A plain DataLoader over :func:`build_dataset` (ready for ``accelerator.prepare``).
 
     Training loaders shuffle with a generator seeded from ``seed`` and drop the last partial
-    batch; evaluation loaders keep the order and every sample.
+    batch; evaluation loaders keep the order and every sample. With ``unlabelled`` (the
+    distilled student's training loader) and images without masks, each batch holds
+    ``data.unlabelled_ratio`` of them (:class:`distill._unlabelled.MixedBatchSampler`).
     """
-    dataset = build_dataset(data, split, train=train, seed=seed, label_resolution=label_resolution)
+    dataset = build_dataset(data, split, train=train, seed=seed, label_resolution=label_resolution,
+                            unlabelled=unlabelled)
     batch_size = data.batch_size if train else (data.eval_batch_size or data.batch_size)
+    collate = functools.partial(collate_batch, ignore_index=data.ignore_index)
+    flags = [is_labelled(dataset.source, k) for k in range(len(dataset))] if unlabelled and train else []
+    if flags and not all(flags):
+        sampler = MixedBatchSampler([k for k, f in enumerate(flags) if f],
+                                    [k for k, f in enumerate(flags) if not f], batch_size,
+                                    data.unlabelled_ratio, seed, dataset)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=data.num_workers,
+                          pin_memory=torch.cuda.is_available(), collate_fn=collate,
+                          persistent_workers=data.num_workers > 0)
     if train and len(dataset) < batch_size:
         raise DataError(
             f"split '{split}' has {len(dataset)} samples, fewer than data.batch_size "
@@ -371,7 +432,7 @@ def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0,
         drop_last=train,
         num_workers=data.num_workers,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=functools.partial(collate_batch, ignore_index=data.ignore_index),
+        collate_fn=collate,
         generator=generator,
         persistent_workers=data.num_workers > 0,
     )

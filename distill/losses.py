@@ -325,7 +325,7 @@ class DistillLoss(torch.nn.Module):
 
     def forward(
         self, student_logits: Tensor, target: Tensor, teacher_logits: Tensor | None = None,
-        *, share: Callable[[Tensor], Tensor] | None = None,
+        *, share: Callable[[Tensor], Tensor] | None = None, kd_target: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Return ``{"loss", "ce", "kd"}``, parts not detached (the caller decides). ``kd`` is a
         0 tensor, not computed, without a teacher or with ``kd_weight == 0``.
@@ -337,6 +337,11 @@ class DistillLoss(torch.nn.Module):
         the whole batch would. Without it each process's mean counts equally, however many
         labelled pixels it had. (CWD and DIST are not pixel means and are left as they are.)
         Every process must call it equally often: it is a collective.
+
+        ``kd_target``: the pixels the KD term sees (``ignore_index`` elsewhere), when they are
+        not the CE's labelled ones: images without masks are distilled on every image pixel.
+        Both terms are means over their own pixels, so their balance (``ce_weight`` against
+        ``kd_weight``) does not drift with the share of unlabelled images in a batch.
         """
         teacher = teacher_logits if self.kd_weight > 0 else None
         # With ce_weight 0 the CE is still reported, but kept out of the graph when KD drives it.
@@ -349,13 +354,14 @@ class DistillLoss(torch.nn.Module):
         kd = ce.new_zeros(())
         if teacher is None:
             return {"loss": self.ce_weight * ce, "ce": ce, "kd": kd}
-        kd_target = target
+        kd_target = target if kd_target is None else kd_target
         if self.kd_pixels == "teacher_correct":
             if _check_pair(student_logits, teacher):  # resize once, here, for argmax and loss
                 teacher = _resize(teacher.detach(), student_logits.shape[2:],
                                   _compute_dtype(student_logits, teacher))
-            wrong = teacher.argmax(1) != target
-            kd_target = target.masked_fill(wrong, self.ignore_index)
+            # Only a labelled pixel can show the teacher wrong; unlabelled ones stay distilled.
+            wrong = (teacher.argmax(1) != target) & (target != self.ignore_index)
+            kd_target = kd_target.masked_fill(wrong, self.ignore_index)
         args = {"temperature": self.temperature, "target": kd_target,
                 "ignore_index": self.ignore_index}
         if self.kind == "kl":

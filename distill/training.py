@@ -143,7 +143,9 @@ def train(
     if train_dataset is not None:
         train_loader = loader_for_dataset(train_dataset, recipe.data, train=True, seed=cfg.seed)
     else:
-        train_loader = build_loader(recipe.data, recipe.data.train_split, train=True, seed=cfg.seed)
+        # Images without masks teach through the teacher alone: only a distilled student sees them.
+        train_loader = build_loader(recipe.data, recipe.data.train_split, train=True, seed=cfg.seed,
+                                    unlabelled=teacher is not None)
     if val_dataset is not None:
         val_loader = loader_for_dataset(val_dataset, recipe.data, train=False, seed=cfg.seed)
     else:
@@ -303,7 +305,8 @@ def distillation_step(
         teacher_logits = teacher(batch) if teacher is not None else None
         student_logits = forward_padded(student, images)  # any crop size, not only multiples of 32
         share = _share_of_global_mean(accelerator) if accelerator.num_processes > 1 else None
-        return criterion(student_logits, batch["mask"], teacher_logits, share=share)
+        return criterion(student_logits, batch["mask"], teacher_logits, share=share,
+                         kd_target=batch.get("kd_mask"))
 
 
 def _share_of_global_mean(accelerator: Accelerator) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,0 +1,122 @@
+"""Images without masks: the labelled fraction, unlabelled sources, mixed batches, the KD pixels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.config import DataConfig, RecipeError, recipe_from_dict
+from distill.data import build_dataset, build_loader
+from distill.losses import DistillLoss, ce_loss, kd_loss_reference
+from distill._unlabelled import MixedBatchSampler
+from helpers import tiny_recipe
+
+SYNTH = {"num_train": 12, "num_val": 4, "size": [24, 24], "num_classes": 4}
+
+
+def data(**values) -> DataConfig:
+    return DataConfig(num_workers=0, synthetic=SYNTH, **values)
+
+
+def test_labelled_fraction_keeps_every_kth_mask_and_the_rest_train_without_masks():
+    cfg = data(labelled_fraction=0.25)
+    baseline = build_dataset(cfg, "train", train=False)
+    assert [baseline.sample_id(i) for i in range(len(baseline))] == [f"synthetic/train/{k:06d}" for k in (0, 4, 8)]
+    distilled = build_dataset(cfg, "train", train=False, unlabelled=True)
+    assert len(distilled) == 12
+    flags = [bool(distilled[i]["labelled"]) for i in range(12)]
+    assert flags == [True] * 3 + [False] * 9
+    assert distilled.sample_id(3) == "unlabelled/synthetic/train/000001"
+    item = distilled[3]
+    assert bool((item["mask"] == 255).all())  # no label reaches the CE
+    assert bool((item["kd_mask"] == 0).all())  # every pixel reaches the KD term
+    labelled = distilled[1]
+    assert torch.equal(labelled["kd_mask"], labelled["mask"]) and int((labelled["mask"] != 255).sum()) > 0
+
+
+def test_unlabelled_sources_folder_split_and_synthetic(tmp_path):
+    folder = tmp_path / "frames" / "cam1"
+    folder.mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(np.full((20, 30, 3), 40 * k, dtype=np.uint8)).save(folder / f"f{k}.jpg")
+    cfg = data(unlabelled=[{"folder": tmp_path / "frames"}, {"split": "val"}, {"synthetic": 5}])
+    dataset = build_dataset(cfg, "train", train=False, unlabelled=True)
+    ids = [dataset.sample_id(i) for i in range(len(dataset))]
+    assert len(ids) == 12 + 3 + 4 + 5 and len(set(ids)) == len(ids)
+    assert ids[12] == "unlabelled/cam1/f0.jpg" and ids[15] == "unlabelled/synthetic/val/000000"
+    assert ids[-1] == "unlabelled/synthetic/test/000004"  # a stream neither train nor val uses
+    assert dataset[12]["image"].shape == (3, 20, 30) and not bool(dataset[12]["labelled"])
+    with pytest.raises(ValueError, match="exactly one of split, folder, synthetic"):
+        data(unlabelled=[{"split": "val", "synthetic": 3}])
+
+
+def test_a_training_crop_pads_an_unlabelled_image_outside_the_kd_pixels():
+    cfg = data(labelled_fraction=0.5, crop_size=(32, 32), scale_range=(1.0, 1.0))
+    item = build_dataset(cfg, "train", train=True, unlabelled=True)[6]  # the first unlabelled, 24x24 in 32x32
+    assert not bool(item["labelled"]) and bool((item["mask"] == 255).all())
+    assert int((item["kd_mask"] == 0).sum()) == 24 * 24 and int((item["kd_mask"] == 255).sum()) == 32 * 32 - 24 * 24
+
+
+def test_mixed_batches_hold_the_ratio_cover_everything_and_follow_the_epoch():
+    class Epoch:
+        epoch = 0
+
+    sampler = MixedBatchSampler(list(range(8)), list(range(100, 106)), batch_size=4, ratio=0.5, seed=3,
+                                dataset=Epoch)
+    assert len(sampler) == 4
+    first = list(sampler)
+    assert all(sum(i < 100 for i in b) == 2 and sum(i >= 100 for i in b) == 2 for b in first)
+    assert sorted(i for b in first for i in b if i < 100) == list(range(8))  # each labelled once
+    unlabelled = [i for b in first for i in b if i >= 100]
+    assert sorted(unlabelled[:6]) == list(range(100, 106))  # all of them before any repeats
+    assert list(sampler) == first  # a pure function of the epoch
+    Epoch.epoch = 1
+    assert list(sampler) != first
+
+
+def test_kd_covers_unlabelled_pixels_and_the_ce_only_labelled_ones():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[1] = 255  # the second image has no mask
+    kd_mask = target.clone()
+    kd_mask[1] = 0
+    kd_mask[1, :, 4] = 255  # its last column is padding
+    parts = DistillLoss(ce_weight=1.0, kd_weight=1.0, temperature=2.0)(student, target, teacher, kd_target=kd_mask)
+    assert float(parts["ce"]) == pytest.approx(float(ce_loss(student[:1], target[:1])))
+    # Independent reference: T^2 * mean over the KD pixels of KL(p_t || p_s).
+    p_t = torch.softmax(teacher / 2, 1)
+    kl = (p_t * (torch.log_softmax(teacher / 2, 1) - torch.log_softmax(student / 2, 1))).sum(1)
+    expected = 4 * kl[kd_mask != 255].mean()
+    assert float(parts["kd"]) == pytest.approx(float(expected), rel=1e-10)
+    assert float(parts["kd"]) == pytest.approx(float(kd_loss_reference(student, teacher, temperature=2.0, target=kd_mask)))
+
+
+def test_unlabelled_images_need_a_teacher():
+    with pytest.raises(RecipeError, match="data.unlabelled needs a `teacher`"):
+        recipe_from_dict({"model": {}, "data": {"unlabelled": [{"synthetic": 4}]}})
+
+
+@pytest.mark.slow
+def test_distilled_student_trains_on_mixed_batches_from_the_cache(tmp_path):
+    from distill.cache import write_cache
+    from distill.training import train
+
+    recipe = tiny_recipe(tmp_path, teacher=True, **{
+        "teacher.mode": "cache", "data.resize": "[32, 32]", "data.labelled_fraction": 0.5,
+        "data.unlabelled": "[{synthetic: 8}]", "data.unlabelled_ratio": 0.5, "train.epochs": 1})
+    train(recipe, "teacher")
+    write_cache(recipe)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["fingerprint"]["num_samples"] == 24 + 8  # both kinds cached
+    student = train(recipe, "student")
+    baseline = train(recipe, "baseline")
+    # 12 labelled images, 2 per distillation batch of 4: 6 steps; the baseline: 12 / 4 = 3 steps.
+    assert student.steps == 6 and baseline.steps == 3
+    loader = build_loader(recipe.data, "train", train=True, unlabelled=True)
+    batch = next(iter(loader))
+    assert batch["labelled"].tolist().count(False) == 2
