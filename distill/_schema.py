@@ -265,6 +265,13 @@ class LossConfig(_Section):
     chunk_size: int | None = Field(
         None, ge=1, description="KD loss computed this many samples at a time (less memory)"
     )
+    pseudo_label_weight: float = Field(
+        0.0, ge=0.0, description="CE on the teacher's confident top class at unlabelled pixels "
+        "(hard pseudo-labels; 0: off)"
+    )
+    pseudo_label_threshold: float = Field(
+        0.9, gt=0.0, le=1.0, description="teacher probability (at T=1) a pseudo-label needs"
+    )
 
 
 class TrainConfig(_Section):

@@ -288,8 +288,12 @@ class DistillLoss(torch.nn.Module):
         self, *, ce_weight: float = 1.0, kd_weight: float = 1.0, temperature: float = 1.0,
         kind: KDKind = "kl", kd_pixels: KDPixels = "labelled", ignore_index: int = 255,
         class_weights: Sequence[float] | None = None, chunk_size: int | None = None,
+        pseudo_label_weight: float = 0.0, pseudo_label_threshold: float = 0.9,
     ) -> None:
         super().__init__()
+        self.pseudo_label_weight = _check_number("pseudo_label_weight", pseudo_label_weight, allow_zero=True)
+        self.pseudo_label_threshold = _check_number("pseudo_label_threshold", pseudo_label_threshold,
+                                                    allow_zero=False)
         self.ce_weight = _check_number("ce_weight", ce_weight, allow_zero=True)
         self.kd_weight = _check_number("kd_weight", kd_weight, allow_zero=True)
         if self.ce_weight == 0 and self.kd_weight == 0:
@@ -316,7 +320,7 @@ class DistillLoss(torch.nn.Module):
         """Build from any object with attributes ``ce_weight, kd_weight, temperature, kind,
         kd_pixels, class_weights, chunk_size``; missing ones take the constructor defaults."""
         names = ("ce_weight", "kd_weight", "temperature", "kind", "kd_pixels", "class_weights",
-                 "chunk_size")
+                 "chunk_size", "pseudo_label_weight", "pseudo_label_threshold")
         kwargs = {n: getattr(loss_config, n) for n in names if hasattr(loss_config, n)}
         for name in ("kind", "kd_pixels"):  # accept str-valued enums from a config model
             if name in kwargs:
@@ -372,4 +376,19 @@ class DistillLoss(torch.nn.Module):
             kd = cwd_loss(student_logits, teacher, **args)
         else:
             kd = dist_loss(student_logits, teacher, **args)
-        return {"loss": self.ce_weight * ce + self.kd_weight * kd, "ce": ce, "kd": kd}
+        parts = {"loss": self.ce_weight * ce + self.kd_weight * kd, "ce": ce, "kd": kd}
+        if self.pseudo_label_weight > 0:
+            parts["pseudo"] = self._pseudo_label_ce(student_logits, teacher, target, kd_target)
+            parts["loss"] = parts["loss"] + self.pseudo_label_weight * parts["pseudo"]
+        return parts
+
+    def _pseudo_label_ce(self, student: Tensor, teacher: Tensor, target: Tensor, kd_target: Tensor
+                         ) -> Tensor:
+        """CE on the teacher's top class where there is no label and the teacher is confident."""
+        if _check_pair(student, teacher):
+            teacher = _resize(teacher.detach(), student.shape[2:], _compute_dtype(student, teacher))
+        confidence, top = torch.softmax(teacher.detach().float(), 1).max(1)
+        unlabelled = (target == self.ignore_index) & (kd_target != self.ignore_index)
+        pseudo = top.masked_fill(~(unlabelled & (confidence >= self.pseudo_label_threshold)),
+                                 self.ignore_index)
+        return ce_loss(student, pseudo, ignore_index=self.ignore_index)

@@ -353,7 +353,7 @@ def _check_finite(parts: dict[str, torch.Tensor], step: int, batch: dict, accele
 
 
 def _format(record: dict) -> str:
-    losses = " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "ce", "kd") if k in record)
+    losses = " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "ce", "kd", "pseudo") if k in record)
     return f"{losses} lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s"
 
 

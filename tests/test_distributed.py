@@ -135,3 +135,19 @@ def test_launcher_mismatch_is_detected(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(loop.TrainingError, match="started 2 processes but they did not form one process group"):
         make_accelerator(tiny_recipe(tmp_path))
+
+
+def test_two_process_distillation_on_mixed_batches(tmp_path):
+    # Half the masks, the rest and 8 synthetic images unlabelled: each process takes whole mixed
+    # batches of 4 (2 labelled, 2 unlabelled); 12 labelled images make 6 batches, 3 steps.
+    recipe = tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 1, "data.labelled_fraction": 0.5,
+                                                     "data.unlabelled": "[{synthetic: 8}]"})
+    train(recipe, "teacher")
+    path = save_resolved_recipe(recipe, tmp_path)
+    (tmp_path / "run_distill.py").write_text(SCRIPT)
+    launch(["run_distill.py", str(path)], tmp_path)
+    digests = [(tmp_path / f"params_rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 3]
+    assert all(r["kd"] > 0 and r["ce"] > 0 for r in records if "loss" in r)

@@ -120,3 +120,20 @@ def test_distilled_student_trains_on_mixed_batches_from_the_cache(tmp_path):
     loader = build_loader(recipe.data, "train", train=True, unlabelled=True)
     batch = next(iter(loader))
     assert batch["labelled"].tolist().count(False) == 2
+
+
+def test_pseudo_labels_are_the_teachers_confident_top_class_at_unlabelled_pixels():
+    torch.manual_seed(1)
+    student = torch.randn(1, 3, 2, 4, dtype=torch.float64)
+    teacher = torch.zeros(1, 3, 2, 4, dtype=torch.float64)
+    teacher[0, 2, 0, :] = 10.0  # row 0: class 2 at p ~ 1.0; row 1: uniform (p = 1/3)
+    target = torch.full((1, 2, 4), 255)
+    target[0, 0, 0] = 1  # one labelled pixel: its label, not the teacher's, counts
+    kd_mask = torch.zeros(1, 2, 4, dtype=torch.long)
+    kd_mask[0, 0, 0] = 1
+    loss = DistillLoss(kd_weight=1.0, pseudo_label_weight=0.5, pseudo_label_threshold=0.9)
+    parts = loss(student, target, teacher, kd_target=kd_mask)
+    expected_pseudo = torch.nn.functional.cross_entropy(student[0, :, 0, 1:].T, torch.full((3,), 2))
+    assert float(parts["pseudo"]) == pytest.approx(float(expected_pseudo), rel=1e-10)
+    assert float(parts["loss"]) == pytest.approx(float(parts["ce"] + parts["kd"] + 0.5 * parts["pseudo"]))
+    assert "pseudo" not in DistillLoss()(student, target, teacher, kd_target=kd_mask)  # off by default
