@@ -208,7 +208,25 @@ class ModelConfig(_Section):
 
 
 class TeacherConfig(ModelConfig):
-    """The frozen teacher. ``mean``/``std``: the normalization it was trained with, if not the data's."""
+    """The frozen teacher: distill's own (smp), or one you already have (see README, Bring your teacher)."""
+
+    source: Literal["smp", "torchvision", "smp_hub", "onnx", "factory"] = Field(
+        "smp", description="smp: arch + encoder (+ checkpoint); torchvision: the builder in arch, "
+        "weights in checkpoint; smp_hub: a save_pretrained folder in path; onnx: the .onnx file in "
+        "path; factory: the factory function"
+    )
+    path: str | None = Field(None, description="smp_hub: the model folder; onnx: the .onnx file")
+    class_names: list[str] | None = Field(
+        None, description="the teacher's own classes, when they are not the dataset's (for class_map)"
+    )
+    class_map: dict[str | int, str | int] | None = Field(
+        None, description="teacher class -> student class (names or ids); several onto one sum "
+        "their probabilities, unmapped ones are dropped and the rest renormalized"
+    )
+    bgr: bool = Field(False, description="the teacher takes BGR images (channels reversed)")
+    input_size: tuple[int, int] | None = Field(
+        None, description="(height, width) the teacher runs at (images resized to it); default: the batch's"
+    )
 
     mode: Literal["stream", "cache"] = Field(
         "stream", description="stream: teacher forward on each batch; cache: replay stored logits"
@@ -222,6 +240,22 @@ class TeacherConfig(ModelConfig):
     std: tuple[float, float, float] | None = Field(
         None, description="normalization the teacher was trained with, if not data.std"
     )
+
+    @model_validator(mode="after")
+    def _source_keys(self) -> TeacherConfig:
+        if self.source in ("smp_hub", "onnx") and not self.path:
+            raise ValueError(f"teacher.source '{self.source}' needs teacher.path")
+        if self.source == "torchvision" and self.checkpoint is None:
+            raise ValueError("teacher.source 'torchvision' needs teacher.checkpoint (its weights) "
+                             "and the builder's name in teacher.arch, e.g. deeplabv3_resnet101")
+        if self.source == "factory" and self.factory is None:
+            raise ValueError("teacher.source 'factory' needs teacher.factory")
+        return self
+
+    @property
+    def external(self) -> bool:
+        """A teacher that exists already (no teacher stage trains it)."""
+        return self.checkpoint is not None or self.source in ("smp_hub", "onnx")
 
 
 class CacheConfig(_Section):
@@ -395,7 +429,7 @@ class Recipe(_Section):
             raise ValueError("use either `model` (one model) or `student`/`teacher`, not both")
         if self.model is None and self.student is None:
             raise ValueError("the recipe needs a `model` section (or `student` for distillation)")
-        if self.teacher is not None and self.teacher.checkpoint is None and (
+        if self.teacher is not None and not self.teacher.external and (
             self.teacher.mean is not None or self.teacher.std is not None
         ):
             raise ValueError(

@@ -38,7 +38,7 @@ from distill.evaluation import evaluate_model
 from distill.models import build_model, count_parameters, forward_padded
 from distill.progress import console
 from distill.run_folder import baseline_weights, compare_dir, ensure_writable_folder, exclusive_folder, trained_weights
-from distill.teacher import with_teacher_normalization
+from distill.teacher import scoring_teacher
 from distill.launch import make_accelerator
 
 IGNORE_COLOUR = (255, 255, 255)
@@ -68,12 +68,10 @@ def _checkpoints(recipe: Recipe) -> dict[str, Path]:
 
 
 def _build(recipe: Recipe, name: str, checkpoint: Path, info: DatasetInfo) -> nn.Module:
-    spec = recipe.teacher if name == "teacher" else recipe.student_model
-    assert spec is not None
-    model = build_model(spec.model_copy(update={"checkpoint": checkpoint, "encoder_weights": None}),
+    if name == "teacher":  # from its source, through its class map (at T=1)
+        return scoring_teacher(recipe, info.num_classes, checkpoint)
+    model = build_model(recipe.student_model.model_copy(update={"checkpoint": checkpoint, "encoder_weights": None}),
                         info.num_classes)
-    if name == "teacher":
-        model = with_teacher_normalization(model, recipe)
     return model.eval()
 
 

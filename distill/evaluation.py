@@ -22,7 +22,7 @@ from distill.metrics import SegmentationScores, per_sample_confusion, scores_fro
 from distill.models import Stage, build_model, forward_padded, stage_model
 from distill.progress import console, track
 from distill.run_folder import checkpoint_to_score, ensure_writable_folder, stage_dir
-from distill.teacher import with_teacher_normalization
+from distill.teacher import scoring_teacher
 
 
 def evaluate(
@@ -45,12 +45,12 @@ def evaluate(
     """
     accelerator = make_accelerator(recipe)
     info = dataset_info(recipe.data)
-    if model is None:
+    if model is None and stage == "teacher":
+        model = scoring_teacher(recipe, info.num_classes, checkpoint_to_score(recipe, stage))
+    elif model is None:
         spec = stage_model(recipe, stage).model_copy(
             update={"checkpoint": checkpoint_to_score(recipe, stage), "encoder_weights": None})
         model = build_model(spec, info.num_classes)
-        if stage == "teacher":  # an external teacher may expect its own mean/std (teacher.mean/std)
-            model = with_teacher_normalization(model, recipe)
     if dataset is not None:
         loader = loader_for_dataset(dataset, recipe.data, train=False, seed=recipe.train.seed)
     else:

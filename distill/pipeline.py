@@ -91,16 +91,14 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
 def planned_stages(recipe: Recipe) -> list[str]:
     """The stages ``distill run`` goes through for this recipe, in order."""
     stages: list[str] = []
-    if recipe.distills and recipe.teacher.checkpoint is None:
+    if recipe.distills and not recipe.teacher.external:
         stages.append("teacher")
     if recipe.distills and recipe.teacher.mode == "cache":
         stages.append("cache")
     if recipe.run.baseline and recipe.distills:
         stages.append("baseline")
     stages.append("student")
-    teacher_weights = recipe.teacher is not None and (
-        recipe.teacher.checkpoint is not None or "teacher" in stages
-    )
+    teacher_weights = recipe.teacher is not None and (recipe.teacher.external or "teacher" in stages)
     if recipe.run.compare and teacher_weights:
         stages.append("compare")
     if recipe.run.export:

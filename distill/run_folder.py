@@ -29,6 +29,20 @@ from filelock import FileLock, Timeout
 from distill.models import ModelError
 
 
+def _external_weights(source: str, path: Path) -> Path:
+    """The weights file of a teacher given by ``teacher.path`` (what fingerprints hash)."""
+    if source == "onnx":
+        if not path.is_file():
+            raise ModelError(f"teacher.path '{path}' is not an ONNX file (tried '{path.absolute()}')")
+        return path
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"teacher.path '{path}' is not an smp save_pretrained folder (no "
+                         f"{weights.name}); a hub id must be downloaded first, e.g. with "
+                         "`huggingface-cli download ID --local-dir FOLDER` (no network here?)")
+    return weights
+
+
 def stage_dir(recipe: Any, stage: str) -> Path:
     """``<output_dir>/<stage>``: a training stage's folder (teacher, baseline, student)."""
     return Path(recipe.output_dir) / stage
@@ -70,7 +84,10 @@ def trained_weights(recipe: Any, stage: str) -> Path:
     The teacher's are ``teacher.checkpoint`` when given; the student's ``eval.checkpoint`` when
     given (what compare and export use); otherwise ``<output_dir>/<stage>/best.safetensors``.
     """
-    given = {"teacher": recipe.teacher.checkpoint if recipe.teacher is not None else None,
+    teacher = recipe.teacher if stage == "teacher" else None
+    if teacher is not None and teacher.source in ("smp_hub", "onnx"):
+        return _external_weights(teacher.source, Path(str(teacher.path)))
+    given = {"teacher": teacher.checkpoint if teacher is not None else None,
              "student": recipe.eval.checkpoint}.get(stage)
     if given is not None:
         if not Path(given).is_file():

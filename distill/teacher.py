@@ -7,11 +7,13 @@ come from (a streamed forward pass here, a logit cache later) never branches the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from distill._teacher_sources import apply_class_map, class_map_matrix, load_source
 from distill.models import forward_padded
 from distill.run_folder import trained_weights
 
@@ -36,6 +38,13 @@ class Teacher(nn.Module):
         compile: ``torch.compile`` the model's forward (in place, so ``state_dict`` keys do not
             change). The first batches pay the compilation (tens of seconds on CPU, a C++
             compiler needed there); worth it for long streamed runs of a large teacher.
+        class_map: ``[K_teacher, K_student]`` 0/1 matrix: the teacher's softmax at
+            ``temperature``, summed within each student class and renormalized, comes back as
+            logits whose softmax at ``temperature`` is that distribution
+            (:func:`distill._teacher_sources.apply_class_map`).
+        bgr: reverse the channels for a teacher trained on BGR images.
+        input_size: run the teacher at this (height, width) (bilinear); its logits are resized
+            to the student's by the loss, like any teacher output of another size.
     """
 
     def __init__(
@@ -48,9 +57,16 @@ class Teacher(nn.Module):
         teacher_std: Sequence[float] | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        class_map: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        bgr: bool = False,
+        input_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.temperature, self.bgr = temperature, bgr
+        self.input_size = tuple(input_size) if input_size is not None else None
+        self.register_buffer("_class_map", class_map, persistent=False)
         self.model.requires_grad_(False)
         self.model.eval()
         self.channels_last = channels_last
@@ -75,9 +91,17 @@ class Teacher(nn.Module):
         images = batch["image"]
         if self._scale is not None:
             images = images * self._scale + self._shift
+        if self.bgr:
+            images = images.flip(1)
+        if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
+            images = torch.nn.functional.interpolate(images, size=self.input_size, mode="bilinear",
+                                                     align_corners=False)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return forward_padded(self.model, images)
+        logits = forward_padded(self.model, images)
+        if self._class_map is not None:
+            logits = apply_class_map(logits, self._class_map, self.temperature)
+        return logits
 
 
 def _renormalization(
@@ -105,46 +129,69 @@ def _renormalization(
     return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
 
-class _Renormalized(nn.Module):
-    """A model fed ``images * scale + shift``: the data's normalization turned into its own."""
-
-    def __init__(self, model: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("shift", shift, persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images * self.scale + self.shift)
-
-
-def with_teacher_normalization(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """``model`` taking data-normalized images, re-normalized for a teacher that needs it.
-
-    For callers that feed images rather than batches (compare); ``Teacher`` does the same itself.
-    """
-    assert recipe.teacher is not None
-    scale, shift = _renormalization(recipe.data.mean, recipe.data.std, recipe.teacher.mean,
-                                    recipe.teacher.std)
-    return model if scale is None else _Renormalized(model, scale, shift)
-
-
 def load_teacher(recipe: Recipe, num_classes: int) -> Teacher:
     """The recipe's teacher, frozen with its trained weights (streamed: run on every batch).
 
     Its cached counterpart, :func:`distill.cache.load_cached_teacher`, maps a batch to logits
     too, so the training loop has no branch on where the targets come from.
     """
-    from distill.models import build_model
+    return teacher_from_recipe(recipe, num_classes, temperature=recipe.loss.temperature)
 
-    assert recipe.teacher is not None
-    spec = recipe.teacher.model_copy(update={"checkpoint": trained_weights(recipe, "teacher")})
+
+def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float) -> Teacher:
+    """The recipe's teacher from its source, with its normalization and class map (the map's
+    softmax is taken at ``temperature``: the loss's for targets, 1 for scoring)."""
+    from distill.data import dataset_info
+
+    spec = recipe.teacher
+    assert spec is not None
+    weights = trained_weights(recipe, "teacher")
+    student_names = dataset_info(recipe.data).class_names
+    teacher_classes = len(spec.class_names) if spec.class_names else num_classes
+    model, source_names = load_source(spec, teacher_classes, weights)
+    matrix = None
+    if spec.class_map is not None:
+        names = spec.class_names or source_names or [str(k) for k in range(_output_classes(model, spec))]
+        matrix = class_map_matrix(spec.class_map, list(names), student_names)
     return Teacher(
-        build_model(spec, num_classes),
+        model,
         data_mean=recipe.data.mean,
         data_std=recipe.data.std,
-        teacher_mean=recipe.teacher.mean,
-        teacher_std=recipe.teacher.std,
-        channels_last=recipe.train.channels_last,
-        compile=recipe.teacher.compile,
+        teacher_mean=spec.mean,
+        teacher_std=spec.std,
+        channels_last=recipe.train.channels_last and spec.source != "onnx",
+        compile=spec.compile,
+        class_map=matrix,
+        temperature=temperature,
+        bgr=spec.bgr,
+        input_size=spec.input_size,
     )
+
+
+def _output_classes(model: nn.Module, spec: object) -> int:
+    """The teacher's class count, from one small forward pass (sources that do not record it)."""
+    size = getattr(spec, "input_size", None) or (64, 64)
+    with torch.no_grad():
+        return int(forward_padded(model.eval(), torch.zeros(1, 3, *size)).shape[1])
+
+
+def scoring_teacher(recipe: Recipe, num_classes: int, weights: Path | None = None) -> nn.Module:
+    """The teacher as a model of images, its class map at T=1: what eval and compare score
+    (``weights``: other weights for a teacher built from a checkpoint, e.g. ``eval.checkpoint``)."""
+    assert recipe.teacher is not None
+    if weights is not None and recipe.teacher.source in ("smp", "factory", "torchvision"):
+        recipe = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"checkpoint": weights})})
+    teacher = teacher_from_recipe(recipe, num_classes, temperature=1.0)
+    teacher.channels_last = False  # scoring runs on whatever layout the caller gives
+    return ImagesTeacher(teacher).eval()
+
+
+class ImagesTeacher(nn.Module):
+    """A :class:`Teacher` called on images (compare, eval): the same logits as in training."""
+
+    def __init__(self, teacher: Teacher) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher({"image": images})

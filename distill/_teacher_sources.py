@@ -1,0 +1,131 @@
+"""Teachers a user already has: how each source is loaded, and the class map onto the student's.
+
+Each loader returns a module from (teacher-normalized) images to logits over the teacher's own
+classes, and those classes' names when the source records them. :mod:`distill.teacher` wraps it
+(normalization, channel order, input size, class map) behind the one ``teacher(batch)`` interface.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.models import ModelError, build_model, read_state_dict
+
+
+class _OutDict(nn.Module):
+    """torchvision's segmentation models return ``{"out": logits, "aux": ...}``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)["out"]
+
+
+class OnnxTeacher(nn.Module):
+    """An ONNX segmentation model (mmsegmentation, Paddle, TensorFlow exports...) run by
+    onnxruntime on the CPU: ``[N, 3, H, W]`` float32 in, ``[N, C, h, w]`` logits out."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime's own types for truncated or foreign files
+            raise ModelError(f"teacher.path '{path}' cannot be loaded by onnxruntime: "
+                             f"{str(error).strip().splitlines()[0] if str(error).strip() else error}") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs[0].shape) != 4 or inputs[0].shape[1] not in (3, "3") or len(outputs[0].shape) != 4:
+            raise ModelError(f"teacher.path '{path}': input {inputs[0].shape} and output "
+                             f"{outputs[0].shape} are not [N, 3, H, W] and [N, C, h, w]")
+        self.input_name = inputs[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().float().cpu().numpy()
+        (logits,) = self.session.run([self.session.get_outputs()[0].name], {self.input_name: array})[:1]
+        return torch.from_numpy(np.ascontiguousarray(logits)).to(images.device)
+
+
+def load_source(spec: Any, num_classes: int, weights: Path | None) -> tuple[nn.Module, list[str] | None]:
+    """The teacher of ``spec`` (a ``TeacherConfig``) and its class names where the source has them.
+
+    ``num_classes`` is the teacher's own class count: ``len(teacher.class_names)`` when given,
+    else the dataset's.
+    """
+    source = spec.source
+    if source in ("smp", "factory"):
+        return build_model(spec.model_copy(update={"checkpoint": weights}), num_classes), None
+    if source == "torchvision":
+        import torchvision
+
+        state = read_state_dict(str(weights))
+        aux = any(k.startswith("aux_classifier.") for k in state)
+        try:
+            model = torchvision.models.get_model(spec.arch, weights=None, weights_backbone=None,
+                                                 num_classes=num_classes, aux_loss=aux or None)
+        except ValueError as error:
+            names = ", ".join(torchvision.models.list_models(torchvision.models.segmentation))
+            raise ModelError(f"teacher.arch '{spec.arch}' is not a torchvision segmentation "
+                             f"builder ({names}): {error}") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelError(f"teacher.checkpoint '{weights}' does not fit torchvision's "
+                             f"{spec.arch} with {num_classes} classes: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return _OutDict(model), None
+    if source == "smp_hub":
+        import segmentation_models_pytorch as smp
+
+        model = smp.from_pretrained(str(spec.path))
+        return model, None
+    if source == "onnx":
+        return OnnxTeacher(Path(str(spec.path))), None
+    raise ModelError(f"teacher.source '{source}' is not supported")
+
+
+def class_map_matrix(class_map: dict[Any, Any], teacher_names: list[str], student_names: list[str]
+                     ) -> torch.Tensor:
+    """``[K_teacher, K_student]`` 0/1 matrix of ``class_map`` (keys and values names or ids).
+
+    Raises:
+        ModelError: a class the teacher or the student does not have (the valid ones listed), or
+            a student class no teacher class maps to: its target probability would be 0, which
+            teaches the student never to predict it.
+    """
+    matrix = torch.zeros(len(teacher_names), len(student_names))
+
+    def index(key: Any, names: list[str], whose: str) -> int:
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit() and key not in names):
+            k = int(key)
+            if not 0 <= k < len(names):
+                raise ModelError(f"teacher.class_map: {whose} class {k} is out of range 0..{len(names) - 1}")
+            return k
+        if key not in names:
+            raise ModelError(f"teacher.class_map: the {whose} has no class '{key}'; its classes: "
+                             f"{', '.join(names)}")
+        return names.index(key)
+
+    for key, value in class_map.items():
+        matrix[index(key, teacher_names, "teacher"), index(value, student_names, "student")] = 1.0
+    unmapped = [student_names[s] for s in range(len(student_names)) if not bool(matrix[:, s].any())]
+    if unmapped:
+        raise ModelError(f"teacher.class_map maps no teacher class onto the student's "
+                         f"{', '.join(unmapped)}: the targets would say these never occur. Map a "
+                         "teacher class to each, or train without that class")
+    return matrix
+
+
+def apply_class_map(logits: torch.Tensor, matrix: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher logits -> student-class logits whose softmax at ``temperature`` is the mapped,
+    renormalized teacher distribution: ``T * log(normalize(M^T softmax(z / T)))``."""
+    probs = torch.softmax(logits.float() / temperature, dim=1)
+    mapped = torch.einsum("bkhw,ks->bshw", probs, matrix.to(probs.device, probs.dtype))
+    mapped = mapped / mapped.sum(1, keepdim=True).clamp_min(1e-30)
+    return temperature * torch.log(mapped.clamp_min(1e-12))
