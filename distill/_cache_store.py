@@ -72,7 +72,8 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
         "layout_version": LAYOUT_VERSION,
         "teacher_checkpoint_sha256": file_digest(trained_weights(recipe, "teacher")),
         "teacher_model": teacher.model_dump(
-            mode="json", include={"arch", "encoder", "factory", "factory_kwargs", "arch_kwargs"}),
+            mode="json", include={"arch", "encoder", "factory", "factory_kwargs", "arch_kwargs", "source",
+                                  "path", "class_names", "class_map", "bgr", "input_size"}),
         "teacher_input": {"mean": list(teacher.mean or data.mean), "std": list(teacher.std or data.std)},
         "dataset": data.dataset,
         "dataset_root": str(Path(data.root).resolve()) if data.root is not None else None,

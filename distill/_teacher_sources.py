@@ -125,7 +125,7 @@ def class_map_matrix(class_map: dict[Any, Any], teacher_names: list[str], studen
 def apply_class_map(logits: torch.Tensor, matrix: torch.Tensor, temperature: float) -> torch.Tensor:
     """Teacher logits -> student-class logits whose softmax at ``temperature`` is the mapped,
     renormalized teacher distribution: ``T * log(normalize(M^T softmax(z / T)))``."""
-    probs = torch.softmax(logits.float() / temperature, dim=1)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=1)
     mapped = torch.einsum("bkhw,ks->bshw", probs, matrix.to(probs.device, probs.dtype))
     mapped = mapped / mapped.sum(1, keepdim=True).clamp_min(1e-30)
     return temperature * torch.log(mapped.clamp_min(1e-12))

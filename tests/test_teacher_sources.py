@@ -1,0 +1,144 @@
+"""Teachers users already have (torchvision, smp hub folders, ONNX files) and class maps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill.cache import load_cached_teacher, write_cache
+from distill.data import build_dataset, collate_batch
+from distill.models import ModelError
+from distill.teacher import load_teacher
+from distill._teacher_sources import apply_class_map, class_map_matrix
+from distill.training import train
+from helpers import tiny_recipe
+
+STUDENT = ["background", "circle_stripes", "square_dots", "triangle_solid"]  # the synthetic 4
+
+
+def test_class_map_against_a_float64_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 3, 4)) * 3
+    temperature = 2.0
+    # teacher classes t0..t4: t0 -> background, t1 + t2 -> circle_stripes, t3 -> square_dots,
+    # t4 -> triangle_solid via its id; nothing dropped first, then t2 dropped.
+    names = ["t0", "t1", "t2", "t3", "t4"]
+    for mapping, groups in [({"t0": "background", "t1": "circle_stripes", "t2": "circle_stripes",
+                              "t3": 2, "t4": "triangle_solid"}, [[0], [1, 2], [3], [4]]),
+                            ({"t0": 0, "t1": 1, "t3": 2, "t4": 3}, [[0], [1], [3], [4]])]:
+        matrix = class_map_matrix(mapping, names, STUDENT)
+        got = apply_class_map(torch.from_numpy(logits), matrix.double(), temperature)
+        p = np.exp(logits / temperature)
+        p /= p.sum(1, keepdims=True)
+        q = np.stack([p[:, g].sum(1) for g in groups], 1)
+        q /= q.sum(1, keepdims=True)
+        # The mapped logits' softmax at T is the grouped, renormalized teacher distribution.
+        np.testing.assert_allclose(torch.softmax(got / temperature, 1).numpy(), q, rtol=1e-9, atol=1e-12)
+
+
+def test_class_map_errors_name_the_class():
+    with pytest.raises(ModelError, match="the teacher has no class 'dog'; its classes: t0, t1"):
+        class_map_matrix({"dog": 0}, ["t0", "t1"], STUDENT)
+    with pytest.raises(ModelError, match="student class 7 is out of range 0..3"):
+        class_map_matrix({"t0": 7}, ["t0", "t1"], STUDENT)
+    with pytest.raises(ModelError, match="maps no teacher class onto the student's square_dots, triangle_solid"):
+        class_map_matrix({"t0": 0, "t1": 1}, ["t0", "t1"], STUDENT)
+
+
+def _batch(recipe, count=2):
+    dataset = build_dataset(recipe.data, "train", train=False)
+    return collate_batch([dataset[i] for i in range(count)])
+
+
+def test_torchvision_teacher_with_its_own_label_set_distils_and_caches(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None,
+                                         num_classes=6)
+    weights = tmp_path / "lraspp.pt"
+    torch.save(model.state_dict(), weights)
+    names = [f"t{k}" for k in range(6)]
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.source": "torchvision", "teacher.arch": "lraspp_mobilenet_v3_large",
+        "teacher.checkpoint": str(weights), "teacher.class_names": json.dumps(names),
+        "teacher.class_map": "{t0: background, t1: background, t2: circle_stripes, t3: square_dots, t4: triangle_solid}",
+        "teacher.mode": "cache", "data.resize": "[32, 32]", "train.epochs": 1, "train.max_steps": 2})
+    batch = _batch(recipe)
+    targets = load_teacher(recipe, 4)(batch)
+    with torch.no_grad():
+        raw = model.eval()(batch["image"])["out"]
+    expected = apply_class_map(raw, class_map_matrix(recipe.teacher.class_map, names, STUDENT), 2.0)
+    torch.testing.assert_close(targets, expected, rtol=1e-5, atol=1e-5)
+    write_cache(recipe)
+    assert train(recipe, "student").steps == 2
+    from distill.pipeline import planned_stages
+
+    assert "teacher" not in planned_stages(recipe)  # a given teacher is not trained
+
+
+def test_smp_hub_folder_teacher_equals_the_model(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    model = smp.create_model("FPN", encoder_name="tu-mobilenetv3_small_050", encoder_weights=None, classes=4)
+    model.save_pretrained(tmp_path / "hub")
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.source": "smp_hub", "teacher.path": str(tmp_path / "hub")})
+    batch = _batch(recipe)
+    with torch.no_grad():
+        from distill.models import forward_padded
+
+        expected = forward_padded(model.eval(), batch["image"])
+    torch.testing.assert_close(load_teacher(recipe, 4)(batch), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelError, match="is not an smp save_pretrained folder"):
+        load_teacher(tiny_recipe(tmp_path / "r2", teacher=True, **{
+            "teacher.source": "smp_hub", "teacher.path": str(tmp_path / "nothing")}), 4)
+
+
+def test_onnx_teacher_cached_targets_equal_the_torch_models(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    model = smp.create_model("FPN", encoder_name="tu-mobilenetv3_small_050", encoder_weights=None, classes=4).eval()
+    onnx_file = tmp_path / "teacher.onnx"
+    torch.onnx.export(model, torch.randn(1, 3, 32, 32), str(onnx_file), input_names=["image"],
+                      output_names=["logits"], opset_version=18, dynamo=False,
+                      dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}})
+    weights = tmp_path / "teacher.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    common = {"data.resize": "[32, 32]", "teacher.mode": "cache", "cache.layout": "dense"}
+    by_onnx = tiny_recipe(tmp_path / "onnx", teacher=True, **{"teacher.source": "onnx", "teacher.path": str(onnx_file), **common})
+    by_torch = tiny_recipe(tmp_path / "torch", teacher=True, **{
+        "teacher.arch": "FPN", "teacher.encoder": "tu-mobilenetv3_small_050", "teacher.factory": "null",
+        "teacher.checkpoint": str(weights), **common})
+    for recipe in (by_onnx, by_torch):
+        write_cache(recipe)
+    batch = _batch(by_onnx, 4)
+    a, b = load_cached_teacher(by_onnx, 4)(batch), load_cached_teacher(by_torch, 4)(batch)
+    assert float((a - b).abs().max()) < 1e-2  # fp16 store; the logits themselves agree to 1e-4:
+    torch.testing.assert_close(load_teacher(by_onnx, 4)(batch), load_teacher(by_torch, 4)(batch), rtol=1e-4, atol=1e-4)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(onnx_file.read_bytes()[:100])
+    with pytest.raises(ModelError, match="cannot be loaded by onnxruntime"):
+        load_teacher(tiny_recipe(tmp_path / "bad", teacher=True, **{"teacher.source": "onnx", "teacher.path": str(bad)}), 4)
+
+
+def test_a_changed_class_map_makes_the_store_stale(tmp_path):
+    from distill.cache import CacheError, open_store
+
+    recipe = tiny_recipe(tmp_path, teacher=True, **{"data.resize": "[32, 32]", "teacher.mode": "cache",
+                                                     "train.epochs": 1})
+    train(recipe, "teacher")
+    mapped = recipe.model_copy(deep=True)
+    mapped.teacher.class_map = {0: 0, 1: 1, 2: 2, 3: 3}
+    write_cache(mapped)
+    swapped = mapped.model_copy(deep=True)
+    swapped.teacher.class_map = {0: 0, 1: 2, 2: 1, 3: 3}
+    with pytest.raises(CacheError, match="teacher_model"):
+        open_store(swapped)
