@@ -210,12 +210,14 @@ class ModelConfig(_Section):
 class TeacherConfig(ModelConfig):
     """The frozen teacher: distill's own (smp), or one you already have (see README, Bring your teacher)."""
 
-    source: Literal["smp", "torchvision", "smp_hub", "onnx", "factory"] = Field(
-        "smp", description="smp: arch + encoder (+ checkpoint); torchvision: the builder in arch, "
-        "weights in checkpoint; smp_hub: a save_pretrained folder in path; onnx: the .onnx file in "
-        "path; factory: the factory function"
+    source: Literal["smp", "transformers", "torchvision", "smp_hub", "onnx", "factory"] = Field(
+        "smp", description="smp: arch + encoder (+ checkpoint); transformers: a Hugging Face "
+        "segmentation model in path; torchvision: the builder in arch, weights in checkpoint; "
+        "smp_hub: a save_pretrained folder in path; onnx: the .onnx file in path; factory: the factory"
     )
-    path: str | None = Field(None, description="smp_hub: the model folder; onnx: the .onnx file")
+    path: str | None = Field(
+        None, description="transformers / smp_hub: a model folder or a hub id; onnx: the .onnx file"
+    )
     class_names: list[str] | None = Field(
         None, description="the teacher's own classes, when they are not the dataset's (for class_map)"
     )
@@ -243,7 +245,7 @@ class TeacherConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _source_keys(self) -> TeacherConfig:
-        if self.source in ("smp_hub", "onnx") and not self.path:
+        if self.source in ("transformers", "smp_hub", "onnx") and not self.path:
             raise ValueError(f"teacher.source '{self.source}' needs teacher.path")
         if self.source == "torchvision" and self.checkpoint is None:
             raise ValueError("teacher.source 'torchvision' needs teacher.checkpoint (its weights) "
@@ -255,7 +257,7 @@ class TeacherConfig(ModelConfig):
     @property
     def external(self) -> bool:
         """A teacher that exists already (no teacher stage trains it)."""
-        return self.checkpoint is not None or self.source in ("smp_hub", "onnx")
+        return self.checkpoint is not None or self.source in ("transformers", "smp_hub", "onnx")
 
 
 class CacheConfig(_Section):

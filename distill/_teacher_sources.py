@@ -53,15 +53,84 @@ class OnnxTeacher(nn.Module):
         return torch.from_numpy(np.ascontiguousarray(logits)).to(images.device)
 
 
-def load_source(spec: Any, num_classes: int, weights: Path | None) -> tuple[nn.Module, list[str] | None]:
-    """The teacher of ``spec`` (a ``TeacherConfig``) and its class names where the source has them.
+class _HFLogits(nn.Module):
+    """A ``transformers`` semantic-segmentation model: its ``.logits`` (SegFormer's at 1/4)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).logits
+
+
+class MaskQueryTeacher(nn.Module):
+    """A mask-query model (Mask2Former, MaskFormer) as per-pixel class scores.
+
+    ``p(k | pixel) = sum_q softmax(class_logits_q)[k] * sigmoid(mask_logits_q(pixel))`` over the
+    K real classes (the "no object" class dropped), renormalized at every pixel; returned as
+    ``log p``, so the KD losses' ``softmax(z / T)`` gives ``p^(1/T)`` renormalized: T sharpens
+    or flattens this distribution, as it does a per-pixel teacher's softmax.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=images)
+        classes = torch.softmax(out.class_queries_logits.float(), dim=-1)[..., :-1]  # [B, Q, K]
+        masks = torch.sigmoid(out.masks_queries_logits.float())                     # [B, Q, h, w]
+        probs = torch.einsum("bqk,bqhw->bkhw", classes, masks)
+        probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-30)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+def _transformers_teacher(path: str) -> tuple[nn.Module, list[str], tuple | None]:
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError("teacher.source 'transformers' needs the transformers package: "
+                         "pip install 'distill[transformers]'") from None
+    from distill.run_folder import hub_folder
+
+    folder = Path(path) if Path(path).is_dir() else hub_folder(path)
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    names = [config.id2label[k] for k in sorted(config.id2label)] if getattr(config, "id2label", None) else []
+    archs = list(getattr(config, "architectures", None) or [])
+    if any("UniversalSegmentation" in a for a in archs) or config.model_type in ("mask2former", "maskformer"):
+        model: nn.Module = MaskQueryTeacher(
+            transformers.AutoModelForUniversalSegmentation.from_pretrained(str(folder)))
+    elif any("SemanticSegmentation" in a for a in archs):
+        model = _HFLogits(transformers.AutoModelForSemanticSegmentation.from_pretrained(str(folder)))
+    else:
+        raise ModelError(f"teacher.path '{path}' holds a {config.model_type} model for another task "
+                         f"({', '.join(archs) or 'no architectures listed'}): distill needs a "
+                         "semantic (per-pixel) or universal (mask-query) segmentation model")
+    norm = None
+    preprocessor = folder / "preprocessor_config.json"
+    if preprocessor.is_file():
+        import json
+
+        settings = json.loads(preprocessor.read_text())
+        if "image_mean" in settings and "image_std" in settings:
+            norm = (tuple(settings["image_mean"]), tuple(settings["image_std"]))
+    return model, names, norm
+
+
+def load_source(spec: Any, num_classes: int, weights: Path | None
+                ) -> tuple[nn.Module, list[str] | None, tuple | None]:
+    """The teacher of ``spec`` (a ``TeacherConfig``), its class names and its own normalization
+    ``(mean, std)`` where the source records them.
 
     ``num_classes`` is the teacher's own class count: ``len(teacher.class_names)`` when given,
     else the dataset's.
     """
     source = spec.source
+    if source == "transformers":
+        return _transformers_teacher(str(spec.path))
     if source in ("smp", "factory"):
-        return build_model(spec.model_copy(update={"checkpoint": weights}), num_classes), None
+        return build_model(spec.model_copy(update={"checkpoint": weights}), num_classes), None, None
     if source == "torchvision":
         import torchvision
 
@@ -79,14 +148,16 @@ def load_source(spec: Any, num_classes: int, weights: Path | None) -> tuple[nn.M
             raise ModelError(f"teacher.checkpoint '{weights}' does not fit torchvision's "
                              f"{spec.arch} with {num_classes} classes: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        return _OutDict(model), None
+        return _OutDict(model), None, None
     if source == "smp_hub":
         import segmentation_models_pytorch as smp
 
-        model = smp.from_pretrained(str(spec.path))
-        return model, None
+        from distill.run_folder import hub_folder
+
+        path = Path(str(spec.path))
+        return smp.from_pretrained(str(path if path.is_dir() else hub_folder(str(spec.path)))), None, None
     if source == "onnx":
-        return OnnxTeacher(Path(str(spec.path))), None
+        return OnnxTeacher(Path(str(spec.path))), None, None
     raise ModelError(f"teacher.source '{source}' is not supported")
 
 

@@ -30,17 +30,32 @@ from distill.models import ModelError
 
 
 def _external_weights(source: str, path: Path) -> Path:
-    """The weights file of a teacher given by ``teacher.path`` (what fingerprints hash)."""
+    """The weights file of a teacher given by ``teacher.path`` (what fingerprints hash); a hub
+    id is downloaded (once, into the Hugging Face cache) and its folder's weights used."""
     if source == "onnx":
         if not path.is_file():
             raise ModelError(f"teacher.path '{path}' is not an ONNX file (tried '{path.absolute()}')")
         return path
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise ModelError(f"teacher.path '{path}' is not an smp save_pretrained folder (no "
-                         f"{weights.name}); a hub id must be downloaded first, e.g. with "
-                         "`huggingface-cli download ID --local-dir FOLDER` (no network here?)")
-    return weights
+    folder = path if path.is_dir() else hub_folder(str(path))
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    what = "smp save_pretrained" if source == "smp_hub" else "Hugging Face model"
+    raise ModelError(f"teacher.path '{path}' is not a {what} folder (no model.safetensors)")
+
+
+def hub_folder(repo_id: str) -> Path:
+    """The local folder of a hub model, downloaded if needed; a clear error without a network."""
+    if repo_id.count("/") != 1 or Path(repo_id).exists():
+        raise ModelError(f"teacher.path '{repo_id}' is neither a folder nor a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo_id))
+    except Exception as error:  # offline, unknown id, gated model...
+        raise ModelError(f"teacher.path '{repo_id}': the hub model cannot be downloaded "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Without a "
+                         "network, download it elsewhere and set teacher.path to its folder") from None
 
 
 def stage_dir(recipe: Any, stage: str) -> Path:
@@ -85,7 +100,7 @@ def trained_weights(recipe: Any, stage: str) -> Path:
     given (what compare and export use); otherwise ``<output_dir>/<stage>/best.safetensors``.
     """
     teacher = recipe.teacher if stage == "teacher" else None
-    if teacher is not None and teacher.source in ("smp_hub", "onnx"):
+    if teacher is not None and teacher.source in ("transformers", "smp_hub", "onnx"):
         return _external_weights(teacher.source, Path(str(teacher.path)))
     given = {"teacher": teacher.checkpoint if teacher is not None else None,
              "student": recipe.eval.checkpoint}.get(stage)

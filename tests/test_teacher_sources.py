@@ -142,3 +142,84 @@ def test_a_changed_class_map_makes_the_store_stale(tmp_path):
     swapped.teacher.class_map = {0: 0, 1: 2, 2: 1, 3: 3}
     with pytest.raises(CacheError, match="teacher_model"):
         open_store(swapped)
+
+
+def _tiny_segformer(folder, names, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    torch.manual_seed(0)
+    config = SegformerConfig(num_labels=len(names), hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                             num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16,
+                             id2label=dict(enumerate(names)), label2id={n: k for k, n in enumerate(names)})
+    model = SegformerForSemanticSegmentation(config).eval()
+    model.save_pretrained(folder)
+    SegformerImageProcessor(image_mean=list(mean), image_std=list(std)).save_pretrained(folder)
+    return model
+
+
+def test_transformers_segformer_with_its_labels_normalization_and_quarter_resolution(tmp_path):
+    pytest.importorskip("transformers")
+    names = ["bg", "circle", "square", "triangle", "sky"]
+    model = _tiny_segformer(tmp_path / "segformer", names)
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.source": "transformers", "teacher.path": str(tmp_path / "segformer"),
+        "teacher.class_map": "{bg: background, sky: background, circle: circle_stripes, square: square_dots, triangle: triangle_solid}",
+        "teacher.mode": "cache", "data.resize": "[32, 32]", "train.epochs": 1, "train.max_steps": 2})
+    batch = _batch(recipe)
+    # The preprocessor's normalization, not the data's: undo the data's, apply the teacher's.
+    mean, std = torch.tensor(recipe.data.mean).view(1, 3, 1, 1), torch.tensor(recipe.data.std).view(1, 3, 1, 1)
+    raw = batch["image"] * std + mean
+    with torch.no_grad():
+        logits = model(pixel_values=(raw - 0.5) / 0.25).logits
+    assert logits.shape[-1] == 8  # SegFormer predicts at 1/4 of its 32x32 input
+    expected = apply_class_map(logits, class_map_matrix(recipe.teacher.class_map, names, STUDENT), 2.0)
+    torch.testing.assert_close(load_teacher(recipe, 4)(batch), expected, rtol=1e-4, atol=1e-4)
+    write_cache(recipe)
+    assert train(recipe, "student").steps == 2
+
+
+def test_transformers_mask2former_as_per_pixel_probabilities(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    torch.manual_seed(0)
+    names = ["background", "circle_stripes", "square_dots", "triangle_solid"]
+    config = Mask2FormerConfig(
+        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                   out_features=["stage1", "stage2", "stage3", "stage4"]),
+        num_labels=4, hidden_dim=32, num_queries=8, encoder_layers=1, decoder_layers=2,
+        encoder_feedforward_dim=64, dim_feedforward=64, mask_feature_size=32, num_attention_heads=2,
+        id2label=dict(enumerate(names)), label2id={n: k for k, n in enumerate(names)})
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    model.save_pretrained(tmp_path / "m2f")
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.source": "transformers", "teacher.path": str(tmp_path / "m2f"), "train.epochs": 1,
+        "train.max_steps": 2})
+    batch = _batch(recipe)
+    with torch.no_grad():
+        out = model(pixel_values=batch["image"].double().float())
+    # Independent float64 reference of sum_q softmax(class_q)[:K] * sigmoid(mask_q), renormalized.
+    classes = torch.softmax(out.class_queries_logits.double(), -1)[..., :4]
+    masks = torch.sigmoid(out.masks_queries_logits.double())
+    probs = (classes[:, :, :, None, None] * masks[:, :, None]).sum(1)
+    probs = probs / probs.sum(1, keepdim=True)
+    got = load_teacher(recipe, 4)(batch)
+    torch.testing.assert_close(torch.softmax(got.double() / 2.0, 1),
+                               torch.softmax(torch.log(probs) / 2.0, 1), rtol=1e-4, atol=1e-5)
+    assert train(recipe, "student").steps == 2
+
+
+def test_transformers_model_of_another_task_is_refused(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import ViTConfig, ViTForImageClassification
+
+    ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                        intermediate_size=16, image_size=32, patch_size=8)).save_pretrained(tmp_path / "vit")
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "transformers",
+                                                            "teacher.path": str(tmp_path / "vit")})
+    with pytest.raises(ModelError, match=r"holds a vit model for another task \(ViTForImageClassification\)"):
+        load_teacher(recipe, 4)
+    offline = tiny_recipe(tmp_path / "run2", teacher=True, **{"teacher.source": "transformers",
+                                                              "teacher.path": "nvidia/no-such-model-here"})
+    with pytest.raises(ModelError, match="cannot be downloaded"):
+        load_teacher(offline, 4)
