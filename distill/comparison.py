@@ -155,6 +155,9 @@ def compare(recipe: Recipe, split: str | None = None, *, latency_runs: int = 20,
                   for name, model in models.items()}
         report: dict[str, Any] = {
             "split": split,
+            "teacher": {"source": recipe.teacher.source, "path": recipe.teacher.path,
+                        "class_map": recipe.teacher.class_map is not None},
+            "resolution": recipe.eval.resolution,
             "recipe_sha256": hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest(),
             "processes": accelerator.num_processes,
             "models": {name: {"checkpoint": str(checkpoints[name]), "miou": _nan_to_none(s.miou),
@@ -272,6 +275,11 @@ def summary_table(report: dict[str, Any]) -> Table:
     if "baseline" in models and None not in (models["student"]["miou"], models["baseline"]["miou"]):
         gain = models["student"]["miou"] - models["baseline"]["miou"]
         notes.insert(0, f"distillation gain over the baseline: {100 * gain:+.1f} mIoU points")
+    teacher = report.get("teacher", {})
+    if teacher.get("class_map"):
+        notes.append(f"teacher ({teacher['source']}) scored on the student's classes through teacher.class_map")
+    scale = "the labels' own" if report.get("resolution") == "label" else "the data.resize frame's"
+    notes.append(f"mIoU at {scale} resolution")
     table.caption = "\n".join(notes)
     return table
 

@@ -101,6 +101,16 @@ def test_recipe_runs_two_steps_on_a_tiny_tree(path, tmp_path):
         smp.create_model("FPN", encoder_name="tu-mobilenetv3_small_050", encoder_weights=None,
                          classes=classes).save_pretrained(tmp_path / "hub_teacher")
         overrides += [f"teacher.path={tmp_path / 'hub_teacher'}", "student.encoder_weights=null"]
+    if tree.get("teacher", {}).get("source") == "transformers":  # a tiny stand-in SegFormer
+        pytest.importorskip("transformers")
+        from test_teacher_sources import _tiny_segformer
+
+        from distill.data import dataset_info
+        from distill.config import DataConfig
+
+        names = dataset_info(DataConfig(dataset=dataset, root=tmp_path / "data")).class_names
+        _tiny_segformer(tmp_path / "hf_teacher", names)
+        overrides += [f"teacher.path={tmp_path / 'hf_teacher'}", "student.encoder_weights=null"]
     recipe = load_recipe(path, overrides)
     assert recipe.teacher is not None and recipe.student is not None, "every recipe distills"
     if recipe.teacher.external:
