@@ -223,3 +223,13 @@ def test_transformers_model_of_another_task_is_refused(tmp_path):
                                                               "teacher.path": "nvidia/no-such-model-here"})
     with pytest.raises(ModelError, match="cannot be downloaded"):
         load_teacher(offline, 4)
+
+
+def test_onnx_file_of_another_shape_is_refused(tmp_path):
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
+    path = tmp_path / "classifier.onnx"
+    torch.onnx.export(classifier, torch.randn(1, 3, 8, 8), str(path), input_names=["x"], output_names=["y"],
+                      opset_version=18, dynamo=False)
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "onnx", "teacher.path": str(path)})
+    with pytest.raises(ModelError, match=r"are not \[N, 3, H, W\] and \[N, C, h, w\]"):
+        load_teacher(recipe, 4)
