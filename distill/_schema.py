@@ -140,8 +140,9 @@ class DataConfig(_Section):
         "from (the teacher labels them softly); see README, Images without masks"
     )
     labelled_fraction: float = Field(
-        1.0, gt=0.0, le=1.0, description="keep the masks of every k-th training image (k = "
-        "round(1 / fraction)); with a teacher the others train as unlabelled images"
+        1.0, gt=0.0, le=1.0, description="students keep the masks of every k-th training image "
+        "(k = round(1 / fraction)); the distilled one learns from the others unlabelled. A teacher "
+        "distill trains uses every mask"
     )
     unlabelled_ratio: float = Field(
         0.5, ge=0.0, lt=1.0, description="share of each distillation batch drawn from the "

@@ -56,7 +56,9 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     schedule = recipe.train.model_dump(mode="json", exclude=_RUN_ONLY_TRAIN)
     plain_ce = {"class_weights": recipe.loss.class_weights}  # teacher and baseline: CE alone
     output = Path(recipe.output_dir)
-    if stage == "teacher":
+    if stage == "teacher":  # every mask, whatever the students' labelled_fraction and unlabelled images
+        data = recipe.data.model_dump(mode="json", exclude=_RUN_ONLY_DATA | {
+            "labelled_fraction", "unlabelled", "unlabelled_ratio"})
         schedule = recipe.teacher_schedule().model_dump(mode="json", exclude=_RUN_ONLY_TRAIN)
         teacher = recipe.teacher.model_dump(mode="json", exclude={"mode", "mean", "std", "checkpoint", "compile"})
         return _digest({"data": data, "train": schedule, "model": teacher, "loss": plain_ce})

@@ -110,8 +110,10 @@ def train(
     _check_trackers(recipe.train.trackers)
     if teacher is not None and stage != "student":
         raise TrainingError(f"a teacher module distils into the student; stage '{stage}' trains alone")
-    if stage == "teacher" and recipe.teacher_train:
-        recipe = recipe.model_copy(update={"train": recipe.teacher_schedule(), "teacher_train": {}})
+    if stage == "teacher":  # its own schedule, and every mask: the few-labels switch is the students'
+        data = recipe.data.model_copy(update={"labelled_fraction": 1.0})
+        recipe = recipe.model_copy(update={"train": recipe.teacher_schedule(), "teacher_train": {},
+                                           "data": data})
     cfg = recipe.train
     if cfg.cpu_malloc_tuning and not torch.cuda.is_available():
         tune_cpu_malloc()  # before the first large allocation; see distill/_malloc.py

@@ -137,3 +137,11 @@ def test_pseudo_labels_are_the_teachers_confident_top_class_at_unlabelled_pixels
     assert float(parts["pseudo"]) == pytest.approx(float(expected_pseudo), rel=1e-10)
     assert float(parts["loss"]) == pytest.approx(float(parts["ce"] + parts["kd"] + 0.5 * parts["pseudo"]))
     assert "pseudo" not in DistillLoss()(student, target, teacher, kd_target=kd_mask)  # off by default
+
+
+def test_the_teacher_stage_trains_on_every_mask(tmp_path):
+    from distill.training import train
+
+    recipe = tiny_recipe(tmp_path, teacher=True, **{"data.labelled_fraction": 0.5, "train.epochs": 1})
+    assert train(recipe, "teacher").steps == 24 // 4  # all 24 images, not the 12 with masks
+    assert train(recipe, "baseline").steps == 12 // 4
