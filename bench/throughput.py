@@ -31,7 +31,7 @@ Measured, with targets:
    the first step of every epoch). Also: the loader's single-process cost per image split into
    decode / resize / augmentation / collate, and the student alone fed by the live loader vs by
    pre-loaded batches (the loader's workers share the 2 cores with the step).
-5. The CPU allocator setting (``distill._malloc.tune_cpu_malloc``): ``mallopt`` cannot be undone
+5. The CPU allocator setting (``distill.launch.tune_cpu_malloc``): ``mallopt`` cannot be undone
    in-process, so the student-alone measurement runs in fresh subprocesses, one calling
    ``tune_cpu_malloc()`` first and one not, alternated (ABBA) over several short runs; speed
    ratio (untuned / tuned step time) and peak RSS ratio (tuned / untuned). Peak RSS is the

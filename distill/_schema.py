@@ -149,6 +149,15 @@ class DataConfig(_Section):
         "unlabelled images, when there are any"
     )
 
+    @field_validator("labelled_fraction")
+    @classmethod
+    def _one_in_k(cls, value: float) -> float:
+        step = round(1 / value)
+        if abs(1 / value - step) > 1e-6:
+            raise ValueError(f"{value} is not 1/k for a whole k (every k-th image keeps its mask): "
+                             f"use e.g. {1 / max(1, step):.4g}")
+        return value
+
     @field_validator("train_split", "val_split")
     @classmethod
     def _split_syntax(cls, value: str) -> str:
@@ -246,6 +255,9 @@ class TeacherConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _source_keys(self) -> TeacherConfig:
+        if self.class_names is not None and not self.external:
+            raise ValueError("teacher.class_names describes a teacher trained elsewhere; one distill "
+                             "trains learns the dataset's classes (set teacher.checkpoint or another source)")
         if self.source in ("transformers", "smp_hub", "onnx") and not self.path:
             raise ValueError(f"teacher.source '{self.source}' needs teacher.path")
         if self.source == "torchvision" and self.checkpoint is None:
@@ -307,8 +319,15 @@ class LossConfig(_Section):
         "(hard pseudo-labels; 0: off)"
     )
     pseudo_label_threshold: float = Field(
-        0.9, gt=0.0, le=1.0, description="teacher probability (at T=1) a pseudo-label needs"
+        0.9, gt=0.0, le=1.0, description="teacher probability (softmax at loss.temperature) a "
+        "pseudo-label needs"
     )
+
+    @model_validator(mode="after")
+    def _pseudo_needs_the_teacher(self) -> LossConfig:
+        if self.pseudo_label_weight > 0 and self.kd_weight == 0:
+            raise ValueError("loss.pseudo_label_weight needs the teacher's targets: kd_weight is 0")
+        return self
 
 
 class TrainConfig(_Section):

@@ -22,7 +22,7 @@ class SyntheticShapes:
     ``train``, ``val`` and ``test`` use different streams.
     """
 
-    SPLITS = {"train": 0, "val": 1, "test": 2}
+    SPLITS = {"train": 0, "val": 1, "test": 2, "unlabelled": 3}  # one random stream each
     COMBOS = (("circle", "stripes"), ("square", "dots"), ("triangle", "solid"),
               ("circle", "dots"), ("square", "stripes"), ("triangle", "stripes"),
               ("circle", "solid"), ("square", "solid"), ("triangle", "dots"),

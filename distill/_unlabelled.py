@@ -65,7 +65,8 @@ class WithoutMasks:
 
 
 class MixedBatchSampler(Sampler[list[int]]):
-    """Batches of ``batch_size`` with a fixed share of unlabelled samples, reshuffled each epoch.
+    """Batches of ``batch_size`` with a fixed share of unlabelled samples, reshuffled each epoch
+    (``round(ratio * batch_size)``, at least one of each kind).
 
     An epoch passes once over the labelled samples (the last partial batch dropped, as for plain
     training); unlabelled samples are drawn from their own permutation, continuing across epochs
@@ -76,6 +77,9 @@ class MixedBatchSampler(Sampler[list[int]]):
     def __init__(self, labelled: Sequence[int], unlabelled: Sequence[int], batch_size: int,
                  ratio: float, seed: int, dataset: Any) -> None:
         self.labelled, self.unlabelled = list(labelled), list(unlabelled)
+        if batch_size < 2:
+            raise DataError(f"data.batch_size {batch_size} cannot hold both a labelled and an "
+                            "unlabelled image: use at least 2")
         self.per_batch_unlabelled = min(batch_size - 1, max(1, round(ratio * batch_size)))
         self.per_batch_labelled = batch_size - self.per_batch_unlabelled
         if len(self.labelled) < self.per_batch_labelled:

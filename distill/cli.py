@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]) -> int:
     from distill.launch import is_launch_main
 
+    recipe = None
     try:
         recipe = load_recipe(args.recipe, _expand_shorthands(args.command, args.overrides))
         if args.command == "recipe":
@@ -165,7 +166,8 @@ def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]
     except KeyboardInterrupt:
         if os.environ.get("DISTILL_DEBUG"):
             raise
-        console.print(Text(_interrupted(args)), highlight=False)
+        console.print(Text(_interrupted(args, None if recipe is None else str(recipe.output_dir))),
+                      highlight=False)
         return 130  # 128 + SIGINT, as shells report it
     return 0
 
@@ -181,9 +183,9 @@ _AFTER_INTERRUPT = {
 }
 
 
-def _interrupted(args: argparse.Namespace) -> str:
+def _interrupted(args: argparse.Namespace, output_dir: str | None) -> str:
     advice = _AFTER_INTERRUPT.get(args.command, "nothing was written half-way; run the command again")
-    output = next((o.partition("=")[2] for o in args.overrides if o.startswith("output_dir=")), "<output_dir>")
+    output = output_dir or "<output_dir>"
     stage = getattr(args, "stage", "student")
     return f"interrupted: distill {args.command} stopped; " + advice.format(
         recipe=args.recipe, stage=stage, output=output)

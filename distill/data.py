@@ -242,8 +242,8 @@ def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0,
     """The samples ``split`` selects, with the train (random) or eval (deterministic) transform.
 
     ``split`` is a selector (``val``, ``train+val``, ``train+val:prefix=0006R0``; see
-    :mod:`distill._splits`). The training split never holds a sample of a held-out group: when
-    ``data.val_split`` selects a group, its samples are removed from ``data.train_split``.
+    :mod:`distill._splits`). The training split never holds a validation sample: what
+    ``data.val_split`` selects (a split, or a held-out group) is removed from ``data.train_split``.
     ``label_resolution`` (eval only) keeps each mask at its own size, see ``eval.resolution``.
     Of ``data.train_split``, ``data.labelled_fraction`` keeps every k-th image's mask; with
     ``unlabelled`` (distillation, and the logit cache) the other images and ``data.unlabelled``
@@ -257,8 +257,8 @@ def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0,
     source = _select(data, selector)
     if split == data.train_split and split != data.val_split:
         held_out = _parse(data.val_split, "data.val_split")
-        if held_out.is_group and set(held_out.splits) & set(selector.splits):
-            # The whole group, whatever data.max_samples keeps of it for validation.
+        if set(held_out.splits) & set(selector.splits):
+            # Every validation sample (a whole group), whatever data.max_samples keeps of it.
             try:
                 source = without_samples(source, _select(data, held_out), split, held_out.text)
             except SplitError as error:
@@ -279,14 +279,25 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
     extra: list[Any] = []
     if step > 1:
         extra.append(Subset([(source, k) for k in range(len(source)) if k % step]))
+    # A split given as unlabelled never brings back a validation sample (that would leak the
+    # scenes validation measures) nor a training one (it is there already).
+    taken = {source.sample_id(k) for k in range(len(source))}
+    if data.val_split != data.train_split:
+        val = _select(data, _parse(data.val_split, "data.val_split"))
+        taken |= {val.sample_id(k) for k in range(len(val))}
     for entry in data.unlabelled:
         if entry.split is not None:
-            extra.append(_select(data, _parse(entry.split, "data.unlabelled split")))
+            part = _select(data, _parse(entry.split, "data.unlabelled split"))
+            kept = [(part, k) for k in range(len(part)) if part.sample_id(k) not in taken]
+            if not kept:
+                raise DataError(f"data.unlabelled split '{entry.split}' holds only training or "
+                                f"validation images ({len(part)}): nothing to add")
+            extra.append(Subset(kept))
         elif entry.folder is not None:
             extra.append(FolderImages(entry.folder))
         else:
             synthetic = data.synthetic.model_copy(update={"num_val": entry.synthetic})
-            extra.append(SyntheticShapes(synthetic, "test"))  # a stream neither train nor val uses
+            extra.append(SyntheticShapes(synthetic, "unlabelled"))  # a stream of its own
     if not extra:
         return source
     for part in extra:

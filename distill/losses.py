@@ -387,7 +387,8 @@ class DistillLoss(torch.nn.Module):
         """CE on the teacher's top class where there is no label and the teacher is confident."""
         if _check_pair(student, teacher):
             teacher = _resize(teacher.detach(), student.shape[2:], _compute_dtype(student, teacher))
-        confidence, top = torch.softmax(teacher.detach().float(), 1).max(1)
+        # The teacher's distribution at the loss's T: with a class map, exactly the mapped one.
+        confidence, top = torch.softmax(teacher.detach().float() / self.temperature, 1).max(1)
         unlabelled = (target == self.ignore_index) & (kd_target != self.ignore_index)
         pseudo = top.masked_fill(~(unlabelled & (confidence >= self.pseudo_label_threshold)),
                                  self.ignore_index)

@@ -227,14 +227,18 @@ def forward_padded(model: nn.Module, images: torch.Tensor, multiple: int = 32) -
     """Run ``model`` on images padded (bottom/right, replicated edge) to a multiple of ``multiple``.
 
     smp encoders need sides divisible by their output stride (CamVid's 360 rows are not); the
-    logits are cropped back to the input's size, so callers see the shape they passed.
+    logits are cropped back to the input's area, so callers see the shape they passed (or, for a
+    model that predicts at 1/4 like SegFormer, the part of its smaller map that covers the
+    input). A module with ``pads_itself = True`` (a wrapped teacher) is called as it is.
     """
     height, width = images.shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
-    if pad_h == 0 and pad_w == 0:
+    if (pad_h == 0 and pad_w == 0) or getattr(model, "pads_itself", False):
         return model(images)
     padded = torch.nn.functional.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
-    return model(padded)[..., :height, :width]
+    logits = model(padded)
+    out_h, out_w = logits.shape[-2:]
+    return logits[..., : -(-height * out_h // (height + pad_h)), : -(-width * out_w // (width + pad_w))]
 
 
 Stage = Literal["teacher", "baseline", "student"]

@@ -25,7 +25,7 @@ from distill.config import Recipe
 from distill.launch import is_launch_main
 from distill.progress import console
 from distill.run_folder import cache_dir, exclusive_folder, stage_dir, trained_weights
-from distill.training import train
+from distill.training import RUN_ONLY_TRAIN, stage_data, train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")
 
@@ -45,21 +45,16 @@ def _digest(parts: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# Keys that change how a run goes, not what it produces.
-_RUN_ONLY_TRAIN = {"resume", "log_every_steps", "trackers", "cpu_malloc_tuning", "checkpoint_every_epochs"}
-_RUN_ONLY_DATA = {"num_workers"}
 
 
 def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     """Hash of everything a stage's result depends on (and nothing that only changes the run)."""
-    data = recipe.data.model_dump(mode="json", exclude=_RUN_ONLY_DATA)
-    schedule = recipe.train.model_dump(mode="json", exclude=_RUN_ONLY_TRAIN)
+    data = stage_data(recipe, stage)
+    schedule = recipe.train.model_dump(mode="json", exclude=RUN_ONLY_TRAIN)
     plain_ce = {"class_weights": recipe.loss.class_weights}  # teacher and baseline: CE alone
     output = Path(recipe.output_dir)
-    if stage == "teacher":  # every mask, whatever the students' labelled_fraction and unlabelled images
-        data = recipe.data.model_dump(mode="json", exclude=_RUN_ONLY_DATA | {
-            "labelled_fraction", "unlabelled", "unlabelled_ratio"})
-        schedule = recipe.teacher_schedule().model_dump(mode="json", exclude=_RUN_ONLY_TRAIN)
+    if stage == "teacher":
+        schedule = recipe.teacher_schedule().model_dump(mode="json", exclude=RUN_ONLY_TRAIN)
         teacher = recipe.teacher.model_dump(mode="json", exclude={"mode", "mean", "std", "checkpoint", "compile"})
         return _digest({"data": data, "train": schedule, "model": teacher, "loss": plain_ce})
     student = recipe.student_model.model_dump(mode="json")

@@ -13,6 +13,7 @@ beside it says who holds it, for the refusal's message.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -37,8 +38,8 @@ def _external_weights(source: str, path: Path) -> Path:
             raise ModelError(f"teacher.path '{path}' is not an ONNX file (tried '{path.absolute()}')")
         return path
     folder = path if path.is_dir() else hub_folder(str(path))
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (folder / name).is_file():  # (the index of sharded weights stands for them)
             return folder / name
     what = "smp save_pretrained" if source == "smp_hub" else "Hugging Face model"
     raise ModelError(f"teacher.path '{path}' is not a {what} folder (no model.safetensors)")
@@ -46,16 +47,17 @@ def _external_weights(source: str, path: Path) -> Path:
 
 def hub_folder(repo_id: str) -> Path:
     """The local folder of a hub model, downloaded if needed; a clear error without a network."""
-    if repo_id.count("/") != 1 or Path(repo_id).exists():
-        raise ModelError(f"teacher.path '{repo_id}' is neither a folder nor a hub id (owner/name)")
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")) or Path(repo_id).exists():
+        raise ModelError(f"teacher.path '{repo_id}' is not a model folder (tried "
+                         f"'{Path(repo_id).absolute()}'), nor a hub id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id=repo_id))
     except Exception as error:  # offline, unknown id, gated model...
-        raise ModelError(f"teacher.path '{repo_id}': the hub model cannot be downloaded "
-                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Without a "
-                         "network, download it elsewhere and set teacher.path to its folder") from None
+        raise ModelError(f"teacher.path '{repo_id}' is no folder here, and as a hub id it cannot be "
+                         f"downloaded ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+                         "Without a network, download it elsewhere and set teacher.path to its folder") from None
 
 
 def stage_dir(recipe: Any, stage: str) -> Path:
@@ -156,24 +158,30 @@ def exclusive_folder(folder: Path, accelerator: Any = None) -> Iterator[None]:
     """
     folder = Path(folder)
     main = accelerator is None or accelerator.is_main_process
-    lock, holder = None, None
+    lock, holder, problem = None, None, None
     lock_file = folder.parent / f".{folder.name}.lock"
     record = lock_file.with_name(lock_file.name + ".json")
     if main:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(lock_file, timeout=0)
         try:
-            lock.acquire()
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            candidate = FileLock(lock_file, timeout=0)
+            candidate.acquire()
+            lock = candidate
         except Timeout:
             holder = _holder(record)
-        else:
-            record.write_text(json.dumps(
-                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                 "command": " ".join(sys.argv)}) + "\n")
+        except OSError as error:  # a read-only or missing parent: said below, on every process
+            problem = f"cannot lock '{folder}' for writing: {error.strerror or error}"
+        if lock is not None:
+            with contextlib.suppress(OSError):  # the record only names the holder for others
+                record.write_text(json.dumps(
+                    {"pid": os.getpid(), "host": socket.gethostname(),
+                     "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}) + "\n")
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        holder = broadcast_object_list([holder])[0]
+        holder, problem = broadcast_object_list([holder, problem])
+    if problem is not None:
+        raise UnwritableFolderError(problem)
     if holder is not None:
         raise FolderBusyError(f"'{folder}' is being written by another run ({holder}); wait for it "
                               "to finish, or choose another output_dir")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from distill._teacher_sources import apply_class_map, class_map_matrix, load_source
-from distill.models import forward_padded
+from distill.models import ModelError, forward_padded
 from distill.run_folder import trained_weights
 
 if TYPE_CHECKING:
@@ -171,8 +171,13 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
 def _output_classes(model: nn.Module, spec: object) -> int:
     """The teacher's class count, from one small forward pass (sources that do not record it)."""
     size = getattr(spec, "input_size", None) or (64, 64)
-    with torch.no_grad():
-        return int(forward_padded(model.eval(), torch.zeros(1, 3, *size)).shape[1])
+    try:
+        with torch.no_grad():
+            return int(forward_padded(model.eval(), torch.zeros(1, 3, *size)).shape[1])
+    except Exception as error:  # e.g. an ONNX model of a fixed input size
+        raise ModelError(f"cannot tell the teacher's class count from a {size[0]}x{size[1]} forward "
+                         f"pass ({str(error).strip().splitlines()[0][:200] if str(error).strip() else error}): "
+                         "set teacher.class_names (and teacher.input_size for a fixed-size model)") from None
 
 
 def scoring_teacher(recipe: Recipe, num_classes: int, weights: Path | None = None) -> nn.Module:
@@ -188,6 +193,8 @@ def scoring_teacher(recipe: Recipe, num_classes: int, weights: Path | None = Non
 
 class ImagesTeacher(nn.Module):
     """A :class:`Teacher` called on images (compare, eval): the same logits as in training."""
+
+    pads_itself = True  # the Teacher pads (and resizes to teacher.input_size) itself
 
     def __init__(self, teacher: Teacher) -> None:
         super().__init__()

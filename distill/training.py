@@ -406,17 +406,28 @@ def _warn_about_padding(recipe: Recipe) -> None:
                       f"{data.scale_range[1]}): part of every crop is padding, which trains nothing")
 
 
-# Train keys that change how a run goes, not what it computes: a resume may change them.
-_RUN_ONLY_TRAIN = {"resume", "log_every_steps", "trackers", "cpu_malloc_tuning",
-                   "checkpoint_every_epochs", "eval_every_epochs"}
+# Keys that change how a run goes, not what it computes: a resume may change them, and
+# `distill run` keeps a stage made with other values.
+RUN_ONLY_TRAIN = {"resume", "log_every_steps", "trackers", "cpu_malloc_tuning", "checkpoint_every_epochs"}
+
+
+def stage_data(recipe: Recipe, stage: str) -> dict[str, object]:
+    """The ``data`` keys a stage's result depends on: a teacher trains on every mask and no
+    unlabelled image; a baseline on its labelled images alone."""
+    ignored = {"num_workers"}
+    if stage == "teacher":
+        ignored |= {"labelled_fraction", "unlabelled", "unlabelled_ratio"}
+    elif stage == "baseline":
+        ignored |= {"unlabelled", "unlabelled_ratio"}
+    return recipe.data.model_dump(mode="json", exclude=ignored)
 
 
 def _made_from(recipe: Recipe, stage: str, steps_per_epoch: int, samples: int, processes: int
                ) -> dict[str, object]:
     """What a checkpoint's progress depends on, as flat keys: a resume must match every one."""
     tree = {"model": stage_model(recipe, stage).model_dump(mode="json", exclude={"checkpoint"}),
-            "data": recipe.data.model_dump(mode="json", exclude={"num_workers"}),
-            "train": recipe.train.model_dump(mode="json", exclude=_RUN_ONLY_TRAIN),
+            "data": stage_data(recipe, stage),
+            "train": recipe.train.model_dump(mode="json", exclude=RUN_ONLY_TRAIN),
             "loss": recipe.loss.model_dump(mode="json", exclude={"chunk_size"})}
     return {**_flat_config(tree), "training samples": samples, "steps per epoch": steps_per_epoch,
             "processes": processes}

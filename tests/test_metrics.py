@@ -106,3 +106,48 @@ def test_label_resolution_scores_each_mask_at_its_own_size(tmp_path, sizes):
     # The frame-resolution score counts 6x8 pixels per image instead.
     coarse = evaluate(model, build_loader(data, "val", train=False), accelerator, num_classes=3, ignore_index=255)
     assert int(coarse.confusion.sum()) <= 48 * len(sizes) < int(scores.confusion.sum())
+
+
+def test_images_of_different_sizes_with_a_strided_model_are_scored_one_by_one(tmp_path):
+    """No data.resize: a batch pads images of different sizes; a model predicting at 1/2 must be
+    cut to each image's own area before the logits are resized to its mask."""
+    import numpy as np
+    from PIL import Image
+
+    from distill.config import DataConfig
+    from distill.data import build_dataset, build_loader
+    from distill.evaluation import evaluate_model
+    from distill.launch import make_accelerator
+    from distill.models import forward_padded
+    from helpers import tiny_recipe
+
+    class HalfResolution(torch.nn.Module):
+        # Per-pixel scores pooled 2x2: with even sizes no output cell mixes image and padding, so
+        # the batch (zero padding between images) and each image alone see the same pixels.
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, images):
+            return torch.nn.functional.avg_pool2d(self.body(images), 2)
+
+    rng = np.random.default_rng(1)
+    sizes = [(40, 24), (24, 56), (32, 30)]
+    for k, (h, w) in enumerate(sizes):
+        for folder, array in (("images", rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+                              ("masks", rng.choice([0, 1, 2], (h, w)).astype(np.uint8))):
+            (tmp_path / folder / "val").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(tmp_path / folder / "val" / f"s{k}.png")
+    data = DataConfig(dataset="folder", root=tmp_path, class_names=["a", "b", "c"], num_workers=0, batch_size=3)
+    torch.manual_seed(0)
+    model = HalfResolution().eval()
+    scores = evaluate_model(model, build_loader(data, "val", train=False, label_resolution=True),
+                            make_accelerator(tiny_recipe(tmp_path / "run")), num_classes=3, ignore_index=255)
+    reference = MulticlassConfusionMatrix(num_classes=3, ignore_index=255)
+    dataset = build_dataset(data, "val", train=False)
+    for k, (h, w) in enumerate(sizes):  # each image alone: no batch padding at all
+        with torch.no_grad():
+            logits = forward_padded(model, dataset[k]["image"][None])
+        logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        reference.update(logits.argmax(1), dataset[k]["mask"][None])
+    assert torch.equal(scores.confusion, reference.compute())

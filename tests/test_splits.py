@@ -128,7 +128,9 @@ def test_select_keeps_order_and_fold_stride():
         "s/c_0.png", "s/c_1.png", "s/a_0.png", "s/a_1.png"]
 
 
-def test_synthetic_splits_pool_too():
-    cfg = DataConfig(num_workers=0, train_split="train+val", val_split="val")
+def test_synthetic_splits_pool_and_never_train_on_validation_samples():
+    cfg = DataConfig(num_workers=0, train_split="train+val", val_split="train")
     pooled = build_dataset(cfg, "train+val", train=False)
-    assert len(pooled) == cfg.synthetic.num_train + cfg.synthetic.num_val
+    assert len(pooled) == cfg.synthetic.num_val  # the validation split left the pool
+    plain = DataConfig(num_workers=0, train_split="train+val", val_split="val")
+    assert len(build_dataset(plain, "train+val", train=False)) == plain.synthetic.num_train

@@ -94,7 +94,7 @@ def test_smp_hub_folder_teacher_equals_the_model(tmp_path):
 
         expected = forward_padded(model.eval(), batch["image"])
     torch.testing.assert_close(load_teacher(recipe, 4)(batch), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ModelError, match="is not an smp save_pretrained folder"):
+    with pytest.raises(ModelError, match="nothing' is not a model folder"):
         load_teacher(tiny_recipe(tmp_path / "r2", teacher=True, **{
             "teacher.source": "smp_hub", "teacher.path": str(tmp_path / "nothing")}), 4)
 

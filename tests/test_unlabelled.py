@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from distill.config import DataConfig, RecipeError, recipe_from_dict
-from distill.data import build_dataset, build_loader
+from distill.data import DataError, build_dataset, build_loader
 from distill.losses import DistillLoss, ce_loss, kd_loss_reference
 from distill._unlabelled import MixedBatchSampler
 from helpers import tiny_recipe
@@ -43,15 +43,21 @@ def test_unlabelled_sources_folder_split_and_synthetic(tmp_path):
     folder.mkdir(parents=True)
     for k in range(3):
         Image.fromarray(np.full((20, 30, 3), 40 * k, dtype=np.uint8)).save(folder / f"f{k}.jpg")
-    cfg = data(unlabelled=[{"folder": tmp_path / "frames"}, {"split": "val"}, {"synthetic": 5}])
+    cfg = data(unlabelled=[{"folder": tmp_path / "frames"}, {"split": "test"}, {"synthetic": 5}])
     dataset = build_dataset(cfg, "train", train=False, unlabelled=True)
     ids = [dataset.sample_id(i) for i in range(len(dataset))]
     assert len(ids) == 12 + 3 + 4 + 5 and len(set(ids)) == len(ids)
-    assert ids[12] == "unlabelled/cam1/f0.jpg" and ids[15] == "unlabelled/synthetic/val/000000"
-    assert ids[-1] == "unlabelled/synthetic/test/000004"  # a stream neither train nor val uses
+    assert ids[12] == "unlabelled/cam1/f0.jpg" and ids[15] == "unlabelled/synthetic/test/000000"
+    assert ids[-1] == "unlabelled/synthetic/unlabelled/000004"  # a stream of its own
     assert dataset[12]["image"].shape == (3, 20, 30) and not bool(dataset[12]["labelled"])
     with pytest.raises(ValueError, match="exactly one of split, folder, synthetic"):
         data(unlabelled=[{"split": "val", "synthetic": 3}])
+    # Validation (and training) images never come back as unlabelled ones.
+    with pytest.raises(DataError, match="data.unlabelled split 'val' holds only training or validation images"):
+        build_dataset(data(unlabelled=[{"split": "val"}]), "train", train=False, unlabelled=True)
+    pooled = data(unlabelled=[{"split": "train+test"}])
+    ids = [build_dataset(pooled, "train", train=False, unlabelled=True).sample_id(i) for i in range(12 + 4)]
+    assert ids[12:] == [f"unlabelled/synthetic/test/{k:06d}" for k in range(4)]
 
 
 def test_a_training_crop_pads_an_unlabelled_image_outside_the_kd_pixels():
@@ -145,3 +151,14 @@ def test_the_teacher_stage_trains_on_every_mask(tmp_path):
     recipe = tiny_recipe(tmp_path, teacher=True, **{"data.labelled_fraction": 0.5, "train.epochs": 1})
     assert train(recipe, "teacher").steps == 24 // 4  # all 24 images, not the 12 with masks
     assert train(recipe, "baseline").steps == 12 // 4
+
+
+def test_settings_that_would_silently_mislead_are_refused():
+    with pytest.raises(ValueError, match=r"0.4 is not 1/k for a whole k"):
+        data(labelled_fraction=0.4)
+    with pytest.raises(RecipeError, match="pseudo_label_weight needs the teacher's targets: kd_weight is 0"):
+        recipe_from_dict({"student": {}, "teacher": {}, "loss": {"kd_weight": 0, "pseudo_label_weight": 1}})
+    with pytest.raises(RecipeError, match="teacher.class_names describes a teacher trained elsewhere"):
+        recipe_from_dict({"student": {}, "teacher": {"class_names": ["a", "b"]}})
+    with pytest.raises(DataError, match="data.batch_size 1 cannot hold both"):
+        MixedBatchSampler([0, 1], [2], batch_size=1, ratio=0.5, seed=0, dataset=None)
