@@ -87,9 +87,10 @@ class _BeforeTorchvision(importlib.abc.MetaPathFinder):
 PTH_NAME = "distill-torchvision-compat.pth"
 # A .pth line that starts with `import` runs at every interpreter start-up: it installs the hook
 # (cheap: no torch import) so that programs that import timm before distill, such as the
-# `accelerate` console script, import torchvision too. Silent where distill is not importable.
-PTH_LINE = ('import sys; exec("try:\\n from distill._compat import install_torchvision_hook as h; h()'
-            '\\nexcept Exception:\\n pass")\n')
+# `accelerate` console script, import torchvision too. Silent where distill is not importable;
+# DISTILL_NO_STARTUP_HOOK=1 turns it off (a process that must not import distill at all).
+PTH_LINE = ('import os; exec("try:\\n from distill._compat import install_torchvision_hook as h; h()'
+            '\\nexcept Exception:\\n pass") if not os.environ.get("DISTILL_NO_STARTUP_HOOK") else None\n')
 
 
 def needs_hook() -> bool:

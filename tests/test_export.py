@@ -236,6 +236,7 @@ def test_smp_alone_reloads_the_safetensors(camvid_export, tmp_path):
     script = tmp_path / "smp_only.py"
     script.write_text(SMP_ONLY)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["DISTILL_NO_STARTUP_HOOK"] = "1"  # this process must not import distill, even at start-up
     result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "image.npy"),
                              str(tmp_path / "logits.npy")], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)
@@ -265,8 +266,9 @@ PREDICT_NO_TORCH = textwrap.dedent('''
 def _run_predict(export_dir: Path, images: list[Path], out_dir: Path, tmp_path: Path) -> list[Path]:
     script = tmp_path / "predict_no_torch.py"
     script.write_text(PREDICT_NO_TORCH)
+    env = {**os.environ, "DISTILL_NO_STARTUP_HOOK": "1"}  # not even distill's start-up hook
     result = subprocess.run([sys.executable, str(script), str(PREDICT_PY), str(export_dir), str(out_dir),
-                             *map(str, images)], capture_output=True, text=True, timeout=120)
+                             *map(str, images)], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     return [Path(line) for line in result.stdout.split()]
 
