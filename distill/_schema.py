@@ -65,6 +65,13 @@ class SyntheticConfig(_Section):
     seed: int = Field(0, description="generator seed; the same seed gives the same images")
 
 
+def _optional_split(value: str | None) -> str | None:
+    """A split selector's syntax (a SplitError is a ValueError: pydantic names the key)."""
+    if value is not None:
+        parse_split(value)
+    return value
+
+
 class UnlabelledSource(_Section):
     """Images without masks, distilled on every pixel: exactly one of the three keys."""
 
@@ -76,12 +83,7 @@ class UnlabelledSource(_Section):
         None, ge=1, description="this many more images of the built-in generator (another stream)"
     )
 
-    @field_validator("split")
-    @classmethod
-    def _split_syntax(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_split(value)
-        return value
+    _split_syntax = field_validator("split")(_optional_split)
 
     @model_validator(mode="after")
     def _one_source(self) -> UnlabelledSource:
@@ -382,12 +384,7 @@ class EvalConfig(_Section):
         "(as published scores are); frame: masks resized to data.resize (faster, not comparable)"
     )
 
-    @field_validator("split")
-    @classmethod
-    def _split_syntax(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_split(value)
-        return value
+    _split_syntax = field_validator("split")(_optional_split)
 
 
 

@@ -155,10 +155,10 @@ class SegmentationDataset(Dataset):
                               scale=1.0, scaled=frame, box=(0, 0, *frame), flip=False, base=frame)
         labelled = is_labelled(self.source, index)
         item["labelled"] = torch.tensor(labelled)
-        # The KD term's pixels: the labelled ones, or every image pixel of an image without a
-        # mask (its placeholder mask, transformed with it, is 0 there and void in the padding).
-        item["kd_mask"] = item["mask"]
         if not labelled:
+            # The KD term sees every image pixel of an image without a mask: its placeholder mask,
+            # transformed with it, is 0 there and void in the padding. The CE sees none.
+            item["kd_mask"] = item["mask"]
             item["mask"] = torch.full_like(item["mask"], self.data.ignore_index)
         return item
 
@@ -355,15 +355,17 @@ def collate_batch(items: list[dict[str, Any]], ignore_index: int = 255) -> dict[
         masks[row, : item["mask"].shape[0], : item["mask"].shape[1]] = item["mask"]
     geometry = {key: torch.stack([item["geometry"][key] for item in items])
                 for key in items[0]["geometry"]}
-    kd_masks = torch.full_like(masks, ignore_index)
-    for row, item in enumerate(items):
-        kd = item.get("kd_mask", item["mask"])
-        kd_masks[row, : kd.shape[0], : kd.shape[1]] = kd
+    extra: dict[str, Any] = {}
+    if any("kd_mask" in item for item in items):  # a batch with unlabelled images (else: the masks)
+        extra["kd_mask"] = torch.full_like(masks, ignore_index)
+        for row, item in enumerate(items):
+            kd = item.get("kd_mask", item["mask"])
+            extra["kd_mask"][row, : kd.shape[0], : kd.shape[1]] = kd
     return {
         "image": images,
         "mask": masks,
         "label_size": torch.stack([item["label_size"] for item in items]),
-        "kd_mask": kd_masks,
+        **extra,
         "labelled": torch.tensor([bool(item.get("labelled", True)) for item in items]),
         "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
         "geometry": geometry,
