@@ -63,7 +63,8 @@ def build_recipe(args: argparse.Namespace, work: Path) -> tuple[Any, str]:
     from distill.models import build_model
 
     overrides = [f"output_dir={work}", f"cache.dir={work / 'cache'}", f"cache.stride={args.stride}",
-                 f"cache.topk={args.topk}", "cache.layout=topk", "cache.dtype=fp16"]
+                 f"cache.topk={args.topk}", "cache.layout=topk", "cache.dtype=fp16",
+                 "data.labelled_fraction=1"]  # every image with its mask: the cache itself is measured
     if getattr(args, "data_root", None):
         overrides.append(f"data.root={Path(args.data_root).resolve()}")
     if args.cache_samples:

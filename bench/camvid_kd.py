@@ -9,10 +9,13 @@ recipe's schedule and augmentation (only the loss and where the targets come fro
 - ``baseline``: the student with CE alone (``distill train --stage baseline``).
 - ``kd_cache`` / ``kd_stream``: the student distilled with the recipe's loss, from the logit
   cache (``distill cache`` first, timed apart) or from the teacher run on every augmented batch.
-- ``cache/NAME`` / ``stream/NAME``: the same with the loss settings ``SETTINGS[NAME]``.
+- ``cache/NAME`` / ``stream/NAME``: the same with the settings ``SETTINGS[NAME]``; ``NAME+NAME``
+  combines several (``cache/kl_T2_w1+epochs40``), and ``baseline/NAME`` changes the baseline's
+  schedule (``baseline/epochs40``).
 
 Every student arm runs once per seed of ``--seeds``, in ``<out>/<arm>/seed<N>``; an arm whose
-``arm.json`` records the same command and recipe file (sha256) is reused, so an interrupted
+``arm.json`` records the same command and recipe (sha256 of its parsed content, so an edited
+comment reruns nothing) is reused, so an interrupted
 benchmark picks up where it stopped. Each arm's last checkpoint is scored with ``distill eval``
 (per-class IoU): no epoch is picked on the validation sequence. Gap recovered, per seed =
 ``(kd - baseline) / (teacher - baseline)`` against the baseline of the same seed.
@@ -21,6 +24,10 @@ Usage::
 
     python bench/camvid_kd.py --data-root data/camvid --seeds 0,1 --arms baseline,kd_cache,cache/kl_T4_w1
     python bench/camvid_kd.py --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors ...
+    # few labels: every 4th mask, the other training images unlabelled; the same teacher, a cache
+    # of its own (the store's rows follow the split's order, which labelled_fraction changes)
+    python bench/camvid_kd.py --out runs/camvid_few --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors \
+        --arms baseline,cache/kl_T2_w1 data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=4
 
 Extra ``key=value`` words override the recipe for every arm (e.g. ``train.epochs=2``).
 Results: ``bench/results/camvid_kd.json`` and a markdown table on stdout.
@@ -38,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from benchlib import save_json
 
 RECIPE = Path("recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml")
@@ -54,6 +63,9 @@ SETTINGS: dict[str, list[str]] = {
     "dist_T1_w2": ["loss.kind=dist", "loss.temperature=1", "loss.kd_weight=2"],
     # CWD at its paper's segmentation setting (T=4, weight 3; the Cityscapes/VOC recipes' too).
     "cwd_T4_w3": ["loss.kind=cwd", "loss.temperature=4", "loss.kd_weight=3"],
+    # Schedules: distillation often needs a longer one than CE alone.
+    "epochs40": ["train.epochs=40"],
+    "epochs80": ["train.epochs=80"],
 }
 
 
@@ -83,12 +95,18 @@ def _eval(recipe: Path, out: Path, stage: str, checkpoint: Path, overrides: list
     return json.loads(next((out / stage).glob("eval_*.json")).read_text())
 
 
+def _recipe_digest(recipe: Path) -> str:
+    """sha256 of the recipe's parsed content: comments and layout do not count."""
+    content = json.dumps(yaml.safe_load(recipe.read_text()), sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
 def _arm(name: str, stage: str, recipe: Path, folder: Path, overrides: list[str], force: bool) -> dict:
     """Train one arm (or reuse it when its arm.json records the same command); score its end."""
     command = [sys.executable, "-m", "distill", "train", str(recipe), "--stage", stage,
                f"output_dir={folder}", *overrides]
     record_path = folder / "arm.json"
-    recipe_digest = hashlib.sha256(recipe.read_bytes()).hexdigest()
+    recipe_digest = _recipe_digest(recipe)
     if not force and record_path.is_file():
         record = json.loads(record_path.read_text())
         # Same command and same recipe file: an edited recipe (say, its loss) reruns the arm.
@@ -113,12 +131,13 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
 
-def _arm_overrides(arm: str, recipe_loss: list[str], cached: list[str], streamed: list[str]) -> list[str]:
-    """The overrides of a student arm's name: where its targets come from, then its loss."""
-    source, _, setting = arm.partition("/")
+def _arm_overrides(arm: str, cached: list[str], streamed: list[str]) -> list[str]:
+    """The overrides of an arm's name: where its targets come from, then its settings."""
+    source, _, settings = arm.partition("/")
     source = {"kd_cache": "cache", "kd_stream": "stream"}.get(source, source)
-    loss = SETTINGS[setting] if setting else recipe_loss
-    return [*(cached if source == "cache" else streamed), *loss]
+    extra = [o for name in settings.split("+") if name for o in SETTINGS[name]]
+    targets = {"cache": cached, "stream": streamed}.get(source, [])
+    return [*targets, *extra]
 
 
 def _summary(arms: dict, teacher: float, seeds: list[int]) -> None:
@@ -156,8 +175,10 @@ def main() -> None:
                         help="a trained teacher; without it the teacher is trained first "
                         "(the recipe's teacher_train schedule)")
     parser.add_argument("--arms", default="baseline,kd_cache",
-                        help="comma-separated: baseline, kd_cache, kd_stream, cache/NAME, stream/NAME "
-                        f"(NAME one of {', '.join(SETTINGS)})")
+                        help="comma-separated: baseline, kd_cache, kd_stream, cache/NAME, stream/NAME, "
+                        f"baseline/NAME (NAME one of {', '.join(SETTINGS)}, or several joined by +)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="the logit cache (default <out>/cache); another run's to share it")
     parser.add_argument("--seeds", default="0,1", help="comma-separated train.seed of every student arm")
     parser.add_argument("--force", action="store_true", help="rerun arms already done")
     parser.add_argument("--results", type=Path, default=Path("bench/results/camvid_kd.json"))
@@ -166,9 +187,12 @@ def main() -> None:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     for arm in arms:
-        source, _, setting = arm.partition("/")
-        if arm not in ("baseline", "kd_cache", "kd_stream") and (
-                source not in ("cache", "stream") or setting not in SETTINGS):
+        source, _, settings = arm.partition("/")
+        names = settings.split("+") if settings else []
+        if (source not in ("baseline", "kd_cache", "kd_stream", "cache", "stream")
+                or (source in ("cache", "stream") and not names)
+                or (source in ("kd_cache", "kd_stream") and names)
+                or any(name not in SETTINGS for name in names)):
             parser.error(f"unknown arm '{arm}' in --arms")
     if not args.recipe.is_file():
         parser.error(f"recipe not found: {args.recipe}")
@@ -189,7 +213,7 @@ def main() -> None:
     results["teacher"] = {**teacher_scores, "final_miou": teacher_scores["miou"]}
 
     with_teacher = [f"teacher.checkpoint={teacher}"]
-    cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={out / 'cache'}"]
+    cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={args.cache_dir or out / 'cache'}"]
     streamed = [*with_teacher, "teacher.mode=stream"]
     if any(a.startswith(("kd_cache", "cache/")) for a in arms):
         seconds = _run([sys.executable, "-m", "distill", "cache", str(args.recipe), *cached,
@@ -198,8 +222,8 @@ def main() -> None:
     # Seed by seed, so that a shortened benchmark still has every arm of its first seeds.
     for seed in seeds:
         for arm in arms:
-            stage = "baseline" if arm == "baseline" else "student"
-            extra = [] if arm == "baseline" else _arm_overrides(arm, [], cached, streamed)
+            stage = "baseline" if arm.startswith("baseline") else "student"
+            extra = _arm_overrides(arm, cached, streamed)
             record = _arm(arm, stage, args.recipe, out / arm / f"seed{seed}",
                           [*extra, *common, f"train.seed={seed}"], args.force)
             results["arms"].setdefault(arm, {})[str(seed)] = record

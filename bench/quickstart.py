@@ -30,6 +30,8 @@ from benchlib import save_json
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/quickstart.yaml"
 STAGES = ("teacher", "cache", "baseline", "student", "compare", "export")
+# What the quickstart promises, in every seed (on 2 idle CPU cores for the time).
+TARGET_GAIN, TARGET_SHARE, TARGET_WALL_S = 0.03, 0.30, 180.0
 
 
 def _curve(metrics: Path) -> list[float]:
@@ -94,6 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
         "min_gain": min(gains) if gains else None,
         "mean_gap_recovered": sum(shares) / len(shares) if shares else None,
         "max_wall_s": max(r["wall_s"] for r in runs.values()),
+        "targets": {"gain": TARGET_GAIN, "gap_recovered": TARGET_SHARE, "wall_s": TARGET_WALL_S},
+        "accuracy_target_met_every_seed": bool(runs) and all(
+            r["gain"] is not None and r["gain"] >= TARGET_GAIN and r["gap_recovered"] is not None
+            and r["gap_recovered"] >= TARGET_SHARE for r in runs.values()),
+        "time_target_met_every_seed": bool(runs) and all(r["wall_s"] <= TARGET_WALL_S for r in runs.values()),
         "load_before_after": [load_before, os.getloadavg()],
         "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "machine": platform.machine()},
@@ -114,10 +121,18 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{'' if params is None else f'{params / 1e6:.1f} M'} | "
                   f"{'' if seconds is None else f'{seconds:.0f}'} | {curve} |")
         if run["gain"] is not None:
-            print(f"distilled student vs baseline: {100 * run['gain']:+.1f} mIoU points")
+            share = run["gap_recovered"]
+            print(f"distilled student vs baseline: {100 * run['gain']:+.1f} mIoU points"
+                  + ("" if share is None else f", {100 * share:.0f}% of the teacher/baseline gap"))
     if gains:
         print(f"\nover {len(gains)} seed(s): mean gain {100 * result['mean_gain']:+.1f}, smallest "
-              f"{100 * result['min_gain']:+.1f} mIoU points")
+              f"{100 * result['min_gain']:+.1f} mIoU points; mean share of the gap "
+              f"{100 * (result['mean_gap_recovered'] or 0):.0f}%")
+        print(f"target (every seed: +{100 * TARGET_GAIN:.0f} points and {100 * TARGET_SHARE:.0f}% of the gap): "
+              f"{'met' if result['accuracy_target_met_every_seed'] else 'NOT met'}; "
+              f"time (every seed at most {TARGET_WALL_S:.0f} s on 2 idle cores): "
+              f"{'met' if result['time_target_met_every_seed'] else 'NOT met'} "
+              f"(longest {result['max_wall_s']:.0f} s)")
     print(f"wrote {args.results}")
     return result
 

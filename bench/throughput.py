@@ -164,7 +164,9 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 def data_available(recipe_path: str, data_root: str | None) -> tuple[bool, str]:
     from distill.config import load_recipe
 
-    recipe = load_recipe(recipe_path, [f"data.root={data_root}"] if data_root else [])
+    # Every image with its mask: the step on plain labelled batches is what is timed.
+    recipe = load_recipe(recipe_path, ["data.labelled_fraction=1",
+                                       *([f"data.root={data_root}"] if data_root else [])])
     root = Path(recipe.data.root) if recipe.data.root is not None else None
     ok = root is not None and root.is_dir()
     return ok, str(root)

@@ -3,130 +3,32 @@
 Each *source* lists its samples once (sorted, paired, checked) and loads one sample as raw arrays:
 ``image`` uint8 [H, W, 3] RGB and ``mask`` int64 [H, W] already mapped to train ids, with void
 pixels set to ``ignore_index``. Augmentation and batching live in :mod:`distill.data`; the public
-names here (``DataError`` and the source classes) are re-exported from there.
+names here (``DataError`` and the source classes) are re-exported from there. Reading and pairing
+files is :mod:`distill._files`.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-Palette = list[tuple[int, int, int]]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from distill._files import (
+    IMAGE_SUFFIXES,
+    BadFileError,
+    DataError,
+    Palette,
+    label_colormap,
+    list_files,
+    pair_by_key,
+    read_image,
+    read_label,
+    unmatched_message,
+)
 
-
-class DataError(ValueError):
-    """A dataset folder, file or label is unusable; the message names the file and the value."""
-
-
-class BadFileError(DataError):
-    """An image or mask file cannot be decoded (corrupt or truncated); skippable."""
-
-    def __init__(self, message: str, path: str = "") -> None:
-        # One positional argument, so DataLoader workers can re-raise it with its own type.
-        super().__init__(message)
-        self.path = path
-
-
-def label_colormap(count: int) -> Palette:
-    """The Pascal VOC bit-interleaving colour map: ``count`` distinct, deterministic colours."""
-    colours = []
-    for index in range(count):
-        red = green = blue = 0
-        value = index
-        for shift in range(7, -1, -1):
-            red |= ((value >> 0) & 1) << shift
-            green |= ((value >> 1) & 1) << shift
-            blue |= ((value >> 2) & 1) << shift
-            value >>= 3
-        colours.append((red, green, blue))
-    return colours
-
-
-def _unmatched(kind: str, names: Sequence[str], folder: Path) -> str:
-    shown = ", ".join(sorted(names)[:5])
-    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
-    return f"{len(names)} {kind} in '{folder}': {shown}{more}"
-
-
-def _files(folder: Path, suffixes: Sequence[str], what: str) -> list[Path]:
-    """Sorted files of ``folder`` (recursively) ending in one of ``suffixes``; never empty."""
-    if not folder.is_dir():
-        raise DataError(f"{what} folder '{folder}' does not exist")
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
-    if not found:
-        raise DataError(f"{what} folder '{folder}' has no {'/'.join(suffixes)} files")
-    return found
-
-
-def _stem_key(folder: Path, suffix: str = "") -> Callable[[Path], str]:
-    """Key of a file: its path under ``folder`` without the extension (and without ``suffix``)."""
-
-    def key(path: Path) -> str:
-        relative = path.relative_to(folder).as_posix()
-        if suffix and relative.endswith(suffix):
-            return relative[: -len(suffix)]
-        return relative.rsplit(".", 1)[0]
-
-    return key
-
-
-def pair_by_key(
-    images: list[Path], masks: list[Path], image_dir: Path, mask_dir: Path,
-    image_suffix: str = "", mask_suffix: str = "",
-) -> list[tuple[Path, Path]]:
-    """Pair image and mask files by relative path stem; any file left alone is an error."""
-    image_key, mask_key = _stem_key(image_dir, image_suffix), _stem_key(mask_dir, mask_suffix)
-    repeated = [k for k, n in Counter(map(image_key, images)).items() if n > 1]
-    if repeated:
-        raise DataError(_unmatched("names with several images (e.g. .jpg and .png)", repeated,
-                                   image_dir))
-    by_image = {image_key(p): p for p in images}
-    by_mask = {mask_key(p): p for p in masks}
-    lonely_images = [by_image[k].name for k in by_image.keys() - by_mask.keys()]
-    lonely_masks = [by_mask[k].name for k in by_mask.keys() - by_image.keys()]
-    problems = []
-    if lonely_images:
-        problems.append(_unmatched(f"images without a mask (looked in '{mask_dir}')",
-                                   lonely_images, image_dir))
-    if lonely_masks:
-        problems.append(_unmatched(f"masks without an image (looked in '{image_dir}')",
-                                   lonely_masks, mask_dir))
-    if problems:
-        raise DataError("; ".join(problems))
-    return [(by_image[key], by_mask[key]) for key in sorted(by_image)]
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Decode ``path`` as uint8 RGB [H, W, 3]; grey, palette and RGBA images are converted."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so a truncated file fails here and not half-way through
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            return np.asarray(image, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise BadFileError(f"cannot read '{path}' (corrupt or truncated?): {error}",
-                           str(path)) from None
-
-
-def read_label(path: Path) -> np.ndarray:
-    """Decode a single-channel label map (modes L, P, 1, I;16, I) as an integer array."""
-    try:
-        with Image.open(path) as mask:
-            mask.load()
-            mode, array = mask.mode, np.asarray(mask)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise BadFileError(f"cannot read '{path}' (corrupt or truncated?): {error}",
-                           str(path)) from None
-    if array.ndim != 2:
-        raise DataError(f"mask '{path}' has mode {mode}; expected one channel of class indices "
-                        "(PIL mode L, P or 16-bit), not colours")
-    return array if array.dtype == np.uint8 else array.astype(np.int64)
+__all__ = ["ADE20K", "BadFileError", "CamVid", "Cityscapes", "DataError", "FileSource", "ImageFolder",
+           "PascalVOC", "Palette", "label_colormap"]
 
 
 class FileSource:
@@ -214,8 +116,8 @@ class CamVid(FileSource):
 
     def _pairs(self) -> list[tuple[Path, Path]]:
         image_dir, mask_dir = self.root / self.split, self.root / f"{self.split}annot"
-        images = _files(image_dir, IMAGE_SUFFIXES, f"CamVid split '{self.split}' image")
-        masks = _files(mask_dir, (".png",), f"CamVid split '{self.split}' annotation")
+        images = list_files(image_dir, IMAGE_SUFFIXES, f"CamVid split '{self.split}' image")
+        masks = list_files(mask_dir, (".png",), f"CamVid split '{self.split}' annotation")
         return pair_by_key(images, masks, image_dir, mask_dir)
 
     def _label_table(self, ignore_index: int) -> np.ndarray:
@@ -255,9 +157,9 @@ class Cityscapes(FileSource):
     def _pairs(self) -> list[tuple[Path, Path]]:
         image_dir = self.root / "leftImg8bit" / self.split
         mask_dir = self.root / "gtFine" / self.split
-        images = [p for p in _files(image_dir, (".png",), "Cityscapes image")
+        images = [p for p in list_files(image_dir, (".png",), "Cityscapes image")
                   if p.name.endswith("_leftImg8bit.png")]
-        masks = [p for p in _files(mask_dir, (".png",), "Cityscapes annotation")
+        masks = [p for p in list_files(mask_dir, (".png",), "Cityscapes annotation")
                  if p.name.endswith("_gtFine_labelIds.png")]
         if not images:
             raise DataError(f"Cityscapes image folder '{image_dir}' has no *_leftImg8bit.png files")
@@ -323,8 +225,8 @@ class ADE20K(FileSource):
         base = base if base.is_dir() else self.root
         split = self.SPLITS.get(self.split, self.split)
         image_dir, mask_dir = base / "images" / split, base / "annotations" / split
-        images = _files(image_dir, IMAGE_SUFFIXES, f"ADE20K split '{split}' image")
-        masks = _files(mask_dir, (".png",), f"ADE20K split '{split}' annotation")
+        images = list_files(image_dir, IMAGE_SUFFIXES, f"ADE20K split '{split}' image")
+        masks = list_files(mask_dir, (".png",), f"ADE20K split '{split}' annotation")
         return pair_by_key(images, masks, image_dir, mask_dir)
 
     def _label_table(self, ignore_index: int) -> np.ndarray:
@@ -372,10 +274,10 @@ class PascalVOC(FileSource):
         no_mask = [m.name for _, m in pairs if not m.is_file()]
         problems = []
         if no_image:
-            problems.append(_unmatched(f"ids of '{listing.name}' without an image", no_image,
+            problems.append(unmatched_message(f"ids of '{listing.name}' without an image", no_image,
                                        image_dir))
         if no_mask:
-            problems.append(_unmatched(f"ids of '{listing.name}' without a mask", no_mask,
+            problems.append(unmatched_message(f"ids of '{listing.name}' without a mask", no_mask,
                                        mask_dir))
         if problems:
             raise DataError("; ".join(problems))
@@ -412,8 +314,8 @@ class ImageFolder(FileSource):
 
     def _pairs(self) -> list[tuple[Path, Path]]:
         image_dir, mask_dir = self.root / "images" / self.split, self.root / "masks" / self.split
-        images = _files(image_dir, IMAGE_SUFFIXES, f"split '{self.split}' image")
-        masks = _files(mask_dir, (".png",), f"split '{self.split}' mask")
+        images = list_files(image_dir, IMAGE_SUFFIXES, f"split '{self.split}' image")
+        masks = list_files(mask_dir, (".png",), f"split '{self.split}' mask")
         return pair_by_key(images, masks, image_dir, mask_dir)
 
     def _label_table(self, ignore_index: int) -> np.ndarray:

@@ -8,194 +8,18 @@ these models and turns pydantic's errors into one readable message.
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from distill._labels import dataset_info
+from distill._schema_base import Section
+from distill._schema_data import DataConfig, optional_split
 from distill._splits import parse_split
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class RecipeError(ValueError):
-    """A recipe or an override is invalid; the message says which key and why."""
-
-
-class _Section(BaseModel):
-    # allow_inf_nan=False: `loss.temperature=.inf` is refused here, naming the key, not mid-run.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
-                              allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bools_for_numbers(cls, values: Any) -> Any:
-        # pydantic reads `epochs: true` as 1; a boolean where a number belongs is a mistake.
-        if isinstance(values, dict):
-            for name, value in values.items():
-                field = cls.model_fields.get(name)
-                if isinstance(value, bool) and field is not None and _is_number(field.annotation):
-                    raise ValueError(f"'{name}' is {value!r}, a boolean, not a number")
-        return values
-
-
-def _is_number(annotation: Any) -> bool:
-    args = get_args(annotation) or (annotation,)
-    return bool(set(args) & {int, float}) and bool not in args
-
-
-class SyntheticConfig(_Section):
-    """The built-in dataset, generated from a seed (see ``distill.data.SyntheticShapes``)."""
-
-    num_train: int = Field(256, ge=1, description="training images")
-    num_val: int = Field(64, ge=1, description="validation images")
-    size: tuple[int, int] = Field((96, 96), description="(height, width) of every image")
-
-    @field_validator("size")
-    @classmethod
-    def _positive(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if min(value) < 8:
-            raise ValueError(f"{list(value)} must be at least 8 pixels on each side")
-        return value
-    num_classes: int = Field(6, ge=2, le=12, description="background + shape classes")
-    seed: int = Field(0, description="generator seed; the same seed gives the same images")
-
-
-def _optional_split(value: str | None) -> str | None:
-    """A split selector's syntax (a SplitError is a ValueError: pydantic names the key)."""
-    if value is not None:
-        parse_split(value)
-    return value
-
-
-class UnlabelledSource(_Section):
-    """Images without masks, distilled on every pixel: exactly one of the three keys."""
-
-    split: str | None = Field(
-        None, description="a split (or selector) of data.dataset's layout, its masks ignored"
-    )
-    folder: Path | None = Field(None, description="a folder of images (sub-folders included)")
-    synthetic: int | None = Field(
-        None, ge=1, description="this many more images of the built-in generator (another stream)"
-    )
-
-    _split_syntax = field_validator("split")(_optional_split)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> UnlabelledSource:
-        given = [k for k in ("split", "folder", "synthetic") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"an unlabelled source takes exactly one of split, folder, synthetic "
-                             f"(got {', '.join(given) or 'none'})")
-        return self
-
-
-class DataConfig(_Section):
-    """Where the images come from and how they are augmented and batched."""
-
-    dataset: Literal["synthetic", "camvid", "cityscapes", "ade20k", "voc", "folder"] = Field(
-        "synthetic", description="on-disk layout (see README, Datasets)"
-    )
-    root: Path | None = Field(None, description="dataset folder (not used by `synthetic`)")
-    class_names: list[str] | None = Field(
-        None, description="required for `folder`; optional elsewhere to rename classes"
-    )
-    ignore_index: int = Field(255, ge=0, description="label value excluded from loss and metrics")
-    train_split: str = Field(
-        "train", description="split the model is trained on; `a+b` pools splits (see Held-out groups)"
-    )
-    val_split: str = Field(
-        "val", description="split evaluated during training, or a held-out group such as "
-        "`train+val:prefix=0006R0`, `...:list=FILE`, `...:fold=K/N` (removed from train_split)"
-    )
-    group_pattern: str = Field(
-        "^[^_]+", description="regex whose first match in a file name is its group (fold=K/N); "
-        "default: the name up to the first `_` (a CamVid sequence, a Cityscapes city)"
-    )
-    resize: tuple[int, int] | None = Field(
-        None, description="(height, width) every image is resized to before augmentation and eval"
-    )
-    crop_size: tuple[int, int] | None = Field(
-        None, description="(height, width) of training crops; padded with ignore_index if larger"
-    )
-    scale_range: tuple[float, float] = Field((1.0, 1.0), description="random rescale range")
-    hflip: bool = Field(True, description="random horizontal flip while training")
-    color_jitter: float = Field(
-        0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter strength (image only)"
-    )
-    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="RGB mean, images in [0, 1]")
-    std: tuple[float, float, float] = Field(IMAGENET_STD, description="RGB std, images in [0, 1]")
-    batch_size: int = Field(8, ge=1, description="per process")
-    eval_batch_size: int | None = Field(None, ge=1, description="defaults to batch_size")
-    num_workers: int = Field(2, ge=0, description="data-loader worker processes (0: in the main one)")
-    max_samples: int | None = Field(None, ge=1, description="use only the first N samples a split (or selector) selects")
-    skip_bad_files: bool = Field(False, description="skip unreadable images instead of stopping")
-    synthetic: SyntheticConfig = Field(
-        default_factory=SyntheticConfig, description="the built-in dataset's settings"
-    )
-    unlabelled: list[UnlabelledSource] = Field(
-        default_factory=list, description="images without masks the distilled student also learns "
-        "from (the teacher labels them softly); see README, Images without masks"
-    )
-    labelled_fraction: float = Field(
-        1.0, gt=0.0, le=1.0, description="students keep the masks of every k-th training image "
-        "(k = round(1 / fraction)); the distilled one learns from the others unlabelled. A teacher "
-        "distill trains uses every mask"
-    )
-    unlabelled_ratio: float = Field(
-        0.5, ge=0.0, lt=1.0, description="share of each distillation batch drawn from the "
-        "unlabelled images, when there are any"
-    )
-
-    @field_validator("labelled_fraction")
-    @classmethod
-    def _one_in_k(cls, value: float) -> float:
-        step = round(1 / value)
-        if abs(1 / value - step) > 1e-6:
-            raise ValueError(f"{value} is not 1/k for a whole k (every k-th image keeps its mask): "
-                             f"use e.g. {1 / max(1, step):.4g}")
-        return value
-
-    @field_validator("train_split", "val_split")
-    @classmethod
-    def _split_syntax(cls, value: str) -> str:
-        parse_split(value)  # a SplitError is a ValueError: pydantic names the key
-        return value
-
-    @field_validator("group_pattern")
-    @classmethod
-    def _regex(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"'{value}' is not a regular expression ({error})") from None
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        # A value check only: whether the folder exists is asked where it is read (the schema
-        # validates values, not the disk, so a recipe prints before its data is there).
-        if self.dataset != "synthetic" and self.root is None:
-            raise ValueError(f"data.root is required for dataset '{self.dataset}'")
-        if self.dataset == "folder" and not self.class_names:
-            raise ValueError("data.class_names is required for dataset 'folder'")
-        low, high = self.scale_range
-        if not 0 < low <= high:
-            raise ValueError(f"data.scale_range {list(self.scale_range)} must satisfy 0 < low <= high")
-        for key in ("resize", "crop_size"):
-            value = getattr(self, key)
-            if value is not None and min(value) < 1:
-                raise ValueError(f"data.{key} {list(value)} must be positive")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"data.std {list(self.std)} must be positive")
-        return self
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """A segmentation model: an smp architecture with an smp or timm (``tu-...``) encoder."""
 
     arch: str = Field("DeepLabV3Plus", description="smp architecture, e.g. Unet, FPN, Segformer")
@@ -275,7 +99,7 @@ class TeacherConfig(ModelConfig):
         return self.checkpoint is not None or self.source in ("transformers", "smp_hub", "onnx")
 
 
-class CacheConfig(_Section):
+class CacheConfig(Section):
     """The teacher's logit store (``distill cache``), replayed through each batch's geometry."""
 
     dir: Path | None = Field(None, description="store folder; default: <output_dir>/cache")
@@ -300,7 +124,7 @@ class CacheConfig(_Section):
         return value
 
 
-class LossConfig(_Section):
+class LossConfig(Section):
     """``loss = ce_weight * CE(hard labels) + kd_weight * T^2 * KL(teacher || student)``."""
 
     ce_weight: float = Field(1.0, ge=0.0, description="weight of cross-entropy on the hard labels")
@@ -332,7 +156,7 @@ class LossConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The optimisation schedule and the loop's bookkeeping."""
 
     epochs: int = Field(10, ge=1, description="passes over the training split")
@@ -371,7 +195,7 @@ class TrainConfig(_Section):
 
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """Evaluation of a trained model (``distill eval``)."""
 
     split: str | None = Field(
@@ -384,11 +208,11 @@ class EvalConfig(_Section):
         "(as published scores are); frame: masks resized to data.resize (faster, not comparable)"
     )
 
-    _split_syntax = field_validator("split")(_optional_split)
+    _split_syntax = field_validator("split")(optional_split)
 
 
 
-class ExportConfig(_Section):
+class ExportConfig(Section):
     """Export of the student (``distill export``)."""
 
     formats: list[Literal["onnx", "safetensors"]] = Field(
@@ -398,7 +222,7 @@ class ExportConfig(_Section):
     atol: float = Field(1e-4, gt=0.0, description="parity tolerance (max abs logits difference)")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     """What ``distill run`` does besides training the student."""
 
     baseline: bool = Field(
@@ -408,7 +232,7 @@ class RunConfig(_Section):
     export: bool = Field(True, description="export the distilled student at the end")
 
 
-class Recipe(_Section):
+class Recipe(Section):
     """A whole recipe. Either ``model`` (train one model) or ``student`` (+ optional ``teacher``)."""
 
     output_dir: Path = Field(Path("runs/default"), description="run folder; one sub-folder per stage")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill._datasets import DataError, Palette, label_colormap
+from distill._files import DataError, Palette, label_colormap
 
 
 class SyntheticShapes:

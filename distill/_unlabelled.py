@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from distill._datasets import IMAGE_SUFFIXES, DataError, read_image
+from distill._files import IMAGE_SUFFIXES, DataError, read_image
 
 
 class FolderImages:
@@ -65,13 +65,16 @@ class WithoutMasks:
 
 
 class MixedBatchSampler(Sampler[list[int]]):
-    """Batches of ``batch_size`` with a fixed share of unlabelled samples, reshuffled each epoch
+    """Batches of ``batch_size`` with a fixed share of unlabelled samples
     (``round(ratio * batch_size)``, at least one of each kind).
 
-    An epoch passes once over the labelled samples (the last partial batch dropped, as for plain
-    training); unlabelled samples are drawn from their own permutation, continuing across epochs
-    in order, so every one is seen before any repeats. The order is a pure function of ``seed``
-    and the epoch the dataset is set to (``dataset.epoch``), so a resumed run sees the same batches.
+    An epoch has as many batches as plain training over the labelled samples would
+    (``len(labelled) // batch_size``), so a distilled student and its baseline take the same
+    optimizer steps per epoch and the same schedule compares them at equal cost. Each kind is
+    drawn from its own permutation, continuing across epochs in order: every labelled sample is
+    seen before any repeats, and likewise every unlabelled one. The order is a pure function of
+    ``seed`` and the epoch the dataset is set to (``dataset.epoch``), so a resumed run sees the
+    same batches.
     """
 
     def __init__(self, labelled: Sequence[int], unlabelled: Sequence[int], batch_size: int,
@@ -80,30 +83,33 @@ class MixedBatchSampler(Sampler[list[int]]):
         if batch_size < 2:
             raise DataError(f"data.batch_size {batch_size} cannot hold both a labelled and an "
                             "unlabelled image: use at least 2")
+        if len(self.labelled) < batch_size:
+            raise DataError(f"{len(self.labelled)} labelled images do not fill one batch of "
+                            f"data.batch_size {batch_size}: an epoch would have no step")
         self.per_batch_unlabelled = min(batch_size - 1, max(1, round(ratio * batch_size)))
         self.per_batch_labelled = batch_size - self.per_batch_unlabelled
-        if len(self.labelled) < self.per_batch_labelled:
-            raise DataError(f"{len(self.labelled)} labelled images do not fill the "
-                            f"{self.per_batch_labelled} labelled places of one batch")
-        self.seed, self.dataset = seed, dataset
+        self.batch_size, self.seed, self.dataset = batch_size, seed, dataset
 
     def __len__(self) -> int:
-        return len(self.labelled) // self.per_batch_labelled
+        return len(self.labelled) // self.batch_size
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = int(getattr(self.dataset, "epoch", 0))
-        order = _permutation(len(self.labelled), self.seed, epoch)
-        drawn = epoch * len(self) * self.per_batch_unlabelled  # where this epoch's draws start
-        count, cycles = len(self.unlabelled), {}
-        for b in range(len(self)):
-            start = b * self.per_batch_labelled
-            batch = [self.labelled[i] for i in order[start : start + self.per_batch_labelled]]
-            for k in range(self.per_batch_unlabelled):
-                cycle, offset = divmod(drawn + b * self.per_batch_unlabelled + k, count)
-                if cycle not in cycles:  # one permutation of the unlabelled pool per pass over it
-                    cycles[cycle] = _permutation(count, self.seed + 1, cycle)
-                batch.append(self.unlabelled[cycles[cycle][offset]])
-            yield batch
+        labelled = _draws(self.labelled, self.seed, epoch * len(self) * self.per_batch_labelled)
+        unlabelled = _draws(self.unlabelled, self.seed + 1, epoch * len(self) * self.per_batch_unlabelled)
+        for _ in range(len(self)):
+            yield ([next(labelled) for _ in range(self.per_batch_labelled)]
+                   + [next(unlabelled) for _ in range(self.per_batch_unlabelled)])
+
+
+def _draws(pool: list[int], seed: int, start: int) -> Iterator[int]:
+    """``pool`` in one fresh permutation per pass over it, from the ``start``-th draw on."""
+    cycle, offset = divmod(start, len(pool))
+    while True:
+        order = _permutation(len(pool), seed, cycle)
+        for k in order[offset:]:
+            yield pool[k]
+        cycle, offset = cycle + 1, 0
 
 
 def _permutation(count: int, seed: int, step: int) -> list[int]:

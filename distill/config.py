@@ -22,22 +22,18 @@ from pydantic import BaseModel, ValidationError
 
 from distill._io import atomic_write_text  # re-exported: callers write run files through it
 from distill._schema import (  # re-exported: the recipe's sections
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CacheConfig,
-    DataConfig,
     EvalConfig,
     ExportConfig,
     LossConfig,
     ModelConfig,
     Recipe,
-    RecipeError,
     RunConfig,
-    SyntheticConfig,
     TeacherConfig,
     TrainConfig,
-    UnlabelledSource,
 )
+from distill._schema_base import IMAGENET_MEAN, IMAGENET_STD, RecipeError
+from distill._schema_data import DataConfig, SyntheticConfig, UnlabelledSource
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "CacheConfig", "DataConfig", "EvalConfig", "ExportConfig",

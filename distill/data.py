@@ -48,6 +48,7 @@ from distill._datasets import (
     PascalVOC,
 )
 from distill._labels import FILE_SOURCES, DatasetInfo, dataset_info
+from distill._batches import collate_user_items, collate_batch
 from distill._splits import (
     SplitError,
     SplitSelector,
@@ -336,61 +337,6 @@ def _select(data: DataConfig, selector: SplitSelector) -> SampleSource:
     return Subset([rows[k] for k in kept])
 
 
-def collate_batch(items: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
-    """Stack items into a batch dict; images of different sizes are padded at the bottom/right.
-
-    Padding is 0 in the (normalised) image and ``ignore_index`` in the mask, so evaluation of
-    datasets without ``data.resize`` (e.g. ADE20K) works; ``build_loader`` binds the recipe's value.
-    """
-    height = max(item["image"].shape[1] for item in items)
-    width = max(item["image"].shape[2] for item in items)
-    images = torch.zeros(len(items), 3, height, width, dtype=torch.float32)
-    # Masks are padded on their own: at the label's resolution they need not match the image.
-    mask_h = max(item["mask"].shape[0] for item in items)
-    mask_w = max(item["mask"].shape[1] for item in items)
-    masks = torch.full((len(items), mask_h, mask_w), ignore_index, dtype=torch.int64)
-    for row, item in enumerate(items):
-        _, h, w = item["image"].shape
-        images[row, :, :h, :w] = item["image"]
-        masks[row, : item["mask"].shape[0], : item["mask"].shape[1]] = item["mask"]
-    geometry = {key: torch.stack([item["geometry"][key] for item in items])
-                for key in items[0]["geometry"]}
-    extra: dict[str, Any] = {}
-    if any("kd_mask" in item for item in items):  # a batch with unlabelled images (else: the masks)
-        extra["kd_mask"] = torch.full_like(masks, ignore_index)
-        for row, item in enumerate(items):
-            kd = item.get("kd_mask", item["mask"])
-            extra["kd_mask"][row, : kd.shape[0], : kd.shape[1]] = kd
-    return {
-        "image": images,
-        "mask": masks,
-        "label_size": torch.stack([item["label_size"] for item in items]),
-        **extra,
-        "labelled": torch.tensor([bool(item.get("labelled", True)) for item in items]),
-        "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
-        "geometry": geometry,
-    }
-
-
-def _as_item(item: Any) -> dict[str, Any]:
-    """A user dataset's item as distill's: ``(image, mask)`` pairs or dicts without geometry."""
-    if isinstance(item, (tuple, list)):
-        item = {"image": item[0], "mask": item[1]}
-    if "geometry" in item:
-        return item
-    image, mask = torch.as_tensor(item["image"]), torch.as_tensor(item["mask"]).long()
-    frame = tuple(image.shape[-2:])
-    return {"image": image, "mask": mask, "label_size": torch.tensor(mask.shape[-2:]),
-            "index": int(item.get("index", -1)),
-            "geometry": {"base_size": torch.tensor(frame), "scaled_size": torch.tensor(frame),
-                         "scale": torch.tensor(1.0), "crop_box": torch.tensor((0, 0, *frame)),
-                         "flip": torch.tensor(False)}}
-
-
-def _collate_user_items(items: list[Any], ignore_index: int = 255) -> dict[str, Any]:
-    return collate_batch([_as_item(item) for item in items], ignore_index)
-
-
 def loader_for_dataset(dataset: Dataset, data: DataConfig, *, train: bool, seed: int = 0
                        ) -> DataLoader:
     """A DataLoader over a dataset of your own, batched as distill's (see the module doc).
@@ -405,7 +351,7 @@ def loader_for_dataset(dataset: Dataset, data: DataConfig, *, train: bool, seed:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train, drop_last=train,
         num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
-        collate_fn=functools.partial(_collate_user_items, ignore_index=data.ignore_index),
+        collate_fn=functools.partial(collate_user_items, ignore_index=data.ignore_index),
         generator=generator, persistent_workers=data.num_workers > 0,
     )
 

@@ -25,7 +25,8 @@ from distill.config import Recipe
 from distill.launch import is_launch_main
 from distill.progress import console
 from distill.run_folder import cache_dir, exclusive_folder, stage_dir, trained_weights
-from distill.training import RUN_ONLY_TRAIN, stage_data, train
+from distill._checkpoint import RUN_ONLY_TRAIN, stage_data
+from distill.training import train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +28,8 @@ import torch
 from torch.utils.data import Dataset
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import save
 
-from distill._io import atomic_write_bytes, swap_in_folder
+from distill._checkpoint import flat_config, made_from, resume_from, save_checkpoint, save_weights
 from distill._malloc import tune_cpu_malloc
 from distill.config import Recipe, atomic_write_text, save_resolved_recipe
 from distill.cache import load_cached_teacher
@@ -180,14 +178,14 @@ def train(
         scheduler = build_scheduler(optimizer, recipe, int(total_steps))
         accelerator.register_for_checkpointing(scheduler)
         if cfg.trackers:
-            accelerator.init_trackers(f"distill-{stage}", config=_flat_config(json.loads(recipe.model_dump_json())))
+            accelerator.init_trackers(f"distill-{stage}", config=flat_config(json.loads(recipe.model_dump_json())))
 
-        made_from = _made_from(recipe, stage, steps_per_epoch, len(train_loader.dataset),
-                               accelerator.num_processes)
+        inputs = made_from(recipe, stage, steps_per_epoch, len(train_loader.dataset),
+                           accelerator.num_processes)
         state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan"),
-                 "fingerprint": fingerprint, "made_from": made_from}
+                 "fingerprint": fingerprint, "made_from": inputs}
         if cfg.resume is not None:
-            state = _resume(accelerator, Path(cfg.resume), made_from)
+            state = resume_from(accelerator, Path(cfg.resume), inputs)
             if main:
                 console.print(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
 
@@ -254,7 +252,7 @@ def train(
                                                  "val_pixel_accuracy": scores.pixel_accuracy})
                     if scores.miou > state["best_miou"]:
                         state["best_miou"] = scores.miou
-                        _save_weights(accelerator, unwrapped, run_dir / "best.safetensors")
+                        save_weights(accelerator, unwrapped, run_dir / "best.safetensors")
                         if main:
                             atomic_write_text(run_dir / "best.json", json.dumps(
                                 {"epoch": epoch + 1, "step": state["step"], "miou": scores.miou}, indent=2))
@@ -262,8 +260,8 @@ def train(
                     progress.update(epochs_bar, info=summary)
                     report(f"{stage} epoch {epoch + 1}/{cfg.epochs}: {summary}", enabled=main)
                 if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
-                    _save_weights(accelerator, unwrapped, run_dir / "last.safetensors")
-                    _save_checkpoint(accelerator, run_dir, state)
+                    save_weights(accelerator, unwrapped, run_dir / "last.safetensors")
+                    save_checkpoint(accelerator, run_dir, state)
                 progress.advance(epochs_bar)
         # Not accelerator.end_training(): it also destroys the process group, which the next stage
         # of `distill run` in this process still needs. The CLI closes the group once, at exit.
@@ -326,19 +324,6 @@ def _share_of_global_mean(accelerator: Accelerator) -> Callable[[torch.Tensor], 
     return share
 
 
-def _flat_config(tree: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
-    """The recipe as dotted keys with scalar values: what trackers (TensorBoard hparams) accept."""
-    flat: dict[str, int | float | str | bool] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat_config(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float, str, bool)):
-            flat[f"{prefix}{key}"] = value
-        else:  # None and lists
-            flat[f"{prefix}{key}"] = json.dumps(value)
-    return flat
-
-
 def _check_finite(parts: dict[str, torch.Tensor], step: int, batch: dict, accelerator: Accelerator) -> None:
     # Reduced over processes so that every rank stops together (a rank that raised alone would
     # leave the others waiting in the gradient all-reduce).
@@ -367,33 +352,6 @@ def _log(accelerator: Accelerator, path: Path, record: dict) -> None:
             handle.write(json.dumps(record) + "\n")
 
 
-def _save_weights(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> None:
-    """Model weights alone (no optimizer, no wrapper prefixes), atomically, by the main process."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write_bytes(path, save(state))
-    accelerator.wait_for_everyone()
-
-
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict) -> None:
-    """``save_state`` into a fresh folder, then swap it in for ``checkpoints/latest``.
-
-    A kill at any moment leaves either the previous complete checkpoint or the new one.
-    """
-    final = run_dir / "checkpoints" / "latest"
-    staging = run_dir / "checkpoints" / ".incoming"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()  # every rank's random_states_<i>.pkl is in before the swap
-    if accelerator.is_main_process:
-        atomic_write_text(staging / "progress.json", json.dumps(state, indent=2))
-        swap_in_folder(staging, final, run_dir / "checkpoints" / ".previous")
-    accelerator.wait_for_everyone()
-
-
 def _warn_about_padding(recipe: Recipe) -> None:
     """Say once when training crops are larger than the largest rescaled frame (mostly padding)."""
     data = recipe.data
@@ -406,57 +364,3 @@ def _warn_about_padding(recipe: Recipe) -> None:
                       f"{data.scale_range[1]}): part of every crop is padding, which trains nothing")
 
 
-# Keys that change how a run goes, not what it computes: a resume may change them, and
-# `distill run` keeps a stage made with other values.
-RUN_ONLY_TRAIN = {"resume", "log_every_steps", "trackers", "cpu_malloc_tuning", "checkpoint_every_epochs"}
-
-
-def stage_data(recipe: Recipe, stage: str) -> dict[str, object]:
-    """The ``data`` keys a stage's result depends on: a teacher trains on every mask and no
-    unlabelled image; a baseline on its labelled images alone."""
-    ignored = {"num_workers"}
-    if stage == "teacher":
-        ignored |= {"labelled_fraction", "unlabelled", "unlabelled_ratio"}
-    elif stage == "baseline":
-        ignored |= {"unlabelled", "unlabelled_ratio"}
-    return recipe.data.model_dump(mode="json", exclude=ignored)
-
-
-def _made_from(recipe: Recipe, stage: str, steps_per_epoch: int, samples: int, processes: int
-               ) -> dict[str, object]:
-    """What a checkpoint's progress depends on, as flat keys: a resume must match every one."""
-    tree = {"model": stage_model(recipe, stage).model_dump(mode="json", exclude={"checkpoint"}),
-            "data": stage_data(recipe, stage),
-            "train": recipe.train.model_dump(mode="json", exclude=RUN_ONLY_TRAIN),
-            "loss": recipe.loss.model_dump(mode="json", exclude={"chunk_size"})}
-    return {**_flat_config(tree), "training samples": samples, "steps per epoch": steps_per_epoch,
-            "processes": processes}
-
-
-def _resume(accelerator: Accelerator, folder: Path, made_from: dict[str, object]) -> dict:
-    """Load a ``save_state`` folder (or a stage folder's latest checkpoint) and its progress,
-    refusing one made from other settings (the schedule would silently go wrong)."""
-    if not folder.is_dir():
-        raise TrainingError(f"train.resume '{folder}' is not a checkpoint folder "
-                            f"(tried '{folder.absolute()}')")
-    for name in ("latest", ".previous"):  # .previous: a kill fell between the two renames
-        if (folder / "checkpoints" / name).is_dir():
-            folder = folder / "checkpoints" / name
-            break
-    progress_file = folder / "progress.json"
-    if not progress_file.is_file():
-        raise TrainingError(f"train.resume '{folder}' holds no progress.json: not a distill checkpoint")
-    progress = json.loads(progress_file.read_text())
-    recorded = progress.get("made_from") or {}
-    changed = [f"{key}: checkpoint {recorded.get(key)!r}, now {made_from.get(key)!r}"
-               for key in sorted(set(recorded) | set(made_from)) if recorded.get(key) != made_from.get(key)]
-    if recorded and changed:
-        raise TrainingError(f"train.resume '{folder}' was made with other settings; resume with the "
-                            "same ones, or start a fresh run:\n  - " + "\n  - ".join(changed))
-    try:
-        accelerator.load_state(str(folder))
-    except (RuntimeError, KeyError, ValueError) as error:  # load_state_dict of another model
-        first = str(error).strip().splitlines()
-        raise TrainingError(f"train.resume '{folder}' holds weights of another model: "
-                            f"{' '.join(first[:2])[:400]}") from None
-    return progress

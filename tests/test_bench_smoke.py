@@ -62,7 +62,8 @@ def test_quickstart_bench(tmp_path):
     results = tmp_path / "quickstart.json"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "quickstart.py"), "--out", str(tmp_path / "run"),
-                             "--results", str(results), "train.epochs=1", "train.warmup_steps=0", "data.synthetic.num_train=32",
+                             "--results", str(results), "train.epochs=1", "teacher_train.epochs=1", "train.warmup_steps=0",
+                             "data.synthetic.num_train=32", "data.labelled_fraction=0.25",
                              "data.synthetic.num_val=8"], cwd=REPO_ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distill"
 LAYERS = [
     ["_io", "_splits", "_compat", "_malloc", "_saved_gradient", "_fused_kl", "_fused_dist",
      "_transforms", "predict", "progress"],
-    ["_datasets"], ["_synthetic", "_unlabelled"], ["_labels"], ["_schema"], ["config"],
-    ["data"], ["launch"], ["models"], ["run_folder"], ["_teacher_sources"], ["teacher"], ["_cache_replay"], ["_cache_store"], ["cache"],
+    ["_files"], ["_datasets"], ["_synthetic", "_unlabelled"], ["_labels"], ["_schema_base"], ["_schema_data"], ["_schema"], ["config"],
+    ["_batches"], ["data"], ["launch"], ["models"], ["_checkpoint"], ["run_folder"], ["_teacher_sources"], ["teacher"], ["_cache_replay"], ["_cache_store"], ["cache"],
     ["losses"], ["metrics"], ["evaluation"], ["training"], ["export"], ["comparison"],
     ["pipeline"], ["cli"], ["__init__", "__main__"],
 ]

@@ -26,8 +26,8 @@ def test_walkthrough_executes(tmp_path):
     overrides = [
         f"output_dir={tmp_path / 'run'}", "train.epochs=1", "data.synthetic.num_train=16",
         "data.synthetic.num_val=4", "data.synthetic.size=[32, 32]", "data.crop_size=[32, 32]",
-        "data.resize=[32, 32]", "train.warmup_steps=0",
-        "data.num_workers=0",
+        "data.resize=[32, 32]", "train.warmup_steps=0", "teacher_train.epochs=1",
+        "data.labelled_fraction=0.5", "data.num_workers=0",
     ]
     assert notebook.cells[1].source.startswith("# Parameters")
     notebook.cells[1].source = f"RECIPE = {str(REPO_ROOT / 'recipes' / 'quickstart.yaml')!r}\nOVERRIDES = {overrides!r}"

@@ -45,16 +45,16 @@ def test_rerun_skips_what_is_done_and_redoes_what_changed(tmp_path):
 
 def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     recipe = tiny_recipe(tmp_path, **{"train.epochs": 2, "run.export": "false"})
-    save = loop._save_checkpoint
+    save = loop.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(recipe)
-    monkeypatch.setattr(loop, "_save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     outcome = run_pipeline(recipe)
     assert statuses(outcome) == {"student": "resumed"}
     progress = json.loads((tmp_path / "student" / "checkpoints" / "latest" / "progress.json").read_text())

@@ -40,16 +40,16 @@ def test_resume_continues_to_the_same_final_state(tmp_path, monkeypatch):
 
     import distill.training as loop
 
-    save = loop._save_checkpoint
+    save = loop.save_checkpoint
 
     def save_then_die(*args, **kwargs):  # the run "dies" right after its first checkpoint
         save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_recipe(tmp_path / "b"), "student")
-    monkeypatch.setattr(loop, "_save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     checkpoint = tmp_path / "b" / "student" / "checkpoints" / "latest"
     assert json.loads((checkpoint / "progress.json").read_text())["step"] == 6
     resumed = train(tiny_recipe(tmp_path / "b", **{"train.resume": str(checkpoint)}), "student")

@@ -67,21 +67,27 @@ def test_a_training_crop_pads_an_unlabelled_image_outside_the_kd_pixels():
     assert int((item["kd_mask"] == 0).sum()) == 24 * 24 and int((item["kd_mask"] == 255).sum()) == 32 * 32 - 24 * 24
 
 
-def test_mixed_batches_hold_the_ratio_cover_everything_and_follow_the_epoch():
+def test_mixed_batches_hold_the_ratio_take_the_baselines_steps_and_follow_the_epoch():
     class Epoch:
         epoch = 0
 
     sampler = MixedBatchSampler(list(range(8)), list(range(100, 106)), batch_size=4, ratio=0.5, seed=3,
                                 dataset=Epoch)
-    assert len(sampler) == 4
-    first = list(sampler)
-    assert all(sum(i < 100 for i in b) == 2 and sum(i >= 100 for i in b) == 2 for b in first)
-    assert sorted(i for b in first for i in b if i < 100) == list(range(8))  # each labelled once
-    unlabelled = [i for b in first for i in b if i >= 100]
-    assert sorted(unlabelled[:6]) == list(range(100, 106))  # all of them before any repeats
-    assert list(sampler) == first  # a pure function of the epoch
+    assert len(sampler) == 2  # 8 labelled // 4: the steps of plain training on them
+    epochs = []
+    for epoch in range(3):
+        Epoch.epoch = epoch
+        epochs.append(list(sampler))
+        assert list(sampler) == epochs[-1]  # a pure function of the epoch
+    batches = [b for e in epochs for b in e]
+    assert all(len(b) == 4 and sum(i < 100 for i in b) == 2 for b in batches)
+    labelled = [i for b in batches for i in b if i < 100]
+    unlabelled = [i for b in batches for i in b if i >= 100]
+    # Each kind: every sample once before any repeats, across epochs.
+    assert sorted(labelled[:8]) == list(range(8)) and sorted(unlabelled[:6]) == list(range(100, 106))
+    assert sorted(unlabelled[6:12]) == list(range(100, 106))
     Epoch.epoch = 1
-    assert list(sampler) != first
+    assert list(sampler) == epochs[1] != epochs[0]
 
 
 def test_kd_covers_unlabelled_pixels_and_the_ce_only_labelled_ones():
@@ -121,8 +127,8 @@ def test_distilled_student_trains_on_mixed_batches_from_the_cache(tmp_path):
     assert manifest["splits"]["train"]["fingerprint"]["num_samples"] == 24 + 8  # both kinds cached
     student = train(recipe, "student")
     baseline = train(recipe, "baseline")
-    # 12 labelled images, 2 per distillation batch of 4: 6 steps; the baseline: 12 / 4 = 3 steps.
-    assert student.steps == 6 and baseline.steps == 3
+    # 12 labelled images: 12 / 4 = 3 steps each (2 labelled + 2 unlabelled per distillation batch).
+    assert student.steps == 3 and baseline.steps == 3
     loader = build_loader(recipe.data, "train", train=True, unlabelled=True)
     batch = next(iter(loader))
     assert batch["labelled"].tolist().count(False) == 2
@@ -151,6 +157,8 @@ def test_the_teacher_stage_trains_on_every_mask(tmp_path):
     recipe = tiny_recipe(tmp_path, teacher=True, **{"data.labelled_fraction": 0.5, "train.epochs": 1})
     assert train(recipe, "teacher").steps == 24 // 4  # all 24 images, not the 12 with masks
     assert train(recipe, "baseline").steps == 12 // 4
+    # The distilled student mixes in the 12 unlabelled ones at the baseline's steps per epoch.
+    assert train(recipe, "student").steps == 12 // 4
 
 
 def test_settings_that_would_silently_mislead_are_refused():

@@ -1,0 +1,114 @@
+"""Training checkpoints: weights and ``save_state`` folders written atomically, what a stage is
+made from, and resuming only a checkpoint made from the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save
+
+from distill._io import atomic_write_bytes, swap_in_folder
+from distill.config import Recipe, atomic_write_text
+from distill.launch import TrainingError
+from distill.models import stage_model
+
+
+def save_weights(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> None:
+    """Model weights alone (no optimizer, no wrapper prefixes), atomically, by the main process."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write_bytes(path, save(state))
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict) -> None:
+    """``save_state`` into a fresh folder, then swap it in for ``checkpoints/latest``.
+
+    A kill at any moment leaves either the previous complete checkpoint or the new one.
+    """
+    final = run_dir / "checkpoints" / "latest"
+    staging = run_dir / "checkpoints" / ".incoming"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every rank's random_states_<i>.pkl is in before the swap
+    if accelerator.is_main_process:
+        atomic_write_text(staging / "progress.json", json.dumps(state, indent=2))
+        swap_in_folder(staging, final, run_dir / "checkpoints" / ".previous")
+    accelerator.wait_for_everyone()
+
+
+# Keys that change how a run goes, not what it computes: a resume may change them, and
+# `distill run` keeps a stage made with other values.
+RUN_ONLY_TRAIN = {"resume", "log_every_steps", "trackers", "cpu_malloc_tuning", "checkpoint_every_epochs"}
+
+
+def stage_data(recipe: Recipe, stage: str) -> dict[str, object]:
+    """The ``data`` keys a stage's result depends on: a teacher trains on every mask and no
+    unlabelled image; a baseline on its labelled images alone."""
+    ignored = {"num_workers"}
+    if stage == "teacher":
+        ignored |= {"labelled_fraction", "unlabelled", "unlabelled_ratio"}
+    elif stage == "baseline":
+        ignored |= {"unlabelled", "unlabelled_ratio"}
+    return recipe.data.model_dump(mode="json", exclude=ignored)
+
+
+def made_from(recipe: Recipe, stage: str, steps_per_epoch: int, samples: int, processes: int
+               ) -> dict[str, object]:
+    """What a checkpoint's progress depends on, as flat keys: a resume must match every one."""
+    tree = {"model": stage_model(recipe, stage).model_dump(mode="json", exclude={"checkpoint"}),
+            "data": stage_data(recipe, stage),
+            "train": recipe.train.model_dump(mode="json", exclude=RUN_ONLY_TRAIN),
+            "loss": recipe.loss.model_dump(mode="json", exclude={"chunk_size"})}
+    return {**flat_config(tree), "training samples": samples, "steps per epoch": steps_per_epoch,
+            "processes": processes}
+
+
+def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object]) -> dict:
+    """Load a ``save_state`` folder (or a stage folder's latest checkpoint) and its progress,
+    refusing one made from other settings (the schedule would silently go wrong)."""
+    if not folder.is_dir():
+        raise TrainingError(f"train.resume '{folder}' is not a checkpoint folder "
+                            f"(tried '{folder.absolute()}')")
+    for name in ("latest", ".previous"):  # .previous: a kill fell between the two renames
+        if (folder / "checkpoints" / name).is_dir():
+            folder = folder / "checkpoints" / name
+            break
+    progress_file = folder / "progress.json"
+    if not progress_file.is_file():
+        raise TrainingError(f"train.resume '{folder}' holds no progress.json: not a distill checkpoint")
+    progress = json.loads(progress_file.read_text())
+    recorded = progress.get("made_from") or {}
+    changed = [f"{key}: checkpoint {recorded.get(key)!r}, now {inputs.get(key)!r}"
+               for key in sorted(set(recorded) | set(inputs)) if recorded.get(key) != inputs.get(key)]
+    if recorded and changed:
+        raise TrainingError(f"train.resume '{folder}' was made with other settings; resume with the "
+                            "same ones, or start a fresh run:\n  - " + "\n  - ".join(changed))
+    try:
+        accelerator.load_state(str(folder))
+    except (RuntimeError, KeyError, ValueError) as error:  # load_state_dict of another model
+        first = str(error).strip().splitlines()
+        raise TrainingError(f"train.resume '{folder}' holds weights of another model: "
+                            f"{' '.join(first[:2])[:400]}") from None
+    return progress
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """The recipe as dotted keys with scalar values: what trackers (TensorBoard hparams) accept."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[f"{prefix}{key}"] = value
+        else:  # None and lists
+            flat[f"{prefix}{key}"] = json.dumps(value)
+    return flat

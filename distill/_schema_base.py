@@ -1,0 +1,37 @@
+"""What every recipe section shares: strict pydantic models, and the recipe's error type."""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RecipeError(ValueError):
+    """A recipe or an override is invalid; the message says which key and why."""
+
+
+class Section(BaseModel):
+    # allow_inf_nan=False: `loss.temperature=.inf` is refused here, naming the key, not mid-run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, values: Any) -> Any:
+        # pydantic reads `epochs: true` as 1; a boolean where a number belongs is a mistake.
+        if isinstance(values, dict):
+            for name, value in values.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and is_number(field.annotation):
+                    raise ValueError(f"'{name}' is {value!r}, a boolean, not a number")
+        return values
+
+
+def is_number(annotation: Any) -> bool:
+    args = get_args(annotation) or (annotation,)
+    return bool(set(args) & {int, float}) and bool not in args
