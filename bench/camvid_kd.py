@@ -24,9 +24,9 @@ Usage::
 
     python bench/camvid_kd.py --data-root data/camvid --seeds 0,1 --arms baseline,kd_cache,cache/kl_T4_w1
     python bench/camvid_kd.py --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors ...
-    # few labels: every 4th mask, the other training images unlabelled; the same teacher, a cache
-    # of its own (the store's rows follow the split's order, which labelled_fraction changes)
+    # few labels: every 4th mask, the other training images unlabelled; same teacher and cache
     python bench/camvid_kd.py --out runs/camvid_few --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors \
+        --cache-dir runs/camvid_kd/cache \
         --arms baseline,cache/kl_T2_w1 data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=4
 
 Extra ``key=value`` words override the recipe for every arm (e.g. ``train.epochs=2``).

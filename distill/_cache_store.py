@@ -51,11 +51,37 @@ def base_size(recipe: Recipe) -> tuple[int, int]:
     return (int(recipe.data.resize[0]), int(recipe.data.resize[1]))
 
 
-def _split_ids(recipe: Recipe, split: str) -> list[str]:
+def cache_dataset(recipe: Recipe, split: str) -> Any:
+    """The samples a store of ``split`` holds, in its row order: every image of the split (and
+    ``data.unlabelled``), whatever ``data.labelled_fraction`` keeps of its masks. The teacher sees
+    the same images either way, so changing the fraction reuses the store."""
     from distill.data import build_dataset
 
-    dataset = build_dataset(recipe.data, split, train=False, unlabelled=True)
+    data = recipe.data.model_copy(update={"labelled_fraction": 1.0})
+    return build_dataset(data, split, train=False, unlabelled=True)
+
+
+def _split_ids(recipe: Recipe, split: str) -> list[str]:
+    dataset = cache_dataset(recipe, split)
     return [dataset.sample_id(i) for i in range(len(dataset))]
+
+
+def store_rows(store_ids: Sequence[str], ids: Sequence[str]) -> np.ndarray:
+    """The store row of each sample id of a training dataset.
+
+    A training image whose mask ``labelled_fraction`` drops is named ``unlabelled/<id>``; it is
+    stored under its own ``<id>``.
+    """
+    where = {sample: row for row, sample in enumerate(store_ids)}
+    rows = []
+    for sample in ids:
+        row = where.get(sample)
+        if row is None and sample.startswith("unlabelled/"):
+            row = where.get(sample.removeprefix("unlabelled/"))
+        if row is None:
+            raise CacheError(f"sample '{sample}' is not in the logit cache: rerun `distill cache RECIPE`")
+        rows.append(row)
+    return np.asarray(rows, dtype=np.int64)
 
 
 def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | None = None,
@@ -220,10 +246,12 @@ class CachedTeacher(nn.Module):
     and leaves the upsampling to ``kd_loss`` (two interpolations, slightly blurrier).
     """
 
-    def __init__(self, store: LogitStore, *, resolution: Literal["crop", "stride"] = "crop") -> None:
+    def __init__(self, store: LogitStore, *, resolution: Literal["crop", "stride"] = "crop",
+                 rows: np.ndarray | None = None) -> None:
         super().__init__()
         self.store = store
         self.resolution = resolution
+        self.rows = rows  # the store row of each dataset index (None: the same)
 
     @torch.no_grad()
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -238,7 +266,10 @@ class CachedTeacher(nn.Module):
         if self.resolution == "stride":
             out_size = (-(-height // self.store.stride), -(-width // self.store.stride))
         with torch.autocast(images.device.type, enabled=False):
-            maps = self.store.logits(batch["index"].tolist(), device=images.device)
+            indices = batch["index"].tolist()
+            if self.rows is not None:
+                indices = self.rows[indices].tolist()
+            maps = self.store.logits(indices, device=images.device)
             return replay_ops.replay(maps, geometry, (height, width), out_size)
 
 
@@ -249,7 +280,15 @@ def load_cached_teacher(recipe: Recipe, num_classes: int) -> CachedTeacher:
     if store.num_classes != num_classes:
         raise CacheError(f"the logit cache holds {store.num_classes} classes, the dataset has "
                          f"{num_classes}")
-    return CachedTeacher(store)
+    rows = None
+    if recipe.data.labelled_fraction < 1:  # the training rows: its labelled images first
+        from distill.data import build_dataset
+
+        train = build_dataset(recipe.data, recipe.data.train_split, train=False, unlabelled=True)
+        index = split_folder(store.folder, store.split) / "index.json"
+        rows = store_rows(json.loads(index.read_text()),
+                          [train.sample_id(i) for i in range(len(train))])
+    return CachedTeacher(store, rows=rows)
 
 
 # --------------------------------------------------------------------------------------------

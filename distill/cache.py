@@ -66,6 +66,7 @@ from distill._cache_store import (  # re-exported: the reading side
     LogitStore,
     _stream_recipe,
     base_size,
+    cache_dataset,
     cache_dir,
     expected_fingerprint,
     load_cached_teacher,
@@ -75,7 +76,7 @@ from distill._cache_store import (  # re-exported: the reading side
 if TYPE_CHECKING:
     from distill.config import Recipe
 
-__all__ = ["CacheError", "CachedTeacher", "LogitStore", "cache_dir", "expected_fingerprint", "store_ops",
+__all__ = ["CacheError", "CachedTeacher", "LogitStore", "cache_dataset", "cache_dir", "expected_fingerprint", "store_ops",
            "load_cached_teacher", "open_store", "write_cache"]
 
 logger = logging.getLogger(__name__)
@@ -116,11 +117,11 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
     the others at the next check (:func:`_stop_together`) instead of leaving them in a
     collective it will never join: every process then stops with that error.
     """
-    from distill.data import build_dataset, collate_batch
+    from distill.data import collate_batch
     from distill.progress import make_progress, report
 
     main = accelerator.is_main_process
-    dataset = build_dataset(recipe.data, split, train=False, unlabelled=True)  # their targets too
+    dataset = cache_dataset(recipe, split)  # every image, with or without its mask
     ids = [dataset.sample_id(i) for i in range(len(dataset))]
     fingerprint = expected_fingerprint(recipe, split, ids=ids, num_classes=num_classes)
     state, error = "", None

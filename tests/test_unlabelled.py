@@ -134,6 +134,31 @@ def test_distilled_student_trains_on_mixed_batches_from_the_cache(tmp_path):
     assert batch["labelled"].tolist().count(False) == 2
 
 
+@pytest.mark.slow
+def test_one_logit_cache_serves_every_labelled_fraction(tmp_path):
+    from distill.cache import cache_dataset, load_cached_teacher, write_cache
+    from distill.training import train
+
+    common = {"teacher.mode": "cache", "data.resize": "[32, 32]", "data.unlabelled": "[{synthetic: 4}]",
+              "train.epochs": 1}
+    every = tiny_recipe(tmp_path, teacher=True, **common)
+    train(every, "teacher")
+    write_cache(every)
+    stored = tmp_path / "cache" / "train" / "values.npy"
+    written_at = stored.stat().st_mtime_ns
+    few = tiny_recipe(tmp_path, teacher=True, **common, **{"data.labelled_fraction": 0.25})
+    write_cache(few)  # the same images: nothing to rewrite
+    assert stored.stat().st_mtime_ns == written_at
+    teacher = load_cached_teacher(few, 4)
+    rows = cache_dataset(few, "train")
+    training = build_dataset(few.data, "train", train=False, unlabelled=True)
+    labelled = [bool(training[i]["labelled"]) for i in range(len(training))]
+    assert 0 < sum(labelled) < len(training) - 4  # training images whose masks were dropped, too
+    for index in range(len(training)):  # each sample is served its own image's logits
+        assert torch.equal(training[index]["image"], rows[int(teacher.rows[index])]["image"])
+    assert sorted(teacher.rows.tolist()) == list(range(len(rows)))
+
+
 def test_pseudo_labels_are_the_teachers_confident_top_class_at_unlabelled_pixels():
     torch.manual_seed(1)
     student = torch.randn(1, 3, 2, 4, dtype=torch.float64)
