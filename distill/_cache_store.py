@@ -127,10 +127,11 @@ class LogitStore:
     pickled into data-loader workers; nothing is loaded into memory beyond the rows asked for.
     """
 
-    def __init__(self, folder: Path, split: str, fingerprint: dict[str, Any], info: dict[str, Any]
-                 ) -> None:
+    def __init__(self, folder: Path, split: str, fingerprint: dict[str, Any], info: dict[str, Any],
+                 ids: Sequence[str]) -> None:
         self.folder = Path(folder)
         self.split = split
+        self.ids = list(ids)  # the sample id of each row (index.json, checked against the manifest)
         self.fingerprint = fingerprint
         self.info = info
         self.layout: replay_ops.Layout = fingerprint["layout"]
@@ -232,7 +233,7 @@ def open_store(recipe: Recipe, split: str | None = None) -> LogitStore:
         logger.warning("logit cache '%s': the non-top-k logits were fitted at temperature %s, "
                        "the recipe distils at %s (slightly less faithful tails; rerun "
                        "`distill cache` to refit)", folder, stored_t, recipe_t)
-    return LogitStore(folder, split, entry["fingerprint"], info)
+    return LogitStore(folder, split, entry["fingerprint"], info, ids)
 
 
 class CachedTeacher(nn.Module):
@@ -285,9 +286,7 @@ def load_cached_teacher(recipe: Recipe, num_classes: int) -> CachedTeacher:
         from distill.data import build_dataset
 
         train = build_dataset(recipe.data, recipe.data.train_split, train=False, unlabelled=True)
-        index = split_folder(store.folder, store.split) / "index.json"
-        rows = store_rows(json.loads(index.read_text()),
-                          [train.sample_id(i) for i in range(len(train))])
+        rows = store_rows(store.ids, [train.sample_id(i) for i in range(len(train))])
     return CachedTeacher(store, rows=rows)
 
 
