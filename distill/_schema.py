@@ -215,11 +215,23 @@ class EvalConfig(Section):
 class ExportConfig(Section):
     """Export of the student (``distill export``)."""
 
-    formats: list[Literal["onnx", "safetensors"]] = Field(
-        default_factory=lambda: ["onnx", "safetensors"], description="what `distill export` writes"
+    formats: list[Literal["onnx", "safetensors", "onnx_int8"]] = Field(
+        default_factory=lambda: ["onnx", "safetensors"], description="what `distill export` writes; "
+        "onnx_int8 adds student_int8.onnx (static INT8, calibrated) beside student.onnx"
     )
     opset: int = Field(18, ge=13, description="ONNX opset")
     atol: float = Field(1e-4, gt=0.0, description="parity tolerance (max abs logits difference)")
+    calibration_images: int = Field(
+        64, ge=1, description="onnx_int8: training images (eval transform) that calibrate the "
+        "activation ranges, spread over the training split"
+    )
+    calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="onnx_int8: how activation ranges are read from the calibration images"
+    )
+    int8_max_miou_drop: float = Field(
+        1.0, ge=0.0, description="onnx_int8: the export fails (keeping the previous one) when the INT8 "
+        "model scores more than this many mIoU points below the FP32 one on the validation split"
+    )
 
 
 class RunConfig(Section):

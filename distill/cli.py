@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("export_dir", help="a folder written by `distill export`")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--out", default="predictions", help="folder for the colour masks")
+    predict.add_argument("--int8", action="store_true",
+                         help="run the INT8 student (student_int8.onnx, export format onnx_int8)")
     add("recipe", "print the fully resolved recipe (every default written out)")
     return parser
 
@@ -215,7 +217,7 @@ def _predict(args: argparse.Namespace) -> int:
     from distill.predict import PredictError, predict
 
     try:
-        written = predict(args.export_dir, args.images, args.out)
+        written = predict(args.export_dir, args.images, args.out, int8=args.int8)
     except (PredictError, OSError) as error:
         _print_error(error)
         return 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import statistics
 import time
@@ -36,8 +37,11 @@ from distill.data import DatasetInfo, build_dataset, build_loader, dataset_info
 from distill.export import json_text
 from distill.evaluation import evaluate_model
 from distill.models import build_model, count_parameters, forward_padded
+from distill.predict import CONFIG_NAME
 from distill.progress import console
-from distill.run_folder import baseline_weights, compare_dir, ensure_writable_folder, exclusive_folder, trained_weights
+from distill.quantize import OnnxSegmenter
+from distill.run_folder import (baseline_weights, compare_dir, ensure_writable_folder, exclusive_folder, export_dir,
+                                trained_weights)
 from distill.teacher import scoring_teacher
 from distill.launch import make_accelerator
 
@@ -65,6 +69,29 @@ def _checkpoints(recipe: Recipe) -> dict[str, Path]:
     if baseline is not None:
         found["baseline"] = baseline
     return found
+
+
+def exported_students(recipe: Recipe, student: Path) -> dict[str, Path]:
+    """The export's ONNX files when it holds an INT8 student made from ``student``'s weights.
+
+    Rows ``student_onnx`` (FP32) and ``student_int8`` then join the comparison: the INT8 one is
+    what its accuracy and speed are judged against. An export of other weights is left out (and
+    said so), since its figures would not describe this student.
+    """
+    folder = export_dir(recipe)
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    files = config.get("files", {})
+    if "onnx_int8" not in files or "onnx" not in files:
+        return {}
+    if config.get("source", {}).get("checkpoint_sha256") != file_digest(student):
+        console.print(f"[yellow]{folder} was exported from other weights than {student}: its INT8 "
+                      "student is not compared (export again)")
+        return {}
+    paths = {"student_onnx": folder / files["onnx"], "student_int8": folder / files["onnx_int8"]}
+    return paths if all(p.is_file() for p in paths.values()) else {}
 
 
 def _build(recipe: Recipe, name: str, checkpoint: Path, info: DatasetInfo) -> nn.Module:
@@ -148,6 +175,8 @@ def compare(recipe: Recipe, split: str | None = None, *, latency_runs: int = 20,
         info = dataset_info(recipe.data)
         models = {name: _build(recipe, name, path, info).to(accelerator.device)
                   for name, path in checkpoints.items()}
+        for name, path in exported_students(recipe, checkpoints["student"]).items():
+            models[name], checkpoints[name] = OnnxSegmenter(path, threads), path
         loader = accelerator.prepare(build_loader(recipe.data, split, train=False, seed=recipe.train.seed,
                                                   label_resolution=recipe.eval.resolution == "label"))
         scores = {name: evaluate_model(model, loader, accelerator, num_classes=info.num_classes,
@@ -187,13 +216,18 @@ def _measure_and_write(recipe: Recipe, split: str, info: DatasetInfo, models: di
     finally:
         torch.set_num_threads(saved_threads)
     for name, model in models.items():
+        # An ONNX student is the student's network: its parameters and operations are the student's.
+        counted = models["student"] if isinstance(model, OnnxSegmenter) else model
         report["models"][name].update(
-            parameters=count_parameters(model), gflops=count_gflops(model, image), latency_ms=latency[name],
+            parameters=count_parameters(counted), gflops=count_gflops(counted, image), latency_ms=latency[name],
             checkpoint_bytes=checkpoints[name].stat().st_size, checkpoint_sha256=file_digest(checkpoints[name]))
     metrics = ("miou", "pixel_accuracy", "parameters", "gflops", "checkpoint_bytes", "latency_ms")
     teacher = report["models"]["teacher"]
     report["ratios"] = {f"{name}/teacher": {m: _ratio(report["models"][name][m], teacher[m]) for m in metrics}
                         for name in models if name != "teacher"}
+    if "student_int8" in models:
+        report["ratios"]["student_int8/student_onnx"] = {
+            m: _ratio(report["models"]["student_int8"][m], report["models"]["student_onnx"][m]) for m in metrics}
     report["per_class"] = per_class_rows(report, info.class_names)
     report["eval_resolution"] = list(image.shape[-2:])
     report["num_images"] = len(dataset)
@@ -203,6 +237,8 @@ def _measure_and_write(recipe: Recipe, split: str, info: DatasetInfo, models: di
                       f"{warmup_runs} warm-up runs, interleaved across models",
         "latency_threads": used_threads,
         "checkpoint_bytes": "file size on disk",
+        "onnx": "student_onnx and student_int8 are the export's ONNX files under onnxruntime (CPU); "
+                "their parameters and GFLOPs are the student's",
         "ratios": "model / teacher",
     }
     png, json_path = out / "compare.png", out / "compare.json"
@@ -251,6 +287,11 @@ LABELS = {"miou": "mIoU (%)", "pixel_accuracy": "pixel accuracy (%)", "parameter
           "gflops": "GFLOPs / image", "checkpoint_bytes": "checkpoint size", "latency_ms": "latency (batch 1)"}
 
 
+# Models followed by a ratio column: (key in report["ratios"], column title).
+RATIO_COLUMNS = {"student": ("student/teacher", "student / teacher"),
+                 "student_int8": ("student_int8/student_onnx", "INT8 / FP32 ONNX")}
+
+
 def summary_table(report: dict[str, Any]) -> Table:
     """Metrics of each model with the student/teacher ratio."""
     models = report["models"]
@@ -259,14 +300,14 @@ def summary_table(report: dict[str, Any]) -> Table:
     table.add_column("")
     for name in models:
         table.add_column(name, justify="right")
-        if name == "student":
-            table.add_column("student / teacher", justify="right")
+        if name in RATIO_COLUMNS:
+            table.add_column(RATIO_COLUMNS[name][1], justify="right")
     for metric, label in LABELS.items():
         cells = []
         for name in models:
             cells.append(_fmt(metric, models[name][metric]))
-            if name == "student":
-                ratio = report["ratios"]["student/teacher"][metric]
+            if name in RATIO_COLUMNS:
+                ratio = report["ratios"][RATIO_COLUMNS[name][0]][metric]
                 cells.append("-" if ratio is None else f"{ratio:.2f}x")
         table.add_row(label, *cells)
     conventions = report["conventions"]
@@ -338,8 +379,9 @@ def render_png(report: dict[str, Any], info: DatasetInfo, examples: list[dict[st
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    names, rows = list(report["models"]), len(examples)
-    colours = {"teacher": "#4c72b0", "student": "#dd8452", "baseline": "#8c8c8c"}
+    # The FP32 ONNX student predicts what the eager one does (export parity): not drawn twice.
+    names, rows = [n for n in report["models"] if n != "student_onnx"], len(examples)
+    colours = {"teacher": "#4c72b0", "student": "#dd8452", "baseline": "#8c8c8c", "student_int8": "#55a868"}
     # The colour key lists the classes visible in the examples (all of them for small datasets).
     seen = sorted({int(c) for e in examples for m in [e["mask"], *e["predictions"].values()]
                    for c in np.unique(m) if 0 <= c < info.num_classes})

@@ -7,6 +7,7 @@ a recipe (or takes yours); ``evaluate_checkpoint`` is ``distill eval``: a table 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def _predict_at_label_size(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 def evaluate_model(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
-    accelerator,
+    accelerator=None,
     *,
     num_classes: int,
     ignore_index: int,
@@ -132,16 +133,20 @@ def evaluate_model(
 
     Logits are resized (bilinear) to each label's own size before the argmax when they differ,
     so a model is scored at the label's resolution whatever its input size or output stride.
+    Without an ``accelerator`` the loop runs in this process alone, on the CPU, as it is (an
+    ONNX model scored by the export on the main process).
     """
     was_training = model.training
     model.eval()
-    total = torch.zeros(num_classes**2, dtype=torch.long, device=accelerator.device)
-    for batch in track(loader, progress_label, enabled=accelerator.is_main_process):
-        with accelerator.autocast():
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    total = torch.zeros(num_classes**2, dtype=torch.long, device=device)
+    main = accelerator is None or accelerator.is_main_process
+    for batch in track(loader, progress_label, enabled=main):
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             logits = forward_padded(model, batch["image"])
         mask = batch["mask"]
         counts = per_sample_confusion(_predict_at_label_size(logits, batch), mask, num_classes,
                                       ignore_index)
-        total += accelerator.gather_for_metrics(counts).sum(0)
+        total += (accelerator.gather_for_metrics(counts) if accelerator is not None else counts).sum(0)
     model.train(was_training)
     return scores_from_confusion(total.cpu().reshape(num_classes, num_classes))

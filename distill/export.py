@@ -12,8 +12,11 @@ Writes to ``<output_dir>/export/``:
   N, H and W, output ``logits`` [N, C, H, W]. The pad to a multiple of 32 (bottom/right,
   replicated edge) and the crop back are part of the graph, exactly as
   :func:`distill.models.forward_padded` does at evaluation, so any H and W work (CamVid 360x480);
+- ``student_int8.onnx`` (format ``onnx_int8``): the same graph statically quantized to INT8 and
+  calibrated on training images (:mod:`distill.quantize`), same input and output;
 - ``parity.json``: onnxruntime and the reloaded safetensors vs the eager student on real images
-  of the recipe's val split (max abs logit difference, argmax agreement).
+  of the recipe's val split (max abs logit difference, argmax agreement); with INT8, both ONNX
+  students' mIoU on the whole val split, their argmax agreement and the operators left in float.
 
 The ONNX graph comes from the TorchScript-based exporter (``dynamo=False``): it writes one file
 and took under a second here where the ``torch.export``-based one took about 30 s for the same
@@ -48,10 +51,12 @@ from distill.data import DatasetInfo, build_dataset, dataset_info
 from distill.models import ModelError, build_model, forward_padded  # noqa: F401  (ModelError: raised through)
 from distill.predict import CONFIG_NAME, PredictError, load_export_config, predict  # noqa: F401  (re-exported)
 from distill.progress import console
+from distill.quantize import QuantizationError, export_int8
 from distill.run_folder import ensure_writable_folder, exclusive_folder, export_dir, trained_weights
 
-FORMATS = ("onnx", "safetensors")
-FILES = {"onnx": "student.onnx", "safetensors": "student.safetensors"}  # safetensors: factory students
+FORMATS = ("onnx", "safetensors", "onnx_int8")
+FILES = {"onnx": "student.onnx", "safetensors": "student.safetensors",  # safetensors: factory students
+         "onnx_int8": "student_int8.onnx"}
 SMP_FILES = ("config.json", "model.safetensors", "README.md")  # smp's save_pretrained
 PAD_MULTIPLE = 32
 
@@ -96,6 +101,8 @@ def _parse_formats(formats: Any, recipe: Recipe) -> list[str]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"export format(s) {unknown or formats} not supported; choose from {list(FORMATS)}")
+    if "onnx_int8" in formats:  # quantized from the FP32 graph, which it is compared with
+        formats = [*formats, "onnx"]
     return [f for f in FORMATS if f in formats]
 
 
@@ -139,6 +146,11 @@ def export_config(recipe: Recipe, spec: ModelConfig, info: DatasetInfo, checkpoi
         "onnx": {"input": "image", "output": "logits", "opset": recipe.export.opset,
                  "dynamic_axes": ["batch", "height", "width"], "exporter": exporter}
         if "onnx" in formats else None,
+        "onnx_int8": {"file": FILES["onnx_int8"], "format": "QDQ, int8 weights per channel, uint8 activations",
+                      "calibration_method": recipe.export.calibration_method,
+                      "note": "same input, output and dynamic axes as student.onnx; parity.json has "
+                              "its mIoU beside the FP32 student's"}
+        if "onnx_int8" in formats else None,
         "smp_reload": smp_reload,
         "smp": {"create_model": {"arch": spec.arch, "encoder_name": spec.encoder, "encoder_weights": None,
                                  "classes": info.num_classes, **spec.arch_kwargs}} if smp_reload else None,
@@ -263,6 +275,15 @@ def parity_table(results: dict[str, dict[str, float]], atol: float, title: str) 
     return table
 
 
+def int8_line(report: dict[str, Any]) -> str:
+    """One line on the INT8 student: both mIoU figures, agreement, size, float operators."""
+    floats = ", ".join(f"{op} x{n}" for op, n in report["float_ops"].items()) or "none"
+    return (f"INT8 student: mIoU {100 * report['int8_miou']:.2f} vs FP32 {100 * report['fp32_miou']:.2f} "
+            f"on {report['split']} ({100 * report['miou_drop']:.2f} points lost), argmax agreement "
+            f"{100 * report['argmax_agreement']:.2f}%, {report['size_ratio']:.2f}x the FP32 file; "
+            f"operators left in float: {floats}")
+
+
 # --------------------------------------------------------------------------------------------
 # The command
 
@@ -353,6 +374,13 @@ def _write_export(recipe: Recipe, model: nn.Module, spec: ModelConfig, info: Dat
                 f"export parity failed: max abs logit difference vs the eager student {measured} "
                 f"exceeds export.atol={atol:g} (nothing was written to {out})"
             )
+        if "onnx_int8" in formats:
+            try:
+                parity["int8"] = export_int8(recipe, staging / FILES["onnx"], staging / FILES["onnx_int8"])
+            except QuantizationError as error:
+                raise ExportError(f"{error} (nothing was written to {out})") from None
+            console.print(int8_line(parity["int8"]))
+            atomic_write_text(staging / "parity.json", json_text(parity))
         if "safetensors" not in formats:
             for name in (*SMP_FILES, FILES["safetensors"]):
                 (staging / name).unlink(missing_ok=True)

@@ -3,7 +3,7 @@
 Stages: ``teacher`` (when the recipe gives no teacher checkpoint), ``cache`` (when
 ``teacher.mode`` is ``cache``), ``baseline`` (the student without a teacher, when
 ``run.baseline``), ``student`` (distilled), ``compare`` and ``export`` (when ``run.compare`` /
-``run.export``). A stage is done when its folder holds ``done.json`` whose fingerprint matches
+``run.export``; export first when it writes an INT8 student, which compare then scores). A stage is done when its folder holds ``done.json`` whose fingerprint matches
 what the stage would be made from now (its part of the recipe and the weights it reads);
 otherwise it runs again, and a training stage resumes from its last checkpoint of the same inputs.
 The logit store keeps its own fingerprint: ``write_cache`` skips a store that is up to date and
@@ -81,7 +81,9 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
         weights["teacher"] = file_digest(trained_weights(recipe, "teacher"))
     if recipe.eval.checkpoint is not None:
         weights["eval.checkpoint"] = file_digest(recipe.eval.checkpoint)
-    sections = ("data", "eval", "export") if stage == "export" else ("data", "eval")
+    # With an INT8 export the comparison scores the export's ONNX students too.
+    reads_export = stage == "export" or "onnx_int8" in recipe.export.formats
+    sections = ("data", "eval", "export") if reads_export else ("data", "eval")
     return _digest({"weights": weights, "mixed_precision": recipe.train.mixed_precision,
                     **{k: getattr(recipe, k).model_dump(mode="json") for k in sections}})
 
@@ -100,7 +102,9 @@ def planned_stages(recipe: Recipe) -> list[str]:
     if recipe.run.compare and teacher_weights:
         stages.append("compare")
     if recipe.run.export:
-        stages.append("export")
+        # An INT8 export comes first: the comparison then sets it beside the FP32 student.
+        stages.insert(len(stages) - 1 if "onnx_int8" in recipe.export.formats and "compare" in stages
+                      else len(stages), "export")
     return stages
 
 

@@ -1,7 +1,7 @@
-"""``distill predict EXPORT_DIR IMAGE... [--out DIR]``: run an exported student without PyTorch.
+"""``distill predict EXPORT_DIR IMAGE... [--out DIR] [--int8]``: run an exported student without PyTorch.
 
 This module is the proof that an export stands on its own: it reads ``distill.json`` and
-``student.onnx`` written by :func:`distill.export.export_student` and needs only numpy, Pillow
+``student.onnx`` (or ``student_int8.onnx``) written by :func:`distill.export.export_student` and needs only numpy, Pillow
 and onnxruntime. It imports nothing from ``distill`` nor torch
 itself, so it can be copied next to an export, or loaded by file path, and run where torch is not
 installed::
@@ -75,15 +75,16 @@ def palette_image(labels: np.ndarray, palette: list[list[int]]) -> Image.Image:
     return mask
 
 
-def _session(export_dir: Path, config: dict[str, Any], threads: int | None):
+def _session(export_dir: Path, config: dict[str, Any], threads: int | None, int8: bool = False):
     import onnxruntime as ort
 
-    name = config["files"].get("onnx")
+    kind = "onnx_int8" if int8 else "onnx"
+    name = config["files"].get(kind)
     model_path = export_dir / name if name else None
     if model_path is None or not model_path.is_file():
         raise PredictError(
-            f"{export_dir} holds no ONNX model ({model_path or 'distill.json lists none'}); "
-            f"export with format=onnx"
+            f"{export_dir} holds no {'INT8 ' if int8 else ''}ONNX model "
+            f"({model_path or 'distill.json lists none'}); export with format={kind}"
         )
     options = ort.SessionOptions()
     if threads:
@@ -108,8 +109,12 @@ def predict(
     out_dir: str | os.PathLike[str],
     *,
     threads: int | None = None,
+    int8: bool = False,
 ) -> list[Path]:
     """Segment ``images`` with the exported ONNX student; write ``<out_dir>/<stem>_mask.png``.
+
+    With ``int8`` the INT8 student (``student_int8.onnx``, export format ``onnx_int8``) runs
+    instead of the FP32 one.
 
     Returns the written paths, in the order of ``images``. Each mask is written through a
     temporary name and a rename, so an interrupted run leaves no half-written PNG.
@@ -129,7 +134,7 @@ def predict(
             raise PredictError(f"images '{by_stem[path.stem]}' and '{path}' would both write "
                                f"'{path.stem}_mask.png': predict them into different --out folders")
         by_stem[path.stem] = path
-    session = _session(export_dir, config, threads)
+    session = _session(export_dir, config, threads, int8)
     input_name = config.get("onnx", {}).get("input", session.get_inputs()[0].name)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

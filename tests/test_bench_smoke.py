@@ -38,8 +38,9 @@ def test_kd_loss_bench(tmp_path, loss):
 
 def test_export_latency_bench(tmp_path):
     report = run_bench("export_latency.py", "--recipe", QUICKSTART, "--classes", "4", "--size", "64", "64",
-                       "--repeats", "1", "--warmup", "0", "--threads", "1", tmp_path=tmp_path)
-    assert report
+                       "--repeats", "1", "--warmup", "0", "--threads", "1", "--calibration", "2", tmp_path=tmp_path)
+    assert report["int8"]["calibration_images"] == 2 and report["int8"]["int8_bytes"] > 0
+    assert report["results"][0]["ratio_int8_to_onnxruntime"] > 0
 
 
 def test_cache_bench(tmp_path):
