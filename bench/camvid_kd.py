@@ -66,6 +66,8 @@ SETTINGS: dict[str, list[str]] = {
     # Schedules: distillation often needs a longer one than CE alone.
     "epochs40": ["train.epochs=40"],
     "epochs80": ["train.epochs=80"],
+    # With data.labelled_fraction: distil on the kept masks alone (the other images unused).
+    "labelled_only": ["data.unlabelled_ratio=0"],
 }
 
 

@@ -277,8 +277,7 @@ class Recipe(Section):
         if self.data.unlabelled and self.teacher is None:
             raise ValueError("data.unlabelled needs a `teacher`: without one, images without masks "
                              "teach the student nothing")
-        if (self.data.unlabelled or self.data.labelled_fraction < 1) and self.data.unlabelled_ratio == 0 \
-                and self.teacher is not None:
+        if self.data.unlabelled and self.data.unlabelled_ratio == 0 and self.teacher is not None:
             raise ValueError("data.unlabelled_ratio is 0: the unlabelled images would never be drawn")
         if self.model is not None and (self.student is not None or self.teacher is not None):
             raise ValueError("use either `model` (one model) or `student`/`teacher`, not both")

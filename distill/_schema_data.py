@@ -112,7 +112,7 @@ class DataConfig(Section):
     )
     unlabelled_ratio: float = Field(
         0.5, ge=0.0, lt=1.0, description="share of each distillation batch drawn from the "
-        "unlabelled images, when there are any"
+        "unlabelled images, when there are any; 0 with labelled_fraction distils on the kept masks alone"
     )
 
     @field_validator("labelled_fraction")

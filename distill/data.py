@@ -363,8 +363,10 @@ def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0,
     Training loaders shuffle with a generator seeded from ``seed`` and drop the last partial
     batch; evaluation loaders keep the order and every sample. With ``unlabelled`` (the
     distilled student's training loader) and images without masks, each batch holds
-    ``data.unlabelled_ratio`` of them (:class:`distill._unlabelled.MixedBatchSampler`).
+    ``data.unlabelled_ratio`` of them (:class:`distill._unlabelled.MixedBatchSampler`); a ratio
+    of 0 leaves them out (``labelled_fraction`` then distils on the kept masks alone).
     """
+    unlabelled = unlabelled and data.unlabelled_ratio > 0
     dataset = build_dataset(data, split, train=train, seed=seed, label_resolution=label_resolution,
                             unlabelled=unlabelled)
     batch_size = data.batch_size if train else (data.eval_batch_size or data.batch_size)

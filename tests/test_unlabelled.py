@@ -195,3 +195,17 @@ def test_settings_that_would_silently_mislead_are_refused():
         recipe_from_dict({"student": {}, "teacher": {"class_names": ["a", "b"]}})
     with pytest.raises(DataError, match="data.batch_size 1 cannot hold both"):
         MixedBatchSampler([0, 1], [2], batch_size=1, ratio=0.5, seed=0, dataset=None)
+
+
+def test_a_ratio_of_zero_distils_on_the_kept_masks_alone():
+    cfg = data(labelled_fraction=0.25, unlabelled_ratio=0.0, batch_size=1)
+    loader = build_loader(cfg, "train", train=True, unlabelled=True)
+    assert [loader.dataset.sample_id(i) for i in range(len(loader.dataset))] == \
+        [f"synthetic/train/{k:06d}" for k in (0, 4, 8)]
+    batches = list(loader)
+    assert sorted(int(b["index"]) for b in batches) == [0, 1, 2]
+    assert all(bool(b["labelled"].all()) and "kd_mask" not in b for b in batches)
+    # An unlabelled source with a ratio of 0 would never be drawn: refused.
+    with pytest.raises(RecipeError, match="unlabelled_ratio is 0: the unlabelled images would never be drawn"):
+        recipe_from_dict({"student": {}, "teacher": {},
+                          "data": {"unlabelled": [{"synthetic": 8}], "unlabelled_ratio": 0}})
