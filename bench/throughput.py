@@ -22,6 +22,9 @@ Measured, with targets:
    (so no variant always follows another); every ratio is the median over rounds of the ratio
    within a round (adjacent in time, so robust to other jobs on a shared machine), with its
    interquartile range.
+   With a feature term too (``FEATURE``: the streamed step plus a FitNets hint between the
+   deepest encoder stages through its adapter): step time as a ratio to the streamed step, and
+   peak RSS.
 4. The data loader alone: ``build_loader(..., train=True)`` with the recipe's ``num_workers``
    iterating real batches (PNG decode, resize, random scale/crop/flip, collate), one fresh loader
    per round (interleaved with 1-3): steady images/s after the first batch, as a multiple of
@@ -77,6 +80,9 @@ from benchlib import save_json
 
 REPO = Path(__file__).resolve().parents[1]
 CACHED_TARGET = 1.10   # cached distillation step / student step
+# The feature term measured beside the streamed step: FitNets hint on the deepest encoder stages
+# (the README's example), its adapter trained by a second AdamW.
+FEATURE = {"kind": "hint", "pairs": [(-1, -1)]}
 STREAMED_TARGET = 1.10  # streamed / (student + teacher fwd)
 LOADER_TARGET = 2.0    # loader images/s / student images/s
 THREADS = 2
@@ -239,9 +245,21 @@ class Trainer:
         self.pixel_kl = DistillLoss.from_config(recipe.loss.model_copy(update={"kind": "kl"}),
                                                 ignore_index=info.ignore_index)
 
-    def step(self, batch: dict, teacher: Any = None, criterion: Any = None) -> float:
+    def feature_term(self, teacher: Any) -> Any:
+        """The feature term of ``FEATURE`` between this student and a streamed ``teacher``, with
+        its adapters' own AdamW (train() puts them in the student's optimizer)."""
+        import torch
+
+        from distill.features import FeatureDistillation
+
+        term = FeatureDistillation(self.model, teacher.model, FEATURE["pairs"], kind=FEATURE["kind"],
+                                   ignore_index=self.info.ignore_index)
+        self.adapter_optimizer = torch.optim.AdamW(term.parameters(), lr=self.recipe.train.lr)
+        return term
+
+    def step(self, batch: dict, teacher: Any = None, criterion: Any = None, features: Any = None) -> float:
         """One optimizer step on ``batch``; returns its wall time in seconds. ``criterion``:
-        the loss with a teacher (default: the recipe's)."""
+        the loss with a teacher (default: the recipe's); ``features``: a feature term too."""
         import torch
 
         acc, start = self.accelerator, time.perf_counter()
@@ -255,12 +273,18 @@ class Trainer:
                 if criterion is None:
                     criterion = self.distill if teacher is not None else self.plain
                 parts = criterion(student_logits, batch["mask"], teacher_logits)
+                if features is not None:
+                    size = tuple(images.shape[-2:])
+                    parts["loss"] = parts["loss"] + features(size, size, batch["mask"])
             # distill.training._check_finite: one host sync on the loss (reduced across processes
             # there; a single process here)
             if not torch.isfinite(parts["loss"].detach()).item():
                 raise RuntimeError(f"non-finite loss: {parts}")
             acc.backward(parts["loss"])
             self.optimizer.step()
+            if features is not None:
+                self.adapter_optimizer.step()
+                self.adapter_optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -298,15 +322,16 @@ def worker(spec_path: str) -> None:
     if spec["variant"] == "cached":
         from distill.cache import CachedTeacher, open_store
         teacher = CachedTeacher(open_store(recipe))
-    elif spec["variant"] == "streamed":
+    elif spec["variant"] in ("streamed", "streamed_feature"):
         from distill.teacher import load_teacher
         teacher = load_teacher(recipe, dataset_info(recipe.data).num_classes)
+    features = trainer.feature_term(teacher) if spec["variant"] == "streamed_feature" else None
     before = rss_kib()
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         if i == spec["warmup"]:
             meter = CpuMeter()
-        seconds = trainer.step(batches[i % len(batches)], teacher)
+        seconds = trainer.step(batches[i % len(batches)], teacher, features=features)
         if i >= spec["warmup"]:
             times.append(seconds)
     cpu = meter.read()
@@ -368,7 +393,7 @@ def measure_malloc(recipe: Any, batches: list[dict], work: Path, cfg: dict, seed
     untuned = [r for r in runs if not r["malloc"]]
     variants = []
     if cfg["rss_variants"]:
-        for j, variant in enumerate(("cached", "streamed")):
+        for j, variant in enumerate(("cached", "streamed", "streamed_feature")):
             variants.append(run_worker({**base, "variant": variant, "malloc": True,
                                         "steps": max(3, cfg["worker_steps"] // 2)},
                                        work, len(order) + j))
@@ -527,6 +552,7 @@ def measure_rounds(trainer: Trainer, recipe: Any, full: Any, batches: list[dict]
     info = trainer.info
     cached = CachedTeacher(open_store(recipe))
     streamed = load_teacher(recipe, info.num_classes)
+    features = trainer.feature_term(streamed)
     temperature = recipe.loss.temperature
     logits = {}
 
@@ -556,6 +582,7 @@ def measure_rounds(trainer: Trainer, recipe: Any, full: Any, batches: list[dict]
         "cached": lambda b: trainer.step(b, cached),
         **({"cached_kl": lambda b: trainer.step(b, cached, trainer.pixel_kl)} if kind != "kl" else {}),
         "streamed": lambda b: trainer.step(b, streamed),
+        "streamed_feature": lambda b: trainer.step(b, streamed, features=features),
         "teacher_forward": lambda b: timed(lambda: streamed(b)),
         "cached_targets": lambda b: timed(lambda: cached(b)),
         "kd_loss": lambda b: timed(lambda: kd_part(b)),
@@ -600,6 +627,7 @@ def measure_rounds(trainer: Trainer, recipe: Any, full: Any, batches: list[dict]
     paired = {
         "cached_vs_student": [c / s for c, s in zip(times["cached"], student)],
         "streamed_vs_student": [c / s for c, s in zip(times["streamed"], student)],
+        "streamed_feature_vs_streamed": [f / c for f, c in zip(times["streamed_feature"], times["streamed"])],
         "streamed_vs_student_plus_teacher": [
             c / (s + t) for c, s, t in zip(times["streamed"], student, times["teacher_forward"])],
         "loader_vs_student_consumption": [
@@ -662,6 +690,12 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
          "ratio": ratio["streamed_vs_student"][1],
          "iqr": [ratio["streamed_vs_student"][0], ratio["streamed_vs_student"][2]],
          "target": "-", "met": None},
+        {"name": f"streamed + feature term ({FEATURE['kind']}, pairs {FEATURE['pairs']})",
+         "s_per_step": med["streamed_feature"], "images_per_s": bs / med["streamed_feature"],
+         "peak_rss_mib": rss.get("streamed_feature"),
+         "ratio": ratio["streamed_feature_vs_streamed"][1],
+         "iqr": [ratio["streamed_feature_vs_streamed"][0], ratio["streamed_feature_vs_streamed"][2]],
+         "target": "step time / streamed", "met": None},
         {"name": "teacher forward alone",
          "s_per_step": med["teacher_forward"], "images_per_s": bs / med["teacher_forward"],
          "peak_rss_mib": None, "ratio": med["teacher_forward"] / med["student"], "iqr": None,

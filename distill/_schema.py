@@ -124,6 +124,23 @@ class CacheConfig(Section):
         return value
 
 
+class FeatureConfig(Section):
+    """A second target: the teacher's intermediate features, through adapters (README, Feature
+    distillation). Streamed teachers only."""
+
+    kind: Literal["none", "hint", "cwd"] = Field(
+        "none", description="none: logits only; hint: MSE of per-channel standardized features "
+        "(FitNets); cwd: channel-wise distillation of features (Shu 2021)"
+    )
+    weight: float = Field(1.0, gt=0.0, description="weight of the feature term beside ce and kd")
+    pairs: list[tuple[int | Literal["decoder"], int | Literal["decoder"]]] = Field(
+        default_factory=lambda: [(-1, -1)], min_length=1,
+        description="(student layer, teacher layer) pairs: an integer is an encoder stage (0 the "
+        "first, -1 the deepest), `decoder` the decoder's output; the term is their mean",
+    )
+    tau: float = Field(1.0, gt=0.0, description="temperature of kind cwd (its softmax over positions)")
+
+
 class LossConfig(Section):
     """``loss = ce_weight * CE(hard labels) + kd_weight * T^2 * KL(teacher || student)``."""
 
@@ -148,6 +165,8 @@ class LossConfig(Section):
         0.9, gt=0.0, le=1.0, description="teacher probability (softmax at loss.temperature) a "
         "pseudo-label needs"
     )
+    feature: FeatureConfig = Field(default_factory=FeatureConfig,
+                                   description="feature distillation beside the logits' term")
 
     @model_validator(mode="after")
     def _pseudo_needs_the_teacher(self) -> LossConfig:
@@ -290,6 +309,19 @@ class Recipe(Section):
                 "teacher.mean/teacher.std describe an external teacher checkpoint; a teacher "
                 "trained by distill uses data.mean/data.std (set teacher.checkpoint, or drop them)"
             )
+        if self.loss.feature.kind != "none" and self.teacher is not None:
+            if self.teacher.mode == "cache":
+                raise ValueError(
+                    f"loss.feature.kind '{self.loss.feature.kind}' needs teacher.mode 'stream': the "
+                    "cache stores top-k logits, and a teacher's features (hundreds of channels at "
+                    "every position) are far too large to store"
+                )
+            if self.teacher.source not in ("smp", "smp_hub"):
+                raise ValueError(
+                    f"loss.feature reads the teacher's encoder and decoder, which smp models have; "
+                    f"a teacher from source '{self.teacher.source}' is distilled through its logits "
+                    "only (set loss.feature.kind to none)"
+                )
         if self.teacher is not None and self.teacher.mode == "cache":
             if self.data.resize is None:
                 raise ValueError(
@@ -350,5 +382,5 @@ class Recipe(Section):
 
     @property
     def distills(self) -> bool:
-        """True when a teacher is configured and the KD term has weight."""
-        return self.teacher is not None and self.loss.kd_weight > 0
+        """True when a teacher is configured and the KD term has weight (or a feature term is on)."""
+        return self.teacher is not None and (self.loss.kd_weight > 0 or self.loss.feature.kind != "none")

@@ -11,6 +11,11 @@ import numpy as np
 from distill._files import DataError, Palette, label_colormap
 
 
+_MEMO: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_memo_bytes = [0]
+_MEMO_LIMIT = 256 << 20
+
+
 class SyntheticShapes:
     """The built-in dataset: shapes on cluttered backgrounds, generated from a seed, no files.
 
@@ -69,6 +74,20 @@ class SyntheticShapes:
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The raw sample: uint8 RGB image [H, W, 3] and int64 mask [H, W]."""
+        # A sample is a pure function of its key, and generating one costs about as much as a
+        # small student's step spends on it: each is made once per process and kept (copies go
+        # out, so no caller can change the kept one), up to _MEMO_LIMIT bytes.
+        key = (self.config.seed, self.split, index, self.height, self.width, self.num_classes)
+        kept = _MEMO.get(key)
+        if kept is None:
+            kept = self._generate(index)
+            size = kept[0].nbytes + kept[1].nbytes
+            if _memo_bytes[0] + size <= _MEMO_LIMIT:
+                _MEMO[key] = kept
+                _memo_bytes[0] += size
+        return kept[0].copy(), kept[1].copy()
+
+    def _generate(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         seed = self.config.seed % (1 << 64)
         rng = np.random.default_rng([seed, self.SPLITS[self.split], index])
         image = self._background(rng)

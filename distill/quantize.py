@@ -3,7 +3,8 @@
 ``distill export format=onnx_int8`` writes ``student_int8.onnx`` beside ``student.onnx``:
 
 1. the FP32 graph is pre-processed (``onnxruntime.quantization.quant_pre_process``: shape
-   inference and graph optimization, which folds what quantization would otherwise wrap);
+   inference and graph optimization, which folds what quantization would otherwise wrap), and
+   spatial means rewritten as the pooling onnxruntime has an integer kernel for;
 2. ``quantize_static`` in the QDQ format (the one onnxruntime's CPU kernels are optimized for),
    weights int8 per output channel, activations uint8 with ranges calibrated on
    ``export.calibration_images`` training images through the evaluation transform (the
@@ -125,6 +126,7 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Iterable[np.nda
             quant_pre_process(str(fp32_path), str(prepared), auto_merge=True, guess_output_rank=True)
         finally:
             shape_logger.setLevel(level)
+        pool_spatial_means(prepared)
         input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
         reader = _Calibration(calibration, input_name)
         quantize_static(
@@ -146,6 +148,50 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Iterable[np.nda
     return {"calibration_method": method, "calibration_images": reader.count, "per_channel": per_channel,
             "float_ops": float_operators(int8_path),
             "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
+
+
+def pool_spatial_means(path: Path) -> int:
+    """Rewrite each ReduceMean over the two spatial axes of a 4-D tensor (dimensions kept) as
+    GlobalAveragePool, in place; returns how many were rewritten.
+
+    The two compute the same thing, but onnxruntime has an integer kernel for the pooling
+    (QLinearGlobalAveragePool) and none for the reduction, which then runs dequantized in float:
+    a MobileNetV3's squeeze-and-excitation blocks pool this way, one per block.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = onnx.shape_inference.infer_shapes(model).graph  # the ranks; the rewrite edits `model`
+    ranks = {value.name: len(value.type.tensor_type.shape.dim)
+             for value in (*graph.value_info, *graph.input, *graph.output)
+             if value.type.tensor_type.HasField("shape")}
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    rewritten, freed = 0, set()
+    for node in graph.node:
+        if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4:
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = attributes.get("axes")
+        if axes is None and len(node.input) > 1:  # opset 18: the axes are an input
+            axes = constants.get(node.input[1])
+        if axes is None or attributes.get("keepdims", 1) != 1 or sorted(int(a) % 4 for a in axes) != [2, 3]:
+            continue
+        freed.update(node.input[1:])
+        node.op_type = "GlobalAveragePool"
+        del node.input[1:]
+        del node.attribute[:]
+        rewritten += 1
+    still_read = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name in freed - still_read]:
+        graph.initializer.remove(init)
+    if rewritten:
+        onnx.save(model, str(path))
+    return rewritten
 
 
 def _keep_interface(fp32_path: Path, int8_path: Path) -> None:

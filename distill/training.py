@@ -37,15 +37,17 @@ from distill.data import build_loader, dataset_info, loader_for_dataset
 from distill.launch import TrainingError, make_accelerator
 from distill.losses import DistillLoss
 from distill.evaluation import evaluate_model
+from distill.features import FeatureDistillation, FeatureError
 from distill.models import Stage, build_model, forward_padded, stage_model
 from distill.progress import console, make_progress, report
 from distill.run_folder import exclusive_folder, stage_dir
 from distill.teacher import Teacher, load_teacher
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW or SGD over the trainable parameters, as the recipe's ``train`` section says."""
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, *more: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters (of ``model`` and ``more``, such as the feature
+    adapters), as the recipe's ``train`` section says."""
     cfg = recipe.train
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for m in (model, *more) for p in m.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -121,6 +123,8 @@ def train(
     main = accelerator.is_main_process
 
     model = student if student is not None else build_model(stage_model(recipe, stage), info.num_classes)
+    if accelerator.num_processes > 1:
+        _freeze_unreached(model)
     # The teacher serves targets for a batch: a module of the caller's, the recipe's model run on
     # every batch, or its logits replayed from the cache; the loop below never asks which.
     if teacher is not None:
@@ -134,6 +138,9 @@ def train(
         teacher = teacher.to(accelerator.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    features = None  # the feature term's adapters, trained beside the student, never saved with it
+    if teacher is not None and recipe.loss.feature.kind != "none":
+        features = feature_distillation(recipe, model, teacher, info.ignore_index)
     if teacher is not None:
         criterion = DistillLoss.from_config(recipe.loss, ignore_index=info.ignore_index)
     else:  # plain training: CE at weight 1 (the recipe's weights are the distillation's balance)
@@ -153,10 +160,13 @@ def train(
                                   label_resolution=recipe.eval.resolution == "label")
     # One writer per stage folder, from before its first write to the end of the run.
     with exclusive_folder(run_dir, accelerator):
-        optimizer = build_optimizer(model, recipe)
+        optimizer = build_optimizer(model, recipe, *([features] if features is not None else []))
         model, optimizer, train_loader, val_loader = accelerator.prepare(
             model, optimizer, train_loader, val_loader
         )
+        if features is not None:  # prepared (DDP, device) and so in save_state's checkpoint too
+            features = accelerator.prepare(features)
+        trained = (model,) if features is None else (model, features)
         if len(train_loader) == 0:
             raise TrainingError(
                 f"no training batch: {len(train_loader.dataset)} images in split "
@@ -205,16 +215,19 @@ def train(
                 train_loader.set_epoch(epoch)
                 if hasattr(train_loader.dataset, "set_epoch"):  # distill's datasets: augmentation epoch
                     train_loader.dataset.set_epoch(epoch)
-                model.train()
+                for module in trained:
+                    module.train()
                 progress.reset(steps_bar, total=len(train_loader))
                 window_start, window_images = time.perf_counter(), 0
                 for batch in train_loader:
-                    with accelerator.accumulate(model):
-                        parts = distillation_step(batch, model, teacher, criterion, accelerator, cfg.channels_last)
+                    with accelerator.accumulate(*trained):
+                        parts = distillation_step(batch, model, teacher, criterion, accelerator, cfg.channels_last,
+                                                  features=features, feature_weight=recipe.loss.feature.weight)
                         _check_finite(parts, state["step"], batch, accelerator)
                         accelerator.backward(parts["loss"])
                         if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                            accelerator.clip_grad_norm_([p for m in trained for p in m.parameters()],
+                                                        cfg.max_grad_norm)
                         optimizer.step()
                         if accelerator.sync_gradients:
                             scheduler.step()
@@ -292,11 +305,17 @@ def distillation_step(
     criterion: DistillLoss,
     accelerator: Accelerator,
     channels_last: bool = False,
+    *,
+    features: torch.nn.Module | None = None,
+    feature_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """``loss = ce_weight * CE(student, labels) + kd_weight * T^2 * KL(teacher || student)``.
+    """``loss = ce_weight * CE(student, labels) + kd_weight * T^2 * KL(teacher || student)``
+    ``[+ feature_weight * feature term]``.
 
-    Returns the loss parts (``loss``, ``ce``, ``kd``); without a teacher ``kd`` is 0 and not
-    computed. The teacher (streamed or cached) runs under the same autocast as the student.
+    Returns the loss parts (``loss``, ``ce``, ``kd``, and ``feature`` with ``features``, a
+    :class:`distill.features.FeatureDistillation`, whose hooks read both forwards); without a
+    teacher ``kd`` is 0 and not computed. The teacher (streamed or cached) runs under the same
+    autocast as the student.
     """
     images = batch["image"]
     if channels_last:
@@ -305,8 +324,49 @@ def distillation_step(
         teacher_logits = teacher(batch) if teacher is not None else None
         student_logits = forward_padded(student, images)  # any crop size, not only multiples of 32
         share = _share_of_global_mean(accelerator) if accelerator.num_processes > 1 else None
-        return criterion(student_logits, batch["mask"], teacher_logits, share=share,
-                         kd_target=batch.get("kd_mask"))
+        parts = criterion(student_logits, batch["mask"], teacher_logits, share=share,
+                          kd_target=batch.get("kd_mask"))
+        if features is not None:
+            size = tuple(images.shape[-2:])
+            parts["feature"] = features(size, teacher.input_size or size, batch.get("kd_mask", batch["mask"]))
+            parts["loss"] = parts["loss"] + feature_weight * parts["feature"]
+        return parts
+
+
+def feature_distillation(recipe: Recipe, student: torch.nn.Module, teacher: Teacher,
+                         ignore_index: int) -> FeatureDistillation:
+    """The recipe's feature term between ``student`` and the streamed ``teacher``'s model."""
+    cfg = recipe.loss.feature
+    if not isinstance(teacher, Teacher):
+        raise TrainingError("loss.feature needs a streamed teacher (teacher.mode stream)")
+    try:
+        return FeatureDistillation(student, teacher.model, cfg.pairs, kind=cfg.kind, tau=cfg.tau,
+                                   ignore_index=ignore_index)
+    except FeatureError as error:
+        raise TrainingError(f"loss.feature.pairs: {error}") from None
+
+
+def _freeze_unreached(model: torch.nn.Module) -> None:
+    """Stop training parameters that no forward reaches (an smp encoder cut short by
+    ``encoder_depth`` keeps its deeper stages): DDP waits for a gradient of every trainable
+    parameter and would stop the run at the second step. One small forward and backward, in eval
+    mode so that no batch-norm statistic moves."""
+    was_training = model.training
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return
+    model.eval()
+    try:
+        forward_padded(model, torch.zeros(1, 3, 64, 64, device=parameter.device)).float().sum().backward()
+    except Exception:  # a model that cannot take this image is left as it is
+        model.zero_grad(set_to_none=True)
+        return
+    finally:
+        model.train(was_training)
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
 
 
 def _share_of_global_mean(accelerator: Accelerator) -> Callable[[torch.Tensor], torch.Tensor]:

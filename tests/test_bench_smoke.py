@@ -52,6 +52,16 @@ def test_cache_bench(tmp_path):
 def test_throughput_bench(tmp_path):
     report = run_bench("throughput.py", "--smoke", "--skip-omp", "--recipe", QUICKSTART, tmp_path=tmp_path)
     assert report["summary"] and report["real_data"] is False
+    assert any(row["name"].startswith("streamed + feature term") for row in report["summary"])
+
+
+def test_teachers_bench(tmp_path):
+    report = run_bench("teachers.py", "--smoke", "--size", "64", "64", "--images", "4", "--batch", "2",
+                       "--repeats", "1", tmp_path=tmp_path)
+    assert [r["source"] for r in report["rows"]] == ["smp", "smp_hub", "onnx", "torchvision", "transformers"]
+    shapes = {r["source"]: r["logits_shape"] for r in report["rows"]}
+    assert shapes["onnx"] == shapes["smp"] == [2, 11, 64, 64] and shapes["transformers"] == [2, 11, 16, 16]
+    assert all(r["forward_ms_per_image"] > 0 and r["cache_write_ms_per_image"] > 0 for r in report["rows"])
 
 
 def test_omp_wait_bench(tmp_path):

@@ -151,3 +151,22 @@ def test_two_process_distillation_on_mixed_batches(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2]
     assert all(r["kd"] > 0 and r["ce"] > 0 for r in records if "loss" in r)
+
+
+def test_two_process_feature_distillation(tmp_path):
+    # The adapters are a second prepared module (DDP) beside the student: both processes step
+    # them together, and the hooks read the features under the DDP wrapper.
+    from test_features import smp_recipe
+
+    recipe = smp_recipe(tmp_path, **{"loss.feature": "{kind: cwd, pairs: [[-1, -1], [decoder, decoder]]}"})
+    train(recipe, "teacher")
+    path = save_resolved_recipe(recipe, tmp_path)
+    (tmp_path / "run_distill.py").write_text(SCRIPT)
+    launch(["run_distill.py", str(path)], tmp_path)
+    digests = [(tmp_path / f"params_rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 3]
+    assert all(r["feature"] > 0 for r in records if "loss" in r)
+    adapters = load_file(str(tmp_path / "student" / "checkpoints" / "latest" / "model_1.safetensors"))
+    assert "adapters.1.0.weight" in adapters

@@ -12,7 +12,7 @@ LAYERS = [
      "_transforms", "predict", "progress"],
     ["_files"], ["_datasets"], ["_synthetic", "_unlabelled"], ["_labels"], ["_schema_base"], ["_schema_data"], ["_schema"], ["config"],
     ["_batches"], ["data"], ["launch"], ["models"], ["_checkpoint"], ["run_folder"], ["_teacher_sources"], ["teacher"], ["_cache_replay"], ["_cache_store"], ["cache"],
-    ["losses"], ["metrics"], ["evaluation"], ["quantize"], ["training"], ["export"], ["comparison"],
+    ["losses"], ["features"], ["metrics"], ["evaluation"], ["quantize"], ["training"], ["export"], ["comparison"],
     ["pipeline"], ["cli"], ["__init__", "__main__"],
 ]
 

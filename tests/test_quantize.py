@@ -114,6 +114,35 @@ def test_hard_swish_is_reported_as_left_in_float(tmp_path):
     assert report["calibration_images"] == 4
 
 
+class _SqueezeExcite(torch.nn.Module):
+    """A MobileNetV3 block's gate: the spatial mean (ReduceMean in ONNX), then a 1x1 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return x * torch.sigmoid(self.gate(x.mean((2, 3), keepdim=True))) + x.mean(1, keepdim=True)
+
+
+def test_spatial_means_become_pooling_with_an_integer_kernel(tmp_path):
+    fp32 = tmp_path / "se.onnx"
+    export_onnx(_SqueezeExcite().eval(), fp32, torch.randn(1, 3, 32, 32), 18)
+    rewritten = tmp_path / "rewritten.onnx"
+    rewritten.write_bytes(fp32.read_bytes())
+    assert distill.quantize.pool_spatial_means(rewritten) == 1  # the channel mean is not spatial
+    ops = [node.op_type for node in onnx.load(str(rewritten)).graph.node]
+    assert ops.count("GlobalAveragePool") == 1 and ops.count("ReduceMean") == 1
+    image = np.random.default_rng(0).standard_normal((1, 3, 40, 24)).astype(np.float32)
+    np.testing.assert_allclose(_session(rewritten).run(None, {"image": image})[0],
+                               _session(fp32).run(None, {"image": image})[0], rtol=1e-5, atol=1e-6)
+    images = [np.random.default_rng(k).standard_normal((1, 3, 32, 32)).astype(np.float32) for k in range(4)]
+    report = quantize_onnx(fp32, tmp_path / "se_int8.onnx", images)
+    assert "GlobalAveragePool" not in report["float_ops"]  # QLinearGlobalAveragePool, in integers
+
+
 def test_predict_int8_runs_the_int8_model(int8_export, tmp_path):
     recipe, out = int8_export
     dataset = build_dataset(recipe.data, "val", train=False)

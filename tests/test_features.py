@@ -1,0 +1,176 @@
+"""Feature distillation: the hooks, the adapters, the two terms and what a run saves."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from distill.config import RecipeError, recipe_from_dict
+from distill.features import FeatureDistillation, FeatureError, FeatureTap, hint_loss
+from distill.launch import TrainingError
+from distill.models import build_model, forward_padded
+from distill.training import train
+from helpers import TinySegmenter, tiny_recipe
+
+# Small smp models: a ResNet-18 U-Net of three stages as teacher, a MobileNetV3 one as student.
+TEACHER = {"source": "smp", "arch": "Unet", "encoder": "resnet18",
+           "arch_kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}}
+STUDENT = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_050",
+           "arch_kwargs": {"encoder_depth": 3, "decoder_channels": [8, 8, 4]}}
+
+
+def smp_recipe(tmp_path, **overrides):
+    tree = tiny_recipe(tmp_path, teacher=True).model_dump(mode="json", exclude_defaults=True)
+    tree.update(teacher=copy.deepcopy(TEACHER), student=copy.deepcopy(STUDENT))
+    tree["train"]["epochs"] = 1
+    return recipe_from_dict(tree, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def models(seed: int = 0):
+    recipe = smp_recipe("unused")
+    torch.manual_seed(seed)
+    return build_model(recipe.student_model, 4), build_model(recipe.teacher, 4).eval()
+
+
+def test_hint_loss_matches_a_float64_reference_and_ignores_the_teachers_scale():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5) * 7 + 2
+
+    def standardized(x):
+        x = x.double().numpy()
+        mean, var = x.mean(axis=(0, 2, 3), keepdims=True), x.var(axis=(0, 2, 3), keepdims=True)
+        return (x - mean) / np.sqrt(var + 1e-5)
+
+    reference = ((standardized(s) - standardized(t)) ** 2).mean()
+    assert float(hint_loss(s, t)) == pytest.approx(reference, rel=1e-5)
+    assert float(hint_loss(s, 100 * t - 3)) == pytest.approx(reference, rel=1e-4)
+    assert float(hint_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_tap_reads_the_forward_it_rode_on_cropped_to_the_unpadded_image():
+    student, _ = models()
+    student.eval()
+    tap = FeatureTap(student, [-1, 0, "decoder"], "student")
+    images = torch.randn(2, 3, 40, 50)  # forward_padded runs the model on 64 x 64
+    with torch.no_grad():
+        forward_padded(student, images)
+        deepest, first, decoder = tap.take(40, 50)
+        padded = F.pad(images, (0, 14, 0, 24), mode="replicate")
+        expected = student.encoder(padded)
+        expected_decoder = student.decoder(expected)
+    h, w = expected[-1].shape[-2:]  # 8 x 8 at stride 8
+    assert torch.equal(deepest, expected[-1][..., : math.ceil(40 * h / 64), : math.ceil(50 * w / 64)])
+    assert deepest.shape[-2:] == (5, 7)
+    assert torch.equal(first, expected[1][..., :20, :25])
+    assert torch.equal(decoder, expected_decoder[..., :40, :50])
+    with pytest.raises(RuntimeError, match="before the model's forward"):
+        tap.take(40, 50)  # the maps are freed once taken
+    tap.remove()
+    forward_padded(student, images)
+    with pytest.raises(RuntimeError, match="before the model's forward"):
+        tap.take(40, 50)
+
+
+def test_feature_cwd_through_the_adapter_equals_a_float64_reference_without_void_positions():
+    student, teacher = models()
+    student.train()
+    term = FeatureDistillation(student, teacher, [(-1, -1)], kind="cwd", tau=2.0)
+    images = torch.randn(2, 3, 32, 32)
+    mask = torch.randint(0, 4, (2, 32, 32))
+    mask[0, :16] = 255  # the top half of the first image is void: its 2 top rows of 4 at stride 8
+    with torch.no_grad():
+        teacher(images)
+    student(images)
+    loss = term((32, 32), (32, 32), mask)
+
+    with torch.no_grad():
+        s = term.adapters[0](student.encoder(images)[-1])  # train mode: the same batch statistics
+        t = teacher.encoder(images)[-1]
+    assert s.shape == t.shape == (2, 128, 4, 4)
+    s, t = s.double().flatten(2) / 2.0, t.double().flatten(2) / 2.0
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[0, :8] = False
+    total = 0.0
+    for n in range(2):
+        ps, pt = s[n][:, keep[n]].log_softmax(-1), t[n][:, keep[n]].log_softmax(-1)
+        total += float((pt.exp() * (pt - ps)).sum())
+    assert float(loss.detach()) == pytest.approx(4.0 * total / (2 * 128), rel=1e-4)
+    loss.backward()  # the adapter learns; the teacher stays frozen and without gradients
+    assert term.adapters[0][0].weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_unknown_layers_and_models_without_layers_are_named():
+    student, _ = models()
+    with pytest.raises(FeatureError, match=r"the student has no layer 3: it has encoder stages 0\.\.2 "
+                                           r"\(or -1 for the deepest\) and 'decoder'"):
+        FeatureTap(student, [3], "student")
+    with pytest.raises(FeatureError, match="the teacher, a TinySegmenter, has none"):
+        FeatureTap(TinySegmenter(4), [-1], "teacher")
+
+
+def test_a_feature_run_logs_the_term_and_saves_the_student_alone(tmp_path):
+    recipe = smp_recipe(tmp_path, **{"loss.feature": "{kind: hint, weight: 0.5, pairs: [[-1, -1], [decoder, decoder]]}",
+                                     "train.checkpoint_every_epochs": 1})
+    train(recipe, "teacher")
+    result = train(recipe, "student")
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert steps and all(r["feature"] > 0 for r in steps)
+    assert all(r["loss"] == pytest.approx(r["ce"] + r["kd"] + 0.5 * r["feature"], rel=1e-5) for r in steps)
+    student_keys = set(build_model(recipe.student_model, 4).state_dict())
+    for name in ("best.safetensors", "last.safetensors"):
+        assert set(load_file(str(result.run_dir / name))) == student_keys
+    # The checkpoint a resume reads holds the adapters too: a second model beside the student.
+    saved = [load_file(str(p)) for p in sorted((result.run_dir / "checkpoints" / "latest").glob("model*.safetensors"))]
+    assert [set(s) == student_keys for s in saved] == [True, False]
+    assert {k.split(".")[0] for k in saved[1]} == {"adapters"} and "adapters.1.0.weight" in saved[1]
+
+
+def test_a_resumed_feature_run_ends_where_the_straight_one_does(tmp_path, monkeypatch):
+    overrides = {"loss.feature.kind": "hint", "train.epochs": 2}
+    teacher_dir = tmp_path / "a"
+    train(smp_recipe(teacher_dir, **overrides), "teacher")
+    weights = teacher_dir / "teacher" / "last.safetensors"
+    straight = train(smp_recipe(teacher_dir, **overrides), "student")
+
+    import distill.training as loop
+
+    save = loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    recipe = smp_recipe(tmp_path / "b", **overrides, **{"teacher.checkpoint": str(weights)})
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, "student")
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    checkpoint = tmp_path / "b" / "student" / "checkpoints" / "latest"
+    resumed = train(smp_recipe(tmp_path / "b", **overrides, **{"teacher.checkpoint": str(weights),
+                                                                  "train.resume": str(checkpoint)}), "student")
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name  # adapters restored: the same last steps
+
+
+def test_features_need_a_streamed_smp_teacher_and_layers_the_models_have(tmp_path):
+    with pytest.raises(RecipeError, match="loss.feature.kind 'hint' needs teacher.mode 'stream'"):
+        smp_recipe(tmp_path, **{"loss.feature.kind": "hint", "teacher.mode": "cache", "data.resize": "[32, 32]",
+                                "cache.splits": "[train]"})
+    with pytest.raises(RecipeError, match="a teacher from source 'onnx' is distilled through its logits only"):
+        smp_recipe(tmp_path, **{"loss.feature.kind": "cwd", "teacher": "{source: onnx, path: t.onnx}"})
+    with pytest.raises(RecipeError, match="loss.feature.pairs"):
+        smp_recipe(tmp_path, **{"loss.feature": "{kind: hint, pairs: [[-1, top]]}"})
+    recipe = smp_recipe(tmp_path, **{"loss.feature": "{kind: hint, pairs: [[5, -1]]}"})
+    train(recipe, "teacher")
+    with pytest.raises(TrainingError, match="loss.feature.pairs: the student has no layer 5"):
+        train(recipe, "student")
+    assert not (tmp_path / "student").exists()  # refused before the run wrote anything
