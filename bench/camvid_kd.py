@@ -28,6 +28,8 @@ Usage::
     python bench/camvid_kd.py --out runs/camvid_few --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors \
         --cache-dir runs/camvid_kd/cache \
         --arms baseline,cache/kl_T2_w1 data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=4
+    # feature terms beside the recipe's logit loss (streamed teacher); any recipe, here the quickstart's
+    python bench/camvid_kd.py --recipe recipes/quickstart.yaml --out runs/features_qs --arms baseline,kd_stream,stream/hint
 
 Extra ``key=value`` words override the recipe for every arm (e.g. ``train.epochs=2``).
 Results: ``bench/results/camvid_kd.json`` and a markdown table on stdout.
@@ -68,6 +70,11 @@ SETTINGS: dict[str, list[str]] = {
     "epochs80": ["train.epochs=80"],
     # With data.labelled_fraction: distil on the kept masks alone (the other images unused).
     "labelled_only": ["data.unlabelled_ratio=0"],
+    # Feature terms beside the logits' (streamed arms only): FitNets hint and CWD on the deepest
+    # encoder stages, and the hint on the decoders' outputs.
+    "hint": ["loss.feature={kind: hint, weight: 1.0, pairs: [[-1, -1]]}"],
+    "hint_decoder": ["loss.feature={kind: hint, weight: 1.0, pairs: [[decoder, decoder]]}"],
+    "cwd_features": ["loss.feature={kind: cwd, weight: 3.0, tau: 1.0, pairs: [[-1, -1]]}"],
 }
 
 

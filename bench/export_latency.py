@@ -11,9 +11,10 @@ calibrated on ``--calibration`` images: random ones, or the recipe's training im
 accuracy figure is in ``parity.json`` of a real export). Eager runs
 :func:`distill.models.forward_padded` under ``torch.inference_mode``.
 
-The variants run round-robin on the same input (one timed call each per repeat, after warm-up),
-so load from other processes on a shared machine hits every variant alike; each figure is the
-median over repeats. Both runtimes get the same thread count (``--threads``, default 2:
+The variants run on the same input, one timed call each per repeat in a fresh random order,
+each after a pause of ``SETTLE_S`` (libgomp's and onnxruntime's idle threads spin a while after
+a call; without the pause the next variant shares the cores with them), so load from other
+processes on a shared machine hits every variant alike; each figure is the median over repeats. Both runtimes get the same thread count (``--threads``, default 2:
 ``torch.set_num_threads`` and onnxruntime's ``intra_op_num_threads``, ``inter_op_num_threads=1``).
 Several counts (``--threads 2 1``) are measured one after the other. The 1-minute load average
 is recorded before and after each count: on a loaded machine the figures move a lot.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import platform
 import statistics
 import tempfile
@@ -55,6 +57,7 @@ from benchlib import save_json
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "camvid" / "dlv3p-r50_to_dlv3p-mbv3_cpu.yaml"
 TARGET = 0.8
+SETTLE_S = 0.2  # pause before each timed run, so that no variant pays for the last one's spinning threads
 INT8_TARGET = 0.6  # INT8 / FP32 onnxruntime latency
 INT8_SIZE_TARGET = 0.3
 console = Console(width=None if Console().is_terminal else 140)
@@ -102,10 +105,16 @@ def measure(model: torch.nn.Module, onnx_path: Path, int8_path: Path, image: tor
                 run()
         load_before = os.getloadavg()[0]
         times: dict[str, list[float]] = {name: [] for name in variants}
+        shuffler = random.Random(threads)
         for _ in range(repeats):
-            for name, run in variants.items():
+            order = list(variants)
+            shuffler.shuffle(order)  # no variant always follows another
+            for name in order:
+                # The previous variant's idle threads (libgomp's, onnxruntime's pool) spin a while
+                # after it returns; without a pause they take the cores from the next one.
+                time.sleep(SETTLE_S)
                 start = time.perf_counter()
-                run()
+                variants[name]()
                 times[name].append(1000 * (time.perf_counter() - start))
         load_after = os.getloadavg()[0]
     medians = {name: statistics.median(values) for name, values in times.items()}

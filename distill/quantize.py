@@ -21,6 +21,8 @@ PyTorch-quantized graph whose operators ONNX may not have.
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -93,7 +95,7 @@ class _Calibration:
 
 
 def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Iterable[np.ndarray], *,
-                  method: str = "minmax", per_channel: bool = True) -> dict[str, Any]:
+                  method: str = "percentile", per_channel: bool = True) -> dict[str, Any]:
     """Write ``int8_path``: the QDQ INT8 version of ``fp32_path``, calibrated on ``calibration``.
 
     Args:
@@ -129,15 +131,17 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Iterable[np.nda
         pool_spatial_means(prepared)
         input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
         reader = _Calibration(calibration, input_name)
-        quantize_static(
-            str(prepared), str(int8_path), reader,
-            quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            # uint8 activations and int8 weights: onnxruntime's x86 kernels (VNNI or not) and
-            # its ARM kernels all take this pair; no reduce_range, which costs accuracy.
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                              "percentile": CalibrationMethod.Percentile}[method],
-        )
+        # onnxruntime's histogram calibrators print their progress; distill reports its own.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(prepared), str(int8_path), reader,
+                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                # uint8 activations and int8 weights: onnxruntime's x86 kernels (VNNI or not) and
+                # its ARM kernels all take this pair; no reduce_range, which costs accuracy.
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                  "percentile": CalibrationMethod.Percentile}[method],
+            )
     finally:
         prepared.unlink(missing_ok=True)
         for side in int8_path.parent.glob("augmented_model*.onnx"):  # the calibrator's own copy
@@ -318,7 +322,7 @@ def export_int8(recipe: Recipe, fp32_path: Path, int8_path: Path) -> dict[str, A
             f"the INT8 student scores {100 * scores['int8_miou']:.2f} mIoU on {split} against the FP32 "
             f"student's {100 * scores['fp32_miou']:.2f}: {drop:.2f} points lost, more than "
             f"export.int8_max_miou_drop={settings.int8_max_miou_drop:g} (calibration "
-            f"'{settings.calibration_method}' on {count} images; try export.calibration_method=percentile "
-            "or entropy, or more export.calibration_images)"
+            f"'{settings.calibration_method}' on {count} images; try another export.calibration_method "
+            "(minmax, entropy, percentile) or more export.calibration_images)"
         )
     return report

@@ -170,3 +170,27 @@ def test_two_process_feature_distillation(tmp_path):
     assert all(r["feature"] > 0 for r in records if "loss" in r)
     adapters = load_file(str(tmp_path / "student" / "checkpoints" / "latest" / "model_1.safetensors"))
     assert "adapters.1.0.weight" in adapters
+
+
+def test_two_process_run_with_a_teacher_from_an_onnx_file(tmp_path):
+    # A teacher the user already has: no teacher stage; both processes cache it through
+    # onnxruntime, train the student on the store, and compare scores it beside the student.
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    model = smp.create_model("FPN", encoder_name="tu-mobilenetv3_small_050", encoder_weights=None, classes=4).eval()
+    onnx_file = tmp_path / "teacher.onnx"
+    torch.onnx.export(model, torch.randn(1, 3, 32, 32), str(onnx_file), input_names=["image"],
+                      output_names=["logits"], opset_version=18, dynamo=False,
+                      dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}})
+    recipe = tiny_recipe(tmp_path, teacher=True, **{
+        "teacher.source": "onnx", "teacher.path": str(onnx_file), "teacher.mode": "cache", "data.resize": "[32, 32]",
+        "train.epochs": 1, "export.formats": "[safetensors]"})
+    result = launch(["-m", "distill", "run", str(save_resolved_recipe(recipe, tmp_path))], tmp_path)
+    assert not (tmp_path / "teacher").exists(), result.stdout[-2000:]  # nothing to train
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["complete"] is True
+    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kd"] > 0 for r in records if "loss" in r)
+    comparison = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert {"teacher", "student"} <= set(comparison["models"])

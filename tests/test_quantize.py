@@ -84,7 +84,7 @@ def test_parity_json_int8_figures_match_an_independent_scoring(int8_export):
     assert report["fp32_miou"] == pytest.approx(miou["fp32"], abs=1e-9)
     assert report["int8_miou"] == pytest.approx(miou["int8"], abs=1e-9)
     assert report["argmax_agreement"] == pytest.approx(agree / pixels, abs=1e-9)
-    assert report["calibration_images"] == 8 and report["calibration_method"] == "minmax"
+    assert report["calibration_images"] == 8 and report["calibration_method"] == "percentile"
     assert report["int8_bytes"] == (out / "student_int8.onnx").stat().st_size
 
 

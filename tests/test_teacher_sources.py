@@ -209,6 +209,34 @@ def test_transformers_mask2former_as_per_pixel_probabilities(tmp_path):
     assert train(recipe, "student").steps == 2
 
 
+def test_transformers_eomt_as_per_pixel_probabilities(tmp_path):
+    # EoMT (a plain ViT whose last blocks take the queries): the same mask-query output as
+    # Mask2Former's, found through AutoModelForUniversalSegmentation.
+    pytest.importorskip("transformers")
+    from transformers import EomtConfig, EomtForUniversalSegmentation
+
+    torch.manual_seed(0)
+    names = ["background", "circle_stripes", "square_dots", "triangle_solid"]
+    config = EomtConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+                        num_blocks=1, num_queries=6, num_upscale_blocks=1, num_labels=4,
+                        id2label=dict(enumerate(names)), label2id={n: k for k, n in enumerate(names)})
+    model = EomtForUniversalSegmentation(config).eval()
+    model.save_pretrained(tmp_path / "eomt")
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.source": "transformers", "teacher.path": str(tmp_path / "eomt"), "train.epochs": 1,
+        "train.max_steps": 2})
+    batch = _batch(recipe)
+    with torch.no_grad():
+        out = model(pixel_values=batch["image"])
+    classes = torch.softmax(out.class_queries_logits.double(), -1)[..., :4]
+    masks = torch.sigmoid(out.masks_queries_logits.double())
+    probs = (classes[:, :, :, None, None] * masks[:, :, None]).sum(1)
+    probs = probs / probs.sum(1, keepdim=True)
+    got = load_teacher(recipe, 4)(batch)
+    torch.testing.assert_close(torch.softmax(got.double(), 1), probs, rtol=1e-4, atol=1e-5)
+    assert train(recipe, "student").steps == 2
+
+
 def test_transformers_model_of_another_task_is_refused(tmp_path):
     pytest.importorskip("transformers")
     from transformers import ViTConfig, ViTForImageClassification
