@@ -84,3 +84,16 @@ class SlowSegmenter(TinySegmenter):
 
 def slow_tiny(num_classes: int) -> torch.nn.Module:
     return SlowSegmenter(num_classes)
+
+
+def onnx_teacher(path: Path) -> torch.nn.Module:
+    """A small random smp FPN, exported to ``path`` as users receive ONNX teachers (dynamic
+    batch and size, input ``image``, output ``logits``); returns the model in eval mode."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    model = smp.create_model("FPN", encoder_name="tu-mobilenetv3_small_050", encoder_weights=None, classes=4).eval()
+    torch.onnx.export(model, torch.randn(1, 3, 32, 32), str(path), input_names=["image"],
+                      output_names=["logits"], opset_version=18, dynamo=False,
+                      dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}})
+    return model

@@ -7,13 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from distill.config import save_resolved_recipe
 from distill.evaluation import evaluate_checkpoint
 from distill.training import train
-from helpers import tiny_recipe
+from helpers import onnx_teacher, tiny_recipe
 
 # Exactly the README's command, through the `accelerate` console script of this environment: it
 # imports timm (so torchvision) before distill, which the start-up hook `make` installs allows.
@@ -65,8 +64,9 @@ end_launched_process()  # as `distill` does: the interpreter's teardown can race
 """
 
 
-def test_two_process_distillation_keeps_parameters_identical(tmp_path):
-    recipe = tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 1})
+def distil_in_two_processes(recipe, tmp_path) -> list[dict]:
+    """Train the teacher here, distil the student in 2 processes; check both end with the same
+    parameters and return the student's logged steps."""
     train(recipe, "teacher")
     path = save_resolved_recipe(recipe, tmp_path)
     (tmp_path / "run_distill.py").write_text(SCRIPT)
@@ -74,9 +74,14 @@ def test_two_process_distillation_keeps_parameters_identical(tmp_path):
     digests = [(tmp_path / f"params_rank{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
+def test_two_process_distillation_keeps_parameters_identical(tmp_path):
+    steps = distil_in_two_processes(tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 1}), tmp_path)
     # 24 images, 4 per process and 2 processes: 3 optimizer steps, each one logged once.
-    assert [r["step"] for r in records if "loss" in r] == [2, 3]
-    assert all(r["kd"] > 0 for r in records if "loss" in r)
+    assert [r["step"] for r in steps] == [2, 3]
+    assert all(r["kd"] > 0 for r in steps)
 
 
 def test_two_process_training_matches_one_process_at_the_same_global_batch(tmp_path):
@@ -142,15 +147,9 @@ def test_two_process_distillation_on_mixed_batches(tmp_path):
     # 2 unlabelled); 12 labelled images make a baseline's 3 batches, 2 steps over 2 processes.
     recipe = tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 1, "data.labelled_fraction": 0.5,
                                                      "data.unlabelled": "[{synthetic: 8}]"})
-    train(recipe, "teacher")
-    path = save_resolved_recipe(recipe, tmp_path)
-    (tmp_path / "run_distill.py").write_text(SCRIPT)
-    launch(["run_distill.py", str(path)], tmp_path)
-    digests = [(tmp_path / f"params_rank{r}.txt").read_text() for r in (0, 1)]
-    assert digests[0] == digests[1]
-    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [2]
-    assert all(r["kd"] > 0 and r["ce"] > 0 for r in records if "loss" in r)
+    steps = distil_in_two_processes(recipe, tmp_path)
+    assert [r["step"] for r in steps] == [2]
+    assert all(r["kd"] > 0 and r["ce"] > 0 for r in steps)
 
 
 def test_two_process_feature_distillation(tmp_path):
@@ -159,15 +158,9 @@ def test_two_process_feature_distillation(tmp_path):
     from test_features import smp_recipe
 
     recipe = smp_recipe(tmp_path, **{"loss.feature": "{kind: cwd, pairs: [[-1, -1], [decoder, decoder]]}"})
-    train(recipe, "teacher")
-    path = save_resolved_recipe(recipe, tmp_path)
-    (tmp_path / "run_distill.py").write_text(SCRIPT)
-    launch(["run_distill.py", str(path)], tmp_path)
-    digests = [(tmp_path / f"params_rank{r}.txt").read_text() for r in (0, 1)]
-    assert digests[0] == digests[1]
-    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [2, 3]
-    assert all(r["feature"] > 0 for r in records if "loss" in r)
+    steps = distil_in_two_processes(recipe, tmp_path)
+    assert [r["step"] for r in steps] == [2, 3]
+    assert all(r["feature"] > 0 for r in steps)
     adapters = load_file(str(tmp_path / "student" / "checkpoints" / "latest" / "model_1.safetensors"))
     assert "adapters.1.0.weight" in adapters
 
@@ -175,14 +168,8 @@ def test_two_process_feature_distillation(tmp_path):
 def test_two_process_run_with_a_teacher_from_an_onnx_file(tmp_path):
     # A teacher the user already has: no teacher stage; both processes cache it through
     # onnxruntime, train the student on the store, and compare scores it beside the student.
-    import segmentation_models_pytorch as smp
-
-    torch.manual_seed(0)
-    model = smp.create_model("FPN", encoder_name="tu-mobilenetv3_small_050", encoder_weights=None, classes=4).eval()
     onnx_file = tmp_path / "teacher.onnx"
-    torch.onnx.export(model, torch.randn(1, 3, 32, 32), str(onnx_file), input_names=["image"],
-                      output_names=["logits"], opset_version=18, dynamo=False,
-                      dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}})
+    onnx_teacher(onnx_file)
     recipe = tiny_recipe(tmp_path, teacher=True, **{
         "teacher.source": "onnx", "teacher.path": str(onnx_file), "teacher.mode": "cache", "data.resize": "[32, 32]",
         "train.epochs": 1, "export.formats": "[safetensors]"})

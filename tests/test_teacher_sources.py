@@ -14,7 +14,7 @@ from distill.models import ModelError
 from distill.teacher import load_teacher
 from distill._teacher_sources import apply_class_map, class_map_matrix
 from distill.training import train
-from helpers import tiny_recipe
+from helpers import onnx_teacher, tiny_recipe
 
 STUDENT = ["background", "circle_stripes", "square_dots", "triangle_solid"]  # the synthetic 4
 
@@ -100,14 +100,8 @@ def test_smp_hub_folder_teacher_equals_the_model(tmp_path):
 
 
 def test_onnx_teacher_cached_targets_equal_the_torch_models(tmp_path):
-    import segmentation_models_pytorch as smp
-
-    torch.manual_seed(0)
-    model = smp.create_model("FPN", encoder_name="tu-mobilenetv3_small_050", encoder_weights=None, classes=4).eval()
     onnx_file = tmp_path / "teacher.onnx"
-    torch.onnx.export(model, torch.randn(1, 3, 32, 32), str(onnx_file), input_names=["image"],
-                      output_names=["logits"], opset_version=18, dynamo=False,
-                      dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}})
+    model = onnx_teacher(onnx_file)
     weights = tmp_path / "teacher.safetensors"
     from safetensors.torch import save_file
 
@@ -178,6 +172,14 @@ def test_transformers_segformer_with_its_labels_normalization_and_quarter_resolu
     assert train(recipe, "student").steps == 2
 
 
+def _mask_query_reference(out, k: int) -> torch.Tensor:
+    """Independent float64 ``sum_q softmax(class_q)[:K] * sigmoid(mask_q)``, renormalized."""
+    classes = torch.softmax(out.class_queries_logits.double(), -1)[..., :k]
+    masks = torch.sigmoid(out.masks_queries_logits.double())
+    probs = (classes[:, :, :, None, None] * masks[:, :, None]).sum(1)
+    return probs / probs.sum(1, keepdim=True)
+
+
 def test_transformers_mask2former_as_per_pixel_probabilities(tmp_path):
     pytest.importorskip("transformers")
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
@@ -198,11 +200,7 @@ def test_transformers_mask2former_as_per_pixel_probabilities(tmp_path):
     batch = _batch(recipe)
     with torch.no_grad():
         out = model(pixel_values=batch["image"].double().float())
-    # Independent float64 reference of sum_q softmax(class_q)[:K] * sigmoid(mask_q), renormalized.
-    classes = torch.softmax(out.class_queries_logits.double(), -1)[..., :4]
-    masks = torch.sigmoid(out.masks_queries_logits.double())
-    probs = (classes[:, :, :, None, None] * masks[:, :, None]).sum(1)
-    probs = probs / probs.sum(1, keepdim=True)
+    probs = _mask_query_reference(out, 4)
     got = load_teacher(recipe, 4)(batch)
     torch.testing.assert_close(torch.softmax(got.double() / 2.0, 1),
                                torch.softmax(torch.log(probs) / 2.0, 1), rtol=1e-4, atol=1e-5)
@@ -228,10 +226,7 @@ def test_transformers_eomt_as_per_pixel_probabilities(tmp_path):
     batch = _batch(recipe)
     with torch.no_grad():
         out = model(pixel_values=batch["image"])
-    classes = torch.softmax(out.class_queries_logits.double(), -1)[..., :4]
-    masks = torch.sigmoid(out.masks_queries_logits.double())
-    probs = (classes[:, :, :, None, None] * masks[:, :, None]).sum(1)
-    probs = probs / probs.sum(1, keepdim=True)
+    probs = _mask_query_reference(out, 4)
     got = load_teacher(recipe, 4)(batch)
     torch.testing.assert_close(torch.softmax(got.double(), 1), probs, rtol=1e-4, atol=1e-5)
     assert train(recipe, "student").steps == 2
