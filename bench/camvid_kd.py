@@ -28,6 +28,13 @@ Usage::
     python bench/camvid_kd.py --out runs/camvid_few --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors \
         --cache-dir runs/camvid_kd/cache \
         --arms baseline,cache/kl_T2_w1 data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=4
+    # images of the deployment scenes without masks: the first 45 frames of the held-out sequence
+    # are distilled unlabelled, its last 51 scored (bench/splits/); every training mask kept
+    python bench/camvid_kd.py --out runs/xseq_target --teacher-checkpoint runs/xseq/teacher/last.safetensors \
+        --arms baseline,cache/kl_T2_w1 "data.train_split=train+val:prefix=0001TP,0016E5" \
+        "cache.splits=['train+val:prefix=0001TP,0016E5']" \
+        "data.val_split=train+val:list=bench/splits/camvid_0006R0_last51.txt" \
+        "data.unlabelled=[{split: 'train+val:list=bench/splits/camvid_0006R0_first45.txt'}]" data.unlabelled_ratio=0.25
     # feature terms beside the recipe's logit loss (streamed teacher); any recipe, here the quickstart's
     python bench/camvid_kd.py --recipe recipes/quickstart.yaml --out runs/features_qs --arms baseline,kd_stream,stream/hint
 
