@@ -181,6 +181,27 @@ def _summary(arms: dict, teacher: float, seeds: list[int]) -> None:
               f"{sum(epoch) / len(epoch):.1f} |")
 
 
+def _per_class_gains(arms: dict, seeds: list[int], reference: str) -> dict[str, dict[str, float]]:
+    """Per arm: each class's IoU minus the reference arm's, averaged over the seeds both ran."""
+    base = arms.get(reference, {})
+    table: dict[str, dict[str, float]] = {}
+    for name, runs in arms.items():
+        paired = [str(s) for s in seeds if name != reference and str(s) in runs and str(s) in base]
+        if not paired:
+            continue
+        classes = runs[paired[0]]["per_class_iou"]
+        table[name] = {c: sum(runs[s]["per_class_iou"][c] - base[s]["per_class_iou"][c] for s in paired)
+                       / len(paired) for c in classes}
+    if table:
+        classes = list(next(iter(table.values())))
+        print(f"\nper-class IoU minus {reference}'s (mean over paired seeds, points)\n")
+        print("| arm | " + " | ".join(classes) + " |")
+        print("| --- |" + " --- |" * len(classes))
+        for name, gains in table.items():
+            print(f"| {name} | " + " | ".join(f"{100 * gains[c]:+.1f}" for c in classes) + " |")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", type=Path, default=RECIPE)
@@ -198,6 +219,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1", help="comma-separated train.seed of every student arm")
     parser.add_argument("--force", action="store_true", help="rerun arms already done")
     parser.add_argument("--results", type=Path, default=Path("bench/results/camvid_kd.json"))
+    parser.add_argument("--reference", default="baseline",
+                        help="the arm whose per-class IoU every other arm's is compared with (for "
+                        "example a logits-only arm, to see what a feature term adds)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -210,6 +234,8 @@ def main() -> None:
                 or (source in ("kd_cache", "kd_stream") and names)
                 or any(name not in SETTINGS for name in names)):
             parser.error(f"unknown arm '{arm}' in --arms")
+    if args.reference not in arms and args.reference != "baseline":
+        parser.error(f"--reference '{args.reference}' is not one of --arms")
     if not args.recipe.is_file():
         parser.error(f"recipe not found: {args.recipe}")
     out, common = args.out, [f"data.root={args.data_root}", *args.overrides]
@@ -247,6 +273,8 @@ def main() -> None:
 
     print(f"\nteacher: {_pct(results['teacher']['final_miou'])} mIoU")
     _summary(results["arms"], results["teacher"]["final_miou"], seeds)
+    results["per_class_gain"] = {"reference": args.reference,
+                                 "arms": _per_class_gains(results["arms"], seeds, args.reference)}
     save_json(args.results, results)
     print(f"\nwrote {args.results}")
 

@@ -7,6 +7,7 @@ mean nothing (docs/results.md has the real ones, with their commands).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -94,3 +95,65 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
     report = json.loads(results.read_text())
     assert set(report["arms"]) == {"baseline", "cache/kl_T2_w1"}
     assert "gap recovered" in result.stdout
+    # The per-class table: each class's IoU difference from the baseline of the same seed.
+    assert "per-class IoU minus baseline's" in result.stdout
+    kd, base = report["arms"]["cache/kl_T2_w1"]["0"], report["arms"]["baseline"]["0"]
+    gains = report["per_class_gain"]["arms"]["cache/kl_T2_w1"]
+    assert set(gains) == set(base["per_class_iou"]) and len(gains) == 11
+    for name, gain in gains.items():
+        assert gain == pytest.approx(kd["per_class_iou"][name] - base["per_class_iou"][name])
+
+
+def _bench_module(name: str):
+    """A bench/ script imported as a module (bench/ holds scripts, not a package)."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    return module
+
+
+def test_teacher_confidence_figures_against_closed_form():
+    import torch
+
+    confidence = _bench_module("teacher_confidence")
+    # Two classes, the teacher's logits (log 3, 0) everywhere: p = (3/4, 1/4) at T=1 and
+    # (sqrt 3, 1) / (sqrt 3 + 1) at T=2. Labels: class 0 on 5 pixels, class 1 on 2, one void.
+    mask = torch.tensor([[[0, 0, 0, 0], [0, 1, 1, 255]]])
+    logits = torch.zeros(1, 2, 2, 4)
+    logits[:, 0] = math.log(3)
+    loader = torch.utils.data.DataLoader([{"image": torch.zeros(3, 2, 4), "mask": mask[0]}], batch_size=1)
+    figures = confidence.split_confidence(lambda batch: logits.expand(len(batch["mask"]), -1, -1, -1),
+                                          loader, num_classes=2, ignore_index=255, temperature=2.0)
+    p0 = math.sqrt(3) / (math.sqrt(3) + 1)
+    assert figures["pixels"] == 7
+    assert figures["label_prob_T1"] == pytest.approx((5 * 0.75 + 2 * 0.25) / 7)
+    assert figures["label_prob_T"] == pytest.approx((5 * p0 + 2 * (1 - p0)) / 7)
+    assert figures["other_mass_T"] == pytest.approx(1 - (5 * p0 + 2 * (1 - p0)) / 7)
+    assert figures["entropy_T"] == pytest.approx(-(p0 * math.log(p0) + (1 - p0) * math.log(1 - p0)))
+    # Every pixel predicted 0: accuracy 5/7; IoU class 0 = 5/7, class 1 = 0.
+    assert figures["pixel_accuracy"] == pytest.approx(5 / 7)
+    assert figures["miou"] == pytest.approx((5 / 7 + 0) / 2)
+
+
+def test_teacher_confidence_bench(tmp_path):
+    from safetensors.torch import save_file
+
+    import distill
+    from distill.models import stage_model
+
+    recipe = distill.load_recipe(REPO_ROOT / QUICKSTART)
+    teacher = distill.build_model(stage_model(recipe, "teacher"), 4)  # a random teacher: the run, not its figures
+    weights = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(weights))
+    report = run_bench("teacher_confidence.py", QUICKSTART, f"teacher.checkpoint={weights}",
+                       "data.synthetic.num_train=16", "data.synthetic.num_val=8", tmp_path=tmp_path)
+    assert set(report["splits"]) == {"train", "held_out"} and report["temperature"] == 2.0
+    assert report["splits"]["train"]["images"] == 16 and report["splits"]["held_out"]["images"] == 8
+    for figures in report["splits"].values():
+        assert 0 < figures["label_prob_T1"] < 1 and 0 < figures["entropy_T"] <= math.log(4) + 1e-6

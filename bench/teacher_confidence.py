@@ -1,0 +1,112 @@
+"""Benchmark: how much a teacher's soft labels say beyond the masks, on the frames it trained on
+and on the frames held out from training.
+
+Distillation teaches through the mass a teacher puts on other classes than the label. A teacher
+that has fitted its training frames puts almost none there: its softened targets on those
+frames are nearly the one-hot masks, and a student distilled on them learns little that CE on
+the same masks does not already teach. This script measures it, per split, on valid pixels
+(the eval transform, at the frames' ``data.resize``):
+
+- pixel accuracy and mIoU of the teacher's argmax against the mask;
+- the mean probability of the mask's class at T=1 and at the loss's temperature T (one-hot: 1);
+- the mean mass on other classes than the mask's at T, and the mean entropy at T in nats
+  (one-hot: 0).
+
+Usage::
+
+    python bench/teacher_confidence.py recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml \\
+        teacher.checkpoint=runs/xseq/teacher/last.safetensors data.root=data/camvid
+
+The splits are the recipe's ``data.train_split`` (without the held-out group, every mask kept, as
+the teacher stage trains) and ``data.val_split``. Results: ``bench/results/teacher_confidence.json`` and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchlib import markdown_table, save_json
+from distill.config import load_recipe
+from distill.data import build_loader, dataset_info
+from distill.metrics import confusion_matrix, scores_from_confusion
+from distill.teacher import teacher_from_recipe
+
+
+@torch.no_grad()
+def split_confidence(teacher: torch.nn.Module, loader, num_classes: int, ignore_index: int,
+                     temperature: float) -> dict:
+    """The figures of the module docstring over every valid pixel of ``loader``'s batches."""
+    totals = {"pixels": 0, "label_prob_T1": 0.0, "label_prob_T": 0.0, "other_mass_T": 0.0,
+              "entropy_T": 0.0}
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for batch in loader:
+        logits = teacher(batch).float()
+        mask = batch["mask"]
+        if logits.shape[-2:] != mask.shape[-2:]:
+            logits = torch.nn.functional.interpolate(logits, size=mask.shape[-2:], mode="bilinear",
+                                                     align_corners=False)
+        valid = mask != ignore_index
+        labels = mask.clamp(0, num_classes - 1).unsqueeze(1)
+        confusion += confusion_matrix(logits.argmax(1), mask, num_classes, ignore_index)
+        for name, t in (("T1", 1.0), ("T", temperature)):
+            log_p = torch.log_softmax(logits / t, dim=1)
+            label_prob = log_p.gather(1, labels).squeeze(1).exp()
+            totals[f"label_prob_{name}"] += float(label_prob[valid].sum())
+            if name == "T":
+                totals["other_mass_T"] += float((1 - label_prob)[valid].sum())
+                entropy = -(log_p.exp() * log_p).sum(1)
+                totals["entropy_T"] += float(entropy[valid].sum())
+        totals["pixels"] += int(valid.sum())
+    pixels = max(totals["pixels"], 1)
+    scores = scores_from_confusion(confusion)
+    return {"images": len(loader.dataset), "pixels": totals["pixels"], "miou": scores.miou,
+            "pixel_accuracy": scores.pixel_accuracy,
+            **{k: v / pixels for k, v in totals.items() if k != "pixels"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="the softening temperature (default: the recipe's loss.temperature)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/teacher_confidence.json"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args()  # options may stand between the recipe and the overrides
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    if recipe.teacher is None:
+        parser.error(f"{args.recipe} has no teacher section")
+    temperature = args.temperature or recipe.loss.temperature
+    info = dataset_info(recipe.data)
+    teacher = teacher_from_recipe(recipe, info.num_classes, temperature=1.0)
+    # Every training image with its mask, as the teacher stage trains (the few-labels switch is
+    # the students'); images without masks have nothing to compare with.
+    data = recipe.data.model_copy(update={"labelled_fraction": 1.0})
+    splits = {"train": data.train_split, "held_out": data.val_split}
+    results: dict = {"recipe": str(args.recipe), "overrides": args.overrides, "temperature": temperature,
+                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                     "splits": {}}
+    for name, split in splits.items():
+        start = time.perf_counter()
+        loader = build_loader(data, split, train=False, seed=recipe.train.seed)
+        figures = split_confidence(teacher, loader, info.num_classes, info.ignore_index, temperature)
+        results["splits"][name] = {"split": split, **figures, "seconds": time.perf_counter() - start}
+        print(f"{name} ({split}): {figures['images']} images, {time.perf_counter() - start:.0f} s", flush=True)
+    rows = [[name, s["split"], s["images"], f"{100 * s['miou']:.1f}", f"{100 * s['pixel_accuracy']:.1f}",
+             f"{s['label_prob_T1']:.3f}", f"{s['label_prob_T']:.3f}", f"{s['other_mass_T']:.3f}",
+             f"{s['entropy_T']:.3f}"] for name, s in results["splits"].items()]
+    print()
+    print(markdown_table(["frames", "split", "images", "mIoU", "pixel acc.", "p(label), T=1",
+                          f"p(label), T={temperature:g}", f"mass on other classes, T={temperature:g}",
+                          f"entropy (nats), T={temperature:g}"], rows))
+    save_json(args.out, results)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
