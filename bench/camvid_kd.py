@@ -98,9 +98,10 @@ def _run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def _val_curve(metrics: Path) -> list[float]:
+def _val_curve(metrics: Path) -> tuple[list[float], int]:
+    """The validation mIoU of every evaluation, and the epochs trained (evaluations may be fewer)."""
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return [line["val_miou"] for line in lines if "val_miou" in line]
+    return [line["val_miou"] for line in lines if "val_miou" in line], max(line["epoch"] for line in lines)
 
 
 def _eval(recipe: Path, out: Path, stage: str, checkpoint: Path, overrides: list[str]) -> dict:
@@ -130,12 +131,12 @@ def _arm(name: str, stage: str, recipe: Path, folder: Path, overrides: list[str]
             print(f"{name}: reused {record_path}", flush=True)
             return record
     seconds = _run(command, folder / "train.log")
-    curve = _val_curve(folder / stage / "metrics.jsonl")
+    curve, epochs = _val_curve(folder / stage / "metrics.jsonl")
     scores = _eval(recipe, folder, stage, folder / stage / "last.safetensors", overrides)
     record = {
         "name": name, "stage": stage, "command": command[1:], "recipe_sha256": recipe_digest,
         "overrides": overrides,
-        "seconds": seconds, "seconds_per_epoch": seconds / max(len(curve), 1),
+        "seconds": seconds, "seconds_per_epoch": seconds / epochs,
         "final_miou": scores["miou"], "best_miou": max(curve), "val_curve": curve,
         "pixel_accuracy": scores["pixel_accuracy"], "per_class_iou": scores["iou"],
     }
@@ -189,7 +190,9 @@ def _per_class_gains(arms: dict, seeds: list[int], reference: str) -> dict[str, 
         paired = [str(s) for s in seeds if name != reference and str(s) in runs and str(s) in base]
         if not paired:
             continue
-        classes = runs[paired[0]]["per_class_iou"]
+        # A class absent from a run's labels and predictions has no IoU (None): left out.
+        classes = [c for c in runs[paired[0]]["per_class_iou"]
+                   if all(r[s]["per_class_iou"][c] is not None for r in (runs, base) for s in paired)]
         table[name] = {c: sum(runs[s]["per_class_iou"][c] - base[s]["per_class_iou"][c] for s in paired)
                        / len(paired) for c in classes}
     if table:
