@@ -129,6 +129,8 @@ def _arm(name: str, stage: str, recipe: Path, folder: Path, overrides: list[str]
         # Same command and same recipe file: an edited recipe (say, its loss) reruns the arm.
         if record.get("command") == command[1:] and record.get("recipe_sha256") == recipe_digest:
             print(f"{name}: reused {record_path}", flush=True)
+            # From the run's own log: records written before it counted epochs, not evaluations.
+            record["seconds_per_epoch"] = record["seconds"] / _val_curve(folder / stage / "metrics.jsonl")[1]
             return record
     seconds = _run(command, folder / "train.log")
     curve, epochs = _val_curve(folder / stage / "metrics.jsonl")
@@ -247,8 +249,9 @@ def main() -> None:
     if teacher is None:
         teacher = out / "teacher" / "last.safetensors"  # its last epoch: none picked on val
         if not teacher.is_file():
-            _run([sys.executable, "-m", "distill", "train", str(args.recipe), "--stage", "teacher",
-                  f"output_dir={out}", *common], out / "teacher_train.log")
+            teacher_seconds = _run([sys.executable, "-m", "distill", "train", str(args.recipe), "--stage",
+                                    "teacher", f"output_dir={out}", *common], out / "teacher_train.log")
+            save_json(out / "teacher_train.json", {"seconds": teacher_seconds})
     elif not teacher.is_file():
         parser.error(f"--teacher-checkpoint not found: {teacher}")
     results: dict = {"recipe": str(args.recipe), "teacher_checkpoint": str(teacher), "seeds": seeds,
@@ -256,6 +259,8 @@ def main() -> None:
                      f"{os.cpu_count()} CPUs (torch threads as distill sets them), no GPU", "arms": {}}
     teacher_scores = _eval(args.recipe, out / "teacher_eval", "teacher", teacher, common)
     results["teacher"] = {**teacher_scores, "final_miou": teacher_scores["miou"]}
+    if args.teacher_checkpoint is None and (out / "teacher_train.json").is_file():  # trained here
+        results["teacher"]["train_seconds"] = json.loads((out / "teacher_train.json").read_text())["seconds"]
 
     with_teacher = [f"teacher.checkpoint={teacher}"]
     cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={args.cache_dir or out / 'cache'}"]

@@ -42,8 +42,7 @@ from distill.teacher import teacher_from_recipe
 def split_confidence(teacher: torch.nn.Module, loader, num_classes: int, ignore_index: int,
                      temperature: float) -> dict:
     """The figures of the module docstring over every valid pixel of ``loader``'s batches."""
-    totals = {"pixels": 0, "label_prob_T1": 0.0, "label_prob_T": 0.0, "other_mass_T": 0.0,
-              "entropy_T": 0.0}
+    pixels, label_prob_t1, label_prob_t, entropy_t = 0, 0.0, 0.0, 0.0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for batch in loader:
         logits = teacher(batch).float()
@@ -54,20 +53,17 @@ def split_confidence(teacher: torch.nn.Module, loader, num_classes: int, ignore_
         valid = mask != ignore_index
         labels = mask.clamp(0, num_classes - 1).unsqueeze(1)
         confusion += confusion_matrix(logits.argmax(1), mask, num_classes, ignore_index)
-        for name, t in (("T1", 1.0), ("T", temperature)):
-            log_p = torch.log_softmax(logits / t, dim=1)
-            label_prob = log_p.gather(1, labels).squeeze(1).exp()
-            totals[f"label_prob_{name}"] += float(label_prob[valid].sum())
-            if name == "T":
-                totals["other_mass_T"] += float((1 - label_prob)[valid].sum())
-                entropy = -(log_p.exp() * log_p).sum(1)
-                totals["entropy_T"] += float(entropy[valid].sum())
-        totals["pixels"] += int(valid.sum())
-    pixels = max(totals["pixels"], 1)
+        label_prob_t1 += float(torch.softmax(logits, 1).gather(1, labels).squeeze(1)[valid].sum())
+        log_p = torch.log_softmax(logits / temperature, dim=1)
+        label_prob_t += float(log_p.gather(1, labels).squeeze(1).exp()[valid].sum())
+        entropy_t += float(-(log_p.exp() * log_p).sum(1)[valid].sum())
+        pixels += int(valid.sum())
+    count = max(pixels, 1)
     scores = scores_from_confusion(confusion)
-    return {"images": len(loader.dataset), "pixels": totals["pixels"], "miou": scores.miou,
-            "pixel_accuracy": scores.pixel_accuracy,
-            **{k: v / pixels for k, v in totals.items() if k != "pixels"}}
+    return {"images": len(loader.dataset), "pixels": pixels, "miou": scores.miou,
+            "pixel_accuracy": scores.pixel_accuracy, "label_prob_T1": label_prob_t1 / count,
+            "label_prob_T": label_prob_t / count, "other_mass_T": 1 - label_prob_t / count,
+            "entropy_T": entropy_t / count}
 
 
 def main() -> None:

@@ -94,6 +94,7 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(results.read_text())
     assert set(report["arms"]) == {"baseline", "cache/kl_T2_w1"}
+    assert report["teacher"]["train_seconds"] > 0  # the benchmark trained it (no --teacher-checkpoint)
     assert "gap recovered" in result.stdout
     # The per-class table: each class's IoU difference from the baseline of the same seed.
     assert "per-class IoU minus baseline's" in result.stdout
