@@ -8,10 +8,12 @@ recipe's schedule and augmentation (only the loss and where the targets come fro
 - ``teacher``: the teacher checkpoint (trained first with the recipe's ``teacher_train``).
 - ``baseline``: the student with CE alone (``distill train --stage baseline``).
 - ``kd_cache`` / ``kd_stream``: the student distilled with the recipe's loss, from the logit
-  cache (``distill cache`` first, timed apart) or from the teacher run on every augmented batch.
-- ``cache/NAME`` / ``stream/NAME``: the same with the settings ``SETTINGS[NAME]``; ``NAME+NAME``
-  combines several (``cache/kl_T2_w1+epochs40``), and ``baseline/NAME`` changes the baseline's
-  schedule (``baseline/epochs40``).
+  cache (``distill cache`` first, timed apart; without the recipe's feature term, which a cache
+  cannot hold) or from the teacher run on every augmented batch (feature term included).
+- ``cache/NAME`` / ``stream/NAME``: the same with the settings ``SETTINGS[NAME]`` in place of the
+  recipe's distillation terms (logits alone unless a setting such as ``hint`` adds features);
+  ``NAME+NAME`` combines several (``cache/kl_T2_w1+epochs40``), and ``baseline/NAME`` changes the
+  baseline's schedule (``baseline/epochs40``).
 
 Every student arm runs once per seed of ``--seeds``, in ``<out>/<arm>/seed<N>``; an arm whose
 ``arm.json`` records the same command and recipe (sha256 of its parsed content, so an edited
@@ -150,13 +152,22 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
 
+# Named settings start from the logits alone: ``stream/kl_T2_w1`` has no feature term even when
+# the recipe has one, and only a setting such as ``hint`` adds it.
+LOGITS_ONLY = ["loss.feature.kind=none"]
+
+
 def _arm_overrides(arm: str, cached: list[str], streamed: list[str]) -> list[str]:
     """The overrides of an arm's name: where its targets come from, then its settings."""
     source, _, settings = arm.partition("/")
-    source = {"kd_cache": "cache", "kd_stream": "stream"}.get(source, source)
     extra = [o for name in settings.split("+") if name for o in SETTINGS[name]]
-    targets = {"cache": cached, "stream": streamed}.get(source, [])
-    return [*targets, *extra]
+    if source == "baseline":
+        return extra
+    if source in ("cache", "kd_cache"):  # ``cached`` drops the feature term: a cache holds none
+        return [*cached, *extra]
+    if source == "kd_stream":  # the recipe's own loss, its feature term included
+        return streamed
+    return [*streamed, *LOGITS_ONLY, *extra]
 
 
 def _summary(arms: dict, teacher: float, seeds: list[int]) -> None:
@@ -263,7 +274,8 @@ def main() -> None:
         results["teacher"]["train_seconds"] = json.loads((out / "teacher_train.json").read_text())["seconds"]
 
     with_teacher = [f"teacher.checkpoint={teacher}"]
-    cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={args.cache_dir or out / 'cache'}"]
+    cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={args.cache_dir or out / 'cache'}",
+              *LOGITS_ONLY]
     streamed = [*with_teacher, "teacher.mode=stream"]
     if any(a.startswith(("kd_cache", "cache/")) for a in arms):
         seconds = _run([sys.executable, "-m", "distill", "cache", str(args.recipe), *cached,

@@ -19,7 +19,7 @@ Targets: peak memory <= 0.5x and time <= 1.0x of the reference.
 
 Usage: ``python bench/kd_loss.py [--device cuda] [--dtype bf16] [--out bench/results/kd_loss.json]``
 and ``python bench/kd_loss.py --loss dist --shape 8 11 192 256 --temperature 1 --channels-last
---out bench/results/dist_loss.json`` (the CamVid CPU recipe's loss, on its logits' layout).
+--out bench/results/dist_loss.json`` (DIST on the CamVid CPU recipe's logits' layout).
 """
 
 from __future__ import annotations

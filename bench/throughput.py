@@ -15,7 +15,7 @@ Measured, with targets:
 3. Distillation with the streamed teacher (``Teacher``: eval, no_grad, channels_last): ratio to
    the reference, and the teacher's forward alone; target: the streamed step within 1.10x of
    ``student step + teacher forward``.
-   When the recipe's ``loss.kind`` is not the pixel KL (the CamVid recipe uses DIST), the cached
+   When the recipe's ``loss.kind`` is not the pixel KL (DIST, say), the cached
    step is also measured with the pixel KL (same temperature and weights), in the same rounds.
    1-3 (and the parts: the cached targets' read + replay, the KD and the CE terms fwd+bwd, each
    alone) run interleaved on the same pre-loaded batches, in a fresh random order each round

@@ -158,3 +158,22 @@ def test_teacher_confidence_bench(tmp_path):
     assert report["splits"]["train"]["images"] == 16 and report["splits"]["held_out"]["images"] == 8
     for figures in report["splits"].values():
         assert 0 < figures["label_prob_T1"] < 1 and 0 < figures["entropy_T"] <= math.log(4) + 1e-6
+
+
+def test_camvid_kd_named_arms_start_from_logits_alone():
+    camvid_kd = _bench_module("camvid_kd")
+    cached, streamed = ["teacher.mode=cache", *camvid_kd.LOGITS_ONLY], ["teacher.mode=stream"]
+    # The recipe's feature term is switched off by a named setting, and a hint setting adds one after.
+    assert camvid_kd._arm_overrides("stream/kl_T2_w1", cached, streamed) == [
+        "teacher.mode=stream", "loss.feature.kind=none", *camvid_kd.SETTINGS["kl_T2_w1"]]
+    hinted = camvid_kd._arm_overrides("stream/kl_T2_w1+hint", cached, streamed)
+    assert hinted.index("loss.feature.kind=none") < hinted.index(camvid_kd.SETTINGS["hint"][0])
+    assert camvid_kd._arm_overrides("kd_stream", cached, streamed) == streamed  # the recipe's own loss
+    assert camvid_kd._arm_overrides("cache/kl_T4_w1", cached, streamed) == [*cached, *camvid_kd.SETTINGS["kl_T4_w1"]]
+    assert camvid_kd._arm_overrides("baseline/epochs40", cached, streamed) == ["train.epochs=40"]
+    # What those overrides make of a recipe with a hint: a valid cached recipe, logits only.
+    from distill.config import load_recipe
+
+    recipe = load_recipe(REPO_ROOT / "recipes" / "camvid" / "dlv3p-r50_to_dlv3p-mbv3_cpu.yaml",
+                         ["loss.feature={kind: hint}", *camvid_kd._arm_overrides("cache/kl_T2_w1", cached, streamed)])
+    assert recipe.teacher.mode == "cache" and recipe.loss.feature.kind == "none"
