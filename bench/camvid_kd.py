@@ -131,21 +131,25 @@ def _arm(name: str, stage: str, recipe: Path, folder: Path, overrides: list[str]
         # Same command and same recipe file: an edited recipe (say, its loss) reruns the arm.
         if record.get("command") == command[1:] and record.get("recipe_sha256") == recipe_digest:
             print(f"{name}: reused {record_path}", flush=True)
-            # From the run's own log: records written before it counted epochs, not evaluations.
-            record["seconds_per_epoch"] = record["seconds"] / _val_curve(folder / stage / "metrics.jsonl")[1]
-            return record
+            return {**record, "seconds_per_epoch": _seconds_per_epoch(record["seconds"], folder / stage)}
     seconds = _run(command, folder / "train.log")
-    curve, epochs = _val_curve(folder / stage / "metrics.jsonl")
+    curve, _ = _val_curve(folder / stage / "metrics.jsonl")
     scores = _eval(recipe, folder, stage, folder / stage / "last.safetensors", overrides)
     record = {
         "name": name, "stage": stage, "command": command[1:], "recipe_sha256": recipe_digest,
         "overrides": overrides,
-        "seconds": seconds, "seconds_per_epoch": seconds / epochs,
+        "seconds": seconds, "seconds_per_epoch": _seconds_per_epoch(seconds, folder / stage),
         "final_miou": scores["miou"], "best_miou": max(curve), "val_curve": curve,
         "pixel_accuracy": scores["pixel_accuracy"], "per_class_iou": scores["iou"],
     }
     save_json(record_path, record)
     return record
+
+
+def _seconds_per_epoch(seconds: float, run_dir: Path) -> float:
+    """Wall seconds per epoch trained, the epochs read from the run's metrics (a reused record's
+    stored figure is not trusted: older ones divided by the evaluations)."""
+    return seconds / _val_curve(run_dir / "metrics.jsonl")[1]
 
 
 def _pct(x: float | None) -> str:

@@ -2,10 +2,9 @@
 and on the frames held out from training.
 
 Distillation teaches through the mass a teacher puts on other classes than the label. A teacher
-that has fitted its training frames puts almost none there: its softened targets on those
-frames are nearly the one-hot masks, and a student distilled on them learns little that CE on
-the same masks does not already teach. This script measures it, per split, on valid pixels
-(the eval transform, at the frames' ``data.resize``):
+that had fitted its training frames would put almost none there: its softened targets on those
+frames would be nearly the one-hot masks, teaching little that CE on the same masks does not.
+This script measures whether that is so, per split, on valid pixels (the eval transform):
 
 - pixel accuracy and mIoU of the teacher's argmax against the mask;
 - the mean probability of the mask's class at T=1 and at the loss's temperature T (one-hot: 1);
