@@ -77,6 +77,9 @@ SETTINGS: dict[str, list[str]] = {
     # Schedules: distillation often needs a longer one than CE alone.
     "epochs40": ["train.epochs=40"],
     "epochs80": ["train.epochs=80"],
+    # CutMix on half the training images (README, Mixed batches): a streamed teacher is run on
+    # images no model trained on; ``baseline/cutmix`` is the baseline on the same mixed batches.
+    "cutmix": ["data.cutmix=0.5"],
     # With data.labelled_fraction: distil on the kept masks alone (the other images unused).
     "labelled_only": ["data.unlabelled_ratio=0"],
     # Feature terms beside the logits' (streamed arms only): FitNets hint and CWD on the deepest
@@ -174,16 +177,16 @@ def _arm_overrides(arm: str, cached: list[str], streamed: list[str]) -> list[str
     return [*streamed, *LOGITS_ONLY, *extra]
 
 
-def _summary(arms: dict, teacher: float, seeds: list[int]) -> None:
+def _summary(arms: dict, teacher: float, seeds: list[int], baseline_arm: str = "baseline") -> None:
     """Per arm: each seed's mIoU and gain over that seed's baseline, the gap recovered."""
-    baseline = arms.get("baseline", {})
+    baseline = arms.get(baseline_arm, {})
     print("\n| arm | mIoU per seed | mean | gain per seed | gap recovered (mean) | beats baseline in every seed | s/epoch |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, runs in arms.items():
         finals = [runs[str(s)]["final_miou"] for s in seeds if str(s) in runs]
         row = {"mean_miou": sum(finals) / len(finals)}
         gains = recovered = []
-        if name != "baseline" and baseline:
+        if name != baseline_arm and baseline:
             paired = [s for s in seeds if str(s) in runs and str(s) in baseline]
             gains = [runs[str(s)]["final_miou"] - baseline[str(s)]["final_miou"] for s in paired]
             recovered = [g / (teacher - baseline[str(s)]["final_miou"]) for g, s in zip(gains, paired)]
@@ -242,6 +245,9 @@ def main() -> None:
     parser.add_argument("--reference", default="baseline",
                         help="the arm whose per-class IoU every other arm's is compared with (for "
                         "example a logits-only arm, to see what a feature term adds)")
+    parser.add_argument("--baseline", default="baseline",
+                        help="the arm every gain and gap share is measured from (for example "
+                        "baseline/cutmix, the baseline trained on the same mixed batches)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -254,8 +260,9 @@ def main() -> None:
                 or (source in ("kd_cache", "kd_stream") and names)
                 or any(name not in SETTINGS for name in names)):
             parser.error(f"unknown arm '{arm}' in --arms")
-    if args.reference not in arms and args.reference != "baseline":
-        parser.error(f"--reference '{args.reference}' is not one of --arms")
+    for option, arm in (("--reference", args.reference), ("--baseline", args.baseline)):
+        if arm not in arms and arm != "baseline":
+            parser.error(f"{option} '{arm}' is not one of --arms")
     if not args.recipe.is_file():
         parser.error(f"recipe not found: {args.recipe}")
     out, common = args.out, [f"data.root={args.data_root}", *args.overrides]
@@ -296,7 +303,8 @@ def main() -> None:
             save_json(args.results, results)
 
     print(f"\nteacher: {_pct(results['teacher']['final_miou'])} mIoU")
-    _summary(results["arms"], results["teacher"]["final_miou"], seeds)
+    results["baseline_arm"] = args.baseline
+    _summary(results["arms"], results["teacher"]["final_miou"], seeds, args.baseline)
     results["per_class_gain"] = {"reference": args.reference,
                                  "arms": _per_class_gains(results["arms"], seeds, args.reference)}
     save_json(args.results, results)

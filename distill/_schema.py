@@ -324,6 +324,11 @@ class Recipe(Section):
                     "only (set loss.feature.kind to none)"
                 )
         if self.teacher is not None and self.teacher.mode == "cache":
+            if self.data.cutmix > 0 and self.distills:
+                raise ValueError(
+                    f"data.cutmix {self.data.cutmix} needs teacher.mode 'stream': the cache holds the "
+                    "teacher's logits of the unmixed images, not of the mixed ones the student sees"
+                )
             if self.data.resize is None:
                 raise ValueError(
                     "teacher.mode 'cache' needs data.resize: every image is cached in one frame"

@@ -91,6 +91,11 @@ class DataConfig(Section):
     color_jitter: float = Field(
         0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter strength (image only)"
     )
+    cutmix: float = Field(
+        0.0, ge=0.0, le=1.0, description="chance that a training image gets a box of another image "
+        "of its batch pasted in, its masks cut with it (CutMix; README, Mixed batches); distilling "
+        "needs teacher.mode stream, which runs the teacher on the mixed images"
+    )
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="RGB mean, images in [0, 1]")
     std: tuple[float, float, float] = Field(IMAGENET_STD, description="RGB std, images in [0, 1]")
     batch_size: int = Field(8, ge=1, description="per process")

@@ -31,6 +31,7 @@ from accelerate.utils import set_seed
 
 from distill._checkpoint import flat_config, made_from, resume_from, save_checkpoint, save_weights
 from distill._malloc import tune_cpu_malloc
+from distill._mixing import cutmix
 from distill.config import Recipe, atomic_write_text, save_resolved_recipe
 from distill.cache import load_cached_teacher
 from distill.data import build_loader, dataset_info, loader_for_dataset
@@ -219,7 +220,10 @@ def train(
                     module.train()
                 progress.reset(steps_bar, total=len(train_loader))
                 window_start, window_images = time.perf_counter(), 0
-                for batch in train_loader:
+                for number, batch in enumerate(train_loader):
+                    if recipe.data.cutmix > 0:  # on the device batch; the streamed teacher sees it mixed
+                        batch = cutmix(batch, recipe.data.cutmix,
+                                       _batch_generator(cfg.seed, accelerator.process_index, epoch, number))
                     with accelerator.accumulate(*trained):
                         parts = distillation_step(batch, model, teacher, criterion, accelerator, cfg.channels_last,
                                                   features=features, feature_weight=recipe.loss.feature.weight)
@@ -367,6 +371,14 @@ def _freeze_unreached(model: torch.nn.Module) -> None:
         if p.requires_grad and p.grad is None:
             p.requires_grad_(False)
         p.grad = None
+
+
+def _batch_generator(seed: int, process: int, epoch: int, number: int) -> torch.Generator:
+    """A random source for one batch's mixing, the same when a resumed run replays the batch."""
+    key = 0
+    for part in (seed, process, epoch, number):
+        key = (key * 1_000_003 + part) % 2**63
+    return torch.Generator().manual_seed(key)
 
 
 def _share_of_global_mean(accelerator: Accelerator) -> Callable[[torch.Tensor], torch.Tensor]:

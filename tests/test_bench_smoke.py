@@ -177,3 +177,19 @@ def test_camvid_kd_named_arms_start_from_logits_alone():
     recipe = load_recipe(REPO_ROOT / "recipes" / "camvid" / "dlv3p-r50_to_dlv3p-mbv3_cpu.yaml",
                          ["loss.feature={kind: hint}", *camvid_kd._arm_overrides("cache/kl_T2_w1", cached, streamed)])
     assert recipe.teacher.mode == "cache" and recipe.loss.feature.kind == "none"
+
+
+def test_camvid_kd_gains_are_measured_from_the_named_baseline(capsys):
+    camvid_kd = _bench_module("camvid_kd")
+
+    def run(miou: float) -> dict:
+        return {"final_miou": miou, "seconds_per_epoch": 1.0}
+
+    arms = {"baseline": {"0": run(0.30)}, "baseline/cutmix": {"0": run(0.32)},
+            "stream/kl_T2_w1+cutmix": {"0": run(0.35)}}
+    camvid_kd._summary(arms, 0.40, [0], "baseline/cutmix")
+    row = arms["stream/kl_T2_w1+cutmix"]["summary"]
+    assert row["gains"] == [pytest.approx(0.03)] and row["gap_recovered"] == [pytest.approx(0.375)]
+    assert arms["baseline"]["summary"]["gains"] == [pytest.approx(-0.02)]
+    assert "gains" not in arms["baseline/cutmix"]["summary"]
+    assert camvid_kd._arm_overrides("baseline/cutmix", [], []) == ["data.cutmix=0.5"]
