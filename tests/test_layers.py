@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distill"
 # Lowest first; a module may import only modules of its own layer or below.
 LAYERS = [
     ["_io", "_splits", "_compat", "_malloc", "_saved_gradient", "_fused_kl", "_fused_dist",
-     "_transforms", "predict", "progress"],
+     "_transforms", "_mixing", "predict", "progress"],
     ["_files"], ["_datasets"], ["_synthetic", "_unlabelled"], ["_labels"], ["_schema_base"], ["_schema_data"], ["_schema"], ["config"],
     ["_batches"], ["data"], ["launch"], ["models"], ["_checkpoint"], ["run_folder"], ["_teacher_sources"], ["teacher"], ["_cache_replay"], ["_cache_store"], ["cache"],
     ["losses"], ["features"], ["metrics"], ["evaluation"], ["quantize"], ["training"], ["export"], ["comparison"],
