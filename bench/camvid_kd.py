@@ -283,6 +283,10 @@ def main() -> None:
     results["teacher"] = {**teacher_scores, "final_miou": teacher_scores["miou"]}
     if args.teacher_checkpoint is None and (out / "teacher_train.json").is_file():  # trained here
         results["teacher"]["train_seconds"] = json.loads((out / "teacher_train.json").read_text())["seconds"]
+    teacher_metrics = teacher.parent / "metrics.jsonl"
+    if teacher_metrics.is_file():  # how its held-out score moved with its epochs
+        curve = [json.loads(line) for line in teacher_metrics.read_text().splitlines() if line.strip()]
+        results["teacher"]["val_curve"] = {line["epoch"]: line["val_miou"] for line in curve if "val_miou" in line}
 
     with_teacher = [f"teacher.checkpoint={teacher}"]
     cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={args.cache_dir or out / 'cache'}",

@@ -65,6 +65,14 @@ def test_teachers_bench(tmp_path):
     assert all(r["forward_ms_per_image"] > 0 and r["cache_write_ms_per_image"] > 0 for r in report["rows"])
 
 
+def test_precision_bench(tmp_path):
+    report = run_bench("precision.py", "--recipe", QUICKSTART, "--rounds", "1", tmp_path=tmp_path)
+    rows = report["results"]
+    assert set(rows) == {"teacher_step", "teacher_forward", "student_step", "student_forward"}
+    for row in rows.values():
+        assert row["speedup"] == pytest.approx(row["fp32_s"] / row["bf16_s"])  # one round: one ratio
+
+
 def test_omp_wait_bench(tmp_path):
     report = run_bench("omp_wait.py", "--reps", "1", "--steps", "1", tmp_path=tmp_path)
     assert report
@@ -95,6 +103,9 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
     report = json.loads(results.read_text())
     assert set(report["arms"]) == {"baseline", "cache/kl_T2_w1"}
     assert report["teacher"]["train_seconds"] > 0  # the benchmark trained it (no --teacher-checkpoint)
+    # The teacher's own held-out curve, read from its run's metrics: one evaluation, epoch 1.
+    logged = [json.loads(line) for line in (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert report["teacher"]["val_curve"] == {"1": next(line["val_miou"] for line in logged if "val_miou" in line)}
     assert "gap recovered" in result.stdout
     # The per-class table: each class's IoU difference from the baseline of the same seed.
     assert "per-class IoU minus baseline's" in result.stdout
