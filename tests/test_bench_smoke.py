@@ -204,3 +204,34 @@ def test_camvid_kd_gains_are_measured_from_the_named_baseline(capsys):
     assert arms["baseline"]["summary"]["gains"] == [pytest.approx(-0.02)]
     assert "gains" not in arms["baseline/cutmix"]["summary"]
     assert camvid_kd._arm_overrides("baseline/cutmix", [], []) == ["data.cutmix=0.5"]
+
+
+def test_heldout_gains_pairs_each_arm_with_its_own_baseline_once(tmp_path):
+    def result(baseline_arm: str | None, teacher: float, arms: dict) -> dict:
+        stored = {"teacher": {"final_miou": teacher},
+                  "arms": {a: {s: {"final_miou": m} for s, m in seeds.items()} for a, seeds in arms.items()}}
+        return stored if baseline_arm is None else {**stored, "baseline_arm": baseline_arm}
+
+    results = tmp_path / "results"
+    results.mkdir()
+    # An older result names no baseline arm: its one baseline arm is the reference.
+    (results / "camvid_kd_heldout_a.json").write_text(json.dumps(result(
+        None, 0.40, {"baseline/epochs40": {"0": 0.30, "1": 0.32}, "cache/kl": {"0": 0.34, "1": 0.31}})))
+    # A later command reusing one of those arms (same teacher, same score) and adding one; an arm
+    # whose seed has no baseline is left out.
+    (results / "camvid_kd_heldout_b.json").write_text(json.dumps(result(
+        "baseline/epochs40", 0.40, {"baseline/epochs40": {"0": 0.30}, "cache/kl": {"0": 0.34},
+                                    "stream/kl": {"0": 0.36, "2": 0.39}})))
+    (results / "camvid_kd_few_labels.json").write_text("{}")  # another protocol: not read
+    out = tmp_path / "gains.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "heldout_gains.py"), "--results-dir",
+                           str(results), "--out", str(out)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert [(p["arm"], p["seed"]) for p in report["pairs"]] == [("cache/kl", 0), ("cache/kl", 1), ("stream/kl", 0)]
+    gains = [0.04, -0.01, 0.06]
+    assert [p["gain"] for p in report["pairs"]] == pytest.approx(gains)
+    assert report["pairs"][0]["gap_share"] == pytest.approx(0.04 / 0.10)
+    assert report["summary"]["mean_gain"] == pytest.approx(sum(gains) / 3)
+    assert report["summary"]["pairs_above_baseline"] == 2

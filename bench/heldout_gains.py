@@ -1,0 +1,83 @@
+"""Every distilled-vs-baseline pair measured on CamVid's held-out sequence, pooled in one table.
+
+``bench/camvid_kd.py`` writes one JSON per command; each holds a teacher, a baseline arm and
+distilled arms, seed by seed. The held-out protocol (train on 0001TP + 0016E5, score sequence
+0006R0 at label resolution, last epoch) is the same in all of ``bench/results/camvid_kd_heldout*.json``,
+so their pairs can be read together: one row per (distilled arm, seed) against the baseline of
+the same JSON and seed. A pair stored in two JSONs (a later command reusing an arm) counts once.
+
+The pooled mean gain and its standard deviation say whether distillation moves the held-out
+score beyond what two seeds of one setting already differ by. Reads the stored results only;
+trains nothing.
+
+Usage: ``python bench/heldout_gains.py [--results-dir bench/results] [--out bench/results/heldout_gains.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from benchlib import markdown_table, save_json
+
+
+def paired_gains(result: dict) -> list[dict]:
+    """The (distilled arm, seed) pairs of one camvid_kd.py result against its own baseline."""
+    baseline_arm = result.get("baseline_arm")
+    if baseline_arm is None:  # older results name none: their one baseline arm
+        candidates = [arm for arm in result["arms"] if arm.startswith("baseline")]
+        baseline_arm = "baseline" if "baseline" in candidates or len(candidates) != 1 else candidates[0]
+    baseline = result["arms"].get(baseline_arm, {})
+    teacher = result["teacher"]["final_miou"]
+    rows = []
+    for arm, runs in result["arms"].items():
+        if arm.startswith("baseline"):
+            continue
+        for seed, run in runs.items():
+            if seed == "summary" or seed not in baseline:
+                continue
+            base = baseline[seed]["final_miou"]
+            rows.append({"arm": arm, "seed": int(seed), "teacher": teacher, "baseline": base,
+                         "distilled": run["final_miou"], "gain": run["final_miou"] - base,
+                         "gap_share": (run["final_miou"] - base) / (teacher - base)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/heldout_gains.json"))
+    args = parser.parse_args()
+
+    pairs, seen = [], set()
+    for path in sorted(args.results_dir.glob("camvid_kd_heldout*.json")):
+        for row in paired_gains(json.loads(path.read_text())):
+            key = (row["arm"], row["seed"], round(row["teacher"], 6), round(row["distilled"], 6))
+            if key not in seen:  # the same trained arm, reused by a later command
+                seen.add(key)
+                pairs.append({"file": path.name, **row})
+    if not pairs:
+        raise SystemExit(f"no camvid_kd_heldout*.json with a distilled arm in {args.results_dir}")
+
+    print(markdown_table(
+        ["file", "arm", "seed", "teacher", "baseline", "distilled", "gain", "share of the gap"],
+        [[p["file"], p["arm"], p["seed"], f"{100 * p['teacher']:.1f}", f"{100 * p['baseline']:.1f}",
+          f"{100 * p['distilled']:.1f}", f"{100 * p['gain']:+.1f}", f"{100 * p['gap_share']:.0f}%"]
+         for p in pairs]))
+    gains = [p["gain"] for p in pairs]
+    summary = {"pairs": len(gains), "mean_gain": statistics.mean(gains),
+               "stdev_gain": statistics.stdev(gains) if len(gains) > 1 else None,
+               "mean_gap_share": statistics.mean(p["gap_share"] for p in pairs),
+               "pairs_above_baseline": sum(g > 0 for g in gains)}
+    spread = "" if summary["stdev_gain"] is None else f", standard deviation {100 * summary['stdev_gain']:.1f}"
+    print(f"\n{len(gains)} pairs: mean gain {100 * summary['mean_gain']:+.2f} points{spread}; "
+          f"mean share of the gap {100 * summary['mean_gap_share']:.0f}%; "
+          f"above the baseline in {summary['pairs_above_baseline']} of {len(gains)}")
+    save_json(args.out, {"summary": summary, "pairs": pairs})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
