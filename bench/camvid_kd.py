@@ -103,9 +103,14 @@ def _run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def _logged(metrics: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
 def _val_curve(metrics: Path) -> tuple[list[float], int]:
     """The validation mIoU of every evaluation, and the epochs trained (evaluations may be fewer)."""
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    lines = _logged(metrics)
     return [line["val_miou"] for line in lines if "val_miou" in line], max(line["epoch"] for line in lines)
 
 
@@ -285,8 +290,8 @@ def main() -> None:
         results["teacher"]["train_seconds"] = json.loads((out / "teacher_train.json").read_text())["seconds"]
     teacher_metrics = teacher.parent / "metrics.jsonl"
     if teacher_metrics.is_file():  # how its held-out score moved with its epochs
-        curve = [json.loads(line) for line in teacher_metrics.read_text().splitlines() if line.strip()]
-        results["teacher"]["val_curve"] = {line["epoch"]: line["val_miou"] for line in curve if "val_miou" in line}
+        results["teacher"]["val_curve"] = {line["epoch"]: line["val_miou"]
+                                           for line in _logged(teacher_metrics) if "val_miou" in line}
 
     with_teacher = [f"teacher.checkpoint={teacher}"]
     cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={args.cache_dir or out / 'cache'}",

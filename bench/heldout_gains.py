@@ -7,7 +7,8 @@ so their pairs can be read together: one row per (distilled arm, seed) against t
 the same JSON and seed. A pair stored in two JSONs (a later command reusing an arm) counts once.
 
 The pooled mean gain and its standard deviation say whether distillation moves the held-out
-score beyond what two seeds of one setting already differ by. Reads the stored results only;
+score beyond what two seeds of one setting already differ by: the spread printed beside it is
+how far apart the two seeds of each stored baseline (seeds 0 and 1 of one command) ended. Reads the stored results only;
 trains nothing.
 
 Usage: ``python bench/heldout_gains.py [--results-dir bench/results] [--out bench/results/heldout_gains.json]``
@@ -23,13 +24,17 @@ from pathlib import Path
 from benchlib import markdown_table, save_json
 
 
+def _baseline_arm(result: dict) -> str:
+    """The arm a result's gains are measured from; older results name none: their one baseline arm."""
+    if "baseline_arm" in result:
+        return result["baseline_arm"]
+    candidates = [arm for arm in result["arms"] if arm.startswith("baseline")]
+    return candidates[0] if len(candidates) == 1 else "baseline"
+
+
 def paired_gains(result: dict) -> list[dict]:
     """The (distilled arm, seed) pairs of one camvid_kd.py result against its own baseline."""
-    baseline_arm = result.get("baseline_arm")
-    if baseline_arm is None:  # older results name none: their one baseline arm
-        candidates = [arm for arm in result["arms"] if arm.startswith("baseline")]
-        baseline_arm = "baseline" if "baseline" in candidates or len(candidates) != 1 else candidates[0]
-    baseline = result["arms"].get(baseline_arm, {})
+    baseline = result["arms"].get(_baseline_arm(result), {})
     teacher = result["teacher"]["final_miou"]
     rows = []
     for arm, runs in result["arms"].items():
@@ -45,15 +50,26 @@ def paired_gains(result: dict) -> list[dict]:
     return rows
 
 
+def baseline_seed_spread(result: dict) -> float | None:
+    """How far apart seeds 0 and 1 of the result's baseline arm ended (None without both)."""
+    runs = result["arms"].get(_baseline_arm(result), {})
+    return abs(runs["0"]["final_miou"] - runs["1"]["final_miou"]) if {"0", "1"} <= set(runs) else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/heldout_gains.json"))
     args = parser.parse_args()
 
-    pairs, seen = [], set()
+    pairs, seen, spreads = [], set(), {}
     for path in sorted(args.results_dir.glob("camvid_kd_heldout*.json")):
-        for row in paired_gains(json.loads(path.read_text())):
+        result = json.loads(path.read_text())
+        spread = baseline_seed_spread(result)
+        if spread is not None:  # keyed by the two scores: a baseline reused by a later command counts once
+            base = result["arms"][_baseline_arm(result)]
+            spreads[(round(base["0"]["final_miou"], 6), round(base["1"]["final_miou"], 6))] = spread
+        for row in paired_gains(result):
             key = (row["arm"], row["seed"], round(row["teacher"], 6), round(row["distilled"], 6))
             if key not in seen:  # the same trained arm, reused by a later command
                 seen.add(key)
@@ -70,11 +86,15 @@ def main() -> None:
     summary = {"pairs": len(gains), "mean_gain": statistics.mean(gains),
                "stdev_gain": statistics.stdev(gains) if len(gains) > 1 else None,
                "mean_gap_share": statistics.mean(p["gap_share"] for p in pairs),
-               "pairs_above_baseline": sum(g > 0 for g in gains)}
+               "pairs_above_baseline": sum(g > 0 for g in gains),
+               "baseline_seed_spreads": sorted(spreads.values())}
     spread = "" if summary["stdev_gain"] is None else f", standard deviation {100 * summary['stdev_gain']:.1f}"
     print(f"\n{len(gains)} pairs: mean gain {100 * summary['mean_gain']:+.2f} points{spread}; "
           f"mean share of the gap {100 * summary['mean_gap_share']:.0f}%; "
           f"above the baseline in {summary['pairs_above_baseline']} of {len(gains)}")
+    if spreads:
+        print(f"seeds 0 and 1 of one baseline ended {100 * min(spreads.values()):.1f}-"
+              f"{100 * max(spreads.values()):.1f} points apart ({len(spreads)} baselines)")
     save_json(args.out, {"summary": summary, "pairs": pairs})
     print(f"wrote {args.out}")
 

@@ -235,3 +235,5 @@ def test_heldout_gains_pairs_each_arm_with_its_own_baseline_once(tmp_path):
     assert report["pairs"][0]["gap_share"] == pytest.approx(0.04 / 0.10)
     assert report["summary"]["mean_gain"] == pytest.approx(sum(gains) / 3)
     assert report["summary"]["pairs_above_baseline"] == 2
+    # Only the first result holds both seeds of its baseline: 0.30 and 0.32.
+    assert report["summary"]["baseline_seed_spreads"] == [pytest.approx(0.02)]
