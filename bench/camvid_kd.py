@@ -37,6 +37,12 @@ Usage::
         "cache.splits=['train+val:prefix=0001TP,0016E5']" \
         "data.val_split=train+val:list=bench/splits/camvid_0006R0_last51.txt" \
         "data.unlabelled=[{split: 'train+val:list=bench/splits/camvid_0006R0_first45.txt'}]" data.unlabelled_ratio=0.25
+    # another teacher beside the first, sharing its baselines: an ensemble (bench/ensemble_teacher.py)
+    PYTHONPATH=bench python bench/camvid_kd.py --out runs/xseq --teacher-name ensemble \
+        --teacher-checkpoint runs/ens/ensemble.safetensors --teacher-override teacher.source=factory \
+        --teacher-override teacher.factory=ensemble_teacher:ensemble --teacher-override loss.feature.kind=none \
+        --teacher-override "teacher.factory_kwargs={members: [{arch: DeepLabV3Plus, encoder: resnet50}, ...]}" \
+        --arms baseline,cache/kl_T2_w1
     # feature terms beside the recipe's logit loss (streamed teacher); any recipe, here the quickstart's
     python bench/camvid_kd.py --recipe recipes/quickstart.yaml --out runs/features_qs --arms baseline,kd_stream,stream/hint
 
@@ -253,6 +259,13 @@ def main() -> None:
     parser.add_argument("--baseline", default="baseline",
                         help="the arm every gain and gap share is measured from (for example "
                         "baseline/cutmix, the baseline trained on the same mixed batches)")
+    parser.add_argument("--teacher-override", action="append", default=[], metavar="key=value",
+                        help="overrides for the teacher alone (its eval, the cache, the distilled arms), "
+                        "e.g. teacher.source=factory for an ensemble (bench/ensemble_teacher.py); "
+                        "the baselines' commands stay the same, so their runs are reused")
+    parser.add_argument("--teacher-name", default="",
+                        help="a folder under --out for this teacher's cache, eval and distilled arms, "
+                        "so that several teachers share one set of baselines")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -284,7 +297,9 @@ def main() -> None:
     results: dict = {"recipe": str(args.recipe), "teacher_checkpoint": str(teacher), "seeds": seeds,
                      "overrides": common, "machine": f"{platform.processor() or platform.machine()}, "
                      f"{os.cpu_count()} CPUs (torch threads as distill sets them), no GPU", "arms": {}}
-    teacher_scores = _eval(args.recipe, out / "teacher_eval", "teacher", teacher, common)
+    taught = out / args.teacher_name  # this teacher's eval, cache and distilled arms
+    teacher_scores = _eval(args.recipe, taught / "teacher_eval", "teacher", teacher,
+                           [*common, *args.teacher_override])
     results["teacher"] = {**teacher_scores, "final_miou": teacher_scores["miou"]}
     if args.teacher_checkpoint is None and (out / "teacher_train.json").is_file():  # trained here
         results["teacher"]["train_seconds"] = json.loads((out / "teacher_train.json").read_text())["seconds"]
@@ -293,20 +308,23 @@ def main() -> None:
         results["teacher"]["val_curve"] = {line["epoch"]: line["val_miou"]
                                            for line in _logged(teacher_metrics) if "val_miou" in line}
 
-    with_teacher = [f"teacher.checkpoint={teacher}"]
-    cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={args.cache_dir or out / 'cache'}",
+    if args.teacher_override:
+        results["teacher_overrides"] = args.teacher_override
+    with_teacher = [f"teacher.checkpoint={teacher}", *args.teacher_override]
+    cached = [*with_teacher, "teacher.mode=cache", f"cache.dir={args.cache_dir or taught / 'cache'}",
               *LOGITS_ONLY]
     streamed = [*with_teacher, "teacher.mode=stream"]
     if any(a.startswith(("kd_cache", "cache/")) for a in arms):
         seconds = _run([sys.executable, "-m", "distill", "cache", str(args.recipe), *cached,
-                        f"output_dir={out / 'cache_run'}", *common], out / "cache.log")
+                        f"output_dir={taught / 'cache_run'}", *common], taught / "cache.log")
         results["cache_seconds"] = seconds  # near 0 when the store was already complete
     # Seed by seed, so that a shortened benchmark still has every arm of its first seeds.
     for seed in seeds:
         for arm in arms:
             stage = "baseline" if arm.startswith("baseline") else "student"
             extra = _arm_overrides(arm, cached, streamed)
-            record = _arm(arm, stage, args.recipe, out / arm / f"seed{seed}",
+            folder = (out if stage == "baseline" else taught) / arm / f"seed{seed}"
+            record = _arm(arm, stage, args.recipe, folder,
                           [*extra, *common, f"train.seed={seed}"], args.force)
             results["arms"].setdefault(arm, {})[str(seed)] = record
             save_json(args.results, results)

@@ -115,6 +115,32 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
     for name, gain in gains.items():
         assert gain == pytest.approx(kd["per_class_iou"][name] - base["per_class_iou"][name])
 
+    # Another teacher, an ensemble of two (bench/ensemble_teacher.py), beside the first: its cache,
+    # eval and distilled arm go under --teacher-name, and the baseline is reused as it was.
+    teacher = tmp_path / "run" / "teacher" / "last.safetensors"
+    ensemble = tmp_path / "ensemble.safetensors"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "ensemble_teacher.py"), "--out", str(ensemble),
+                    str(teacher), str(teacher)], cwd=REPO_ROOT, env=env, check=True, timeout=300)
+    member = "{arch: DeepLabV3Plus, encoder: resnet50}"
+    second = subprocess.run(
+        [*result.args[:result.args.index("--results")], "--results", str(tmp_path / "ensemble.json"),
+         "--teacher-checkpoint", str(ensemble), "--teacher-name", "ensemble",
+         "--teacher-override", "teacher.source=factory", "--teacher-override", "teacher.factory=ensemble_teacher:ensemble",
+         "--teacher-override", f"teacher.factory_kwargs={{members: [{member}, {member}]}}",
+         "--teacher-override", "loss.feature.kind=none",
+         *result.args[result.args.index("--results") + 2:]],
+        cwd=REPO_ROOT, env={**env, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'bench'}"},
+        capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "baseline: reused" in second.stdout
+    both = json.loads((tmp_path / "ensemble.json").read_text())
+    assert both["arms"]["baseline"]["0"]["final_miou"] == base["final_miou"]
+    # Two copies of one model average to that model: the ensemble scores as the teacher did.
+    assert both["teacher"]["final_miou"] == pytest.approx(report["teacher"]["final_miou"], abs=1e-6)
+    assert (tmp_path / "run" / "ensemble" / "cache" / "manifest.json").is_file()
+    assert (tmp_path / "run" / "ensemble" / "cache/kl_T2_w1" / "seed0" / "arm.json").is_file()
+    assert both["teacher_overrides"][0] == "teacher.source=factory"
+
 
 def _bench_module(name: str):
     """A bench/ script imported as a module (bench/ holds scripts, not a package)."""
@@ -128,6 +154,38 @@ def _bench_module(name: str):
     finally:
         sys.path.remove(str(REPO_ROOT / "bench"))
     return module
+
+
+def test_ensemble_teacher_averages_its_members_probabilities(tmp_path):
+    import torch
+    from torch import nn
+
+    from distill.models import load_weights
+
+    ensemble_teacher = _bench_module("ensemble_teacher")
+    torch.manual_seed(0)
+    members = [nn.Conv2d(3, 4, 1) for _ in range(3)]
+    images = torch.randn(2, 3, 5, 6)
+    with torch.no_grad():
+        mean = sum(torch.softmax(m(images), dim=1) for m in members) / 3  # the reference, in probability
+        logits = ensemble_teacher.Ensemble(members)(images)
+    torch.testing.assert_close(torch.softmax(logits, dim=1), mean)
+    torch.testing.assert_close(logits.exp().sum(1), torch.ones(2, 5, 6))  # already log-probabilities
+
+    # The weights file: each member's keys under members.<i>., loadable into the factory's model.
+    from safetensors.torch import save_file
+
+    paths = []
+    for i, member in enumerate(members):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(member.state_dict(), str(paths[-1]))
+    ensemble_teacher.combine(paths, tmp_path / "ens.safetensors")
+    rebuilt = ensemble_teacher.Ensemble([nn.Conv2d(3, 4, 1) for _ in range(3)])
+    load_weights(rebuilt, tmp_path / "ens.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), logits)
+    with pytest.raises(ValueError, match="ensemble member 1: give arch and encoder"):
+        ensemble_teacher.ensemble(num_classes=4, members=[{"arch": "FPN", "encoder": "resnet18"}, {"arch": "FPN"}])
 
 
 def test_teacher_confidence_figures_against_closed_form():
