@@ -51,33 +51,37 @@ class Ensemble(nn.Module):
 
 
 def ensemble(num_classes: int, members: list[dict[str, Any]]) -> Ensemble:
-    """The factory: ``members`` lists each model's smp ``arch`` and ``encoder`` (and optional
-    ``arch_kwargs``), in the order of the weights file's ``members.<i>.`` prefixes."""
-    import segmentation_models_pytorch as smp
+    """The factory: ``members`` lists each model's ``arch`` and ``encoder`` (and any other key of a
+    recipe's model section), in the order of the weights file's ``members.<i>.`` prefixes."""
+    from pydantic import ValidationError
+
+    from distill.config import ModelConfig
+    from distill.models import build_model
 
     models = []
     for index, member in enumerate(members):
-        unknown = set(member) - {"arch", "encoder", "arch_kwargs"}
-        if unknown or not {"arch", "encoder"} <= set(member):
-            raise ValueError(f"ensemble member {index}: give arch and encoder (and optionally "
-                             f"arch_kwargs), not {sorted(member)}")
-        models.append(smp.create_model(member["arch"], encoder_name=member["encoder"], encoder_weights=None,
-                                       classes=num_classes, **member.get("arch_kwargs", {})))
+        if not {"arch", "encoder"} <= set(member):  # ModelConfig would default them silently
+            raise ValueError(f"ensemble member {index}: give arch and encoder, not {sorted(member)}")
+        try:
+            spec = ModelConfig(**member)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            raise ValueError(f"ensemble member {index}: {problems}") from None
+        models.append(build_model(spec, num_classes))
     return Ensemble(models)
 
 
 def combine(checkpoints: list[Path], out: Path) -> None:
-    """Write the members' weights as one file, member ``i``'s keys under ``members.<i>.``."""
-    from safetensors.torch import save_file
+    """Write the members' weights as one file, member ``i``'s keys under ``members.<i>.``
+    (atomically: a kill leaves no half-written file under ``out``)."""
+    from safetensors.torch import save
 
+    from distill._io import atomic_write_bytes
     from distill.models import read_state_dict
 
     state = {f"members.{i}.{key}": value.contiguous()
              for i, path in enumerate(checkpoints) for key, value in read_state_dict(path).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    save_file(state, str(partial))
-    partial.replace(out)  # never a half-written weights file under the final name
+    atomic_write_bytes(out, save(state))
 
 
 def main() -> None:

@@ -186,6 +186,8 @@ def test_ensemble_teacher_averages_its_members_probabilities(tmp_path):
         torch.testing.assert_close(rebuilt(images), logits)
     with pytest.raises(ValueError, match="ensemble member 1: give arch and encoder"):
         ensemble_teacher.ensemble(num_classes=4, members=[{"arch": "FPN", "encoder": "resnet18"}, {"arch": "FPN"}])
+    with pytest.raises(ValueError, match="ensemble member 0: encodr: Extra inputs are not permitted"):  # the recipe's own validation
+        ensemble_teacher.ensemble(num_classes=4, members=[{"arch": "FPN", "encoder": "resnet18", "encodr": "x"}])
 
 
 def test_teacher_confidence_figures_against_closed_form():
