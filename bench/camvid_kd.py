@@ -263,6 +263,9 @@ def main() -> None:
                         help="overrides for the teacher alone (its eval, the cache, the distilled arms), "
                         "e.g. teacher.source=factory for an ensemble (bench/ensemble_teacher.py); "
                         "the baselines' commands stay the same, so their runs are reused")
+    parser.add_argument("--teacher-eval-override", action="append", default=[], metavar="key=value",
+                        help="overrides for the teacher's eval alone, e.g. data.resize=[360,480] for a "
+                        "teacher that works at the full resolution (its cache: cache.teacher_resize)")
     parser.add_argument("--teacher-name", default="",
                         help="a folder under --out for this teacher's cache, eval and distilled arms, "
                         "so that several teachers share one set of baselines")
@@ -299,7 +302,7 @@ def main() -> None:
                      f"{os.cpu_count()} CPUs (torch threads as distill sets them), no GPU", "arms": {}}
     taught = out / args.teacher_name  # this teacher's eval, cache and distilled arms
     teacher_scores = _eval(args.recipe, taught / "teacher_eval", "teacher", teacher,
-                           [*common, *args.teacher_override])
+                           [*common, *args.teacher_override, *args.teacher_eval_override])
     results["teacher"] = {**teacher_scores, "final_miou": teacher_scores["miou"]}
     if args.teacher_checkpoint is None and (out / "teacher_train.json").is_file():  # trained here
         results["teacher"]["train_seconds"] = json.loads((out / "teacher_train.json").read_text())["seconds"]

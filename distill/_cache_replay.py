@@ -43,6 +43,12 @@ class CacheError(ValueError):
     """The logit store is missing, stale, incomplete or damaged; the message says what to do."""
 
 
+def fingerprint_stored_size(fingerprint: dict) -> tuple[int, int]:
+    """The stored maps' size of a store: 1/stride of the frame the teacher saw."""
+    frame = fingerprint.get("teacher_frame") or fingerprint["base_size"]
+    return stored_size(tuple(frame), fingerprint["stride"])
+
+
 def stored_size(base_size: tuple[int, int], stride: int) -> tuple[int, int]:
     """``(h, w)`` of the maps stored for a base frame at ``stride`` (rounded, at least 1)."""
     return tuple(max(1, (side + stride // 2) // stride) for side in base_size)  # type: ignore
@@ -292,7 +298,7 @@ class _SplitFiles:
 
 
 def _split_files(fingerprint: dict[str, Any], folder: Path) -> _SplitFiles:
-    size = stored_size(tuple(fingerprint["base_size"]), fingerprint["stride"])
+    size = fingerprint_stored_size(fingerprint)
     specs = array_specs(fingerprint["layout"], fingerprint["dtype"],
                                    fingerprint["num_samples"], fingerprint["num_classes"],
                                    fingerprint["topk"], size)
@@ -356,8 +362,7 @@ def _set_entry(rest_temperature: float, folder: Path, split: str, fingerprint: d
         "info": {
             "downsample": "area (average pooling)",
             "rest_temperature": rest_temperature if fingerprint["layout"] == "topk" else None,
-            "stored_size": list(stored_size(tuple(fingerprint["base_size"]),
-                                                       fingerprint["stride"])),
+            "stored_size": list(fingerprint_stored_size(fingerprint)),
         },
     }
     _write_manifest(folder, manifest)

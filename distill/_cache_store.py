@@ -57,7 +57,10 @@ def cache_dataset(recipe: Recipe, split: str) -> Any:
     the same images either way, so changing the fraction reuses the store."""
     from distill.data import build_dataset
 
-    data = recipe.data.model_copy(update={"labelled_fraction": 1.0})
+    update: dict[str, Any] = {"labelled_fraction": 1.0}
+    if recipe.cache.teacher_resize is not None:
+        update["resize"] = recipe.cache.teacher_resize
+    data = recipe.data.model_copy(update=update)
     return build_dataset(data, split, train=False, unlabelled=True)
 
 
@@ -99,7 +102,8 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
         "teacher_checkpoint_sha256": file_digest(trained_weights(recipe, "teacher")),
         "teacher_model": teacher.model_dump(
             mode="json", include={"arch", "encoder", "factory", "factory_kwargs", "arch_kwargs", "source",
-                                  "path", "class_names", "class_map", "bgr", "input_size"}),
+                                  "path", "class_names", "class_map", "bgr", "input_size", "tta_flip",
+                                  "tta_scales"}),
         "teacher_input": {"mean": list(teacher.mean or data.mean), "std": list(teacher.std or data.std)},
         "dataset": data.dataset,
         "dataset_root": str(Path(data.root).resolve()) if data.root is not None else None,
@@ -109,6 +113,9 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
         "num_samples": len(ids),
         "num_classes": num_classes,
         "base_size": list(base_size(recipe)),
+        # The frame the teacher saw, when not base_size: maps span the whole image either way,
+        # so replay through the student's geometry is unchanged.
+        "teacher_frame": list(cache.teacher_resize) if cache.teacher_resize is not None else None,
         "stride": cache.stride,
         "layout": cache.layout,
         "topk": replay_ops.effective_topk(cache.layout, cache.topk, num_classes),
@@ -139,7 +146,7 @@ class LogitStore:
         self.num_classes: int = fingerprint["num_classes"]
         self.base_size: tuple[int, int] = tuple(fingerprint["base_size"])  # type: ignore
         self.stride: int = fingerprint["stride"]
-        self.size = replay_ops.stored_size(self.base_size, self.stride)
+        self.size = replay_ops.fingerprint_stored_size(fingerprint)
         self._files = _split_files(fingerprint, split_folder(self.folder, split))
         self._arrays: dict[str, np.memmap] | None = None
 

@@ -15,7 +15,7 @@ from safetensors.torch import save
 from distill._io import atomic_write_bytes, swap_in_folder
 from distill.config import Recipe, atomic_write_text
 from distill.launch import TrainingError
-from distill.models import stage_model
+from distill.models import model_identity, stage_model
 
 
 def save_weights(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> None:
@@ -64,7 +64,7 @@ def stage_data(recipe: Recipe, stage: str) -> dict[str, object]:
 def made_from(recipe: Recipe, stage: str, steps_per_epoch: int, samples: int, processes: int
                ) -> dict[str, object]:
     """What a checkpoint's progress depends on, as flat keys: a resume must match every one."""
-    tree = {"model": stage_model(recipe, stage).model_dump(mode="json", exclude={"checkpoint"}),
+    tree = {"model": model_identity(stage_model(recipe, stage), exclude={"checkpoint"}),
             "data": stage_data(recipe, stage),
             "train": recipe.train.model_dump(mode="json", exclude=RUN_ONLY_TRAIN),
             "loss": recipe.loss.model_dump(mode="json", exclude={"chunk_size"})}

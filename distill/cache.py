@@ -143,7 +143,7 @@ def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, a
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=mine, num_workers=recipe.data.num_workers,
         collate_fn=partial(collate_batch, ignore_index=recipe.data.ignore_index))
-    size = store_ops.stored_size(tuple(fingerprint["base_size"]), fingerprint["stride"])
+    size = store_ops.fingerprint_stored_size(fingerprint)
     label = f"cache {split}"
     if main:
         report(f"{label}: {state}, {int(np.count_nonzero(written))}/{count} samples stored, "

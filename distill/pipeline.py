@@ -23,6 +23,7 @@ from rich.table import Table
 from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe
 from distill.launch import is_launch_main
+from distill.models import model_identity
 from distill.progress import console
 from distill.run_folder import cache_dir, exclusive_folder, stage_dir, trained_weights
 from distill._checkpoint import RUN_ONLY_TRAIN, stage_data
@@ -56,16 +57,17 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     output = Path(recipe.output_dir)
     if stage == "teacher":
         schedule = recipe.teacher_schedule().model_dump(mode="json", exclude=RUN_ONLY_TRAIN)
-        teacher = recipe.teacher.model_dump(mode="json", exclude={"mode", "mean", "std", "checkpoint", "compile"})
+        teacher = model_identity(recipe.teacher, exclude={"mode", "mean", "std", "checkpoint", "compile",
+                                                         "tta_flip", "tta_scales"})
         return _digest({"data": data, "train": schedule, "model": teacher, "loss": plain_ce})
-    student = recipe.student_model.model_dump(mode="json")
+    student = model_identity(recipe.student_model)
     if stage == "baseline":
         return _digest({"data": data, "train": schedule, "model": student, "loss": plain_ce})
     if stage == "student":
         parts: dict[str, object] = {"data": data, "train": schedule, "model": student}
         if recipe.distills:
             parts["loss"] = recipe.loss.model_dump(mode="json", exclude={"chunk_size"})
-            parts["teacher"] = recipe.teacher.model_dump(mode="json", exclude={"checkpoint", "compile"})
+            parts["teacher"] = model_identity(recipe.teacher, exclude={"checkpoint", "compile"})
             parts["teacher_weights"] = file_digest(trained_weights(recipe, "teacher"))
             if recipe.teacher.mode == "cache":
                 parts["cache"] = recipe.cache.model_dump(mode="json", exclude={"batch_size", "dir"})

@@ -45,6 +45,11 @@ class Teacher(nn.Module):
         bgr: reverse the channels for a teacher trained on BGR images.
         input_size: run the teacher at this (height, width) (bilinear); its logits are resized
             to the student's by the loss, like any teacher output of another size.
+        tta_scales, tta_flip: test-time augmentation. The teacher runs on every scale of its
+            input (and its mirror image); the views' softmaxes at ``temperature`` are averaged
+            and come back as logits whose softmax at ``temperature`` is that mean. Averaged
+            probabilities, not logits: a view that is unsure must not be outvoted by the scale
+            of another view's logits.
     """
 
     def __init__(
@@ -61,8 +66,11 @@ class Teacher(nn.Module):
         temperature: float = 1.0,
         bgr: bool = False,
         input_size: Sequence[int] | None = None,
+        tta_scales: Sequence[float] = (1.0,),
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
+        self.tta_scales, self.tta_flip = tuple(tta_scales), tta_flip
         self.model = model
         self.temperature, self.bgr = temperature, bgr
         self.input_size = tuple(input_size) if input_size is not None else None
@@ -96,6 +104,26 @@ class Teacher(nn.Module):
         if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
             images = torch.nn.functional.interpolate(images, size=self.input_size, mode="bilinear",
                                                      align_corners=False)
+        if self.tta_scales == (1.0,) and not self.tta_flip:
+            return self._logits(images)
+        size = images.shape[-2:]
+        mean_probs = None
+        views = 0
+        for scale in self.tta_scales:
+            scaled = images if scale == 1.0 else torch.nn.functional.interpolate(
+                images, scale_factor=scale, mode="bilinear", align_corners=False)
+            for flip in (False, True) if self.tta_flip else (False,):
+                logits = self._logits(scaled.flip(-1) if flip else scaled)
+                logits = logits.flip(-1) if flip else logits
+                logits = torch.nn.functional.interpolate(logits.float(), size=size, mode="bilinear",
+                                                         align_corners=False)
+                probs = torch.softmax(logits / self.temperature, dim=1)
+                mean_probs = probs if mean_probs is None else mean_probs.add_(probs)
+                views += 1
+        assert mean_probs is not None
+        return self.temperature * torch.log(mean_probs.div_(views).clamp_min_(1e-12))
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = forward_padded(self.model, images)
@@ -165,6 +193,8 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
         temperature=temperature,
         bgr=spec.bgr,
         input_size=spec.input_size,
+        tta_scales=spec.tta_scales,
+        tta_flip=spec.tta_flip,
     )
 
 

