@@ -225,6 +225,26 @@ def test_replay_equals_teacher_on_augmented_view_strided(tmp_path, stride):
     assert float(error.mean()) < 0.1 * stride and float(error.mean()) < 0.2 * wrong
 
 
+def test_teacher_resize_stores_maps_of_the_teachers_frame_and_replays_them(tmp_path):
+    # The teacher sees each image at 192x192 from its file; the student's frame is 96x96. The
+    # maps (192/8 = 24 px) span the whole image, so the replay through the student's geometry
+    # matches the teacher run on the student's view, as a 96x96 store at stride 4 does.
+    recipe = recipe_for(tmp_path, **{"data.resize": "[96,96]", "data.crop_size": "[80,64]",
+                                     "data.scale_range": "[0.6,1.4]", "cache.stride": 8,
+                                     "cache.teacher_resize": "[192,192]"})
+    folder = write_cache(recipe)
+    manifest = json.loads((folder / "manifest.json").read_text())["splits"]["train"]
+    assert manifest["info"]["stored_size"] == [24, 24]
+    assert manifest["fingerprint"]["teacher_frame"] == [192, 192]
+    assert open_store(recipe).logits([0]).shape[-2:] == (24, 24)
+    error, wrong = replay_errors(recipe, train_batch(recipe))
+    assert float(error.mean()) < 0.4 and float(error.mean()) < 0.2 * wrong
+    # Another teacher frame is another store: refused, naming the field.
+    other = recipe_for(tmp_path, **{"data.resize": "[96,96]", "cache.stride": 8, "cache.teacher_resize": "[96,96]"})
+    with pytest.raises(CacheError, match="teacher_frame"):
+        open_store(other)
+
+
 # ------------------------------------------------------------------------------- fingerprint
 @pytest.fixture
 def written(tmp_path):

