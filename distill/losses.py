@@ -271,7 +271,9 @@ def dist_loss_reference(
 
 # --------------------------------------------------------------------------- module
 class DistillLoss(torch.nn.Module):
-    """``ce_weight * CE(student, target) + kd_weight * KD(student, teacher)``.
+    """``ce_weight * CE(student, target) + kd_weight * KD(student, teacher)``
+    ``[+ pseudo_label_weight * CE(student, confident teacher labels)]``
+    ``[+ feature_weight * feature term]``.
 
     ``kind`` picks the KD term: ``"kl"`` (pixel-wise :func:`kd_loss`), ``"cwd"``
     (:func:`cwd_loss`) or ``"dist"`` (:func:`dist_loss`); each sees only the pixels
@@ -279,7 +281,9 @@ class DistillLoss(torch.nn.Module):
     ``"teacher_correct"`` (labelled and the teacher's top class is the label: a teacher's mistakes
     are not taught, which matters when it is weak on rare classes). Weights are >= 0 and not both
     0; temperature > 0. ``class_weights`` (per-class CE weights) is a buffer, so ``.to()`` moves
-    it; ``chunk_size`` goes to :func:`kd_loss`.
+    it; ``chunk_size`` goes to :func:`kd_loss`. ``features`` (a
+    :class:`distill.features.FeatureDistillation`, whose hooks read both forwards) adds the
+    feature term at ``feature_weight``.
     """
 
     class_weights: Tensor | None
@@ -289,8 +293,13 @@ class DistillLoss(torch.nn.Module):
         kind: KDKind = "kl", kd_pixels: KDPixels = "labelled", ignore_index: int = 255,
         class_weights: Sequence[float] | None = None, chunk_size: int | None = None,
         pseudo_label_weight: float = 0.0, pseudo_label_threshold: float = 0.9,
+        features: torch.nn.Module | None = None, feature_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        # A plain attribute, not a submodule: the adapters are trained and checkpointed as the
+        # training loop prepares them, never as part of the loss.
+        self.__dict__["features"] = features
+        self.feature_weight = _check_number("feature_weight", feature_weight, allow_zero=True)
         self.pseudo_label_weight = _check_number("pseudo_label_weight", pseudo_label_weight, allow_zero=True)
         self.pseudo_label_threshold = _check_number("pseudo_label_threshold", pseudo_label_threshold,
                                                     allow_zero=False)
@@ -316,20 +325,26 @@ class DistillLoss(torch.nn.Module):
         self.register_buffer("class_weights", weights, persistent=False)
 
     @classmethod
-    def from_config(cls, loss_config: Any, *, ignore_index: int) -> DistillLoss:
+    def from_config(cls, loss_config: Any, *, ignore_index: int,
+                    features: torch.nn.Module | None = None) -> DistillLoss:
         """Build from any object with attributes ``ce_weight, kd_weight, temperature, kind,
-        kd_pixels, class_weights, chunk_size``; missing ones take the constructor defaults."""
+        kd_pixels, class_weights, chunk_size`` (and ``feature.weight``); missing ones take the
+        constructor defaults."""
         names = ("ce_weight", "kd_weight", "temperature", "kind", "kd_pixels", "class_weights",
                  "chunk_size", "pseudo_label_weight", "pseudo_label_threshold")
         kwargs = {n: getattr(loss_config, n) for n in names if hasattr(loss_config, n)}
         for name in ("kind", "kd_pixels"):  # accept str-valued enums from a config model
             if name in kwargs:
                 kwargs[name] = getattr(kwargs[name], "value", kwargs[name])
-        return cls(ignore_index=ignore_index, **kwargs)
+        feature = getattr(loss_config, "feature", None)
+        if features is not None and feature is not None:
+            kwargs["feature_weight"] = feature.weight
+        return cls(ignore_index=ignore_index, features=features, **kwargs)
 
     def forward(
         self, student_logits: Tensor, target: Tensor, teacher_logits: Tensor | None = None,
         *, share: Callable[[Tensor], Tensor] | None = None, kd_target: Tensor | None = None,
+        feature_sizes: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> dict[str, Tensor]:
         """Return ``{"loss", "ce", "kd"}``, parts not detached (the caller decides). ``kd`` is a
         0 tensor, not computed, without a teacher or with ``kd_weight == 0``.
@@ -346,8 +361,12 @@ class DistillLoss(torch.nn.Module):
         not the CE's labelled ones: images without masks are distilled on every image pixel.
         Both terms are means over their own pixels, so their balance (``ce_weight`` against
         ``kd_weight``) does not drift with the share of unlabelled images in a batch.
+
+        ``feature_sizes``: the (unpadded) image sizes the student and the teacher were given,
+        for the feature term (with ``features``); it is added as ``parts["feature"]``.
         """
         teacher = teacher_logits if self.kd_weight > 0 else None
+        feature_mask = target if kd_target is None else kd_target  # every pixel the teacher sees
         # With ce_weight 0 the CE is still reported, but kept out of the graph when KD drives it.
         ce_off = self.ce_weight == 0 and teacher is not None
         with torch.no_grad() if ce_off else contextlib.nullcontext():
@@ -380,6 +399,11 @@ class DistillLoss(torch.nn.Module):
         if self.pseudo_label_weight > 0:
             parts["pseudo"] = self._pseudo_label_ce(student_logits, teacher, target, kd_target)
             parts["loss"] = parts["loss"] + self.pseudo_label_weight * parts["pseudo"]
+        if self.features is not None:
+            if feature_sizes is None:
+                raise ValueError("a loss with a feature term needs feature_sizes")
+            parts["feature"] = self.features(*feature_sizes, feature_mask)
+            parts["loss"] = parts["loss"] + self.feature_weight * parts["feature"]
         return parts
 
     def _pseudo_label_ce(self, student: Tensor, teacher: Tensor, target: Tensor, kd_target: Tensor

@@ -25,7 +25,7 @@ from distill.config import Recipe
 from distill.launch import is_launch_main
 from distill.models import model_identity
 from distill.progress import console
-from distill.run_folder import cache_dir, exclusive_folder, stage_dir, trained_weights
+from distill.run_folder import cache_dir, stage_dir, trained_weights
 from distill._checkpoint import RUN_ONLY_TRAIN, stage_data
 from distill.training import train
 
@@ -158,10 +158,7 @@ def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tu
     resumable = progress.get("fingerprint") == fingerprint
     stage_recipe = recipe.model_copy(deep=True)
     stage_recipe.train.resume = latest if resumable else None
-    if not resumable and main:  # a fresh start: drop what an older run of other inputs left
-        with exclusive_folder(folder):  # never from under a run still writing there
-            for stale in ("metrics.jsonl", "best.json", "best.safetensors", "done.json"):
-                (folder / stale).unlink(missing_ok=True)
+    # A fresh start drops what an older run of other inputs left, once its first step has run.
     result = train(stage_recipe, stage, fingerprint=fingerprint)  # type: ignore[arg-type]
     return ("resumed" if resumable else "trained"), result.best_miou
 

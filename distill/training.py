@@ -84,6 +84,40 @@ class TrainResult:
     model: torch.nn.Module  # the trained model, unwrapped (no DDP prefix)
 
 
+@dataclass
+class _Run:
+    """Everything one training run is made of, built and checked before it writes anything."""
+
+    recipe: Recipe
+    stage: Stage
+    dir: Path
+    accelerator: Accelerator
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    features: torch.nn.Module | None
+    criterion: DistillLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    num_classes: int
+    ignore_index: int
+    total_steps: int
+    started: bool = False  # has the run written its folder yet (see _start_writing)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def trained(self) -> tuple[torch.nn.Module, ...]:
+        return (self.model,) if self.features is None else (self.model, self.features)
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+
 def train(
     recipe: Recipe,
     stage: Stage = "student",
@@ -96,6 +130,10 @@ def train(
 ) -> TrainResult:
     """Train the stage's model (distilling when ``stage == 'student'`` and there is a teacher).
 
+    Nothing in the stage folder changes until the first optimizer step has run: a run refused
+    for its settings, its data, its weights or a checkpoint it cannot resume leaves the folder
+    (a finished run's included) as it was.
+
     Args:
         recipe: the settings (:func:`load_recipe`, :func:`recipe_from_dict`).
         stage: ``teacher``, ``baseline`` (the student, CE only) or ``student``.
@@ -107,27 +145,58 @@ def train(
         fingerprint: what the stage is made from (see ``distill.pipeline``), stored with each
             checkpoint so that ``distill run`` resumes only a checkpoint of the same inputs.
     """
-    run_dir = stage_dir(recipe, stage)
-    _check_trackers(recipe.train.trackers)
     if teacher is not None and stage != "student":
         raise TrainingError(f"a teacher module distils into the student; stage '{stage}' trains alone")
-    if stage == "teacher":  # its own schedule, and every mask: the few-labels switch is the students'
-        data = recipe.data.model_copy(update={"labelled_fraction": 1.0})
-        recipe = recipe.model_copy(update={"train": recipe.teacher_schedule(), "teacher_train": {},
-                                           "data": data})
-    cfg = recipe.train
-    if cfg.cpu_malloc_tuning and not torch.cuda.is_available():
+    recipe = stage_recipe(recipe, stage)
+    _check_trackers(recipe.train.trackers)
+    if recipe.train.cpu_malloc_tuning and not torch.cuda.is_available():
         tune_cpu_malloc()  # before the first large allocation; see distill/_malloc.py
+    run_dir = stage_dir(recipe, stage)
     accelerator = make_accelerator(recipe, run_dir)
-    set_seed(cfg.seed)
-    info = dataset_info(recipe.data)
-    main = accelerator.is_main_process
+    set_seed(recipe.train.seed)
+    # One writer per stage folder, from before its first write to the end of the run.
+    with exclusive_folder(run_dir, accelerator):
+        run = _set_up(recipe, stage, run_dir, accelerator, teacher=teacher, student=student,
+                      train_dataset=train_dataset, val_dataset=val_dataset)
+        state = _initial_state(run, fingerprint)
+        cfg = recipe.train
+        with make_progress(enabled=run.main) as progress:
+            bars = (progress.add_task(f"{stage} epochs", total=cfg.epochs, completed=state["epoch"], info=""),
+                    progress.add_task("steps", total=len(run.train_loader), info=""))
+            for epoch in range(state["epoch"], cfg.epochs):
+                if state["step"] >= run.total_steps:
+                    break
+                _train_one_epoch(run, state, epoch, progress, bars[1])
+                _validate_and_checkpoint(run, state, epoch, progress, bars[0])
+                progress.advance(bars[0])
+        # Not accelerator.end_training(): it also destroys the process group, which the next stage
+        # of `distill run` in this process still needs. The CLI closes the group once, at exit.
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"],
+                           accelerator.unwrap_model(run.model))
 
+
+def stage_recipe(recipe: Recipe, stage: Stage) -> Recipe:
+    """The recipe a stage trains with: the teacher its own schedule and every mask (the
+    few-labels switch is the students')."""
+    if stage != "teacher":
+        return recipe
+    data = recipe.data.model_copy(update={"labelled_fraction": 1.0})
+    return recipe.model_copy(update={"train": recipe.teacher_schedule(), "teacher_train": {}, "data": data})
+
+
+def _set_up(recipe: Recipe, stage: Stage, run_dir: Path, accelerator: Accelerator, *,
+            teacher: torch.nn.Module | None, student: torch.nn.Module | None,
+            train_dataset: Dataset | None, val_dataset: Dataset | None) -> _Run:
+    """Build the model, its teacher, the loss, the loaders and the optimizer; check the schedule."""
+    cfg = recipe.train
+    info = dataset_info(recipe.data)
     model = student if student is not None else build_model(stage_model(recipe, stage), info.num_classes)
     if accelerator.num_processes > 1:
         _freeze_unreached(model)
     # The teacher serves targets for a batch: a module of the caller's, the recipe's model run on
-    # every batch, or its logits replayed from the cache; the loop below never asks which.
+    # every batch, or its logits replayed from the cache; the loop never asks which.
     if teacher is not None:
         teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher, channels_last=cfg.channels_last)
     elif stage == "student" and recipe.distills:
@@ -142,11 +211,6 @@ def train(
     features = None  # the feature term's adapters, trained beside the student, never saved with it
     if teacher is not None and recipe.loss.feature.kind != "none":
         features = feature_distillation(recipe, model, teacher, info.ignore_index)
-    if teacher is not None:
-        criterion = DistillLoss.from_config(recipe.loss, ignore_index=info.ignore_index)
-    else:  # plain training: CE at weight 1 (the recipe's weights are the distillation's balance)
-        criterion = DistillLoss(ce_weight=1.0, kd_weight=0.0, ignore_index=info.ignore_index,
-                                class_weights=recipe.loss.class_weights)
 
     if train_dataset is not None:
         train_loader = loader_for_dataset(train_dataset, recipe.data, train=True, seed=cfg.seed)
@@ -159,132 +223,158 @@ def train(
     else:
         val_loader = build_loader(recipe.data, recipe.data.val_split, train=False, seed=cfg.seed,
                                   label_resolution=recipe.eval.resolution == "label")
-    # One writer per stage folder, from before its first write to the end of the run.
-    with exclusive_folder(run_dir, accelerator):
-        optimizer = build_optimizer(model, recipe, *([features] if features is not None else []))
-        model, optimizer, train_loader, val_loader = accelerator.prepare(
-            model, optimizer, train_loader, val_loader
+    optimizer = build_optimizer(model, recipe, *([features] if features is not None else []))
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if features is not None:  # prepared (DDP, device) and so in save_state's checkpoint too
+        features = accelerator.prepare(features)
+    if teacher is not None:
+        criterion = DistillLoss.from_config(recipe.loss, ignore_index=info.ignore_index, features=features)
+    else:  # plain training: CE at weight 1 (the recipe's weights are the distillation's balance)
+        criterion = DistillLoss(ce_weight=1.0, kd_weight=0.0, ignore_index=info.ignore_index,
+                                class_weights=recipe.loss.class_weights)
+    if len(train_loader) == 0:
+        raise TrainingError(
+            f"no training batch: {len(train_loader.dataset)} images in split "
+            f"'{recipe.data.train_split}' do not fill one batch of {recipe.data.batch_size} on each "
+            f"of {accelerator.num_processes} processes (lower data.batch_size)"
         )
-        if features is not None:  # prepared (DDP, device) and so in save_state's checkpoint too
-            features = accelerator.prepare(features)
-        trained = (model,) if features is None else (model, features)
-        if len(train_loader) == 0:
-            raise TrainingError(
-                f"no training batch: {len(train_loader.dataset)} images in split "
-                f"'{recipe.data.train_split}' do not fill one batch of {recipe.data.batch_size} on each "
-                f"of {accelerator.num_processes} processes (lower data.batch_size)"
-            )
-        steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-        total_steps = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
-        if cfg.warmup_steps >= total_steps:
-            raise TrainingError(
-                f"train.warmup_steps {cfg.warmup_steps} is not below the run's {int(total_steps)} "
-                "optimizer steps: the learning rate would never leave its warm-up"
-            )
-        if main:  # every input is built and checked: only now does the run write its folder
-            _warn_about_padding(recipe)
-            save_resolved_recipe(recipe, run_dir)
-        # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
-        # step it once per process), and registered so that save_state/load_state include it.
-        scheduler = build_scheduler(optimizer, recipe, int(total_steps))
-        accelerator.register_for_checkpointing(scheduler)
-        if cfg.trackers:
-            accelerator.init_trackers(f"distill-{stage}", config=flat_config(json.loads(recipe.model_dump_json())))
+    total_steps = min(cfg.max_steps or math.inf, steps_per_epoch(len(train_loader), cfg.grad_accum_steps) * cfg.epochs)
+    if cfg.warmup_steps >= total_steps:
+        raise TrainingError(
+            f"train.warmup_steps {cfg.warmup_steps} is not below the run's {int(total_steps)} "
+            "optimizer steps: the learning rate would never leave its warm-up"
+        )
+    # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
+    # step it once per process), and registered so that save_state/load_state include it.
+    scheduler = build_scheduler(optimizer, recipe, int(total_steps))
+    accelerator.register_for_checkpointing(scheduler)
+    return _Run(recipe, stage, run_dir, accelerator, model, teacher, features, criterion, optimizer,
+                scheduler, train_loader, val_loader, info.num_classes, info.ignore_index, int(total_steps))
 
-        inputs = made_from(recipe, stage, steps_per_epoch, len(train_loader.dataset),
-                           accelerator.num_processes)
-        state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan"),
-                 "fingerprint": fingerprint, "made_from": inputs}
-        if cfg.resume is not None:
-            state = resume_from(accelerator, Path(cfg.resume), inputs)
-            if main:
-                console.print(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
 
-        log_path = run_dir / "metrics.jsonl"
-        if cfg.resume is not None and main and log_path.is_file():
-            # Lines logged after the checkpoint are logged again by the resumed run: drop them.
-            kept = [line for line in log_path.read_text().splitlines(keepends=True)
-                    if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
-            atomic_write_text(log_path, "".join(kept))
-        unwrapped = accelerator.unwrap_model(model)
-        with make_progress(enabled=main) as progress:
-            epochs_bar = progress.add_task(f"{stage} epochs", total=cfg.epochs, completed=state["epoch"], info="")
-            steps_bar = progress.add_task("steps", total=len(train_loader), info="")
-            for epoch in range(state["epoch"], cfg.epochs):
-                if state["step"] >= total_steps:
-                    break
-                train_loader.set_epoch(epoch)
-                if hasattr(train_loader.dataset, "set_epoch"):  # distill's datasets: augmentation epoch
-                    train_loader.dataset.set_epoch(epoch)
-                for module in trained:
-                    module.train()
-                progress.reset(steps_bar, total=len(train_loader))
-                window_start, window_images = time.perf_counter(), 0
-                for number, batch in enumerate(train_loader):
-                    if recipe.data.cutmix > 0:  # on the device batch; the streamed teacher sees it mixed
-                        batch = cutmix(batch, recipe.data.cutmix,
-                                       _batch_generator(cfg.seed, accelerator.process_index, epoch, number))
-                    with accelerator.accumulate(*trained):
-                        parts = distillation_step(batch, model, teacher, criterion, accelerator, cfg.channels_last,
-                                                  features=features, feature_weight=recipe.loss.feature.weight)
-                        _check_finite(parts, state["step"], batch, accelerator)
-                        accelerator.backward(parts["loss"])
-                        if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                            accelerator.clip_grad_norm_([p for m in trained for p in m.parameters()],
-                                                        cfg.max_grad_norm)
-                        optimizer.step()
-                        if accelerator.sync_gradients:
-                            scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    window_images += batch["image"].shape[0] * accelerator.num_processes
-                    progress.advance(steps_bar)
-                    if not accelerator.sync_gradients:
-                        continue
-                    state["step"] += 1
-                    if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        record = {
-                            "epoch": epoch + 1,  # counted from 1, as the console counts
-                            "step": state["step"],
-                            "lr": scheduler.get_last_lr()[0],
-                            "images_per_s": window_images / max(elapsed, 1e-9),
-                            **{k: float(accelerator.reduce(v.detach(), "mean")) for k, v in parts.items()},
-                        }
-                        _log(accelerator, log_path, record)
-                        progress.update(steps_bar, info=_format(record))
-                        report(f"{stage} epoch {epoch + 1}/{cfg.epochs} step {state['step']}/{int(total_steps)}: "
-                               f"{_format(record)}", enabled=main)
-                        window_start, window_images = time.perf_counter(), 0
-                    if state["step"] >= total_steps:
-                        break
-                state["epoch"] = epoch + 1
-                last_epoch = state["epoch"] == cfg.epochs or state["step"] >= total_steps
-                if state["epoch"] % cfg.eval_every_epochs == 0 or last_epoch:
-                    scores = evaluate_model(
-                        model, val_loader, accelerator,
-                        num_classes=info.num_classes, ignore_index=info.ignore_index,
-                    )
-                    state["last_miou"] = scores.miou
-                    _log(accelerator, log_path, {"epoch": epoch + 1, "step": state["step"], "val_miou": scores.miou,
-                                                 "val_pixel_accuracy": scores.pixel_accuracy})
-                    if scores.miou > state["best_miou"]:
-                        state["best_miou"] = scores.miou
-                        save_weights(accelerator, unwrapped, run_dir / "best.safetensors")
-                        if main:
-                            atomic_write_text(run_dir / "best.json", json.dumps(
-                                {"epoch": epoch + 1, "step": state["step"], "miou": scores.miou}, indent=2))
-                    summary = f"val mIoU {100 * scores.miou:.1f} (best {100 * state['best_miou']:.1f})"
-                    progress.update(epochs_bar, info=summary)
-                    report(f"{stage} epoch {epoch + 1}/{cfg.epochs}: {summary}", enabled=main)
-                if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
-                    save_weights(accelerator, unwrapped, run_dir / "last.safetensors")
-                    save_checkpoint(accelerator, run_dir, state)
-                progress.advance(epochs_bar)
-        # Not accelerator.end_training(): it also destroys the process group, which the next stage
-        # of `distill run` in this process still needs. The CLI closes the group once, at exit.
-        for tracker in accelerator.trackers:
-            tracker.finish()
-        return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"], unwrapped)
+def steps_per_epoch(micro_batches: int, grad_accum_steps: int) -> int:
+    """Optimizer steps in an epoch: its last step takes the micro-batches that are left."""
+    return math.ceil(micro_batches / grad_accum_steps)
+
+
+def _initial_state(run: _Run, fingerprint: str | None) -> dict:
+    """A fresh run's progress, or a checkpoint's (refused when made from other settings)."""
+    cfg = run.recipe.train
+    inputs = made_from(run.recipe, run.stage, steps_per_epoch(len(run.train_loader), cfg.grad_accum_steps),
+                       len(run.train_loader.dataset), run.accelerator.num_processes)
+    state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan"),
+             "fingerprint": fingerprint, "made_from": inputs}
+    if cfg.resume is not None:
+        state = resume_from(run.accelerator, Path(cfg.resume), inputs)
+        if run.main:
+            console.print(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
+    return state
+
+
+def _start_writing(run: _Run, state: dict) -> None:
+    """The run's first writes, once its first optimizer step has run: everything it is made of
+    was built, read and used, so a refusal can no longer come from its inputs.
+
+    A resumed run keeps its ``metrics.jsonl`` up to the checkpoint (later lines are logged
+    again); a run from the start begins a new one, and drops the weights and records of an
+    earlier run in the folder, so that the folder never mixes two runs.
+    """
+    run.started = True
+    if run.recipe.train.trackers:
+        run.accelerator.init_trackers(f"distill-{run.stage}",
+                                      config=flat_config(json.loads(run.recipe.model_dump_json())))
+    if not run.main:
+        return
+    _warn_about_padding(run.recipe)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    if run.recipe.train.resume is not None and run.log_path.is_file():
+        kept = [line for line in run.log_path.read_text().splitlines(keepends=True)
+                if line.endswith("\n") and json.loads(line)["step"] < state["step"]]
+        atomic_write_text(run.log_path, "".join(kept))
+    elif run.recipe.train.resume is None:
+        atomic_write_text(run.log_path, "")
+        for stale in ("best.json", "best.safetensors", "last.safetensors", "done.json"):
+            (run.dir / stale).unlink(missing_ok=True)
+    save_resolved_recipe(run.recipe, run.dir)
+
+
+def _train_one_epoch(run: _Run, state: dict, epoch: int, progress, steps_bar) -> None:
+    """One pass over the training loader: a distillation step per micro-batch, an optimizer
+    step per ``grad_accum_steps`` of them, a metrics line every ``log_every_steps``."""
+    cfg, accelerator, loader = run.recipe.train, run.accelerator, run.train_loader
+    loader.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):  # distill's datasets: augmentation epoch
+        loader.dataset.set_epoch(epoch)
+    for module in run.trained:
+        module.train()
+    progress.reset(steps_bar, total=len(loader))
+    window_start, window_images = time.perf_counter(), 0
+    for number, batch in enumerate(loader):
+        if run.recipe.data.cutmix > 0:  # on the device batch; the streamed teacher sees it mixed
+            batch = cutmix(batch, run.recipe.data.cutmix,
+                           _batch_generator(cfg.seed, accelerator.process_index, epoch, number))
+        with accelerator.accumulate(*run.trained):
+            parts = distillation_step(batch, run.model, run.teacher, run.criterion, accelerator, cfg.channels_last)
+            _check_finite(parts, state["step"], batch, accelerator)
+            # Accelerate divides every micro-batch's loss by grad_accum_steps; the epoch's last
+            # group may hold fewer micro-batches, whose mean needs the rest of that factor.
+            group = min(cfg.grad_accum_steps, len(loader) - number // cfg.grad_accum_steps * cfg.grad_accum_steps)
+            accelerator.backward(parts["loss"] * (cfg.grad_accum_steps / group))
+            if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                accelerator.clip_grad_norm_([p for m in run.trained for p in m.parameters()], cfg.max_grad_norm)
+            run.optimizer.step()
+            if accelerator.sync_gradients:
+                run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        window_images += batch["image"].shape[0] * accelerator.num_processes
+        progress.advance(steps_bar)
+        if not accelerator.sync_gradients:
+            continue
+        state["step"] += 1
+        if not run.started:
+            _start_writing(run, state)
+        if state["step"] % cfg.log_every_steps == 0 or state["step"] == run.total_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "epoch": epoch + 1,  # counted from 1, as the console counts
+                "step": state["step"],
+                "lr": run.scheduler.get_last_lr()[0],
+                "images_per_s": window_images / max(elapsed, 1e-9),
+                **{k: float(accelerator.reduce(v.detach(), "mean")) for k, v in parts.items()},
+            }
+            _log(accelerator, run.log_path, record)
+            progress.update(steps_bar, info=_format(record))
+            report(f"{run.stage} epoch {epoch + 1}/{cfg.epochs} step {state['step']}/{run.total_steps}: "
+                   f"{_format(record)}", enabled=run.main)
+            window_start, window_images = time.perf_counter(), 0
+        if state["step"] >= run.total_steps:
+            break
+    state["epoch"] = epoch + 1
+
+
+def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epochs_bar) -> None:
+    """Score the epoch's model when due (keeping the best weights), and save the checkpoint."""
+    cfg, accelerator = run.recipe.train, run.accelerator
+    unwrapped = accelerator.unwrap_model(run.model)
+    last_epoch = state["epoch"] == cfg.epochs or state["step"] >= run.total_steps
+    if state["epoch"] % cfg.eval_every_epochs == 0 or last_epoch:
+        scores = evaluate_model(run.model, run.val_loader, accelerator,
+                                num_classes=run.num_classes, ignore_index=run.ignore_index)
+        state["last_miou"] = scores.miou
+        _log(accelerator, run.log_path, {"epoch": epoch + 1, "step": state["step"], "val_miou": scores.miou,
+                                         "val_pixel_accuracy": scores.pixel_accuracy})
+        if scores.miou > state["best_miou"]:
+            state["best_miou"] = scores.miou
+            save_weights(accelerator, unwrapped, run.dir / "best.safetensors")
+            if run.main:
+                atomic_write_text(run.dir / "best.json", json.dumps(
+                    {"epoch": epoch + 1, "step": state["step"], "miou": scores.miou}, indent=2))
+        summary = f"val mIoU {100 * scores.miou:.1f} (best {100 * state['best_miou']:.1f})"
+        progress.update(epochs_bar, info=summary)
+        report(f"{run.stage} epoch {epoch + 1}/{cfg.epochs}: {summary}", enabled=run.main)
+    if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
+        save_weights(accelerator, unwrapped, run.dir / "last.safetensors")
+        save_checkpoint(accelerator, run.dir, state)
 
 
 # The package each Accelerate tracker needs (tensorboard: either writer).
@@ -309,17 +399,14 @@ def distillation_step(
     criterion: DistillLoss,
     accelerator: Accelerator,
     channels_last: bool = False,
-    *,
-    features: torch.nn.Module | None = None,
-    feature_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """``loss = ce_weight * CE(student, labels) + kd_weight * T^2 * KL(teacher || student)``
-    ``[+ feature_weight * feature term]``.
+    """The teacher's targets, the student's logits, and ``criterion``'s loss of the two:
+    ``ce_weight * CE(student, labels) + kd_weight * T^2 * KL(teacher || student)`` (or CWD, DIST),
+    ``[+ feature_weight * feature term]``, as :class:`DistillLoss` says.
 
-    Returns the loss parts (``loss``, ``ce``, ``kd``, and ``feature`` with ``features``, a
-    :class:`distill.features.FeatureDistillation`, whose hooks read both forwards); without a
-    teacher ``kd`` is 0 and not computed. The teacher (streamed or cached) runs under the same
-    autocast as the student.
+    Returns the loss parts (``loss``, ``ce``, ``kd``, and ``feature`` with a feature term);
+    without a teacher ``kd`` is 0 and not computed. The teacher (streamed or cached) runs under
+    the same autocast as the student.
     """
     images = batch["image"]
     if channels_last:
@@ -328,13 +415,10 @@ def distillation_step(
         teacher_logits = teacher(batch) if teacher is not None else None
         student_logits = forward_padded(student, images)  # any crop size, not only multiples of 32
         share = _share_of_global_mean(accelerator) if accelerator.num_processes > 1 else None
-        parts = criterion(student_logits, batch["mask"], teacher_logits, share=share,
-                          kd_target=batch.get("kd_mask"))
-        if features is not None:
-            size = tuple(images.shape[-2:])
-            parts["feature"] = features(size, teacher.input_size or size, batch.get("kd_mask", batch["mask"]))
-            parts["loss"] = parts["loss"] + feature_weight * parts["feature"]
-        return parts
+        size = tuple(images.shape[-2:])
+        teacher_size = getattr(teacher, "input_size", None) or size
+        return criterion(student_logits, batch["mask"], teacher_logits, share=share,
+                         kd_target=batch.get("kd_mask"), feature_sizes=(size, teacher_size))
 
 
 def feature_distillation(recipe: Recipe, student: torch.nn.Module, teacher: Teacher,
