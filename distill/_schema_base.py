@@ -35,3 +35,20 @@ class Section(BaseModel):
 def is_number(annotation: Any) -> bool:
     args = get_args(annotation) or (annotation,)
     return bool(set(args) & {int, float}) and bool not in args
+
+
+# Which training stages' results a recipe key changes: field metadata that the one fingerprint
+# (distill.fingerprint) reads. A key that changes no result (RUN_ONLY) may differ between a
+# finished stage and now, and between a checkpoint and its resume; any other difference redoes
+# the stage, or refuses the resume. Every key of a section that a stage reads says which it is
+# (tests/test_fingerprint.py).
+EVERY_STAGE: dict[str, Any] = {"changes": ["teacher", "baseline", "student"]}
+STUDENTS: dict[str, Any] = {"changes": ["baseline", "student"]}  # not the teacher's training
+DISTILLED: dict[str, Any] = {"changes": ["student"]}  # the distilled student's alone
+RUN_ONLY: dict[str, Any] = {"changes": []}  # how a run goes, not what it computes
+
+
+def changes(field: Any) -> list[str] | None:
+    """The stages a field's metadata names (None when it has none)."""
+    extra = field.json_schema_extra
+    return list(extra["changes"]) if isinstance(extra, dict) and "changes" in extra else None

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from distill._schema_base import IMAGENET_MEAN, IMAGENET_STD, Section
+from distill._schema_base import DISTILLED, EVERY_STAGE, IMAGENET_MEAN, IMAGENET_STD, RUN_ONLY, STUDENTS, Section
 from distill._splits import parse_split
 
 
@@ -62,62 +62,62 @@ class DataConfig(Section):
     """Where the images come from and how they are augmented and batched."""
 
     dataset: Literal["synthetic", "camvid", "cityscapes", "ade20k", "voc", "folder"] = Field(
-        "synthetic", description="on-disk layout (see README, Datasets)"
+        "synthetic", description="on-disk layout (see README, Datasets)", json_schema_extra=EVERY_STAGE
     )
-    root: Path | None = Field(None, description="dataset folder (not used by `synthetic`)")
+    root: Path | None = Field(None, description="dataset folder (not used by `synthetic`)", json_schema_extra=EVERY_STAGE)
     class_names: list[str] | None = Field(
-        None, description="required for `folder`; optional elsewhere to rename classes"
+        None, description="required for `folder`; optional elsewhere to rename classes", json_schema_extra=EVERY_STAGE
     )
-    ignore_index: int = Field(255, ge=0, description="label value excluded from loss and metrics")
+    ignore_index: int = Field(255, ge=0, description="label value excluded from loss and metrics", json_schema_extra=EVERY_STAGE)
     train_split: str = Field(
-        "train", description="split the model is trained on; `a+b` pools splits (see Held-out groups)"
+        "train", description="split the model is trained on; `a+b` pools splits (see Held-out groups)", json_schema_extra=EVERY_STAGE
     )
     val_split: str = Field(
         "val", description="split evaluated during training, or a held-out group such as "
-        "`train+val:prefix=0006R0`, `...:list=FILE`, `...:fold=K/N` (removed from train_split)"
+        "`train+val:prefix=0006R0`, `...:list=FILE`, `...:fold=K/N` (removed from train_split)", json_schema_extra=EVERY_STAGE
     )
     group_pattern: str = Field(
         "^[^_]+", description="regex whose first match in a file name is its group (fold=K/N); "
-        "default: the name up to the first `_` (a CamVid sequence, a Cityscapes city)"
+        "default: the name up to the first `_` (a CamVid sequence, a Cityscapes city)", json_schema_extra=EVERY_STAGE
     )
     resize: tuple[int, int] | None = Field(
-        None, description="(height, width) every image is resized to before augmentation and eval"
+        None, description="(height, width) every image is resized to before augmentation and eval", json_schema_extra=EVERY_STAGE
     )
     crop_size: tuple[int, int] | None = Field(
-        None, description="(height, width) of training crops; padded with ignore_index if larger"
+        None, description="(height, width) of training crops; padded with ignore_index if larger", json_schema_extra=EVERY_STAGE
     )
-    scale_range: tuple[float, float] = Field((1.0, 1.0), description="random rescale range")
-    hflip: bool = Field(True, description="random horizontal flip while training")
+    scale_range: tuple[float, float] = Field((1.0, 1.0), description="random rescale range", json_schema_extra=EVERY_STAGE)
+    hflip: bool = Field(True, description="random horizontal flip while training", json_schema_extra=EVERY_STAGE)
     color_jitter: float = Field(
-        0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter strength (image only)"
+        0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter strength (image only)", json_schema_extra=EVERY_STAGE
     )
     cutmix: float = Field(
         0.0, ge=0.0, le=1.0, description="chance that a training image gets a box of another image "
         "of its batch pasted in, its masks cut with it (CutMix; README, Mixed batches); distilling "
-        "needs teacher.mode stream, which runs the teacher on the mixed images"
+        "needs teacher.mode stream, which runs the teacher on the mixed images", json_schema_extra=EVERY_STAGE
     )
-    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="RGB mean, images in [0, 1]")
-    std: tuple[float, float, float] = Field(IMAGENET_STD, description="RGB std, images in [0, 1]")
-    batch_size: int = Field(8, ge=1, description="per process")
-    eval_batch_size: int | None = Field(None, ge=1, description="defaults to batch_size")
-    num_workers: int = Field(2, ge=0, description="data-loader worker processes (0: in the main one)")
-    max_samples: int | None = Field(None, ge=1, description="use only the first N samples a split (or selector) selects")
-    skip_bad_files: bool = Field(False, description="skip unreadable images instead of stopping")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="RGB mean, images in [0, 1]", json_schema_extra=EVERY_STAGE)
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="RGB std, images in [0, 1]", json_schema_extra=EVERY_STAGE)
+    batch_size: int = Field(8, ge=1, description="per process", json_schema_extra=EVERY_STAGE)
+    eval_batch_size: int | None = Field(None, ge=1, description="defaults to batch_size", json_schema_extra=RUN_ONLY)
+    num_workers: int = Field(2, ge=0, description="data-loader worker processes (0: in the main one)", json_schema_extra=RUN_ONLY)
+    max_samples: int | None = Field(None, ge=1, description="use only the first N samples a split (or selector) selects", json_schema_extra=EVERY_STAGE)
+    skip_bad_files: bool = Field(False, description="skip unreadable images instead of stopping", json_schema_extra=EVERY_STAGE)
     synthetic: SyntheticConfig = Field(
-        default_factory=SyntheticConfig, description="the built-in dataset's settings"
+        default_factory=SyntheticConfig, description="the built-in dataset's settings", json_schema_extra=EVERY_STAGE
     )
     unlabelled: list[UnlabelledSource] = Field(
         default_factory=list, description="images without masks the distilled student also learns "
-        "from (the teacher labels them softly); see README, Images without masks"
+        "from (the teacher labels them softly); see README, Images without masks", json_schema_extra=DISTILLED
     )
     labelled_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="students keep the masks of every k-th training image "
         "(k = round(1 / fraction)); the distilled one learns from the others unlabelled. A teacher "
-        "distill trains uses every mask"
+        "distill trains uses every mask", json_schema_extra=STUDENTS
     )
     unlabelled_ratio: float = Field(
         0.5, ge=0.0, lt=1.0, description="share of each distillation batch drawn from the "
-        "unlabelled images, when there are any; 0 with labelled_fraction distils on the kept masks alone"
+        "unlabelled images, when there are any; 0 with labelled_fraction distils on the kept masks alone", json_schema_extra=DISTILLED
     )
 
     @field_validator("labelled_fraction")

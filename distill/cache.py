@@ -96,9 +96,12 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     from distill.run_folder import exclusive_folder
     from distill.teacher import load_teacher
 
+    from distill.run_folder import ensure_writable_folder
+
     stream = _stream_recipe(recipe)
     base_size(stream)
     folder = cache_dir(stream)
+    ensure_writable_folder(folder, "logit cache", CacheError)  # cache.dir that is a file, read-only...
     accelerator = make_accelerator(stream, folder)
     info = dataset_info(stream.data)
     teacher = load_teacher(stream, info.num_classes).to(accelerator.device)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 import traceback
 
@@ -103,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     from distill.export import ExportError
     from distill.models import ModelError
 
+    from distill.preflight import InputError
     from distill.run_folder import FolderBusyError, UnwritableFolderError
 
     expected = (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError,
-                FolderBusyError, UnwritableFolderError)
+                FolderBusyError, UnwritableFolderError, InputError)
     try:
         code = _run_command(args, expected)
     except BaseException:
@@ -116,7 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     if in_process_group():
         end_launched_process(code)
+    if argv is None:  # the command line's process, not a caller's
+        _ignore_late_interrupts()
     return code
+
+
+def _ignore_late_interrupts() -> None:
+    """The command is done and has said so: a Ctrl-C while the interpreter exits would only
+    print an ``Exception ignored in atexit callback`` traceback over a finished run."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]) -> int:
@@ -177,20 +191,28 @@ def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]
 # What a Ctrl-C leaves, per command: every file is written to a temporary name and renamed, and
 # checkpoint and export folders are swapped in whole, so what is on disk is whole.
 _AFTER_INTERRUPT = {
-    "train": "the last epoch's checkpoint is whole; resume with `distill train {recipe} --stage "
-             "{stage} train.resume={output}/{stage}` (or `distill run {recipe}`)",
-    "run": "finished stages are kept and a killed training stage resumes: run `distill run {recipe}` again",
-    "cache": "samples already stored are kept: `distill cache {recipe}` again writes only the missing ones",
-    "export": "the previous export (if any) is untouched: run `distill export {recipe}` again",
+    "train": "the last epoch's checkpoint is whole; resume this run with `{command}`",
+    "run": "finished stages are kept and a killed training stage resumes: run `{command}` again",
+    "cache": "samples already stored are kept: `{command}` again writes only the missing ones",
+    "export": "the previous export (if any) is untouched: run `{command}` again",
 }
 
 
 def _interrupted(args: argparse.Namespace, output_dir: str | None) -> str:
+    """What a Ctrl-C left, and the command that carries on with exactly this run: the same
+    recipe and overrides (its output_dir among them), plus ``train.resume`` for ``train``."""
     advice = _AFTER_INTERRUPT.get(args.command, "nothing was written half-way; run the command again")
-    output = output_dir or "<output_dir>"
-    stage = getattr(args, "stage", "student")
-    return f"interrupted: distill {args.command} stopped; " + advice.format(
-        recipe=args.recipe, stage=stage, output=output)
+    words = ["distill", args.command, args.recipe]
+    if args.command in ("train", "eval"):
+        words += ["--stage", args.stage]
+    overrides = [o for o in args.overrides if not o.startswith("train.resume=")]
+    if args.command == "train":
+        output = output_dir or "<output_dir>"
+        overrides.append(f"train.resume={output}/{args.stage}")
+    command = shlex.join(words + overrides)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        command += " (under the same `accelerate launch` options, with -m distill)"
+    return f"interrupted: distill {args.command} stopped; " + advice.format(command=command)
 
 
 def _print_error(error: BaseException) -> None:
@@ -220,8 +242,12 @@ def _predict(args: argparse.Namespace) -> int:
         written = predict(args.export_dir, args.images, args.out, int8=args.int8)
     except (PredictError, OSError) as error:
         _print_error(error)
+        if isinstance(error, PredictError):  # predict checks all first and writes all or nothing
+            console.print("nothing was written", highlight=False)
         return 2
-    console.print(f"[green]done[/]: {len(written)} masks in {args.out}")
+    # Text, not markup: a folder name may hold brackets. An image named twice gives one mask.
+    console.print(Text.assemble(("done", "green"), f": {len(set(written))} masks in {args.out}"),
+                  highlight=False)
     return 0
 
 

@@ -32,7 +32,7 @@ from distill._schema import (  # re-exported: the recipe's sections
     TeacherConfig,
     TrainConfig,
 )
-from distill._schema_base import IMAGENET_MEAN, IMAGENET_STD, RecipeError
+from distill._schema_base import IMAGENET_MEAN, IMAGENET_STD, RecipeError, changes
 from distill._schema_data import DataConfig, SyntheticConfig, UnlabelledSource
 
 __all__ = [
@@ -208,7 +208,7 @@ def save_resolved_recipe(recipe: Recipe, folder: Path) -> Path:
 
 def recipe_reference() -> str:
     """A Markdown table of every recipe key, its default and meaning (the README embeds it)."""
-    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    rows = ["| key | default | meaning | redoes |", "| --- | --- | --- | --- |"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
@@ -217,15 +217,23 @@ def recipe_reference() -> str:
             key = f"{prefix}{name}"
             if nested:
                 summary = (nested[0].__doc__ or "").strip().splitlines()[0].replace("``", "`")
-                rows.append(f"| **`{key}`** | | {summary} |")
+                rows.append(f"| **`{key}`** | | {summary} | {_redoes(field)} |")
                 walk(nested[0], f"{key}.")
                 continue
             default = field.get_default(call_default_factory=True)
             shown = json_default(default)
-            rows.append(f"| `{key}` | `{shown}` | {field.description or ''} |")
+            rows.append(f"| `{key}` | `{shown}` | {field.description or ''} | {_redoes(field)} |")
 
     walk(Recipe, "")
     return "\n".join(rows) + "\n"
+
+
+def _redoes(field: Any) -> str:
+    """The training stages a changed key redoes (``distill run``), from its fingerprint metadata."""
+    stages = changes(field)
+    if stages is None:
+        return ""
+    return ", ".join(stages) if stages else "none"
 
 
 def json_default(value: Any) -> str:

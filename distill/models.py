@@ -173,6 +173,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                          "(for a run folder: <stage>/best.safetensors)")
     if not path.is_file():
         raise ModelError(f"checkpoint '{path}' does not exist")
+    if not os.access(path, os.R_OK):
+        raise ModelError(f"checkpoint '{path}' cannot be read: permission denied")
     if path.suffix == ".onnx":
         raise ModelError(f"checkpoint '{path}' is an ONNX model: distill loads weights from "
                          ".safetensors or a torch state dict")

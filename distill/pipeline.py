@@ -12,7 +12,6 @@ resumes one that was interrupted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -23,10 +22,10 @@ from rich.table import Table
 from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe
 from distill.launch import is_launch_main
-from distill.models import model_identity
+from distill.fingerprint import digest, stage_inputs
+from distill.preflight import check_inputs
 from distill.progress import console
 from distill.run_folder import cache_dir, stage_dir, trained_weights
-from distill._checkpoint import RUN_ONLY_TRAIN, stage_data
 from distill.training import train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")
@@ -43,39 +42,11 @@ class StageOutcome:
     outputs: Path
 
 
-def _digest(parts: dict[str, object]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-
-
 def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     """Hash of everything a stage's result depends on (and nothing that only changes the run)."""
-    data = stage_data(recipe, stage)
-    schedule = recipe.train.model_dump(mode="json", exclude=RUN_ONLY_TRAIN)
-    plain_ce = {"class_weights": recipe.loss.class_weights}  # teacher and baseline: CE alone
+    if stage in TRAINING_STAGES:
+        return digest(stage_inputs(recipe, stage))
     output = Path(recipe.output_dir)
-    if stage == "teacher":
-        schedule = recipe.teacher_schedule().model_dump(mode="json", exclude=RUN_ONLY_TRAIN)
-        teacher = model_identity(recipe.teacher, exclude={"mode", "mean", "std", "checkpoint", "compile",
-                                                         "tta_flip", "tta_scales"})
-        return _digest({"data": data, "train": schedule, "model": teacher, "loss": plain_ce})
-    student = model_identity(recipe.student_model)
-    if stage == "baseline":
-        return _digest({"data": data, "train": schedule, "model": student, "loss": plain_ce})
-    if stage == "student":
-        parts: dict[str, object] = {"data": data, "train": schedule, "model": student}
-        if recipe.distills:
-            parts["loss"] = recipe.loss.model_dump(mode="json", exclude={"chunk_size"})
-            parts["teacher"] = model_identity(recipe.teacher, exclude={"checkpoint", "compile"})
-            parts["teacher_weights"] = file_digest(trained_weights(recipe, "teacher"))
-            if recipe.teacher.mode == "cache":
-                parts["cache"] = recipe.cache.model_dump(mode="json", exclude={"batch_size", "dir"})
-                manifest = cache_dir(recipe) / "manifest.json"
-                parts["store"] = file_digest(manifest) if manifest.is_file() else None
-        else:
-            parts["loss"] = plain_ce
-        return _digest(parts)
     # compare and export read trained weights: their fingerprint is those weights' bytes.
     weights = {name: file_digest(output / name / "best.safetensors")
                for name in TRAINING_STAGES if (output / name / "best.safetensors").is_file()}
@@ -86,7 +57,7 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     # With an INT8 export the comparison scores the export's ONNX students too.
     reads_export = stage == "export" or "onnx_int8" in recipe.export.formats
     sections = ("data", "eval", "export") if reads_export else ("data", "eval")
-    return _digest({"weights": weights, "mixed_precision": recipe.train.mixed_precision,
+    return digest({"weights": weights, "mixed_precision": recipe.train.mixed_precision,
                     **{k: getattr(recipe, k).model_dump(mode="json") for k in sections}})
 
 
@@ -112,6 +83,7 @@ def planned_stages(recipe: Recipe) -> list[str]:
 
 def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     """Run (or skip, or resume) each planned stage, then print a summary table."""
+    check_inputs(recipe, needs_teacher_weights=False)  # every local problem now, not stage by stage
     main = is_launch_main()
     outcomes = []
     for stage in planned_stages(recipe):

@@ -16,37 +16,113 @@ to [0, 1], resized (bilinear) to ``config["input"]["resize"]`` when the recipe r
 normalised with ``mean``/``std``. The ONNX graph pads to its stride and crops back itself, so any
 size works. The label map is resized back to the image's own size (nearest) and written as a
 palette PNG ``<stem>_mask.png``: pixel values are class ids, the colours the dataset's palette.
+
+All or nothing: the export folder, every image (exists, is a readable file, has a usable mode,
+its header decodes) and ``--out`` (a writable folder, or one that can be created) are checked
+before any work, and the masks are kept in memory (as PNG bytes) until every image has been
+predicted. A refused or failed run creates nothing, not even ``--out``, and changes nothing.
+
+Images, as the reader sees them:
+
+- EXIF orientation is applied (:func:`PIL.ImageOps.exif_transpose`): the mask matches the image
+  as viewers show it (a phone photo taken upright is predicted upright) and has the transposed
+  size. Training ignores EXIF, so a dataset of such photos is seen differently there.
+- Modes ``1``, ``L``, ``LA``, ``La``, ``P``, ``PA``, ``RGB``, ``RGBA``, ``RGBa``, ``RGBX``, ``CMYK``,
+  ``YCbCr``, ``LAB`` and ``HSV`` become RGB as Pillow converts them; alpha is dropped, not
+  composited.
+- 16-bit grayscale (``I;16*``) is scaled by its range to 8 bits (``round(v / 257)``: 65535 -> 255),
+  then replicated to RGB; Pillow's plain ``RGB`` conversion would clip it to white. Mode ``I``
+  (32-bit ints) is scaled by the range of the file's own sample type: 16 bits for PGM/PPM (Pillow
+  rescales those to 0..65535), ``BitsPerSample``/``SampleFormat`` for TIFF (also for a 12-bit
+  ``I;16`` TIFF), otherwise 0..2**31-1. Negative values are refused. Mode ``F`` (float) must hold
+  finite values in [0, 1], scaled by 255; other values are refused.
+- Any other mode is refused with :class:`PredictError` naming the file and its mode.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 CONFIG_NAME = "distill.json"  # distill's metadata; config.json beside it is smp's
+# Modes Pillow converts to RGB meaningfully ("La" goes through "LA": Pillow has no direct path).
+CONVERTED_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
+                             "YCbCr", "LAB", "HSV"})
+# Modes scaled here by their sample type's range: Pillow's RGB conversion clips them instead.
+SCALED_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
 class PredictError(ValueError):
     """An export folder or an image cannot be used; the message names the file."""
 
 
+def _stat(path: Path, what: str) -> os.stat_result:
+    """``os.stat(path)``, or a :class:`PredictError` that says why it failed."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise PredictError(f"{what} '{path}' does not exist") from None
+    except NotADirectoryError:
+        raise PredictError(f"{what} '{path}' does not exist: '{_file_above(path)}' is a file, "
+                           "not a folder") from None
+    except PermissionError:  # stat needs only search permission on the folders above
+        raise PredictError(f"{what} '{path}' cannot be reached: permission denied on a folder "
+                           "above it") from None
+    except OSError as error:
+        raise PredictError(f"{what} '{path}' cannot be read: {error.strerror or error}") from None
+
+
+def _file_above(path: Path) -> Path:
+    """The nearest ancestor of ``path`` that exists and is not a folder (why stat said ENOTDIR)."""
+    for parent in path.parents:
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            return parent
+    return path.parent
+
+
+def _check_file(path: Path, what: str) -> None:
+    """Raise :class:`PredictError` unless ``path`` is an existing regular file this process may read."""
+    mode = _stat(path, what).st_mode
+    if stat.S_ISDIR(mode):
+        raise PredictError(f"{what} '{path}' is a folder, not a file")
+    if not stat.S_ISREG(mode):  # reading a pipe or a device could block or never end
+        raise PredictError(f"{what} '{path}' is not a regular file (a pipe, socket or device)")
+    if not os.access(path, os.R_OK):
+        raise PredictError(f"{what} '{path}' cannot be read: permission denied")
+
+
+def _check_folder(path: Path, what: str) -> None:
+    """Raise :class:`PredictError` unless ``path`` is an existing folder whose files may be read."""
+    if not stat.S_ISDIR(_stat(path, what).st_mode):
+        raise PredictError(f"{what} '{path}' is a file, not a folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise PredictError(f"{what} '{path}' cannot be read: permission denied")
+
+
 def load_export_config(export_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``<export_dir>/distill.json`` (raises :class:`PredictError` when missing or invalid)."""
-    path = Path(export_dir) / CONFIG_NAME
-    if not path.is_file():
-        older = " (an export of an older distill: export again)" if (Path(export_dir) / "config.json").is_file() else ""
+    export_dir = Path(export_dir)
+    _check_folder(export_dir, "export folder")
+    path = export_dir / CONFIG_NAME
+    if not os.path.lexists(path):
+        older = " (an export of an older distill: export again)" if (export_dir / "config.json").is_file() else ""
         raise PredictError(
             f"{path} does not exist: not an export folder{older} (write one with `distill export RECIPE`)"
         )
+    _check_file(path, "export metadata")
     try:
         config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PredictError(f"{path} is not readable JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise PredictError(f"{path} holds no JSON object: written by another tool or version?")
     for key in ("num_classes", "palette", "input", "files"):
         if key not in config:
             raise PredictError(f"{path} has no key '{key}': written by another tool or version?")
@@ -75,17 +151,146 @@ def palette_image(labels: np.ndarray, palette: list[list[int]]) -> Image.Image:
     return mask
 
 
-def _session(export_dir: Path, config: dict[str, Any], threads: int | None, int8: bool = False):
-    import onnxruntime as ort
+def _unsupported_mode(path: Path, mode: str) -> PredictError:
+    known = ", ".join(sorted(CONVERTED_MODES | SCALED_MODES))
+    return PredictError(f"image '{path}' has PIL mode '{mode}', which predict cannot convert to RGB "
+                        f"(it reads {known}): convert it to 8-bit RGB first")
 
+
+def check_image(path: Path) -> None:
+    """Refuse, before any work, an image that is missing, unreadable, undecodable or of an unusable mode.
+
+    Only the header is decoded here (``Image.open`` + ``verify``, which also checks a PNG's chunk
+    checksums): decoding every image twice would double the cost for large images, and keeping them
+    all decoded could exhaust memory. What ``verify`` cannot see (a truncated JPEG) fails while
+    predicting, which still writes nothing, as masks are written only once all are predicted.
+    """
+    _check_file(path, "image")
+    try:
+        with Image.open(path) as opened:
+            mode = opened.mode
+            opened.verify()
+    except Image.DecompressionBombError as error:  # PIL's guard against huge images
+        raise PredictError(f"image '{path}' is too large to decode safely: {error}") from None
+    except PermissionError:
+        raise PredictError(f"image '{path}' cannot be read: permission denied") from None
+    except Exception as error:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error...
+        raise PredictError(f"image '{path}' cannot be decoded: {error}") from None
+    if mode not in CONVERTED_MODES | SCALED_MODES:
+        raise _unsupported_mode(path, mode)
+
+
+def _white_level(image: Image.Image) -> int | None:
+    """The integer value that means white for an ``I``/``I;16*`` image: its sample type's maximum."""
+    if image.mode not in SCALED_MODES or image.mode == "F":
+        return None
+    tags = getattr(image, "tag_v2", None)
+    if image.format == "TIFF" and tags is not None and 258 in tags:  # BitsPerSample, SampleFormat
+        bits, kind = tags[258], tags.get(339, 1)
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        kind = kind[0] if isinstance(kind, tuple) else kind
+        return 2 ** (int(bits) - (kind == 2)) - 1  # signed: values above 0 use one bit less
+    if image.mode.startswith("I;16") or image.format == "PPM":  # Pillow rescales PGM/PPM to 16 bits
+        return 65535
+    return 2**31 - 1  # Pillow's mode "I" holds signed 32-bit ints
+
+
+def rgb_image(image: Image.Image, path: Path, white: int | None = None) -> Image.Image:
+    """``image`` as 8-bit RGB; integer and float grayscale scaled by their range (see the module doc).
+
+    ``white`` is the value that means white for ``I``/``I;16*`` images (default: the mode's range).
+    """
+    mode = image.mode
+    if mode == "La":  # premultiplied alpha: Pillow un-premultiplies only on the way to "LA"
+        image, mode = image.convert("LA"), "LA"
+    if mode in CONVERTED_MODES:
+        return image.convert("RGB")
+    if mode not in SCALED_MODES:
+        raise _unsupported_mode(path, mode)
+    values = np.asarray(image)
+    if mode == "F":
+        finite = np.isfinite(values).all()
+        if not finite or values.size and (values.min() < 0 or values.max() > 1):
+            span = "non-finite values" if not finite else f"values in [{values.min():g}, {values.max():g}]"
+            raise PredictError(f"image '{path}' (PIL mode 'F', float) holds {span}: predict reads float "
+                               "images as intensities in [0, 1]")
+        gray = np.rint(values.astype(np.float64) * 255)
+    else:
+        white = white or (65535 if mode.startswith("I;16") else 2**31 - 1)
+        if values.size and values.min() < 0:
+            raise PredictError(f"image '{path}' (PIL mode '{mode}') holds negative values "
+                               f"(down to {values.min()}): no intensity to map them to")
+        # Integer rounding of v * 255 / white: exact (white is odd, so no value falls on .5).
+        gray = np.minimum((values.astype(np.int64) * 255 + white // 2) // white, 255)
+    return Image.fromarray(gray.astype(np.uint8), mode="L").convert("RGB")
+
+
+def read_image(path: Path) -> Image.Image:
+    """Decode ``path`` as 8-bit RGB the way viewers show it: EXIF orientation applied (see the module doc)."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            white = _white_level(opened)  # from the file's tags: the transposed copy has none
+            image = ImageOps.exif_transpose(opened)  # always a copy, usable once the file is closed
+    except Image.DecompressionBombError as error:  # PIL's guard against huge images
+        raise PredictError(f"image '{path}' is too large to decode safely: {error}") from None
+    except PermissionError:
+        raise PredictError(f"image '{path}' cannot be read: permission denied") from None
+    except Exception as error:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error...
+        raise PredictError(f"image '{path}' cannot be decoded: {error}") from None
+    return rgb_image(image, path, white)
+
+
+def _check_out(out_dir: Path, targets: list[Path]) -> list[Path]:
+    """Refuse an ``--out`` that cannot take the masks; return the folders that must be created (deepest first)."""
+    if os.path.lexists(out_dir) and not os.path.exists(out_dir):
+        raise PredictError(f"--out '{out_dir}' is a broken symbolic link")
+    try:
+        mode = out_dir.stat().st_mode
+    except PermissionError:
+        raise PredictError(f"--out '{out_dir}' cannot be reached: permission denied on a folder above it") from None
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    else:
+        if not stat.S_ISDIR(mode):
+            raise PredictError(f"--out '{out_dir}' is a file, not a folder")
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise PredictError(f"--out '{out_dir}' is not writable: permission denied")
+        for target in targets:
+            if os.path.isdir(target):
+                raise PredictError(f"mask '{target}' cannot be written: a folder of that name is in --out")
+        return []
+    # --out will be made with its missing parents, inside the nearest folder that exists.
+    missing = [out_dir]
+    for parent in out_dir.parents:
+        if not os.path.lexists(parent):
+            missing.append(parent)
+            continue
+        if not os.path.isdir(parent):
+            raise PredictError(f"--out '{out_dir}' cannot be created: '{parent}' is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PredictError(f"--out '{out_dir}' cannot be created in '{parent}': permission denied")
+        break
+    return missing
+
+
+def _model_path(export_dir: Path, config: dict[str, Any], int8: bool) -> Path:
+    """The export's (INT8) ONNX model, checked to be a readable file."""
     kind = "onnx_int8" if int8 else "onnx"
     name = config["files"].get(kind)
     model_path = export_dir / name if name else None
-    if model_path is None or not model_path.is_file():
+    if model_path is None or not os.path.lexists(model_path):
         raise PredictError(
             f"{export_dir} holds no {'INT8 ' if int8 else ''}ONNX model "
             f"({model_path or 'distill.json lists none'}); export with format={kind}"
         )
+    _check_file(model_path, "ONNX model")
+    return model_path
+
+
+def _session(model_path: Path, config: dict[str, Any], threads: int | None):
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -98,9 +303,35 @@ def _session(export_dir: Path, config: dict[str, Any], threads: int | None, int8
     channels = session.get_outputs()[0].shape[1] if len(session.get_outputs()[0].shape) == 4 else None
     if isinstance(channels, int) and channels != config["num_classes"]:
         raise PredictError(f"ONNX model '{model_path}' outputs {channels} classes but "
-                           f"{export_dir / CONFIG_NAME} says {config['num_classes']}: the files come "
+                           f"{model_path.parent / CONFIG_NAME} says {config['num_classes']}: the files come "
                            "from different exports")
     return session
+
+
+def _write_all(out_dir: Path, masks: dict[Path, bytes], missing: list[Path]) -> None:
+    """Write every mask, or none: on a failure the files and folders made here are removed."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for target, data in masks.items():
+            tmp = target.with_name(f".{target.name}.tmp")
+            staged.append((tmp, target))
+            tmp.write_bytes(data)
+    except OSError as error:  # a full disk, or a folder changed since it was checked
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for folder in missing:  # deepest first; those mkdir did not reach are absent
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:  # not empty: something else writes there now
+                break
+        raise PredictError(f"the masks cannot be written to --out '{out_dir}': "
+                           f"{error.strerror or error}") from None
+    # A rename is atomic: no half-written PNG under a mask's name, even if the run is killed here.
+    for tmp, target in staged:
+        os.replace(tmp, target)
 
 
 def predict(
@@ -116,44 +347,43 @@ def predict(
     With ``int8`` the INT8 student (``student_int8.onnx``, export format ``onnx_int8``) runs
     instead of the FP32 one.
 
-    Returns the written paths, in the order of ``images``. Each mask is written through a
-    temporary name and a rename, so an interrupted run leaves no half-written PNG.
+    Returns the written paths, in the order of ``images``. All or nothing: every input and
+    ``out_dir`` are checked first, and the masks are written only once every image has been
+    predicted (through temporary names and renames), so a refused or failed run creates nothing.
 
     Raises:
-        PredictError: the export folder, its ONNX file, or an image cannot be read.
+        PredictError: the export folder, its ONNX file, an image or ``out_dir`` cannot be used.
     """
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     config = load_export_config(export_dir)
+    model_path = _model_path(export_dir, config, int8)
     paths = [Path(p) for p in images]
-    for path in paths:
-        if not path.is_file():
-            raise PredictError(f"image '{path}' does not exist")
     by_stem: dict[str, Path] = {}
     for path in paths:  # masks are named after the image: two of one name would overwrite
         if path.stem in by_stem and by_stem[path.stem] != path:
             raise PredictError(f"images '{by_stem[path.stem]}' and '{path}' would both write "
                                f"'{path.stem}_mask.png': predict them into different --out folders")
         by_stem[path.stem] = path
-    session = _session(export_dir, config, threads, int8)
+    for path in by_stem.values():
+        check_image(path)
+    targets = [out_dir / f"{path.stem}_mask.png" for path in paths]
+    missing = _check_out(out_dir, targets)
+    session = _session(model_path, config, threads)
     input_name = config.get("onnx", {}).get("input", session.get_inputs()[0].name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in paths:
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except Image.DecompressionBombError as error:  # PIL's guard against huge images
-            raise PredictError(f"image '{path}' is too large to decode safely: {error}") from None
-        except OSError as error:
-            raise PredictError(f"image '{path}' cannot be decoded: {error}") from None
+    # Encoded masks (palette PNGs, a small fraction of the images' size) wait in memory, so that a
+    # failure on a later image leaves nothing written.
+    masks: dict[Path, bytes] = {}
+    for path, target in zip(paths, targets):
+        if target in masks:  # the same image named twice
+            continue
+        image = read_image(path)
         logits = session.run(None, {input_name: preprocess(image, config)})[0]
         labels = logits[0].argmax(0).astype(np.uint8)
         mask = palette_image(labels, config["palette"])
         if mask.size != image.size:
             mask = mask.resize(image.size, Image.NEAREST)
-        target = out_dir / f"{path.stem}_mask.png"
-        tmp = target.with_name(f".{target.name}.tmp")
-        mask.save(tmp, format="PNG")
-        os.replace(tmp, target)
-        written.append(target)
-    return written
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG")
+        masks[target] = buffer.getvalue()
+    _write_all(out_dir, masks, missing)
+    return targets

@@ -161,14 +161,19 @@ def exclusive_folder(folder: Path, accelerator: Any = None) -> Iterator[None]:
     lock, holder, problem = None, None, None
     lock_file = folder.parent / f".{folder.name}.lock"
     record = lock_file.with_name(lock_file.name + ".json")
+    created: list[Path] = []  # parent folders this call makes, removed again if nothing is written
     if main:
         try:
+            ensure_writable_folder(folder, "run")  # a file in the way, or no permission: said as such
+            created = [p for p in [folder.parent, *folder.parent.parents] if not p.exists()]
             folder.parent.mkdir(parents=True, exist_ok=True)
             candidate = FileLock(lock_file, timeout=0)
             candidate.acquire()
             lock = candidate
         except Timeout:
             holder = _holder(record)
+        except UnwritableFolderError as error:
+            problem = str(error)
         except OSError as error:  # a read-only or missing parent: said below, on every process
             problem = f"cannot lock '{folder}' for writing: {error.strerror or error}"
         if lock is not None:
@@ -190,7 +195,14 @@ def exclusive_folder(folder: Path, accelerator: Any = None) -> Iterator[None]:
     finally:
         if lock is not None:
             record.unlink(missing_ok=True)
+            if not folder.exists():
+                # Nothing was written (a refused run): leave no lock file or folder behind. The
+                # file goes while still locked, so no other run can hold a lock on it then.
+                lock_file.unlink(missing_ok=True)
             lock.release()
+            for parent in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
 
 
 def _holder(record: Path) -> str:

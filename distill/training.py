@@ -40,6 +40,7 @@ from distill.losses import DistillLoss
 from distill.evaluation import evaluate_model
 from distill.features import FeatureDistillation, FeatureError
 from distill.models import Stage, build_model, forward_padded, stage_model
+from distill.preflight import check_inputs
 from distill.progress import console, make_progress, report
 from distill.run_folder import exclusive_folder, stage_dir
 from distill.teacher import Teacher, load_teacher
@@ -148,6 +149,8 @@ def train(
     if teacher is not None and stage != "student":
         raise TrainingError(f"a teacher module distils into the student; stage '{stage}' trains alone")
     recipe = stage_recipe(recipe, stage)
+    if train_dataset is None and val_dataset is None:  # the recipe's data: check it with the rest
+        check_inputs(recipe, stage, needs_teacher_weights=teacher is None)
     _check_trackers(recipe.train.trackers)
     if recipe.train.cpu_malloc_tuning and not torch.cuda.is_available():
         tune_cpu_malloc()  # before the first large allocation; see distill/_malloc.py

@@ -28,6 +28,20 @@ def test_ci_runs_the_readme_test_command():
     assert "make test " in (REPO / "README.md").read_text()
 
 
+
+def test_the_by_hand_install_does_what_make_does():
+    # Each command of the Makefile's install recipe (pip install, then the start-up hook that
+    # `accelerate launch` needs where torchvision's extension cannot load) is in the README's
+    # by-hand install block, with the same arguments.
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("By hand:", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("$(VENV)/.installed:", 1)[1].split("\n\n", 1)[0]
+    assert "pip install" in block and "-e '.[dev]'" in block and "-c constraints-cpu.txt" in block
+    hook = next(line for line in recipe.splitlines() if "_compat" in line).split("/bin/python", 1)[1].strip()
+    assert hook in block, f"the README's by-hand install lacks the start-up hook: {hook}"
+
+
 if __name__ == "__main__":  # regenerate docs/recipe.md's table
     import distill  # noqa: F401
 

@@ -1,0 +1,69 @@
+"""What a training stage is made from: one function, read off the schema's field metadata.
+
+Each key of the sections a stage reads says which stages' results it changes (``EVERY_STAGE``,
+``STUDENTS``, ``DISTILLED`` or ``RUN_ONLY`` in ``distill/_schema_base.py``). :func:`stage_inputs`
+keeps the keys that change this stage's result, with the bytes it reads (teacher weights, a
+logit store, local encoder weights) by their sha256. ``distill run`` skips a stage whose
+``done.json`` holds the same digest, and a resume is refused when a checkpoint's inputs differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from distill._io import file_digest
+from distill._schema_base import changes
+from distill.config import Recipe
+from distill.models import model_identity, stage_model
+from distill.run_folder import cache_dir, trained_weights
+
+
+def keys_for(section: BaseModel, stage: str) -> dict[str, Any]:
+    """The keys of ``section`` whose metadata says they change ``stage``'s result."""
+    names = {name for name, field in type(section).model_fields.items() if stage in (changes(field) or [])}
+    return section.model_dump(mode="json", include=names)
+
+
+def stage_inputs(recipe: Recipe, stage: str) -> dict[str, Any]:
+    """Everything a training stage's result depends on, as a nested dict of plain values."""
+    distilling = stage == "student" and recipe.distills
+    reads = stage if stage != "student" or distilling else "baseline"  # a student alone is a baseline
+    schedule = recipe.teacher_schedule() if stage == "teacher" else recipe.train
+    model = stage_model(recipe, stage)  # type: ignore[arg-type]
+    inputs: dict[str, Any] = {
+        "data": keys_for(recipe.data, reads),
+        "train": keys_for(schedule, reads),
+        "loss": keys_for(recipe.loss, reads),
+        "model": {**keys_for(model, reads), **_weights(model, reads)},
+    }
+    if distilling:
+        assert recipe.teacher is not None
+        teacher = keys_for(recipe.teacher, "student")
+        inputs["teacher"] = {**teacher, **_weights(recipe.teacher, "student"),
+                             "weights": file_digest(trained_weights(recipe, "teacher"))}
+        if recipe.teacher.mode == "cache":
+            manifest = cache_dir(recipe) / "manifest.json"
+            inputs["cache"] = {**keys_for(recipe.cache, "student"),
+                               "store": file_digest(manifest) if manifest.is_file() else None}
+    return inputs
+
+
+def _weights(model: BaseModel, stage: str) -> dict[str, Any]:
+    """Weights files a model starts from, by their sha256 rather than their path."""
+    keys = keys_for(model, stage)
+    found: dict[str, Any] = {}
+    if "encoder_weights" in keys:
+        found["encoder_weights"] = model_identity(model)["encoder_weights"]  # type: ignore[arg-type]
+    checkpoint = getattr(model, "checkpoint", None)
+    if "checkpoint" in keys and checkpoint is not None and checkpoint.is_file():
+        found["checkpoint"] = f"sha256:{file_digest(checkpoint)}"
+    return found
+
+
+def digest(parts: dict[str, Any]) -> str:
+    """A short, stable hash of a nested dict of plain values."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,77 @@
+"""Every local problem of a command's inputs, found before its first write or expensive step.
+
+A run that would stop on its third problem after fixing the first two wastes the user's time,
+and one that names a consequence (the teacher has no weights) instead of the cause (the data
+folder does not exist) wastes more. :func:`check_inputs` tries each input that can be checked
+on the disk alone (data folders and their file lists, weights files, checkpoints, output
+folders) and reports them all at once. Nothing is downloaded or written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from distill.config import Recipe
+
+
+class InputError(ValueError):
+    """One or more inputs of a command cannot be used; the message lists each."""
+
+
+def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weights: bool = True) -> None:
+    """Raise the problem found with the recipe's local inputs, or :class:`InputError` listing
+    every one when there are several.
+
+    Args:
+        recipe: the resolved recipe.
+        stage: the training stage about to run (``teacher``, ``baseline``, ``student``), or None
+            for a command that trains nothing of its own.
+        needs_teacher_weights: check that the teacher's weights exist (False for ``distill run``,
+            which trains the teacher first).
+    """
+    from distill.data import build_dataset
+    from distill.models import read_state_dict
+    from distill.pretrained import is_local, locate
+    from distill.run_folder import ensure_writable_folder, stage_dir, trained_weights
+
+    problems: list[str] = []
+    errors: list[Exception] = []
+
+    def attempt(check: Callable[[], object]) -> None:
+        try:
+            check()
+        except (ValueError, OSError, RuntimeError) as error:  # distill's errors and the disk's
+            if str(error) not in problems:
+                problems.append(str(error))
+                errors.append(error)
+
+    data = recipe.data
+    attempt(lambda: build_dataset(data, data.train_split, train=False))
+    if data.val_split != data.train_split:
+        attempt(lambda: build_dataset(data, data.val_split, train=False))
+    if stage is not None:
+        attempt(lambda: ensure_writable_folder(stage_dir(recipe, stage), f"{stage} stage"))
+        if recipe.train.resume is not None and not Path(recipe.train.resume).is_dir():
+            attempt(lambda: _not_a_checkpoint(recipe.train.resume))
+    models = []
+    if stage in ("baseline", "student") or stage is None:
+        models.append(("student" if recipe.student is not None else "model", recipe.student_model))
+    if recipe.teacher is not None and (stage in ("teacher", None) or (stage == "student" and recipe.distills)):
+        models.append(("teacher", recipe.teacher))
+    for _, spec in models:
+        if spec.encoder_weights is not None and is_local(spec.encoder_weights):
+            attempt(lambda spec=spec: locate(spec.encoder_weights))
+        if spec.checkpoint is not None:
+            attempt(lambda spec=spec: read_state_dict(spec.checkpoint))
+    if stage == "student" and recipe.distills and needs_teacher_weights and recipe.teacher.checkpoint is None:
+        attempt(lambda: trained_weights(recipe, "teacher"))
+    if len(errors) == 1:
+        raise errors[0]  # one problem keeps its own type (DataError, ModelError...)
+    if problems:
+        raise InputError(f"{len(problems)} problems with the inputs:\n  - " + "\n  - ".join(problems))
+
+
+
+def _not_a_checkpoint(path: Path) -> None:
+    raise InputError(f"train.resume '{path}' is not a checkpoint folder (tried '{Path(path).absolute()}')")

@@ -1,0 +1,144 @@
+"""A refused command leaves every file as it was and creates nothing; one run's records per
+folder; problems named by their cause, all at once (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from distill.cli import main
+from distill.config import recipe_to_yaml
+from helpers import tiny_recipe
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (hidden ones included)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_recipe(tmp_path: Path, **overrides) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_to_yaml(tiny_recipe(tmp_path / "run", **overrides)))
+    return path
+
+
+def bad_label_folder(root: Path) -> Path:
+    """A 'folder' dataset whose masks hold label 9 with 2 classes."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(4):
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.png")
+            Image.fromarray(np.full((32, 32), 9, dtype=np.uint8)).save(root / "masks" / split / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("finished")
+    recipe = write_recipe(tmp_path)
+    assert main(["train", str(recipe)]) == 0
+    return recipe, tmp_path / "run"
+
+
+@pytest.mark.parametrize("refused,message", [
+    pytest.param(lambda run, tmp: ["train.lr=0.5", f"train.resume={run}/student"],
+                 "train.lr: checkpoint 0.01, now 0.5", id="resume-other-lr"),
+    pytest.param(lambda run, tmp: ["data.dataset=folder", f"data.root={bad_label_folder(tmp / 'bad')}",
+                                   "data.class_names=[a,b]"], "has label values [9]", id="label-out-of-range"),
+    pytest.param(lambda run, tmp: ["train.warmup_steps=10000"], "train.warmup_steps 10000", id="warmup-past-the-end"),
+    pytest.param(lambda run, tmp: ["model.checkpoint=/no/such/weights.safetensors"],
+                 "'/no/such/weights.safetensors' does not exist", id="missing-checkpoint"),
+])
+def test_refused_train_leaves_a_finished_run_byte_identical(finished, tmp_path, refused, message, capfd):
+    recipe, run = finished
+    before = snapshot(run.parent)
+    assert main(["train", str(recipe), *refused(run, tmp_path)]) == 2
+    assert message in " ".join(capfd.readouterr().err.split())
+    assert snapshot(run.parent) == before
+
+
+def test_refused_train_into_a_new_folder_creates_nothing(tmp_path, capfd):
+    recipe = write_recipe(tmp_path)
+    target = tmp_path / "new" / "deeper"
+    assert main(["train", str(recipe), f"output_dir={target}", "train.warmup_steps=10000"]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_training_again_from_the_start_begins_a_new_metrics_log(tmp_path):
+    recipe = write_recipe(tmp_path)
+    for _ in range(2):
+        assert main(["train", str(recipe)]) == 0
+    steps = [line for line in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    numbers = [int(line.split('"step": ')[1].split(",")[0]) for line in steps]
+    assert numbers == sorted(set(numbers)) and numbers[0] == 2  # one run, not two appended
+
+
+def test_grad_accum_beyond_an_epoch_steps_with_the_micro_batches_mean(tmp_path):
+    # 24 images in batches of 4: 6 micro-batches per epoch. Accumulating 50 or exactly 6 is one
+    # optimizer step over the same 6 micro-batches: the same update (before, 50 gave 6/50 of it).
+    weights = {}
+    for accumulate in (6, 50):
+        recipe = write_recipe(tmp_path / str(accumulate), **{
+            "train.epochs": 1, "train.grad_accum_steps": accumulate, "train.optimizer": "sgd",
+            "train.momentum": 0.0, "train.weight_decay": 0.0, "model.factory": "helpers:tiny_without_batch_norm"})
+        assert main(["train", str(recipe)]) == 0
+        weights[accumulate] = load_file(str(tmp_path / str(accumulate) / "run" / "student" / "last.safetensors"))
+    torch.manual_seed(0)  # the initial weights: the same factory and seed as the runs
+    for key, value in weights[6].items():
+        assert torch.allclose(weights[50][key], value, atol=1e-6), key
+
+
+def test_ctrl_c_prints_the_command_that_resumes_exactly_this_run(tmp_path, monkeypatch, capfd):
+    import distill.training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.training, "train", interrupted)
+    recipe = write_recipe(tmp_path)
+    out_dir = tmp_path / "other run"
+    assert main(["train", str(recipe), "--stage", "baseline", f"output_dir={out_dir}", "train.epochs=3"]) == 130
+    text = capfd.readouterr()
+    line = " ".join((text.out + text.err).split())
+    command = line.split("resume this run with `")[1].split("`")[0]
+    words = shlex.split(command)
+    assert words[:5] == ["distill", "train", str(recipe), "--stage", "baseline"]
+    assert f"output_dir={out_dir}" in words and "train.epochs=3" in words
+    assert f"train.resume={out_dir}/baseline" in words
+
+
+@pytest.mark.parametrize("key,what", [("output_dir", "student stage"), ("cache.dir", "logit cache")])
+def test_a_file_where_a_folder_belongs_is_named_as_such(tmp_path, key, what, capfd):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    recipe = write_recipe(tmp_path, teacher=True, **{"data.resize": "[32,32]"})
+    command = "cache" if key == "cache.dir" else "train"
+    teacher = tmp_path / "teacher.safetensors"
+    from safetensors.torch import save_file
+    from helpers import tiny
+    save_file(tiny(4, 12).state_dict(), str(teacher))
+    assert main([command, str(recipe), f"{key}={blocker}", f"teacher.checkpoint={teacher}"]) == 2
+    out = " ".join(capfd.readouterr().err.split())
+    assert f"'{blocker}' is a file, not a folder" in out and what in out
+    assert blocker.read_text() == "not a folder"
+
+
+def test_every_local_problem_is_reported_at_once(tmp_path, capfd):
+    recipe = write_recipe(tmp_path, teacher=True)
+    assert main(["train", str(recipe), "data.dataset=camvid", "data.root=/no_such_dir"]) == 2
+    out = " ".join(capfd.readouterr().err.split())
+    assert "2 problems" in out
+    assert "data.root '/no_such_dir' does not exist" in out and "the teacher has no weights" in out
+    assert not (tmp_path / "run").exists()
