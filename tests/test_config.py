@@ -54,7 +54,7 @@ def test_parse_overrides_rejects_words_without_value():
         ({"model": {}, "student": {}}, [], r"either `model`.*or `student`"),
         ({"model": {}}, ["data.scale_range=[2.0, 1.0]"], r"data.scale_range \[2.0, 1.0\] must satisfy"),
         ({"model": {}, "train": {"epochs": 2}}, ["train.epochs.sub=1"], r"'train.epochs' is a value, not a section"),
-        ({"teacher": {"mode": "cache"}, "student": {}}, ["cache.topk=7"],
+        ({"teacher": {"mode": "cache"}, "student": {}, "data": {"resize": [8, 8]}}, ["cache.topk=7"],
          r"cache.topk 7 is larger than the dataset's 6 classes"),
         ({"model": {}}, ["loss.class_weights=[1, 2]"], r"loss.class_weights has 2 values but the dataset has 6 classes"),
         ({"student": {}, "teacher": {"mean": [0.5, 0.5, 0.5]}}, [], r"teacher.mean/teacher.std describe an external teacher checkpoint"),
