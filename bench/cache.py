@@ -206,13 +206,14 @@ def measure_fidelity(recipe: Any, samples: int, seed: int) -> dict[str, Any]:
 
 def measure_speed(recipe: Any, rounds: int, batches: int, seed: int) -> dict[str, Any]:
     import torch
+    from accelerate import Accelerator
 
     from distill.cache import CachedTeacher, open_store
     from distill.data import build_loader, dataset_info
     from distill.losses import DistillLoss, kd_loss
     from distill.models import build_model
     from distill.teacher import load_teacher
-    from distill.training import build_optimizer
+    from distill.training import build_optimizer, distillation_step
 
     info = dataset_info(recipe.data)
     torch.manual_seed(seed)
@@ -236,15 +237,13 @@ def measure_speed(recipe: Any, rounds: int, batches: int, seed: int) -> dict[str
         if len(data) == batches:
             break
 
+    accelerator = Accelerator(cpu=True)
+
     def step(teacher: Any, batch: dict) -> float:
+        """One optimizer step through the library's own ``distillation_step``."""
         start = time.perf_counter()
-        targets = teacher(batch) if teacher is not None else None
-        images = batch["image"]
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        logits = student(images)
         criterion = distill_loss if teacher is not None else plain_loss
-        parts = criterion(logits, batch["mask"], targets)
+        parts = distillation_step(batch, student, teacher, criterion, accelerator, channels_last)
         parts["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

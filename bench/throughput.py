@@ -246,43 +246,41 @@ class Trainer:
                                                 ignore_index=info.ignore_index)
 
     def feature_term(self, teacher: Any) -> Any:
-        """The feature term of ``FEATURE`` between this student and a streamed ``teacher``, with
-        its adapters' own AdamW (train() puts them in the student's optimizer)."""
+        """The recipe's loss with the feature term of ``FEATURE`` between this student and a
+        streamed ``teacher``, and the adapters' own AdamW (train() puts them in the student's
+        optimizer)."""
         import torch
 
-        from distill.features import FeatureDistillation
+        from distill.losses import DistillLoss
+        from distill.losses.features import FeatureDistillation
 
         term = FeatureDistillation(self.model, teacher.model, FEATURE["pairs"], kind=FEATURE["kind"],
                                    ignore_index=self.info.ignore_index)
         self.adapter_optimizer = torch.optim.AdamW(term.parameters(), lr=self.recipe.train.lr)
-        return term
+        criterion = DistillLoss.from_config(self.recipe.loss, ignore_index=self.info.ignore_index, features=term)
+        criterion.feature_weight = 1.0  # FEATURE's weight, whatever the recipe's
+        return criterion
 
-    def step(self, batch: dict, teacher: Any = None, criterion: Any = None, features: Any = None) -> float:
-        """One optimizer step on ``batch``; returns its wall time in seconds. ``criterion``:
-        the loss with a teacher (default: the recipe's); ``features``: a feature term too."""
+    def step(self, batch: dict, teacher: Any = None, criterion: Any = None) -> float:
+        """One optimizer step on ``batch`` through the library's own ``distillation_step``;
+        returns its wall time in seconds. ``criterion``: the loss with a teacher (default: the
+        recipe's; :meth:`feature_term`'s adds the feature term)."""
         import torch
 
+        from distill.training import distillation_step
+
         acc, start = self.accelerator, time.perf_counter()
+        if criterion is None:
+            criterion = self.distill if teacher is not None else self.plain
         with acc.accumulate(self.model):
-            images = batch["image"]
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with acc.autocast():
-                teacher_logits = teacher(batch) if teacher is not None else None
-                student_logits = self.model(images)
-                if criterion is None:
-                    criterion = self.distill if teacher is not None else self.plain
-                parts = criterion(student_logits, batch["mask"], teacher_logits)
-                if features is not None:
-                    size = tuple(images.shape[-2:])
-                    parts["loss"] = parts["loss"] + features(size, size, batch["mask"])
+            parts = distillation_step(batch, self.model, teacher, criterion, acc, self.channels_last)
             # distill.training._check_finite: one host sync on the loss (reduced across processes
             # there; a single process here)
             if not torch.isfinite(parts["loss"].detach()).item():
                 raise RuntimeError(f"non-finite loss: {parts}")
             acc.backward(parts["loss"])
             self.optimizer.step()
-            if features is not None:
+            if criterion.features is not None:
                 self.adapter_optimizer.step()
                 self.adapter_optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients:
@@ -325,13 +323,13 @@ def worker(spec_path: str) -> None:
     elif spec["variant"] in ("streamed", "streamed_feature"):
         from distill.teacher import load_teacher
         teacher = load_teacher(recipe, dataset_info(recipe.data).num_classes)
-    features = trainer.feature_term(teacher) if spec["variant"] == "streamed_feature" else None
+    criterion = trainer.feature_term(teacher) if spec["variant"] == "streamed_feature" else None
     before = rss_kib()
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         if i == spec["warmup"]:
             meter = CpuMeter()
-        seconds = trainer.step(batches[i % len(batches)], teacher, features=features)
+        seconds = trainer.step(batches[i % len(batches)], teacher, criterion)
         if i >= spec["warmup"]:
             times.append(seconds)
     cpu = meter.read()
@@ -552,7 +550,7 @@ def measure_rounds(trainer: Trainer, recipe: Any, full: Any, batches: list[dict]
     info = trainer.info
     cached = CachedTeacher(open_store(recipe))
     streamed = load_teacher(recipe, info.num_classes)
-    features = trainer.feature_term(streamed)
+    with_features = trainer.feature_term(streamed)
     temperature = recipe.loss.temperature
     logits = {}
 
@@ -582,7 +580,7 @@ def measure_rounds(trainer: Trainer, recipe: Any, full: Any, batches: list[dict]
         "cached": lambda b: trainer.step(b, cached),
         **({"cached_kl": lambda b: trainer.step(b, cached, trainer.pixel_kl)} if kind != "kl" else {}),
         "streamed": lambda b: trainer.step(b, streamed),
-        "streamed_feature": lambda b: trainer.step(b, streamed, features=features),
+        "streamed_feature": lambda b: trainer.step(b, streamed, with_features),
         "teacher_forward": lambda b: timed(lambda: streamed(b)),
         "cached_targets": lambda b: timed(lambda: cached(b)),
         "kd_loss": lambda b: timed(lambda: kd_part(b)),

@@ -60,8 +60,8 @@ def _tree(folder: Path) -> dict[str, str]:
 
 
 def _digest(path: Path) -> str:
-    if path.is_dir():
-        return "dir"
+    if not path.is_file():  # a folder, or a pipe that reading would block on
+        return "not a file"
     if not os.access(path, os.R_OK):  # a locked file: its size and time stand for its bytes
         return f"locked {path.stat().st_size} {path.stat().st_mtime_ns}"
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -87,7 +87,8 @@ def _refused(export: Path, images: list[Path], out: Path, match: str, root: Path
 def test_a_bad_image_after_good_ones_writes_no_mask_and_no_out_folder(export, tmp_path):
     good = [_save(_pattern(seed=k), tmp_path / f"good{k}.png") for k in range(2)]
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    _refused(export, [*good, tmp_path / "bad.png"], tmp_path / "masks", r"image '.*bad.png' cannot be decoded", tmp_path)
+    _refused(export, [*good, tmp_path / "bad.png"], tmp_path / "masks", r"image '.*bad.png' cannot be decoded",
+             tmp_path)
     assert not (tmp_path / "masks").exists()
     # A PNG whose data is cut short: its header opens, verify() finds the missing chunks.
     data = (tmp_path / "good0.png").read_bytes()
