@@ -4,7 +4,7 @@ The model is the CamVid CPU recipe's student (DeepLabV3+ / ``tu-mobilenetv3_larg
 classes), randomly initialised unless ``--checkpoint`` is given (latency does not depend on the
 weights), at CamVid's own resolution 360x480. The ONNX file is written by
 :func:`distill.export.export_onnx`, the same code ``distill export`` runs (pad to 32 and crop
-back inside the graph); its INT8 version by :func:`distill.quantize.quantize_onnx`, as
+back inside the graph); its INT8 version by :func:`distill.export.quantize.quantize_onnx`, as
 ``distill export format=onnx_int8`` does (QDQ, per-channel int8 weights, uint8 activations),
 calibrated on ``--calibration`` images: random ones, or the recipe's training images with
 ``--data-root`` (latency does not depend on them; the ranges, and so the accuracy, do: the
@@ -50,7 +50,7 @@ from distill.config import ModelConfig
 from distill.config import load_recipe
 from distill.export import export_onnx
 from distill.models import build_model, forward_padded
-from distill.quantize import calibration_images, quantize_onnx
+from distill.export.quantize import calibration_images, quantize_onnx
 
 from benchlib import save_json
 

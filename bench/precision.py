@@ -31,7 +31,7 @@ import torch
 
 from benchlib import markdown_table, save_json
 from distill import build_model, load_recipe
-from distill._labels import dataset_info
+from distill.data.labels import dataset_info
 
 RECIPE = Path("recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml")
 

@@ -68,7 +68,7 @@ def build_teachers(folder: Path, size: tuple[int, int], smoke: bool) -> dict[str
 
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
-    from distill._synthetic import SyntheticShapes
+    from distill.data.synthetic import SyntheticShapes
 
     names = SyntheticShapes.class_names(CLASSES)
     widths, depths = ([16, 32, 40, 64], [1, 1, 1, 1]) if smoke else ([64, 128, 320, 512], [3, 4, 6, 3])

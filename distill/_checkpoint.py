@@ -16,6 +16,7 @@ from distill._io import atomic_write_bytes, swap_in_folder
 from distill.config import Recipe, atomic_write_text
 from distill.launch import TrainingError
 from distill.fingerprint import stage_inputs
+from distill.run_folder import PROGRESS_FILE, StageFiles
 
 
 def save_weights(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> None:
@@ -32,23 +33,24 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict) -> Non
 
     A kill at any moment leaves either the previous complete checkpoint or the new one.
     """
-    final = run_dir / "checkpoints" / "latest"
-    staging = run_dir / "checkpoints" / ".incoming"
+    files = StageFiles(run_dir)
+    final = files.latest
+    staging = files.checkpoints / ".incoming"
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()  # every rank's random_states_<i>.pkl is in before the swap
     if accelerator.is_main_process:
-        atomic_write_text(staging / "progress.json", json.dumps(state, indent=2))
-        swap_in_folder(staging, final, run_dir / "checkpoints" / ".previous")
+        atomic_write_text(staging / PROGRESS_FILE, json.dumps(state, indent=2))
+        swap_in_folder(staging, final, files.checkpoints / ".previous")
     accelerator.wait_for_everyone()
 
 
-def made_from(recipe: Recipe, stage: str, steps_per_epoch: int, samples: int, processes: int
-               ) -> dict[str, object]:
+def made_from(recipe: Recipe, stage: str, steps_per_epoch: int, samples: int, processes: int,
+              *, teacher_module: bool = False) -> dict[str, object]:
     """What a checkpoint's progress depends on, as flat keys: a resume must match every one."""
-    return {**flat_config(stage_inputs(recipe, stage)), "training samples": samples,
+    return {**flat_config(stage_inputs(recipe, stage, teacher_module=teacher_module)), "training samples": samples,
             "steps per epoch": steps_per_epoch, "processes": processes}
 
 
@@ -58,11 +60,12 @@ def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object
     if not folder.is_dir():
         raise TrainingError(f"train.resume '{folder}' is not a checkpoint folder "
                             f"(tried '{folder.absolute()}')")
-    for name in ("latest", ".previous"):  # .previous: a kill fell between the two renames
-        if (folder / "checkpoints" / name).is_dir():
-            folder = folder / "checkpoints" / name
+    files = StageFiles(folder)
+    for candidate in (files.latest, files.checkpoints / ".previous"):  # a kill between two renames
+        if candidate.is_dir():
+            folder = candidate
             break
-    progress_file = folder / "progress.json"
+    progress_file = folder / PROGRESS_FILE
     if not progress_file.is_file():
         raise TrainingError(f"train.resume '{folder}' holds no progress.json: not a distill checkpoint")
     progress = json.loads(progress_file.read_text())

@@ -236,7 +236,7 @@ def error_message(error: BaseException) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from distill.predict import PredictError, predict
+    from distill.export.predict import PredictError, predict
 
     try:
         written = predict(args.export_dir, args.images, args.out, int8=args.int8)

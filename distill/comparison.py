@@ -37,9 +37,9 @@ from distill.data import DatasetInfo, build_dataset, build_loader, dataset_info
 from distill.export import json_text
 from distill.evaluation import evaluate_model
 from distill.models import build_model, count_parameters, forward_padded
-from distill.predict import CONFIG_NAME
+from distill.export.predict import CONFIG_NAME
 from distill.progress import console
-from distill.quantize import OnnxSegmenter
+from distill.export.quantize import OnnxSegmenter
 from distill.run_folder import (baseline_weights, compare_dir, ensure_writable_folder, exclusive_folder, export_dir,
                                 trained_weights)
 from distill.teacher import scoring_teacher

@@ -15,7 +15,7 @@ import torch
 from rich.table import Table
 from torch.utils.data import Dataset
 
-from distill._splits import file_safe
+from distill.data.splits import file_safe
 from distill.config import Recipe, atomic_write_text
 from distill.launch import is_launch_main, make_accelerator
 from distill.data import build_loader, dataset_info, loader_for_dataset

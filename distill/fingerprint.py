@@ -1,7 +1,7 @@
 """What a training stage is made from: one function, read off the schema's field metadata.
 
 Each key of the sections a stage reads says which stages' results it changes (``EVERY_STAGE``,
-``STUDENTS``, ``DISTILLED`` or ``RUN_ONLY`` in ``distill/_schema_base.py``). :func:`stage_inputs`
+``STUDENTS``, ``DISTILLED`` or ``RUN_ONLY`` in ``distill/config/_base.py``). :func:`stage_inputs`
 keeps the keys that change this stage's result, with the bytes it reads (teacher weights, a
 logit store, local encoder weights) by their sha256. ``distill run`` skips a stage whose
 ``done.json`` holds the same digest, and a resume is refused when a checkpoint's inputs differ.
@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from distill._io import file_digest
-from distill._schema_base import changes
+from distill.config import changes
 from distill.config import Recipe
 from distill.models import model_identity, stage_model
 from distill.run_folder import cache_dir, trained_weights
@@ -28,8 +28,12 @@ def keys_for(section: BaseModel, stage: str) -> dict[str, Any]:
     return section.model_dump(mode="json", include=names)
 
 
-def stage_inputs(recipe: Recipe, stage: str) -> dict[str, Any]:
-    """Everything a training stage's result depends on, as a nested dict of plain values."""
+def stage_inputs(recipe: Recipe, stage: str, *, teacher_module: bool = False) -> dict[str, Any]:
+    """Everything a training stage's result depends on, as a nested dict of plain values.
+
+    ``teacher_module``: the caller distils from a module of its own (``train(teacher=...)``),
+    not from the recipe's teacher, whose section and weights then say nothing.
+    """
     distilling = stage == "student" and recipe.distills
     reads = stage if stage != "student" or distilling else "baseline"  # a student alone is a baseline
     schedule = recipe.teacher_schedule() if stage == "teacher" else recipe.train
@@ -40,7 +44,9 @@ def stage_inputs(recipe: Recipe, stage: str) -> dict[str, Any]:
         "loss": keys_for(recipe.loss, reads),
         "model": {**keys_for(model, reads), **_weights(model, reads)},
     }
-    if distilling:
+    if distilling and teacher_module:
+        inputs["teacher"] = "a module given to train()"
+    elif distilling:
         assert recipe.teacher is not None
         teacher = keys_for(recipe.teacher, "student")
         inputs["teacher"] = {**teacher, **_weights(recipe.teacher, "student"),

@@ -25,7 +25,7 @@ from distill.launch import is_launch_main
 from distill.fingerprint import digest, stage_inputs
 from distill.preflight import check_inputs
 from distill.progress import console
-from distill.run_folder import cache_dir, stage_dir, trained_weights
+from distill.run_folder import PROGRESS_FILE, StageFiles, stage_dir, stage_files, trained_weights
 from distill.training import train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")
@@ -46,10 +46,9 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     """Hash of everything a stage's result depends on (and nothing that only changes the run)."""
     if stage in TRAINING_STAGES:
         return digest(stage_inputs(recipe, stage))
-    output = Path(recipe.output_dir)
     # compare and export read trained weights: their fingerprint is those weights' bytes.
-    weights = {name: file_digest(output / name / "best.safetensors")
-               for name in TRAINING_STAGES if (output / name / "best.safetensors").is_file()}
+    weights = {name: file_digest(stage_files(recipe, name).best)
+               for name in TRAINING_STAGES if stage_files(recipe, name).best.is_file()}
     if recipe.teacher is not None:
         weights["teacher"] = file_digest(trained_weights(recipe, "teacher"))
     if recipe.eval.checkpoint is not None:
@@ -96,7 +95,7 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
             continue
         folder = stage_dir(recipe, stage)
         fingerprint = stage_fingerprint(recipe, stage)
-        done = _read_done(folder / "done.json")
+        done = _read_done(StageFiles(folder).done)
         if done.get("fingerprint") == fingerprint and done.get("weights") == _weights_digest(folder):
             outcomes.append(StageOutcome(stage, "up to date", 0.0, done.get("best_miou"), folder))
             continue
@@ -107,7 +106,7 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
         seconds = time.perf_counter() - start
         if main:
             # The weights' hash too: a later `distill train` into the same folder makes it stale.
-            atomic_write_text(folder / "done.json", json.dumps(
+            atomic_write_text(StageFiles(folder).done, json.dumps(
                 {"fingerprint": fingerprint, "weights": _weights_digest(folder), "best_miou": best_miou,
                  "seconds": seconds}, indent=2))
         outcomes.append(StageOutcome(stage, status, seconds, best_miou, folder))
@@ -125,8 +124,8 @@ def _read_done(path: Path) -> dict:
 
 def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tuple[str, float]:
     folder = stage_dir(recipe, stage)
-    latest = folder / "checkpoints" / "latest"
-    progress = _read_done(latest / "progress.json")
+    latest = StageFiles(folder).latest
+    progress = _read_done(latest / PROGRESS_FILE)
     resumable = progress.get("fingerprint") == fingerprint
     stage_recipe = recipe.model_copy(deep=True)
     stage_recipe.train.resume = latest if resumable else None
@@ -136,7 +135,7 @@ def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tu
 
 
 def _weights_digest(folder: Path) -> str | None:
-    best = folder / "best.safetensors"
+    best = StageFiles(folder).best
     return file_digest(best) if best.is_file() else None
 
 

@@ -22,10 +22,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
+
+from distill.config import RECIPE_FILE
 
 from distill.models import ModelError
 
@@ -60,6 +63,64 @@ def hub_folder(repo_id: str) -> Path:
                          "Without a network, download it elsewhere and set teacher.path to its folder") from None
 
 
+@dataclass(frozen=True)
+class StageFiles:
+    """Every file of a training stage's folder, named here once."""
+
+    folder: Path
+
+    @property
+    def recipe(self) -> Path:
+        """The fully resolved recipe the stage ran with."""
+        return self.folder / RECIPE_FILE
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON line per logged step and per evaluation."""
+        return self.folder / "metrics.jsonl"
+
+    @property
+    def best(self) -> Path:
+        """The weights of the best validation mIoU."""
+        return self.folder / "best.safetensors"
+
+    @property
+    def best_record(self) -> Path:
+        """When the best weights were made, and their mIoU."""
+        return self.folder / "best.json"
+
+    @property
+    def last(self) -> Path:
+        """The weights of the last checkpoint."""
+        return self.folder / "last.safetensors"
+
+    @property
+    def done(self) -> Path:
+        """``distill run``'s record of a finished stage: its fingerprint and weights' hash."""
+        return self.folder / "done.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        """``latest/`` (Accelerate ``save_state`` + ``progress.json``) and its swap folders."""
+        return self.folder / "checkpoints"
+
+    @property
+    def latest(self) -> Path:
+        return self.checkpoints / "latest"
+
+    def run_records(self) -> tuple[Path, ...]:
+        """What a run from the start replaces: an earlier run's weights and records."""
+        return (self.metrics, self.best, self.best_record, self.last, self.done)
+
+
+PROGRESS_FILE = "progress.json"  # inside a checkpoint folder: epoch, step, best, made_from
+
+
+def stage_files(recipe: Any, stage: str) -> StageFiles:
+    """The files of ``<output_dir>/<stage>``."""
+    return StageFiles(stage_dir(recipe, stage))
+
+
 def stage_dir(recipe: Any, stage: str) -> Path:
     """``<output_dir>/<stage>``: a training stage's folder (teacher, baseline, student)."""
     return Path(recipe.output_dir) / stage
@@ -91,7 +152,7 @@ def checkpoint_to_score(recipe: Any, stage: str) -> Path:
 
 def baseline_weights(recipe: Any) -> Path | None:
     """The baseline's best weights when it was trained, else None (compare's optional row)."""
-    best = stage_dir(recipe, "baseline") / "best.safetensors"
+    best = stage_files(recipe, "baseline").best
     return best if best.is_file() else None
 
 
@@ -111,7 +172,7 @@ def trained_weights(recipe: Any, stage: str) -> Path:
             key = "teacher.checkpoint" if stage == "teacher" else "eval.checkpoint"
             raise ModelError(f"{key} '{given}' does not exist or is not a file")
         return Path(given)
-    best = stage_dir(recipe, stage) / "best.safetensors"
+    best = stage_files(recipe, stage).best
     if not best.is_file():
         flag = "" if stage == "student" else f" --stage {stage}"
         raise ModelError(

@@ -31,18 +31,18 @@ from accelerate.utils import set_seed
 
 from distill._checkpoint import flat_config, made_from, resume_from, save_checkpoint, save_weights
 from distill._malloc import tune_cpu_malloc
-from distill._mixing import cutmix
+from distill.data.mixing import cutmix
 from distill.config import Recipe, atomic_write_text, save_resolved_recipe
 from distill.cache import load_cached_teacher
 from distill.data import build_loader, dataset_info, loader_for_dataset
 from distill.launch import TrainingError, make_accelerator
 from distill.losses import DistillLoss
 from distill.evaluation import evaluate_model
-from distill.features import FeatureDistillation, FeatureError
+from distill.losses.features import FeatureDistillation, FeatureError
 from distill.models import Stage, build_model, forward_padded, stage_model
 from distill.preflight import check_inputs
 from distill.progress import console, make_progress, report
-from distill.run_folder import exclusive_folder, stage_dir
+from distill.run_folder import StageFiles, exclusive_folder, stage_dir
 from distill.teacher import Teacher, load_teacher
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, *more: torch.nn.Module) -> torch.optim.Optimizer:
@@ -104,6 +104,7 @@ class _Run:
     num_classes: int
     ignore_index: int
     total_steps: int
+    teacher_module: bool  # the caller's own teacher, not the recipe's
     started: bool = False  # has the run written its folder yet (see _start_writing)
 
     @property
@@ -115,8 +116,12 @@ class _Run:
         return (self.model,) if self.features is None else (self.model, self.features)
 
     @property
+    def files(self) -> StageFiles:
+        return StageFiles(self.dir)
+
+    @property
     def log_path(self) -> Path:
-        return self.dir / "metrics.jsonl"
+        return self.files.metrics
 
 
 def train(
@@ -195,6 +200,7 @@ def _set_up(recipe: Recipe, stage: Stage, run_dir: Path, accelerator: Accelerato
     """Build the model, its teacher, the loss, the loaders and the optimizer; check the schedule."""
     cfg = recipe.train
     info = dataset_info(recipe.data)
+    caller_teacher = teacher is not None
     model = student if student is not None else build_model(stage_model(recipe, stage), info.num_classes)
     if accelerator.num_processes > 1:
         _freeze_unreached(model)
@@ -252,7 +258,8 @@ def _set_up(recipe: Recipe, stage: Stage, run_dir: Path, accelerator: Accelerato
     scheduler = build_scheduler(optimizer, recipe, int(total_steps))
     accelerator.register_for_checkpointing(scheduler)
     return _Run(recipe, stage, run_dir, accelerator, model, teacher, features, criterion, optimizer,
-                scheduler, train_loader, val_loader, info.num_classes, info.ignore_index, int(total_steps))
+                scheduler, train_loader, val_loader, info.num_classes, info.ignore_index, int(total_steps),
+                teacher_module=caller_teacher)
 
 
 def steps_per_epoch(micro_batches: int, grad_accum_steps: int) -> int:
@@ -264,7 +271,8 @@ def _initial_state(run: _Run, fingerprint: str | None) -> dict:
     """A fresh run's progress, or a checkpoint's (refused when made from other settings)."""
     cfg = run.recipe.train
     inputs = made_from(run.recipe, run.stage, steps_per_epoch(len(run.train_loader), cfg.grad_accum_steps),
-                       len(run.train_loader.dataset), run.accelerator.num_processes)
+                       len(run.train_loader.dataset), run.accelerator.num_processes,
+                       teacher_module=run.teacher_module)
     state = {"epoch": 0, "step": 0, "best_miou": -1.0, "last_miou": float("nan"),
              "fingerprint": fingerprint, "made_from": inputs}
     if cfg.resume is not None:
@@ -296,8 +304,9 @@ def _start_writing(run: _Run, state: dict) -> None:
         atomic_write_text(run.log_path, "".join(kept))
     elif run.recipe.train.resume is None:
         atomic_write_text(run.log_path, "")
-        for stale in ("best.json", "best.safetensors", "last.safetensors", "done.json"):
-            (run.dir / stale).unlink(missing_ok=True)
+        for stale in run.files.run_records():
+            if stale != run.log_path:
+                stale.unlink(missing_ok=True)
     save_resolved_recipe(run.recipe, run.dir)
 
 
@@ -368,15 +377,15 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
                                          "val_pixel_accuracy": scores.pixel_accuracy})
         if scores.miou > state["best_miou"]:
             state["best_miou"] = scores.miou
-            save_weights(accelerator, unwrapped, run.dir / "best.safetensors")
+            save_weights(accelerator, unwrapped, run.files.best)
             if run.main:
-                atomic_write_text(run.dir / "best.json", json.dumps(
+                atomic_write_text(run.files.best_record, json.dumps(
                     {"epoch": epoch + 1, "step": state["step"], "miou": scores.miou}, indent=2))
         summary = f"val mIoU {100 * scores.miou:.1f} (best {100 * state['best_miou']:.1f})"
         progress.update(epochs_bar, info=summary)
         report(f"{run.stage} epoch {epoch + 1}/{cfg.epochs}: {summary}", enabled=run.main)
     if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
-        save_weights(accelerator, unwrapped, run.dir / "last.safetensors")
+        save_weights(accelerator, unwrapped, run.files.last)
         save_checkpoint(accelerator, run.dir, state)
 
 

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 QUICKSTART = "recipes/quickstart.yaml"
 
 
+STUDIES = REPO_ROOT / "bench" / "studies"
+
+
 def run_bench(script: str, *args: str, tmp_path: Path, timeout: int = 600) -> dict:
     out = tmp_path / f"{Path(script).stem}.json"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -94,7 +97,7 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
     results = tmp_path / "camvid_kd.json"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "camvid_kd.py"), "--out", str(tmp_path / "run"),
+        [sys.executable, str(STUDIES / "camvid_kd.py"), "--out", str(tmp_path / "run"),
          "--data-root", str(camvid_root), "--seeds", "0", "--arms", "baseline,cache/kl_T2_w1",
          "--results", str(results), "train.epochs=1", "teacher_train.epochs=1", "data.max_samples=16", "train.warmup_steps=0",
          "data.resize=[60,80]", "data.crop_size=[48,64]", "data.num_workers=0"],
@@ -115,11 +118,11 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
     for name, gain in gains.items():
         assert gain == pytest.approx(kd["per_class_iou"][name] - base["per_class_iou"][name])
 
-    # Another teacher, an ensemble of two (bench/ensemble_teacher.py), beside the first: its cache,
+    # Another teacher, an ensemble of two (bench/studies/ensemble_teacher.py), beside the first: its cache,
     # eval and distilled arm go under --teacher-name, and the baseline is reused as it was.
     teacher = tmp_path / "run" / "teacher" / "last.safetensors"
     ensemble = tmp_path / "ensemble.safetensors"
-    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "ensemble_teacher.py"), "--out", str(ensemble),
+    subprocess.run([sys.executable, str(STUDIES / "ensemble_teacher.py"), "--out", str(ensemble),
                     str(teacher), str(teacher)], cwd=REPO_ROOT, env=env, check=True, timeout=300)
     member = "{arch: DeepLabV3Plus, encoder: resnet50}"
     second = subprocess.run(
@@ -129,7 +132,7 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
          "--teacher-override", f"teacher.factory_kwargs={{members: [{member}, {member}]}}",
          "--teacher-override", "loss.feature.kind=none",
          *result.args[result.args.index("--results") + 2:]],
-        cwd=REPO_ROOT, env={**env, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'bench'}"},
+        cwd=REPO_ROOT, env={**env, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{STUDIES}"},
         capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "baseline: reused" in second.stdout
@@ -143,12 +146,12 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
 
 
 def _bench_module(name: str):
-    """A bench/ script imported as a module (bench/ holds scripts, not a package)."""
+    """A bench/studies/ script imported as a module (they are scripts, not a package)."""
     import importlib.util
 
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     try:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, STUDIES / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -223,7 +226,7 @@ def test_teacher_confidence_bench(tmp_path):
     teacher = distill.build_model(stage_model(recipe, "teacher"), 4)  # a random teacher: the run, not its figures
     weights = tmp_path / "teacher.safetensors"
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(weights))
-    report = run_bench("teacher_confidence.py", QUICKSTART, f"teacher.checkpoint={weights}",
+    report = run_bench("studies/teacher_confidence.py", QUICKSTART, f"teacher.checkpoint={weights}",
                        "data.synthetic.num_train=16", "data.synthetic.num_val=8", tmp_path=tmp_path)
     assert set(report["splits"]) == {"train", "held_out"} and report["temperature"] == 2.0
     assert report["splits"]["train"]["images"] == 16 and report["splits"]["held_out"]["images"] == 8
@@ -285,7 +288,7 @@ def test_heldout_gains_pairs_each_arm_with_its_own_baseline_once(tmp_path):
     (results / "camvid_kd_few_labels.json").write_text("{}")  # another protocol: not read
     out = tmp_path / "gains.json"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "heldout_gains.py"), "--results-dir",
+    done = subprocess.run([sys.executable, str(STUDIES / "heldout_gains.py"), "--results-dir",
                            str(results), "--out", str(out)], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())

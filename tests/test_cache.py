@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import distill.cache as cache_module
-from distill import _cache_replay as ops
+import distill.cache.writer as cache_module
+from distill.cache import store as ops
 from distill.cache import CacheError, CachedTeacher, load_cached_teacher, open_store, write_cache
 from distill.data import build_dataset, collate_batch
 from distill.teacher import load_teacher

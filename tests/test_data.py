@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from distill.config import DataConfig, SyntheticConfig
+from distill.data.synthetic import SyntheticShapes
 from distill.data import (
     DataError,
     SegmentationDataset,
-    SyntheticShapes,
     build_dataset,
     build_loader,
     collate_batch,
@@ -515,7 +515,7 @@ def test_skip_bad_files_substitutes_and_counts(tmp_path, caplog):
     truncated, garbage = corrupt(tmp_path)
     data = config(dataset="camvid", root=tmp_path, skip_bad_files=True)
     dataset = build_dataset(data, "train", train=False)
-    with caplog.at_level(logging.WARNING, logger="distill.data"):
+    with caplog.at_level(logging.WARNING, logger="distill.data.loaders"):
         indices = [dataset[i]["index"] for i in range(4)]
     assert indices == [0, 3, 3, 3]  # each bad sample is replaced by the next readable one
     assert dataset.bad_files == [str(truncated), str(garbage)]

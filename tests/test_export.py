@@ -1,4 +1,4 @@
-"""distill.export and distill.predict: the student alone, reloadable, checked for parity."""
+"""distill.export and distill.export.predict: the student alone, reloadable, checked for parity."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from distill.models import ModelError, build_model, forward_padded
 from distill.launch import make_accelerator
 from distill.training import train
 
-PREDICT_PY = REPO_ROOT / "distill" / "predict.py"
+PREDICT_PY = REPO_ROOT / "distill" / "export" / "predict.py"
 CAMVID = REPO_ROOT.parent / "shared" / "data" / "camvid"  # as conftest's camvid_root (module scope here)
 EXPORT_FILES = {"distill.json", "parity.json", "student.onnx", "student.safetensors"}  # a factory student
 
@@ -305,7 +305,7 @@ def test_predict_on_camvid_images_at_their_own_size(camvid_export, tmp_path):
 
 
 def test_predict_errors_name_the_file(tiny_export, tmp_path):
-    from distill.predict import PredictError, predict
+    from distill.export.predict import PredictError, predict
 
     recipe, out = tiny_export
     with pytest.raises(PredictError, match="distill.json does not exist"):
@@ -376,7 +376,7 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tiny_expo
 def test_predict_refuses_mismatched_truncated_clashing_and_huge_inputs(tiny_export, tmp_path):
     import shutil as sh
 
-    from distill.predict import PredictError, predict
+    from distill.export.predict import PredictError, predict
 
     _, out = tiny_export
     image = tmp_path / "a" / "frame.png"

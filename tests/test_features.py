@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from distill.config import RecipeError, recipe_from_dict
-from distill.features import FeatureDistillation, FeatureError, FeatureTap, hint_loss
+from distill.losses.features import FeatureDistillation, FeatureError, FeatureTap, hint_loss
 from distill.launch import TrainingError
 from distill.models import build_model, forward_padded
 from distill.training import train

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from distill._schema import CacheConfig, LossConfig, ModelConfig, TeacherConfig, TrainConfig
-from distill._schema_base import changes
-from distill._schema_data import DataConfig
+from distill.config import (CacheConfig, DataConfig, LossConfig, ModelConfig, TeacherConfig, TrainConfig,
+                            changes)
 from distill.fingerprint import stage_inputs
 from distill.pipeline import stage_fingerprint
 from helpers import tiny_recipe

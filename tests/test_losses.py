@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from scipy.special import log_softmax as np_log_softmax
 
-import distill._fused_kl as _fused_kl
+import distill.losses.fused_kl as _fused_kl
 import distill.losses as losses
-from distill import _fused_dist
+from distill.losses import fused_dist as _fused_dist
 from distill.losses import (
     DistillLoss, ce_loss, cwd_loss, dist_loss, dist_loss_reference, kd_loss, kd_loss_reference,
 )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import distill.training as loop
-from distill._mixing import cutmix
+from distill.data.mixing import cutmix
 from distill.config import RecipeError
 from distill.training import train
 from helpers import TinySegmenter, tiny_recipe

@@ -98,7 +98,7 @@ def test_held_out_group_and_teacher_schedule_through_the_cache(tmp_path):
                          (tmp_path / stage / "metrics.jsonl").read_text().splitlines())
               for stage in ("teacher", "student")}
     assert epochs == {"teacher": 3, "student": 1}
-    from distill._cache_replay import split_folder
+    from distill.cache.store import split_folder
     from distill.data import build_dataset
 
     held_out = build_dataset(recipe.data, recipe.data.val_split, train=False)

@@ -15,12 +15,12 @@ from helpers import tiny_recipe
 from PIL import Image
 from safetensors.torch import save_file
 
-import distill.predict as predict_module
+import distill.export.predict as predict_module
 from distill.cli import main as cli_main
 from distill.data import dataset_info
 from distill.export import export_student
 from distill.models import build_model
-from distill.predict import PredictError, predict
+from distill.export.predict import PredictError, predict
 
 as_root = pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distill import pretrained
+from distill.models import pretrained
 from distill.config import ModelConfig
 from distill.models import ModelError, build_model, model_identity
 from distill.teacher import Teacher

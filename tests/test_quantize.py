@@ -1,4 +1,4 @@
-"""INT8 export (distill.quantize): the file, its parity figures, the refusal, predict and compare."""
+"""INT8 export (distill.export.quantize): the file, its parity figures, the refusal, predict and compare."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from helpers import tiny_recipe
 from PIL import Image
 
-import distill.quantize
+import distill.export.quantize
 from distill.cli import main as cli_main
 from distill.comparison import compare
 from distill.config import RecipeError
@@ -21,8 +21,8 @@ from distill.data import build_dataset, build_loader, dataset_info
 from distill.export import ExportError, export_onnx, export_student
 from distill.metrics import per_sample_confusion, scores_from_confusion
 from distill.pipeline import planned_stages
-from distill.predict import PredictError, predict
-from distill.quantize import float_operators, quantize_onnx
+from distill.export.predict import PredictError, predict
+from distill.export.quantize import float_operators, quantize_onnx
 from distill.training import train
 
 INT8 = {"export.formats": "[onnx_int8]", "export.calibration_images": 8}
@@ -92,7 +92,7 @@ def test_too_large_an_int8_drop_fails_and_keeps_the_previous_export(int8_export,
     recipe, out = int8_export
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     lossy = {"fp32_miou": 0.50, "int8_miou": 0.47, "miou_drop": 0.03, "argmax_agreement": 0.9}
-    monkeypatch.setattr(distill.quantize, "score_fp32_and_int8", lambda *a, **k: lossy)
+    monkeypatch.setattr(distill.export.quantize, "score_fp32_and_int8", lambda *a, **k: lossy)
     with pytest.raises(ExportError, match=r"47\.00 mIoU .* 50\.00: 3\.00 points lost, more than "
                                           r"export\.int8_max_miou_drop=1 .*nothing was written"):
         export_student(recipe, parity_images=1)
@@ -132,7 +132,7 @@ def test_spatial_means_become_pooling_with_an_integer_kernel(tmp_path):
     export_onnx(_SqueezeExcite().eval(), fp32, torch.randn(1, 3, 32, 32), 18)
     rewritten = tmp_path / "rewritten.onnx"
     rewritten.write_bytes(fp32.read_bytes())
-    assert distill.quantize.pool_spatial_means(rewritten) == 1  # the channel mean is not spatial
+    assert distill.export.quantize.pool_spatial_means(rewritten) == 1  # the channel mean is not spatial
     ops = [node.op_type for node in onnx.load(str(rewritten)).graph.node]
     assert ops.count("GlobalAveragePool") == 1 and ops.count("ReduceMean") == 1
     image = np.random.default_rng(0).standard_normal((1, 3, 40, 24)).astype(np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill._splits import SplitError, parse_split, sample_group, select
+from distill.data.splits import SplitError, parse_split, sample_group, select
 from distill.config import DataConfig, RecipeError, recipe_from_dict
 from distill.data import DataError, build_dataset
 

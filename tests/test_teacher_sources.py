@@ -12,7 +12,7 @@ from distill.cache import load_cached_teacher, write_cache
 from distill.data import build_dataset, collate_batch
 from distill.models import ModelError
 from distill.teacher import load_teacher
-from distill._teacher_sources import apply_class_map, class_map_matrix
+from distill.teacher.sources import apply_class_map, class_map_matrix
 from distill.training import train
 from helpers import onnx_teacher, tiny_recipe
 

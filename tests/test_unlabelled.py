@@ -12,7 +12,7 @@ from PIL import Image
 from distill.config import DataConfig, RecipeError, recipe_from_dict
 from distill.data import DataError, build_dataset, build_loader
 from distill.losses import DistillLoss, ce_loss, kd_loss_reference
-from distill._unlabelled import MixedBatchSampler
+from distill.data.unlabelled import MixedBatchSampler
 from helpers import tiny_recipe
 
 SYNTH = {"num_train": 12, "num_val": 4, "size": [24, 24], "num_classes": 4}

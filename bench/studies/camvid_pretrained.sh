@@ -5,7 +5,7 @@
 # Steps (each reused when already done): the Lite2 teacher at the full 360x480; its held-out
 # score with and without test-time augmentation; the Lite0 student's baseline and cached pixel-KL
 # arms (2 seeds, all 367 masks); the same with every 4th mask and the other frames unlabelled.
-# Results: bench/results/camvid_pretrained*.json; tables on stdout (docs/results.md).
+# Results: bench/studies/results/camvid_pretrained*.json; tables on stdout (docs/results.md).
 set -euo pipefail
 DATA=${1:?usage: camvid_pretrained.sh DATA_ROOT [OUT]}
 OUT=${2:-runs/pretrained}
@@ -31,11 +31,11 @@ done
 
 T_OVR=(--teacher-override "cache.teacher_resize=[360,480]" --teacher-eval-override "data.resize=[360,480]")
 # All masks.
-PYTHONPATH=bench${PYTHONPATH:+:$PYTHONPATH} $PY bench/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" \
+PYTHONPATH=bench${PYTHONPATH:+:$PYTHONPATH} $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" \
     --teacher-checkpoint "$TEACHER" "${T_OVR[@]}" --seeds 0,1 --arms baseline,cache/kl_T2_w1 \
-    --results bench/results/camvid_pretrained.json train.eval_every_epochs=5 train.checkpoint_every_epochs=5
+    --results bench/studies/results/camvid_pretrained.json train.eval_every_epochs=5 train.checkpoint_every_epochs=5
 # Every 4th mask (92), the other 275 frames unlabelled; the same steps (80 epochs), same cache.
-PYTHONPATH=bench${PYTHONPATH:+:$PYTHONPATH} $PY bench/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" \
+PYTHONPATH=bench${PYTHONPATH:+:$PYTHONPATH} $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" \
     --teacher-checkpoint "$TEACHER" "${T_OVR[@]}" --cache-dir "$OUT/all/cache" --seeds 0,1 \
-    --arms baseline,cache/kl_T2_w1 --results bench/results/camvid_pretrained_few.json \
+    --arms baseline,cache/kl_T2_w1 --results bench/studies/results/camvid_pretrained_few.json \
     data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=20 train.checkpoint_every_epochs=20

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distill._teacher_sources import apply_class_map, class_map_matrix, load_source
+from distill.teacher.sources import apply_class_map, class_map_matrix, load_source
 from distill.models import ModelError, forward_padded
 from distill.run_folder import trained_weights
 
@@ -41,7 +41,7 @@ class Teacher(nn.Module):
         class_map: ``[K_teacher, K_student]`` 0/1 matrix: the teacher's softmax at
             ``temperature``, summed within each student class and renormalized, comes back as
             logits whose softmax at ``temperature`` is that distribution
-            (:func:`distill._teacher_sources.apply_class_map`).
+            (:func:`distill.teacher.sources.apply_class_map`).
         bgr: reverse the channels for a teacher trained on BGR images.
         input_size: run the teacher at this (height, width) (bilinear); its logits are resized
             to the student's by the loss, like any teacher output of another size.

@@ -1,7 +1,7 @@
 """Image and mask files: reading, pairing by name, and the errors that name the file.
 
-The lowest layer of the data path: :mod:`distill._datasets` lists a layout's pairs with these,
-:mod:`distill._unlabelled` reads plain image folders with them.
+The lowest layer of the data path: :mod:`distill.data.layouts` lists a layout's pairs with these,
+:mod:`distill.data.unlabelled` reads plain image folders with them.
 """
 
 from __future__ import annotations

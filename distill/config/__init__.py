@@ -2,7 +2,7 @@
 
 A recipe has the sections ``data``, ``model`` (single-model training) or ``teacher`` + ``student``
 (distillation), ``loss``, ``train``, ``teacher_train``, ``eval``, ``export``, ``run`` and the key
-``output_dir``; their models live in :mod:`distill._schema` (re-exported here), every key
+``output_dir``; their models live in :mod:`distill.config._schema` (re-exported here), every key
 documented on its field. ``distill recipe RECIPE`` prints the resolved values.
 
 This module loads and overrides, and turns pydantic's errors into one readable message that names
@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from distill._io import atomic_write_text  # re-exported: callers write run files through it
-from distill._schema import (  # re-exported: the recipe's sections
+from distill.config._schema import (  # re-exported: the recipe's sections
     CacheConfig,
     EvalConfig,
     ExportConfig,
@@ -32,8 +32,8 @@ from distill._schema import (  # re-exported: the recipe's sections
     TeacherConfig,
     TrainConfig,
 )
-from distill._schema_base import IMAGENET_MEAN, IMAGENET_STD, RecipeError, changes
-from distill._schema_data import DataConfig, SyntheticConfig, UnlabelledSource
+from distill.config._base import IMAGENET_MEAN, IMAGENET_STD, RecipeError, changes
+from distill.config._data_schema import DataConfig, SyntheticConfig, UnlabelledSource
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "CacheConfig", "DataConfig", "EvalConfig", "ExportConfig",
@@ -199,9 +199,12 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe beside what it made (distill.run_folder)
+
+
 def save_resolved_recipe(recipe: Recipe, folder: Path) -> Path:
     """Write ``recipe.yaml`` (fully resolved) into ``folder`` and return its path."""
-    target = Path(folder) / "recipe.yaml"
+    target = Path(folder) / RECIPE_FILE
     atomic_write_text(target, recipe_to_yaml(recipe))
     return target
 

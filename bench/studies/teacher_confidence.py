@@ -13,14 +13,16 @@ This script measures whether that is so, per split, on valid pixels (the eval tr
 
 Usage::
 
-    python bench/teacher_confidence.py recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml \\
+    python bench/studies/teacher_confidence.py recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml \\
         teacher.checkpoint=runs/xseq/teacher/last.safetensors data.root=data/camvid
 
 The splits are the recipe's ``data.train_split`` (without the held-out group, every mask kept, as
-the teacher stage trains) and ``data.val_split``. Results: ``bench/results/teacher_confidence.json`` and a table on stdout.
+the teacher stage trains) and ``data.val_split``. Results: ``bench/studies/results/teacher_confidence.json`` and a table on stdout.
 """
 
 from __future__ import annotations
+
+import sys
 
 import argparse
 import os
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
 from benchlib import markdown_table, save_json
 from distill.config import load_recipe
 from distill.data import build_loader, dataset_info
@@ -70,7 +73,7 @@ def main() -> None:
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--temperature", type=float, default=None,
                         help="the softening temperature (default: the recipe's loss.temperature)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/teacher_confidence.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/studies/results/teacher_confidence.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args()  # options may stand between the recipe and the overrides
     recipe = load_recipe(args.recipe, overrides=args.overrides)

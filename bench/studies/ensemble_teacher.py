@@ -3,7 +3,7 @@
 Distilling an ensemble of independently trained models into one is the classic case where a
 student trained on the same images as its teachers beats the same student trained on the masks
 alone (Hinton et al. 2015; Allen-Zhu and Li 2020: each member learns some of the views of the
-data, their average all). bench/camvid_kd.py measures it on the held-out CamVid sequence.
+data, their average all). bench/studies/camvid_kd.py measures it on the held-out CamVid sequence.
 
 The ensemble's logits are the log of its members' mean probability (at T=1), so its argmax is the
 averaged prediction that scores the ensemble, and its softmax at the loss's T is that mean
@@ -12,9 +12,9 @@ sharpened or softened like any teacher's logits.
 Build the ensemble's single weights file from the members' checkpoints (same order as
 ``members`` below), then point a recipe at it::
 
-    python bench/ensemble_teacher.py --out runs/ens/ensemble.safetensors \\
+    python bench/studies/ensemble_teacher.py --out runs/ens/ensemble.safetensors \\
         runs/xseq/teacher/last.safetensors runs/ens/t2/teacher/last.safetensors
-    PYTHONPATH=bench distill eval recipe.yaml --stage teacher teacher.source=factory \\
+    PYTHONPATH=bench/studies distill eval recipe.yaml --stage teacher teacher.source=factory \\
         teacher.factory=ensemble_teacher:ensemble \\
         "teacher.factory_kwargs={members: [{arch: DeepLabV3Plus, encoder: resnet50}, {arch: FPN, encoder: resnet50}]}" \\
         teacher.checkpoint=runs/ens/ensemble.safetensors

@@ -1,14 +1,14 @@
 """The built-in synthetic dataset: shapes on cluttered backgrounds, generated from a seed.
 
 No files and no network: the quickstart and the tests train on it. A source like the on-disk
-layouts of :mod:`distill._datasets` (``load(index)`` gives the raw image and mask).
+layouts of :mod:`distill.data.layouts` (``load(index)`` gives the raw image and mask).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from distill._files import DataError, Palette, label_colormap
+from distill.data.files import DataError, Palette, label_colormap
 
 
 _MEMO: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}

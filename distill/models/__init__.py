@@ -14,21 +14,17 @@ import importlib
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from distill import pretrained
+from distill.models import pretrained
+from distill.models.weights import ModelError, load_weights, read_state_dict  # noqa: F401  (re-exported)
 from distill.config import ModelConfig
 from distill.progress import console
 
 HUB_HOST = "huggingface.co"
-
-
-class ModelError(ValueError):
-    """A model cannot be built or its weights cannot be loaded; the message says why."""
 
 
 def _smp():
@@ -165,70 +161,6 @@ def _from_factory(spec: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read weights without executing code: safetensors, or ``torch.load(weights_only=True)``."""
-    path = Path(path)
-    if path.is_dir():
-        raise ModelError(f"checkpoint '{path}' is a folder; give its weights file "
-                         "(for a run folder: <stage>/best.safetensors)")
-    if not path.is_file():
-        raise ModelError(f"checkpoint '{path}' does not exist")
-    if not os.access(path, os.R_OK):
-        raise ModelError(f"checkpoint '{path}' cannot be read: permission denied")
-    if path.suffix == ".onnx":
-        raise ModelError(f"checkpoint '{path}' is an ONNX model: distill loads weights from "
-                         ".safetensors or a torch state dict")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as error:
-            raise ModelError(f"checkpoint '{path}' is not a readable safetensors file: {error}") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # includes the UnpicklingError raised for pickles carrying code
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if "weights_only" not in first and "Unpickl" not in type(error).__name__:
-            first = f"not a torch checkpoint ({first})"  # a text file, truncated bytes...
-        raise ModelError(f"checkpoint '{path}' could not be loaded safely (weights_only=True): "
-                         f"{first}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"checkpoint '{path}' does not hold a state dict of tensors")
-    return state
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load a state dict into ``model``; any missing, unexpected or mis-shaped key is an error."""
-    state = read_state_dict(path)
-    for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mis_shaped:
-        lines = []
-        if missing:
-            lines.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}")
-        if unexpected:
-            lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
-        if mis_shaped:
-            lines.append(f"different shapes ({len(mis_shaped)}): {'; '.join(mis_shaped[:4])}")
-        raise ModelError(
-            f"checkpoint '{path}' does not fit the model (another architecture or class count?):\n  "
-            + "\n  ".join(lines)
-        )
-    model.load_state_dict(state)
-
-
 def model_identity(spec: ModelConfig, exclude: set[str] | None = None) -> dict[str, Any]:
     """``spec`` as a fingerprint sees it: local encoder weights by their sha256, so that changed
     weights behind the same path or package redo the stage."""
@@ -246,8 +178,24 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_padded(model: nn.Module, images: torch.Tensor, multiple: int = 32) -> torch.Tensor:
-    """Run ``model`` on images padded (bottom/right, replicated edge) to a multiple of ``multiple``.
+def pad_multiple(model: nn.Module) -> int:
+    """The multiple a model's input sides must be: its smp encoder's ``output_stride`` (as smp's
+    own ``check_input_shape`` asks), else 32, the deepest stride of common backbones."""
+    stride = getattr(getattr(model, "encoder", None), "output_stride", None)
+    return stride if isinstance(stride, int) and stride > 0 else 32
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
+    """``images`` padded bottom/right (replicated edge) to sides divisible by ``multiple``, and the
+    rows and columns added. Written with the input's own sizes, so ONNX export traces it."""
+    height, width = images.shape[-2], images.shape[-1]
+    pad_h = (multiple - height % multiple) % multiple
+    pad_w = (multiple - width % multiple) % multiple
+    return torch.nn.functional.pad(images, (0, pad_w, 0, pad_h), mode="replicate"), pad_h, pad_w
+
+
+def forward_padded(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Run ``model`` on images padded to the multiple it needs (:func:`pad_multiple`).
 
     smp encoders need sides divisible by their output stride (CamVid's 360 rows are not); the
     logits are cropped back to the input's area, so callers see the shape they passed (or, for a
@@ -255,10 +203,10 @@ def forward_padded(model: nn.Module, images: torch.Tensor, multiple: int = 32) -
     input). A module with ``pads_itself = True`` (a wrapped teacher) is called as it is.
     """
     height, width = images.shape[-2:]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if (pad_h == 0 and pad_w == 0) or getattr(model, "pads_itself", False):
+    multiple = pad_multiple(model)
+    if (height % multiple == 0 and width % multiple == 0) or getattr(model, "pads_itself", False):
         return model(images)
-    padded = torch.nn.functional.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+    padded, pad_h, pad_w = pad_to_multiple(images, multiple)
     logits = model(padded)
     out_h, out_w = logits.shape[-2:]
     return logits[..., : -(-height * out_h // (height + pad_h)), : -(-width * out_w // (width + pad_w))]

@@ -1,8 +1,8 @@
 """Every distilled-vs-baseline pair measured on CamVid's held-out sequence, pooled in one table.
 
-``bench/camvid_kd.py`` writes one JSON per command; each holds a teacher, a baseline arm and
+``bench/studies/camvid_kd.py`` writes one JSON per command; each holds a teacher, a baseline arm and
 distilled arms, seed by seed. The held-out protocol (train on 0001TP + 0016E5, score sequence
-0006R0 at label resolution, last epoch) is the same in all of ``bench/results/camvid_kd_heldout*.json``,
+0006R0 at label resolution, last epoch) is the same in all of ``bench/studies/results/camvid_kd_heldout*.json``,
 so their pairs can be read together: one row per (distilled arm, seed) against the baseline of
 the same JSON and seed. A pair stored in two JSONs (a later command reusing an arm) counts once.
 
@@ -11,16 +11,19 @@ score beyond what two seeds of one setting already differ by: the spread printed
 how far apart the two seeds of each stored baseline (seeds 0 and 1 of one command) ended. Reads the stored results only;
 trains nothing.
 
-Usage: ``python bench/heldout_gains.py [--results-dir bench/results] [--out bench/results/heldout_gains.json]``
+Usage: ``python bench/studies/heldout_gains.py [--results-dir bench/studies/results] [--out bench/studies/results/heldout_gains.json]``
 """
 
 from __future__ import annotations
+
+import sys
 
 import argparse
 import json
 import statistics
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
 from benchlib import markdown_table, save_json
 
 
@@ -59,7 +62,7 @@ def baseline_seed_spread(result: dict) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/heldout_gains.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/studies/results/heldout_gains.json"))
     args = parser.parse_args()
 
     pairs, seen, spreads = [], set(), {}

@@ -7,7 +7,7 @@ itself, so it can be copied next to an export, or loaded by file path, and run w
 installed::
 
     import importlib.util
-    spec = importlib.util.spec_from_file_location("distill_predict", "distill/predict.py")
+    spec = importlib.util.spec_from_file_location("distill_predict", "distill/export/predict.py")
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
     module.predict("runs/x/export", [Path("a.png")], Path("masks"))
 

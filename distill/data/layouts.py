@@ -4,7 +4,7 @@ Each *source* lists its samples once (sorted, paired, checked) and loads one sam
 ``image`` uint8 [H, W, 3] RGB and ``mask`` int64 [H, W] already mapped to train ids, with void
 pixels set to ``ignore_index``. Augmentation and batching live in :mod:`distill.data`; the public
 names here (``DataError`` and the source classes) are re-exported from there. Reading and pairing
-files is :mod:`distill._files`.
+files is :mod:`distill.data.files`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill._files import (
+from distill.data.files import (
     IMAGE_SUFFIXES,
     BadFileError,
     DataError,

@@ -1,4 +1,4 @@
-"""Private helpers of ``distill.cache``: the maths (downsample, compress, rebuild, replay a
+"""Private helpers of ``distill.cache.writer``: the maths (downsample, compress, rebuild, replay a
 batch's geometry, on torch tensors on any device) and the files of one split (manifest entries,
 array checks). Conventions:
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill._io import atomic_write_text
-from distill._splits import file_safe
+from distill.data.splits import file_safe
 
 logger = logging.getLogger("distill.cache")
 

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from distill._labels import dataset_info
-from distill._schema_base import DISTILLED, EVERY_STAGE, RUN_ONLY, STUDENTS, Section
-from distill._schema_data import DataConfig, optional_split
-from distill._splits import parse_split
+from distill.data.labels import dataset_info
+from distill.config._base import DISTILLED, EVERY_STAGE, RUN_ONLY, Section
+from distill.config._data_schema import DataConfig, optional_split
+from distill.data.splits import parse_split
 
 
 class ModelConfig(Section):

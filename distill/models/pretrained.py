@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from distill._io import file_digest
+from distill.models.weights import ModelError, read_state_dict
 
 
 class PretrainedWeightsError(ValueError):
@@ -92,9 +93,6 @@ def weights_identity(value: str | None) -> str | None:
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
-    # Imported here: models imports this module, and the reader lives there.
-    from distill.models import ModelError, read_state_dict
-
     try:
         return read_state_dict(path)
     except ModelError as error:

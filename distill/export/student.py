@@ -1,31 +1,5 @@
-"""``distill export RECIPE [format=onnx,safetensors]``: the student alone, checked for parity.
-
-Writes to ``<output_dir>/export/``:
-
-- an smp student in smp's own hub format: ``config.json`` + ``model.safetensors`` (+ its
-  ``README.md`` model card), so ``smp.from_pretrained(export_dir)`` rebuilds it and
-  ``push_to_hub`` publishes it; a ``factory`` student as ``student.safetensors``. Either way the
-  state dict alone: no teacher, optimizer or wrapper prefixes;
-- ``distill.json``: what using the model elsewhere needs beyond the weights (classes and their
-  names, palette, normalization, resolution, the files, versions, where it came from);
-- ``student.onnx``: one self-contained file, input ``image`` float32 [N, 3, H, W] with dynamic
-  N, H and W, output ``logits`` [N, C, H, W]. The pad to a multiple of 32 (bottom/right,
-  replicated edge) and the crop back are part of the graph, exactly as
-  :func:`distill.models.forward_padded` does at evaluation, so any H and W work (CamVid 360x480);
-- ``student_int8.onnx`` (format ``onnx_int8``): the same graph statically quantized to INT8 and
-  calibrated on training images (:mod:`distill.quantize`), same input and output;
-- ``parity.json``: onnxruntime and the reloaded safetensors vs the eager student on real images
-  of the recipe's val split (max abs logit difference, argmax agreement); with INT8, both ONNX
-  students' mIoU on the whole val split, their argmax agreement and the operators left in float.
-
-The ONNX graph comes from the TorchScript-based exporter (``dynamo=False``): it writes one file
-and took under a second here where the ``torch.export``-based one took about 30 s for the same
-graph (with the same onnxruntime parity, 1e-7..1e-5). If it fails, the ``torch.export``-based
-exporter is tried with ``external_data=False``; ``distill.json`` says which one was used.
-
-Every file is written into a staging folder first and renamed into ``export/`` only after the
-parity check passed, so a failed export leaves the previous export (or nothing), never half files.
-"""
+"""The student's export: the ONNX graph, the smp folder, ``distill.json`` and the parity check
+(the folder's contents: :mod:`distill.export`)."""
 
 from __future__ import annotations
 
@@ -48,17 +22,16 @@ from torch import nn
 from distill._io import atomic_write_text, file_digest, swap_in_folder
 from distill.config import ModelConfig, Recipe, recipe_to_yaml
 from distill.data import DatasetInfo, build_dataset, dataset_info
-from distill.models import ModelError, build_model, forward_padded  # noqa: F401  (ModelError: raised through)
-from distill.predict import CONFIG_NAME, PredictError, load_export_config, predict  # noqa: F401  (re-exported)
+from distill.models import ModelError, build_model, forward_padded, pad_multiple, pad_to_multiple  # noqa: F401
+from distill.export.predict import CONFIG_NAME, load_export_config
 from distill.progress import console
-from distill.quantize import QuantizationError, export_int8
+from distill.export.quantize import QuantizationError, export_int8
 from distill.run_folder import ensure_writable_folder, exclusive_folder, export_dir, trained_weights
 
 FORMATS = ("onnx", "safetensors", "onnx_int8")
 FILES = {"onnx": "student.onnx", "safetensors": "student.safetensors",  # safetensors: factory students
          "onnx_int8": "student_int8.onnx"}
 SMP_FILES = ("config.json", "model.safetensors", "README.md")  # smp's save_pretrained
-PAD_MULTIPLE = 32
 
 
 class ExportError(ValueError):
@@ -66,19 +39,17 @@ class ExportError(ValueError):
 
 
 class PaddedSegmenter(nn.Module):
-    """``forward_padded`` as a module, so that the pad and the crop are traced into the graph."""
+    """``forward_padded`` as a module, so that the pad and the crop are traced into the graph
+    (always padded, by 0 rows where the sides divide already: the graph serves every size)."""
 
-    def __init__(self, model: nn.Module, multiple: int = PAD_MULTIPLE) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.multiple = multiple
+        self.multiple = pad_multiple(model)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2], image.shape[-1]
-        pad_h = (self.multiple - height % self.multiple) % self.multiple
-        pad_w = (self.multiple - width % self.multiple) % self.multiple
-        padded = nn.functional.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
-        return self.model(padded)[:, :, :height, :width]
+        padded, _, _ = pad_to_multiple(image, self.multiple)
+        return self.model(padded)[:, :, : image.shape[-2], : image.shape[-1]]
 
 
 def json_text(value: Any) -> str:
@@ -111,8 +82,8 @@ def _parse_formats(formats: Any, recipe: Recipe) -> list[str]:
 
 
 def export_config(recipe: Recipe, spec: ModelConfig, info: DatasetInfo, checkpoint: Path,
-                  formats: list[str], exporter: str | None) -> dict[str, Any]:
-    """The content of ``distill.json``."""
+                  formats: list[str], exporter: str | None, multiple: int = 32) -> dict[str, Any]:
+    """The content of ``distill.json`` (``multiple``: the side multiple the ONNX graph pads to)."""
     import importlib.metadata as metadata
 
     data = recipe.data
@@ -136,7 +107,7 @@ def export_config(recipe: Recipe, spec: ModelConfig, info: DatasetInfo, checkpoi
             "std": list(data.std),
             "resize": list(data.resize) if data.resize else None,
             "train_crop_size": list(data.crop_size) if data.crop_size else None,
-            "pad_multiple": PAD_MULTIPLE,
+            "pad_multiple": multiple,
             "note": "images were resized to `resize` (H, W) for training and evaluation when set; "
                     "the ONNX graph pads to pad_multiple itself, the PyTorch model does not "
                     "(pad bottom/right with replicated edges, crop the logits back)",
@@ -355,7 +326,8 @@ def _write_export(recipe: Recipe, model: nn.Module, spec: ModelConfig, info: Dat
         exporter = None
         if "onnx" in formats:
             exporter = export_onnx(model, staging / FILES["onnx"], images[0], recipe.export.opset)
-        config = export_config(recipe, spec, info, checkpoint, [*formats, "safetensors"], exporter)
+        config = export_config(recipe, spec, info, checkpoint, [*formats, "safetensors"], exporter,
+                               pad_multiple(model))
         atomic_write_text(staging / CONFIG_NAME, json_text(config))
         reloaded = load_exported(staging)  # the parity check reads the weights back
         results = check_parity(model, images, onnx_path=staging / FILES["onnx"] if "onnx" in formats else None,

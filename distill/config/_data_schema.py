@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from distill._schema_base import DISTILLED, EVERY_STAGE, IMAGENET_MEAN, IMAGENET_STD, RUN_ONLY, STUDENTS, Section
-from distill._splits import parse_split
+from distill.config._base import DISTILLED, EVERY_STAGE, IMAGENET_MEAN, IMAGENET_STD, RUN_ONLY, STUDENTS, Section
+from distill.data.splits import parse_split
 
 
 class SyntheticConfig(Section):

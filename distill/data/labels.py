@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from distill._datasets import (
+from distill.data.layouts import (
     ADE20K,
     CamVid,
     Cityscapes,
@@ -19,7 +19,7 @@ from distill._datasets import (
     PascalVOC,
     label_colormap,
 )
-from distill._synthetic import SyntheticShapes
+from distill.data.synthetic import SyntheticShapes
 
 
 

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill._fused_dist import fused_dist_forward
-from distill._fused_kl import compute_dtype as _compute_dtype
-from distill._fused_kl import fused_kd_forward
-from distill._fused_kl import resize_bilinear as _resize
-from distill._saved_gradient import LossWithSavedGradient
+from distill.losses.fused_dist import fused_dist_forward
+from distill.losses.fused_kl import compute_dtype as _compute_dtype
+from distill.losses.fused_kl import fused_kd_forward
+from distill.losses.fused_kl import resize_bilinear as _resize
+from distill.losses.saved_gradient import LossWithSavedGradient
 
 __all__ = ["DistillLoss", "ce_loss", "cwd_loss", "dist_loss", "dist_loss_reference", "kd_loss",
            "kd_loss_reference"]
@@ -228,7 +228,7 @@ def dist_loss(
     and shift, so a small student is not pushed to copy a stronger teacher's exact
     confidence, only the pattern of its class scores per pixel and of its pixels per class.
 
-    Computed with its gradient in one custom autograd Function (:mod:`distill._fused_dist`),
+    Computed with its gradient in one custom autograd Function (:mod:`distill.losses.fused_dist`),
     sample by sample, and equal to :func:`dist_loss_reference` to float rounding; it saves only
     the gradient. Same arguments as :func:`kd_loss` (without ``chunk_size``); 0 with zero
     gradient when fewer than 2 pixels are labelled.
@@ -282,7 +282,7 @@ class DistillLoss(torch.nn.Module):
     are not taught, which matters when it is weak on rare classes). Weights are >= 0 and not both
     0; temperature > 0. ``class_weights`` (per-class CE weights) is a buffer, so ``.to()`` moves
     it; ``chunk_size`` goes to :func:`kd_loss`. ``features`` (a
-    :class:`distill.features.FeatureDistillation`, whose hooks read both forwards) adds the
+    :class:`distill.losses.features.FeatureDistillation`, whose hooks read both forwards) adds the
     feature term at ``feature_weight``.
     """
 

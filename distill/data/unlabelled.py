@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from distill._files import IMAGE_SUFFIXES, DataError, read_image
+from distill.data.files import IMAGE_SUFFIXES, DataError, read_image
 
 
 class FolderImages:

@@ -24,30 +24,30 @@ benchmark picks up where it stopped. Each arm's last checkpoint is scored with `
 
 Usage::
 
-    python bench/camvid_kd.py --data-root data/camvid --seeds 0,1 --arms baseline,kd_cache,cache/kl_T4_w1
-    python bench/camvid_kd.py --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors ...
+    python bench/studies/camvid_kd.py --data-root data/camvid --seeds 0,1 --arms baseline,kd_cache,cache/kl_T4_w1
+    python bench/studies/camvid_kd.py --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors ...
     # few labels: every 4th mask, the other training images unlabelled; same teacher and cache
-    python bench/camvid_kd.py --out runs/camvid_few --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors \
+    python bench/studies/camvid_kd.py --out runs/camvid_few --teacher-checkpoint runs/camvid_kd/teacher/last.safetensors \
         --cache-dir runs/camvid_kd/cache \
         --arms baseline,cache/kl_T2_w1 data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=4
     # images of the deployment scenes without masks: the first 45 frames of the held-out sequence
-    # are distilled unlabelled, its last 51 scored (bench/splits/); every training mask kept
-    python bench/camvid_kd.py --out runs/xseq_target --teacher-checkpoint runs/xseq/teacher/last.safetensors \
+    # are distilled unlabelled, its last 51 scored (bench/studies/splits/); every training mask kept
+    python bench/studies/camvid_kd.py --out runs/xseq_target --teacher-checkpoint runs/xseq/teacher/last.safetensors \
         --arms baseline,cache/kl_T2_w1 "data.train_split=train+val:prefix=0001TP,0016E5" \
         "cache.splits=['train+val:prefix=0001TP,0016E5']" \
-        "data.val_split=train+val:list=bench/splits/camvid_0006R0_last51.txt" \
-        "data.unlabelled=[{split: 'train+val:list=bench/splits/camvid_0006R0_first45.txt'}]" data.unlabelled_ratio=0.25
-    # another teacher beside the first, sharing its baselines: an ensemble (bench/ensemble_teacher.py)
-    PYTHONPATH=bench python bench/camvid_kd.py --out runs/xseq --teacher-name ensemble \
+        "data.val_split=train+val:list=bench/studies/splits/camvid_0006R0_last51.txt" \
+        "data.unlabelled=[{split: 'train+val:list=bench/studies/splits/camvid_0006R0_first45.txt'}]" data.unlabelled_ratio=0.25
+    # another teacher beside the first, sharing its baselines: an ensemble (bench/studies/ensemble_teacher.py)
+    PYTHONPATH=bench/studies python bench/studies/camvid_kd.py --out runs/xseq --teacher-name ensemble \
         --teacher-checkpoint runs/ens/ensemble.safetensors --teacher-override teacher.source=factory \
         --teacher-override teacher.factory=ensemble_teacher:ensemble --teacher-override loss.feature.kind=none \
         --teacher-override "teacher.factory_kwargs={members: [{arch: DeepLabV3Plus, encoder: resnet50}, ...]}" \
         --arms baseline,cache/kl_T2_w1
     # feature terms beside the recipe's logit loss (streamed teacher); any recipe, here the quickstart's
-    python bench/camvid_kd.py --recipe recipes/quickstart.yaml --out runs/features_qs --arms baseline,kd_stream,stream/hint
+    python bench/studies/camvid_kd.py --recipe recipes/quickstart.yaml --out runs/features_qs --arms baseline,kd_stream,stream/hint
 
 Extra ``key=value`` words override the recipe for every arm (e.g. ``train.epochs=2``).
-Results: ``bench/results/camvid_kd.json`` and a markdown table on stdout.
+Results: ``bench/studies/results/camvid_kd.json`` and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
 from benchlib import save_json
 
 RECIPE = Path("recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml")
@@ -252,7 +253,7 @@ def main() -> None:
                         help="the logit cache (default <out>/cache); another run's to share it")
     parser.add_argument("--seeds", default="0,1", help="comma-separated train.seed of every student arm")
     parser.add_argument("--force", action="store_true", help="rerun arms already done")
-    parser.add_argument("--results", type=Path, default=Path("bench/results/camvid_kd.json"))
+    parser.add_argument("--results", type=Path, default=Path("bench/studies/results/camvid_kd.json"))
     parser.add_argument("--reference", default="baseline",
                         help="the arm whose per-class IoU every other arm's is compared with (for "
                         "example a logits-only arm, to see what a feature term adds)")
@@ -261,7 +262,7 @@ def main() -> None:
                         "baseline/cutmix, the baseline trained on the same mixed batches)")
     parser.add_argument("--teacher-override", action="append", default=[], metavar="key=value",
                         help="overrides for the teacher alone (its eval, the cache, the distilled arms), "
-                        "e.g. teacher.source=factory for an ensemble (bench/ensemble_teacher.py); "
+                        "e.g. teacher.source=factory for an ensemble (bench/studies/ensemble_teacher.py); "
                         "the baselines' commands stay the same, so their runs are reused")
     parser.add_argument("--teacher-eval-override", action="append", default=[], metavar="key=value",
                         help="overrides for the teacher's eval alone, e.g. data.resize=[360,480] for a "

@@ -1,44 +1,16 @@
-"""Datasets, joint transforms and loaders: recipe ``data`` section -> batches.
-
-A batch is a dict ``{image, mask, index, geometry}``:
-
-- ``image`` float32 [B, 3, H, W], RGB in [0, 1] normalised with ``data.mean``/``data.std``;
-- ``mask`` int64 [B, H, W], classes ``0..num_classes-1`` and ``data.ignore_index``; for
-  evaluation at the label's resolution (``eval.resolution: label``) each mask keeps its file's
-  size, padded with ``ignore_index`` to the batch's largest, and ``label_size`` [B, 2] gives it;
-- ``index`` int64 [B], each sample's index in its dataset;
-- ``geometry`` the joint geometric transform of every sample, so that teacher logits stored for
-  the un-augmented image can be replayed onto the batch:
-  ``base_size`` [B, 2] (H, W after ``data.resize``: the un-augmented frame), ``scaled_size``
-  [B, 2] (after the random rescale by ``scale`` [B]), ``crop_box`` [B, 4] (top, left, height,
-  width in the scaled frame; it may run past the bottom/right edge, where image pixels are 0
-  and labels ``ignore_index``) and ``flip`` [B] (horizontal flip, applied after the crop).
-  Items of different sizes are padded into a batch at the bottom/right (eval without resize).
-
-Replaying the geometry on an array ``x`` of the base frame: resize to ``scaled_size``, take
-``x[top:top+height, left:left+width]`` padding where the box leaves the array, then flip. Masks
-use exact "nearest-exact" sampling (source ``floor((i + 0.5) * in / out)``, see
-:func:`resize_nearest`); images are resized by PIL bilinear with antialiasing.
-
-Augmentation randomness is a pure function of ``(seed, epoch, index)``, so a resumed run sees the
-same augmentations whatever the number of workers. Call ``dataset.set_epoch(epoch)`` before each
-epoch: the epoch lives in shared memory, so the loader's persistent workers (kept alive between
-epochs, which saves seconds of worker start-up per epoch) see it. After ``accelerator.prepare``
-call it on ``loader.dataset`` directly: Accelerate's ``loader.set_epoch`` skips the dataset when
-its sampler has a ``set_epoch`` of its own.
-"""
+"""The dataset, its joint transforms and the loaders (what a batch holds: :mod:`distill.data`)."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distill._datasets import (
+from distill.data.layouts import (
     ADE20K,
     BadFileError,
     CamVid,
@@ -47,9 +19,9 @@ from distill._datasets import (
     ImageFolder,
     PascalVOC,
 )
-from distill._labels import FILE_SOURCES, DatasetInfo, dataset_info
-from distill._batches import collate_user_items, collate_batch
-from distill._splits import (
+from distill.data.labels import FILE_SOURCES, DatasetInfo, dataset_info
+from distill.data.batches import collate_user_items, collate_batch
+from distill.data.splits import (
     SplitError,
     SplitSelector,
     Subset,
@@ -59,10 +31,12 @@ from distill._splits import (
     select,
     without_samples,
 )
-from distill._synthetic import SyntheticShapes
-from distill._transforms import jitter, resize_image, resize_nearest  # resize_*: re-exported
-from distill._unlabelled import FolderImages, MixedBatchSampler, WithoutMasks
-from distill.config import DataConfig
+from distill.data.synthetic import SyntheticShapes
+from distill.data.transforms import jitter, resize_image, resize_nearest  # resize_*: re-exported
+from distill.data.unlabelled import FolderImages, MixedBatchSampler, WithoutMasks
+
+if TYPE_CHECKING:  # for types only: the loaders take the section's values, not the Recipe
+    from distill.config import DataConfig
 
 __all__ = [
     "ADE20K", "CamVid", "Cityscapes", "DataError", "DatasetInfo", "ImageFolder", "PascalVOC",
@@ -243,12 +217,12 @@ def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0,
     """The samples ``split`` selects, with the train (random) or eval (deterministic) transform.
 
     ``split`` is a selector (``val``, ``train+val``, ``train+val:prefix=0006R0``; see
-    :mod:`distill._splits`). The training split never holds a validation sample: what
+    :mod:`distill.data.splits`). The training split never holds a validation sample: what
     ``data.val_split`` selects (a split, or a held-out group) is removed from ``data.train_split``.
     ``label_resolution`` (eval only) keeps each mask at its own size, see ``eval.resolution``.
     Of ``data.train_split``, ``data.labelled_fraction`` keeps every k-th image's mask; with
     ``unlabelled`` (distillation, and the logit cache) the other images and ``data.unlabelled``
-    follow as images without masks (see :mod:`distill._unlabelled`).
+    follow as images without masks (see :mod:`distill.data.unlabelled`).
 
     Raises:
         DataError: a missing or empty folder, unpaired files, a bad ``class_names``, or a
@@ -363,7 +337,7 @@ def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0,
     Training loaders shuffle with a generator seeded from ``seed`` and drop the last partial
     batch; evaluation loaders keep the order and every sample. With ``unlabelled`` (the
     distilled student's training loader) and images without masks, each batch holds
-    ``data.unlabelled_ratio`` of them (:class:`distill._unlabelled.MixedBatchSampler`); a ratio
+    ``data.unlabelled_ratio`` of them (:class:`distill.data.unlabelled.MixedBatchSampler`); a ratio
     of 0 leaves them out (``labelled_fraction`` then distils on the kept masks alone).
     """
     unlabelled = unlabelled and data.unlabelled_ratio > 0

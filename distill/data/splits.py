@@ -195,7 +195,7 @@ class Subset:
         return source.load(k)
 
     def is_labelled(self, index: int) -> bool:
-        """False for an image without a mask (see :mod:`distill._unlabelled`)."""
+        """False for an image without a mask (see :mod:`distill.data.unlabelled`)."""
         return is_labelled(*self.rows[index])
 
 

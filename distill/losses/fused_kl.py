@@ -2,7 +2,7 @@
 
 ``fused_kd_forward`` computes ``T^2 * mean KL(p_t || p_s)`` over valid pixels and its gradient
 ``T * (p_s - p_t) / num_valid`` under no_grad, a chunk of samples at a time, writing the gradient
-in place; :class:`distill._saved_gradient.LossWithSavedGradient` saves only that gradient.
+in place; :class:`distill.losses.saved_gradient.LossWithSavedGradient` saves only that gradient.
 """
 
 from __future__ import annotations

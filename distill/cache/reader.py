@@ -1,5 +1,5 @@
 """The logit store's reading side: where a recipe's store is, what it must record, and the
-:class:`CachedTeacher` that replays it (see :mod:`distill.cache` for the format and the writer).
+:class:`CachedTeacher` that replays it (see :mod:`distill.cache.writer` for the format and the writer).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill import _cache_replay as replay_ops
-from distill._cache_replay import (
+from distill.cache import store as replay_ops
+from distill.cache.store import (
     LAYOUT_VERSION,
     CacheError,
     _differences,
