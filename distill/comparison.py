@@ -40,8 +40,8 @@ from distill.models import build_model, count_parameters, forward_padded
 from distill.export.predict import CONFIG_NAME
 from distill.progress import console
 from distill.export.quantize import OnnxSegmenter
-from distill.run_folder import (baseline_weights, compare_dir, ensure_writable_folder, exclusive_folder, export_dir,
-                                trained_weights)
+from distill.run_folder import compare_dir, ensure_writable_folder, exclusive_folder, export_dir
+from distill.stage_weights import baseline_weights, trained_weights
 from distill.teacher import scoring_teacher
 from distill.launch import make_accelerator
 

@@ -22,7 +22,8 @@ from distill.data import build_loader, dataset_info, loader_for_dataset
 from distill.metrics import SegmentationScores, per_sample_confusion, scores_from_confusion
 from distill.models import Stage, build_model, forward_padded, stage_model
 from distill.progress import console, track
-from distill.run_folder import checkpoint_to_score, ensure_writable_folder, stage_dir
+from distill.run_folder import ensure_writable_folder, stage_dir
+from distill.stage_weights import checkpoint_to_score
 from distill.teacher import scoring_teacher
 
 

@@ -19,7 +19,8 @@ from distill._io import file_digest
 from distill.config import changes
 from distill.config import Recipe
 from distill.models import model_identity, stage_model
-from distill.run_folder import cache_dir, trained_weights
+from distill.run_folder import cache_dir
+from distill.stage_weights import trained_weights
 
 
 def keys_for(section: BaseModel, stage: str) -> dict[str, Any]:

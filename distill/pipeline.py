@@ -25,7 +25,8 @@ from distill.launch import is_launch_main
 from distill.fingerprint import digest, stage_inputs
 from distill.preflight import check_inputs
 from distill.progress import console
-from distill.run_folder import PROGRESS_FILE, StageFiles, stage_dir, stage_files, trained_weights
+from distill.run_folder import PROGRESS_FILE, StageFiles, stage_dir, stage_files
+from distill.stage_weights import trained_weights
 from distill.training import train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")

@@ -33,7 +33,8 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
     from distill.data import build_dataset
     from distill.models import read_state_dict
     from distill.models.pretrained import is_local, locate
-    from distill.run_folder import ensure_writable_folder, stage_dir, trained_weights
+    from distill.run_folder import ensure_writable_folder, stage_dir
+    from distill.stage_weights import trained_weights
 
     problems: list[str] = []
     errors: list[Exception] = []

@@ -25,7 +25,8 @@ from distill.cache.store import (
     split_folder,
 )
 from distill._io import file_digest
-from distill.run_folder import cache_dir, trained_weights
+from distill.run_folder import cache_dir
+from distill.stage_weights import trained_weights
 
 if TYPE_CHECKING:
     from distill.config import Recipe

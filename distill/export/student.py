@@ -26,7 +26,8 @@ from distill.models import ModelError, build_model, forward_padded, pad_multiple
 from distill.export.predict import CONFIG_NAME, load_export_config
 from distill.progress import console
 from distill.export.quantize import QuantizationError, export_int8
-from distill.run_folder import ensure_writable_folder, exclusive_folder, export_dir, trained_weights
+from distill.run_folder import ensure_writable_folder, exclusive_folder, export_dir
+from distill.stage_weights import trained_weights
 
 FORMATS = ("onnx", "safetensors", "onnx_int8")
 FILES = {"onnx": "student.onnx", "safetensors": "student.safetensors",  # safetensors: factory students

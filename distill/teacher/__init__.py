@@ -15,7 +15,7 @@ from torch import nn
 
 from distill.teacher.sources import apply_class_map, class_map_matrix, load_source
 from distill.models import ModelError, forward_padded
-from distill.run_folder import trained_weights
+from distill.stage_weights import trained_weights
 
 if TYPE_CHECKING:
     from distill.config import Recipe

@@ -92,7 +92,7 @@ def _transformers_teacher(path: str) -> tuple[nn.Module, list[str], tuple | None
     except ImportError:
         raise ModelError("teacher.source 'transformers' needs the transformers package: "
                          "pip install 'distill[transformers]'") from None
-    from distill.run_folder import hub_folder
+    from distill.stage_weights import hub_folder
 
     folder = Path(path) if Path(path).is_dir() else hub_folder(path)
     config = transformers.AutoConfig.from_pretrained(str(folder))
@@ -152,7 +152,7 @@ def load_source(spec: Any, num_classes: int, weights: Path | None
     if source == "smp_hub":
         import segmentation_models_pytorch as smp
 
-        from distill.run_folder import hub_folder
+        from distill.stage_weights import hub_folder
 
         path = Path(str(spec.path))
         return smp.from_pretrained(str(path if path.is_dir() else hub_folder(str(spec.path)))), None, None

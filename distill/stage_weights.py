@@ -1,0 +1,82 @@
+"""Which weights a stage reads: a stage's own trained weights, a checkpoint the recipe names, or a
+teacher trained elsewhere (a local folder, a file, or a hub id downloaded once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distill.models import ModelError
+from distill.run_folder import stage_files
+
+
+def external_weights(source: str, path: Path) -> Path:
+    """The weights file of a teacher given by ``teacher.path`` (what fingerprints hash); a hub
+    id is downloaded (once, into the Hugging Face cache) and its folder's weights used."""
+    if source == "onnx":
+        if not path.is_file():
+            raise ModelError(f"teacher.path '{path}' is not an ONNX file (tried '{path.absolute()}')")
+        return path
+    folder = path if path.is_dir() else hub_folder(str(path))
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (folder / name).is_file():  # (the index of sharded weights stands for them)
+            return folder / name
+    what = "smp save_pretrained" if source == "smp_hub" else "Hugging Face model"
+    raise ModelError(f"teacher.path '{path}' is not a {what} folder (no model.safetensors)")
+
+
+def hub_folder(repo_id: str) -> Path:
+    """The local folder of a hub model, downloaded if needed; a clear error without a network."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")) or Path(repo_id).exists():
+        raise ModelError(f"teacher.path '{repo_id}' is not a model folder (tried "
+                         f"'{Path(repo_id).absolute()}'), nor a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo_id))
+    except Exception as error:  # offline, unknown id, gated model...
+        raise ModelError(f"teacher.path '{repo_id}' is no folder here, and as a hub id it cannot be "
+                         f"downloaded ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+                         "Without a network, download it elsewhere and set teacher.path to its folder") from None
+
+
+def checkpoint_to_score(recipe: Any, stage: str) -> Path:
+    """What ``distill eval --stage S`` scores: ``eval.checkpoint``, else the stage's trained weights."""
+    if recipe.eval.checkpoint is not None:
+        if not Path(recipe.eval.checkpoint).is_file():
+            raise ModelError(f"eval.checkpoint '{recipe.eval.checkpoint}' does not exist or is not a file")
+        return Path(recipe.eval.checkpoint)
+    return trained_weights(recipe, stage)
+
+
+def baseline_weights(recipe: Any) -> Path | None:
+    """The baseline's best weights when it was trained, else None (compare's optional row)."""
+    best = stage_files(recipe, "baseline").best
+    return best if best.is_file() else None
+
+
+def trained_weights(recipe: Any, stage: str) -> Path:
+    """Where a stage's trained weights are; :class:`ModelError` naming the command if missing.
+
+    The teacher's are ``teacher.checkpoint`` when given; the student's ``eval.checkpoint`` when
+    given (what compare and export use); otherwise ``<output_dir>/<stage>/best.safetensors``.
+    """
+    teacher = recipe.teacher if stage == "teacher" else None
+    if teacher is not None and teacher.source in ("transformers", "smp_hub", "onnx"):
+        return external_weights(teacher.source, Path(str(teacher.path)))
+    given = {"teacher": teacher.checkpoint if teacher is not None else None,
+             "student": recipe.eval.checkpoint}.get(stage)
+    if given is not None:
+        if not Path(given).is_file():
+            key = "teacher.checkpoint" if stage == "teacher" else "eval.checkpoint"
+            raise ModelError(f"{key} '{given}' does not exist or is not a file")
+        return Path(given)
+    best = stage_files(recipe, stage).best
+    if not best.is_file():
+        flag = "" if stage == "student" else f" --stage {stage}"
+        raise ModelError(
+            f"the {stage} has no weights: {best} does not exist. Train it first with "
+            f"`distill train RECIPE{flag}` (or `distill run RECIPE`)"
+            + (", or set teacher.checkpoint" if stage == "teacher" else ", or pass checkpoint=PATH")
+        )
+    return best
