@@ -598,3 +598,26 @@ def test_one_pixel_wide_images_flip_without_a_stride_error(tmp_path):
         flips.append(bool(item["geometry"]["flip"]))
         assert item["image"].shape == (3, 4, 1) and item["mask"].shape == (4, 1)
     assert any(flips)  # the flipped path ran
+
+
+def test_training_reads_images_as_predict_does_16_bit_grey_and_exif(tmp_path):
+    # 16-bit grayscale is scaled by its range (not clipped to white by PIL's RGB conversion), and
+    # EXIF orientation is applied, as `distill predict` does: one decoder for training and use.
+    grey8 = np.random.default_rng(0).integers(0, 256, (10, 14), dtype=np.uint8)
+    save(tmp_path / "images" / "train" / "a.png", np.repeat(grey8[..., None], 3, axis=2))
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "images" / "train" / "b.png")
+    upright = rgb(10, 14, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: viewers rotate it 90 degrees clockwise
+    Image.fromarray(np.rot90(upright, 1).copy()).save(tmp_path / "images" / "train" / "c.png", exif=exif)
+    for name, shape in (("a", (10, 14)), ("b", (10, 14)), ("c", (10, 14))):
+        save(tmp_path / "masks" / "train" / f"{name}.png", np.zeros(shape, dtype=np.uint8))
+    data = config(dataset="folder", root=tmp_path, class_names=["x", "y"], mean=(0, 0, 0), std=(1, 1, 1))
+    dataset = build_dataset(data, "train", train=False)
+    a, b, c = (dataset[i]["image"] for i in range(3))
+    assert torch.equal(a, b)
+    assert torch.allclose(c, torch.from_numpy(upright).permute(2, 0, 1).float() / 255)
+    # A mask drawn on the stored (unturned) pixels does not fit: the message says why.
+    save(tmp_path / "masks" / "train" / "c.png", np.zeros((14, 10), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"14x10 \(WxH\) \(after its EXIF orientation, which distill applies\)"):
+        build_dataset(data, "train", train=False)[2]

@@ -100,16 +100,28 @@ def pair_by_key(
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode ``path`` as uint8 RGB [H, W, 3]; grey, palette and RGBA images are converted."""
+    """Decode ``path`` as uint8 RGB [H, W, 3] exactly as ``distill predict`` reads images: EXIF
+    orientation applied (as viewers and annotation tools show the photo), grey, palette and
+    alpha images converted, 16-bit and float grayscale scaled by their range, not clipped."""
+    # The deployed student must see what it trained on: one decoder for both. predict.py
+    # imports nothing from distill (it runs beside an export, without torch), so it is the owner.
+    from distill.export.predict import PredictError
+    from distill.export.predict import read_image as read_as_viewers_show
+
+    try:
+        return np.asarray(read_as_viewers_show(path), dtype=np.uint8)
+    except PredictError as error:
+        reason = str(error).replace(f"image '{path}' ", "", 1).replace("predict ", "distill ")
+        raise BadFileError(f"cannot read '{path}': {reason}", str(path)) from None
+
+
+def exif_turned(path: Path) -> bool:
+    """True when ``path`` carries an EXIF orientation that turns or mirrors it (not 1, upright)."""
     try:
         with Image.open(path) as image:
-            image.load()  # decode now, so a truncated file fails here and not half-way through
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            return np.asarray(image, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise BadFileError(f"cannot read '{path}' (corrupt or truncated?): {error}",
-                           str(path)) from None
+            return image.getexif().get(0x0112, 1) not in (0, 1)
+    except Exception:  # unreadable: the decoder says why elsewhere
+        return False
 
 
 def read_label(path: Path) -> np.ndarray:

@@ -22,6 +22,7 @@ from distill.data.files import (
     label_colormap,
     list_files,
     pair_by_key,
+    exif_turned,
     read_image,
     read_label,
     unmatched_message,
@@ -76,9 +77,10 @@ class FileSource:
         image = read_image(image_path)
         raw = read_label(mask_path)
         if raw.shape != image.shape[:2]:
+            turned = " (after its EXIF orientation, which distill applies)" if exif_turned(image_path) else ""
             raise DataError(
-                f"image '{image_path}' is {image.shape[1]}x{image.shape[0]} (WxH) but its mask "
-                f"'{mask_path}' is {raw.shape[1]}x{raw.shape[0]}"
+                f"image '{image_path}' is {image.shape[1]}x{image.shape[0]} (WxH){turned} but its "
+                f"mask '{mask_path}' is {raw.shape[1]}x{raw.shape[0]}"
             )
         return image, self._map(raw, mask_path)
 

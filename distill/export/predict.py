@@ -1,10 +1,9 @@
 """``distill predict EXPORT_DIR IMAGE... [--out DIR] [--int8]``: run an exported student without PyTorch.
 
 This module is the proof that an export stands on its own: it reads ``distill.json`` and
-``student.onnx`` (or ``student_int8.onnx``) written by :func:`distill.export.export_student` and needs only numpy, Pillow
-and onnxruntime. It imports nothing from ``distill`` nor torch
-itself, so it can be copied next to an export, or loaded by file path, and run where torch is not
-installed::
+``student.onnx`` (or ``student_int8.onnx``) written by :func:`distill.export.export_student` and
+needs only numpy, Pillow and onnxruntime. It imports nothing from ``distill`` nor torch itself, so
+it can be copied next to an export, or loaded by file path, and run where torch is not installed::
 
     import importlib.util
     spec = importlib.util.spec_from_file_location("distill_predict", "distill/export/predict.py")
@@ -26,7 +25,8 @@ Images, as the reader sees them:
 
 - EXIF orientation is applied (:func:`PIL.ImageOps.exif_transpose`): the mask matches the image
   as viewers show it (a phone photo taken upright is predicted upright) and has the transposed
-  size. Training ignores EXIF, so a dataset of such photos is seen differently there.
+  size. Training and evaluation read images through this same function
+  (:func:`distill.data.files.read_image`), so the student sees at use what it trained on.
 - Modes ``1``, ``L``, ``LA``, ``La``, ``P``, ``PA``, ``RGB``, ``RGBA``, ``RGBa``, ``RGBX``, ``CMYK``,
   ``YCbCr``, ``LAB`` and ``HSV`` become RGB as Pillow converts them; alpha is dropped, not
   composited.
