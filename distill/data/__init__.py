@@ -33,8 +33,7 @@ its sampler has a ``set_epoch`` of its own.
 # distill.config without torch.
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from distill._lazy import lazy_attributes
 
 _PUBLIC = {
     "SegmentationDataset": "distill.data.loaders",
@@ -50,9 +49,4 @@ _PUBLIC = {
 }
 __all__ = list(_PUBLIC)
 
-
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'distill.data' has no attribute '{name}'")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes("distill.data", _PUBLIC)

@@ -32,8 +32,7 @@ parity check passed, so a failed export leaves the previous export (or nothing),
 # file first.
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from distill._lazy import lazy_attributes
 
 _PUBLIC = {
     "ExportError": "distill.export.student",
@@ -49,9 +48,4 @@ _PUBLIC = {
 }
 __all__ = list(_PUBLIC)
 
-
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'distill.export' has no attribute '{name}'")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes("distill.export", _PUBLIC)

@@ -41,10 +41,12 @@ Images, as the reader sees them:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,16 +168,10 @@ def check_image(path: Path) -> None:
     predicting, which still writes nothing, as masks are written only once all are predicted.
     """
     _check_file(path, "image")
-    try:
+    with _decoding(path):
         with Image.open(path) as opened:
             mode = opened.mode
             opened.verify()
-    except Image.DecompressionBombError as error:  # PIL's guard against huge images
-        raise PredictError(f"image '{path}' is too large to decode safely: {error}") from None
-    except PermissionError:
-        raise PredictError(f"image '{path}' cannot be read: permission denied") from None
-    except Exception as error:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error...
-        raise PredictError(f"image '{path}' cannot be decoded: {error}") from None
     if mode not in CONVERTED_MODES | SCALED_MODES:
         raise _unsupported_mode(path, mode)
 
@@ -227,18 +223,25 @@ def rgb_image(image: Image.Image, path: Path, white: int | None = None) -> Image
 
 def read_image(path: Path) -> Image.Image:
     """Decode ``path`` as 8-bit RGB the way viewers show it: EXIF orientation applied (see the module doc)."""
-    try:
+    with _decoding(path):
         with Image.open(path) as opened:
             opened.load()
             white = _white_level(opened)  # from the file's tags: the transposed copy has none
             image = ImageOps.exif_transpose(opened)  # always a copy, usable once the file is closed
+    return rgb_image(image, path, white)
+
+
+@contextlib.contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """Pillow's errors while decoding ``path`` as one :class:`PredictError` naming the file."""
+    try:
+        yield
     except Image.DecompressionBombError as error:  # PIL's guard against huge images
         raise PredictError(f"image '{path}' is too large to decode safely: {error}") from None
     except PermissionError:
         raise PredictError(f"image '{path}' cannot be read: permission denied") from None
     except Exception as error:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error...
         raise PredictError(f"image '{path}' cannot be decoded: {error}") from None
-    return rgb_image(image, path, white)
 
 
 def _check_out(out_dir: Path, targets: list[Path]) -> list[Path]:
