@@ -4,7 +4,9 @@
 #   bash bench/studies/camvid_pretrained.sh DATA_ROOT [OUT]
 # Steps (each reused when already done): the Lite2 teacher at the full 360x480; its held-out
 # score with and without test-time augmentation; the Lite0 student's baseline and cached pixel-KL
-# arms (2 seeds, all 367 masks); the same with every 4th mask and the other frames unlabelled.
+# arms (2 seeds, all 367 masks); the same with every 4th mask and the other frames unlabelled;
+# the teacher on the student's frames (why its full-resolution score overstates what it passes
+# on); the distilled student's INT8 export, its mIoU and latency.
 # Results: bench/studies/results/camvid_pretrained*.json; tables on stdout (docs/results.md).
 set -euo pipefail
 DATA=${1:?usage: camvid_pretrained.sh DATA_ROOT [OUT]}
@@ -29,6 +31,15 @@ for tta in "teacher.tta_flip=false teacher.tta_scales=[1.0]" "teacher.tta_flip=t
         $tta output_dir="$OUT/teacher_eval_$name" > "$OUT/teacher_eval_$name.log" 2>&1
 done
 
+# Why a teacher's full-resolution score overstates what it passes on: the same teacher (single
+# view) on the student's 240x320 frames, upsampled to its 360x480 (a) and as they are (b).
+for why in "a teacher.input_size=[360,480]" "b"; do
+  set -- $why; name=$1; shift
+  ls "$OUT/why_$name"/teacher/eval_*.json > /dev/null 2>&1 || \
+    $PY -m distill eval $RECIPE --stage teacher checkpoint="$TEACHER" data.root="$DATA" \
+        teacher.tta_flip=false "teacher.tta_scales=[1.0]" "$@" output_dir="$OUT/why_$name" > "$OUT/why_$name.log" 2>&1
+done
+
 T_OVR=(--teacher-override "cache.teacher_resize=[360,480]" --teacher-eval-override "data.resize=[360,480]")
 # All masks.
 PYTHONPATH=bench${PYTHONPATH:+:$PYTHONPATH} $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" \
@@ -39,3 +50,12 @@ PYTHONPATH=bench${PYTHONPATH:+:$PYTHONPATH} $PY bench/studies/camvid_kd.py --rec
     --teacher-checkpoint "$TEACHER" "${T_OVR[@]}" --cache-dir "$OUT/all/cache" --seeds 0,1 \
     --arms baseline,cache/kl_T2_w1 --results bench/studies/results/camvid_pretrained_few.json \
     data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=20 train.checkpoint_every_epochs=20
+
+# The distilled student's INT8 export (seed 0, all masks): mIoU lost on the held-out sequence
+# (parity.json) and latency against FP32 on 2 and 1 threads at 360x480.
+STUDENT=$OUT/all/cache/kl_T2_w1/seed0/student/last.safetensors
+[ -f "$OUT/export/export/parity.json" ] || \
+  $PY -m distill export $RECIPE checkpoint="$STUDENT" format=onnx,onnx_int8 data.root="$DATA" \
+      output_dir="$OUT/export" export.int8_max_miou_drop=100 > "$OUT/export.log" 2>&1
+$PY bench/export_latency.py --recipe $RECIPE --checkpoint "$STUDENT" --data-root "$DATA" \
+    --out bench/studies/results/camvid_pretrained_export_latency.json
