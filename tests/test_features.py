@@ -58,17 +58,15 @@ def test_the_tap_reads_the_forward_it_rode_on_cropped_to_the_unpadded_image():
     student, _ = models()
     student.eval()
     tap = FeatureTap(student, [-1, 0, "decoder"], "student")
-    images = torch.randn(2, 3, 40, 50)
-    multiple = student.encoder.output_stride  # 8: forward_padded runs the model on 40 x 56
+    images = torch.randn(2, 3, 40, 50)  # forward_padded runs the model on 64 x 64
     with torch.no_grad():
         forward_padded(student, images)
         deepest, first, decoder = tap.take(40, 50)
-        padded = F.pad(images, (0, -50 % multiple, 0, -40 % multiple), mode="replicate")
-        assert padded.shape[-2:] == (40, 56)
+        padded = F.pad(images, (0, 14, 0, 24), mode="replicate")
         expected = student.encoder(padded)
         expected_decoder = student.decoder(expected)
-    h, w = expected[-1].shape[-2:]  # 5 x 7 at stride 8
-    assert torch.equal(deepest, expected[-1][..., : math.ceil(40 * h / 40), : math.ceil(50 * w / 56)])
+    h, w = expected[-1].shape[-2:]  # 8 x 8 at stride 8
+    assert torch.equal(deepest, expected[-1][..., : math.ceil(40 * h / 64), : math.ceil(50 * w / 64)])
     assert deepest.shape[-2:] == (5, 7)
     assert torch.equal(first, expected[1][..., :20, :25])
     assert torch.equal(decoder, expected_decoder[..., :40, :50])

@@ -107,12 +107,12 @@ def test_checkpoints_that_are_not_weights_are_named(tmp_path):
 def test_padding_asks_the_encoder_for_its_output_stride():
     from distill.models import forward_padded, pad_multiple
 
-    dlv3p = build_model(ModelConfig(arch="DeepLabV3Plus", encoder="resnet18"), num_classes=3).eval()
     unet = build_model(ModelConfig(arch="Unet", encoder="resnet18"), num_classes=3).eval()
-    assert (pad_multiple(dlv3p), pad_multiple(unet), pad_multiple(torch.nn.Conv2d(3, 3, 1))) == (16, 32, 32)
-    images = torch.randn(1, 3, 40, 72)  # 40 rows: padded to 48 for DeepLabV3+, 64 for the U-Net
+    deeper = torch.nn.Module()
+    deeper.encoder = torch.nn.Module()
+    deeper.encoder.output_stride = 64  # an encoder that downsamples further asks for more
+    assert (pad_multiple(unet), pad_multiple(deeper), pad_multiple(torch.nn.Conv2d(3, 3, 1))) == (32, 64, 32)
+    images = torch.randn(1, 3, 40, 72)
     with torch.no_grad():
-        for model, rows in ((dlv3p, 48), (unet, 64)):
-            padded = torch.nn.functional.pad(images, (0, -72 % 16 if rows == 48 else -72 % 32, 0, rows - 40),
-                                             mode="replicate")
-            assert torch.equal(forward_padded(model, images), model(padded)[..., :40, :72])
+        padded = torch.nn.functional.pad(images, (0, 96 - 72, 0, 64 - 40), mode="replicate")
+        assert torch.equal(forward_padded(unet, images), unet(padded)[..., :40, :72])

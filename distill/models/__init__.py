@@ -179,10 +179,14 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def pad_multiple(model: nn.Module) -> int:
-    """The multiple a model's input sides must be: its smp encoder's ``output_stride`` (as smp's
-    own ``check_input_shape`` asks), else 32, the deepest stride of common backbones."""
+    """The multiple a model's input sides are padded to: 32, or its smp encoder's
+    ``output_stride`` (what smp's own ``check_input_shape`` asks) where that is larger.
+
+    Not less than 32 even for a dilated encoder (DeepLabV3+'s reports 16): TF-"same"-padded timm
+    encoders then meet odd sizes inside, which the quantized ONNX graph cannot concatenate.
+    """
     stride = getattr(getattr(model, "encoder", None), "output_stride", None)
-    return stride if isinstance(stride, int) and stride > 0 else 32
+    return max(32, stride) if isinstance(stride, int) and stride > 0 else 32
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
