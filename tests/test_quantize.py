@@ -100,6 +100,23 @@ def test_too_large_an_int8_drop_fails_and_keeps_the_previous_export(int8_export,
     assert not list(out.parent.glob(".export-staging-*"))
 
 
+def test_an_int8_graph_onnxruntime_cannot_run_is_a_clear_refusal(int8_export, monkeypatch):
+    # Seen with a TF-"same"-padded EfficientNet-Lite student: a QLinearConcat of the decoder fails.
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    recipe, out = int8_export
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def failing(*args, **kwargs):
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : QLinearConcat node. Name:'/model/decoder/Concat'")
+
+    monkeypatch.setattr(distill.export.quantize, "score_fp32_and_int8", failing)
+    with pytest.raises(ExportError, match=r"onnxruntime cannot run the INT8 graph of this student .*"
+                                          r"QLinearConcat.*export without onnx_int8"):
+        export_student(recipe, parity_images=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_hard_swish_is_reported_as_left_in_float(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Hardswish(),
                                 torch.nn.Conv2d(8, 4, 1)).eval()

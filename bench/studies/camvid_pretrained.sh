@@ -6,7 +6,7 @@
 # score with and without test-time augmentation; the Lite0 student's baseline and cached pixel-KL
 # arms (2 seeds, all 367 masks); the same with every 4th mask and the other frames unlabelled;
 # the teacher on the student's frames (why its full-resolution score overstates what it passes
-# on); the distilled student's INT8 export, its mIoU and latency.
+# on); the distilled student's INT8 export.
 # Results: bench/studies/results/camvid_pretrained*.json; tables on stdout (docs/results.md).
 set -euo pipefail
 DATA=${1:?usage: camvid_pretrained.sh DATA_ROOT [OUT]}
@@ -51,11 +51,8 @@ PYTHONPATH=bench${PYTHONPATH:+:$PYTHONPATH} $PY bench/studies/camvid_kd.py --rec
     --arms baseline,cache/kl_T2_w1 --results bench/studies/results/camvid_pretrained_few.json \
     data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=20 train.checkpoint_every_epochs=20
 
-# The distilled student's INT8 export (seed 0, all masks): mIoU lost on the held-out sequence
-# (parity.json) and latency against FP32 on 2 and 1 threads at 360x480.
+# The distilled student's INT8 export (seed 0, all masks). onnxruntime cannot run its INT8 graph
+# (a QLinearConcat of the decoder fails; docs/results.md): the export refuses it, and says so.
 STUDENT=$OUT/all/cache/kl_T2_w1/seed0/student/last.safetensors
-[ -f "$OUT/export/export/parity.json" ] || \
-  $PY -m distill export $RECIPE checkpoint="$STUDENT" format=onnx,onnx_int8 data.root="$DATA" \
-      output_dir="$OUT/export" export.int8_max_miou_drop=100 > "$OUT/export.log" 2>&1
-$PY bench/export_latency.py --recipe $RECIPE --checkpoint "$STUDENT" --data-root "$DATA" \
-    --out bench/studies/results/camvid_pretrained_export_latency.json
+$PY -m distill export $RECIPE checkpoint="$STUDENT" format=onnx,onnx_int8 data.root="$DATA" \
+    output_dir="$OUT/export" export.int8_max_miou_drop=100 > "$OUT/export.log" 2>&1 || tail -3 "$OUT/export.log"

@@ -311,8 +311,16 @@ def export_int8(recipe: Recipe, fp32_path: Path, int8_path: Path) -> dict[str, A
     split = recipe.data.val_split
     loader = build_loader(recipe.data, split, train=False, seed=recipe.train.seed,
                           label_resolution=recipe.eval.resolution == "label")
-    scores = score_fp32_and_int8(OnnxSegmenter(fp32_path), OnnxSegmenter(int8_path), loader,
-                                 num_classes=info.num_classes, ignore_index=info.ignore_index)
+    try:
+        scores = score_fp32_and_int8(OnnxSegmenter(fp32_path), OnnxSegmenter(int8_path), loader,
+                                     num_classes=info.num_classes, ignore_index=info.ignore_index)
+    except Exception as error:  # onnxruntime's own Fail/RuntimeException: the graph, not the input
+        if "onnxruntime" not in type(error).__module__:
+            raise
+        first = str(error).splitlines()[0][:300]
+        raise QuantizationError(
+            f"onnxruntime cannot run the INT8 graph of this student ({first}); the FP32 export is "
+            "unaffected: export without onnx_int8 (format=onnx,safetensors)") from None
     report = {**quantized, "calibration_split": recipe.data.train_split, "split": split,
               "resolution": recipe.eval.resolution, **scores, "max_miou_drop": settings.int8_max_miou_drop,
               "size_ratio": quantized["int8_bytes"] / quantized["fp32_bytes"]}
