@@ -42,12 +42,16 @@ done
 
 T_OVR=(--teacher-override "cache.teacher_resize=[360,480]" --teacher-eval-override "data.resize=[360,480]")
 # All masks.
-PYTHONPATH=bench${PYTHONPATH:+:$PYTHONPATH} $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" \
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" \
     --teacher-checkpoint "$TEACHER" "${T_OVR[@]}" --seeds 0,1 --arms baseline,cache/kl_T2_w1 \
     --results bench/studies/results/camvid_pretrained.json train.eval_every_epochs=5 train.checkpoint_every_epochs=5
 # Every 4th mask (92), the other 275 frames unlabelled; the same steps (80 epochs), same cache.
-PYTHONPATH=bench${PYTHONPATH:+:$PYTHONPATH} $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" \
-    --teacher-checkpoint "$TEACHER" "${T_OVR[@]}" --cache-dir "$OUT/all/cache" --seeds 0,1 \
+# (The teacher's eval here is its cheap single view on the student's frames: the gap's reference
+# is its full-resolution TTA score, from the run above.)
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" \
+    --teacher-checkpoint "$TEACHER" --teacher-override "cache.teacher_resize=[360,480]" \
+    --teacher-eval-override teacher.tta_flip=false --teacher-eval-override "teacher.tta_scales=[1.0]" \
+    --cache-dir "$OUT/all/cache" --seeds 0,1 \
     --arms baseline,cache/kl_T2_w1 --results bench/studies/results/camvid_pretrained_few.json \
     data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=20 train.checkpoint_every_epochs=20
 
