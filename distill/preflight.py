@@ -31,7 +31,7 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
             which trains the teacher first).
     """
     from distill.data import build_dataset
-    from distill.models import read_state_dict
+    from distill.models.weights import check_weights_file
     from distill.models.pretrained import is_local, locate
     from distill.run_folder import ensure_writable_folder, stage_dir
     from distill.stage_weights import trained_weights
@@ -55,23 +55,22 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
         attempt(lambda: ensure_writable_folder(stage_dir(recipe, stage), f"{stage} stage"))
         if recipe.train.resume is not None and not Path(recipe.train.resume).is_dir():
             attempt(lambda: _not_a_checkpoint(recipe.train.resume))
-    models = []
+    specs = []  # the models this command builds
     if stage in ("baseline", "student") or stage is None:
-        models.append(("student" if recipe.student is not None else "model", recipe.student_model))
+        specs.append(recipe.student_model)
     if recipe.teacher is not None and (stage in ("teacher", None) or (stage == "student" and recipe.distills)):
-        models.append(("teacher", recipe.teacher))
-    for _, spec in models:
+        specs.append(recipe.teacher)
+    for spec in specs:
         if spec.encoder_weights is not None and is_local(spec.encoder_weights):
             attempt(lambda spec=spec: locate(spec.encoder_weights))
-        if spec.checkpoint is not None:
-            attempt(lambda spec=spec: read_state_dict(spec.checkpoint))
+        if spec.checkpoint is not None:  # found and readable; read whole when the model is built
+            attempt(lambda spec=spec: check_weights_file(spec.checkpoint))
     if stage == "student" and recipe.distills and needs_teacher_weights and recipe.teacher.checkpoint is None:
         attempt(lambda: trained_weights(recipe, "teacher"))
     if len(errors) == 1:
         raise errors[0]  # one problem keeps its own type (DataError, ModelError...)
     if problems:
         raise InputError(f"{len(problems)} problems with the inputs:\n  - " + "\n  - ".join(problems))
-
 
 
 def _not_a_checkpoint(path: Path) -> None:

@@ -13,8 +13,8 @@ class ModelError(ValueError):
     """A model cannot be built or its weights cannot be loaded; the message says why."""
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read weights without executing code: safetensors, or ``torch.load(weights_only=True)``."""
+def check_weights_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a weights file that exists and can be read, without reading it; else ModelError."""
     path = Path(path)
     if path.is_dir():
         raise ModelError(f"checkpoint '{path}' is a folder; give its weights file "
@@ -26,6 +26,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.suffix == ".onnx":
         raise ModelError(f"checkpoint '{path}' is an ONNX model: distill loads weights from "
                          ".safetensors or a torch state dict")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read weights without executing code: safetensors, or ``torch.load(weights_only=True)``."""
+    path = check_weights_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
