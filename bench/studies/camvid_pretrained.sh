@@ -45,6 +45,17 @@ T_OVR=(--teacher-override "cache.teacher_resize=[360,480]" --teacher-eval-overri
 $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" \
     --teacher-checkpoint "$TEACHER" "${T_OVR[@]}" --seeds 0,1 --arms baseline,cache/kl_T2_w1 \
     --results bench/studies/results/camvid_pretrained.json train.eval_every_epochs=5 train.checkpoint_every_epochs=5
+# The same distillation from a store at stride 2 of the teacher's 360x480 frame instead of 4
+# (seed 0): do the thin classes that the 1/4 store blurs come back?
+S2=(teacher.checkpoint="$TEACHER" teacher.mode=cache cache.dir="$OUT/all/cache_s2" cache.stride=2
+    "cache.teacher_resize=[360,480]" loss.feature.kind=none data.root="$DATA")
+$PY -m distill cache $RECIPE "${S2[@]}" output_dir="$OUT/all/cache_s2_run" > "$OUT/cache_s2.log" 2>&1
+ls "$OUT/all/stride2/seed0/student/last.safetensors" > /dev/null 2>&1 || \
+  $PY -m distill train $RECIPE --stage student "${S2[@]}" output_dir="$OUT/all/stride2/seed0" train.seed=0 \
+      train.eval_every_epochs=5 train.checkpoint_every_epochs=5 > "$OUT/stride2_train.log" 2>&1
+$PY -m distill eval $RECIPE --stage student checkpoint="$OUT/all/stride2/seed0/student/last.safetensors" \
+    output_dir="$OUT/all/stride2/seed0" data.root="$DATA" > "$OUT/stride2_eval.log" 2>&1
+
 # Every 4th mask (92), the other 275 frames unlabelled; the same steps (80 epochs), same cache.
 # (The teacher's eval here is its cheap single view on the student's frames: the gap's reference
 # is its full-resolution TTA score, from the run above.)
