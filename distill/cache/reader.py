@@ -1,5 +1,5 @@
 """The logit store's reading side: where a recipe's store is, what it must record, and the
-:class:`CachedTeacher` that replays it (see :mod:`distill.cache.writer` for the format and the writer).
+:class:`CachedTeacher` that replays it (the format: :mod:`distill.cache`; writing: :mod:`distill.cache.writer`).
 """
 
 from __future__ import annotations

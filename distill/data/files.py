@@ -116,10 +116,12 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def exif_turned(path: Path) -> bool:
-    """True when ``path`` carries an EXIF orientation that turns or mirrors it (not 1, upright)."""
+    """True when the image at ``path`` carries an EXIF orientation that turns or mirrors it."""
+    from distill.export.predict import exif_turned as turned
+
     try:
         with Image.open(path) as image:
-            return image.getexif().get(0x0112, 1) not in (0, 1)
+            return turned(image)
     except Exception:  # unreadable: the decoder says why elsewhere
         return False
 

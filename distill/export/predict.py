@@ -227,8 +227,14 @@ def read_image(path: Path) -> Image.Image:
         with Image.open(path) as opened:
             opened.load()
             white = _white_level(opened)  # from the file's tags: the transposed copy has none
-            image = ImageOps.exif_transpose(opened)  # always a copy, usable once the file is closed
+            # Most images are upright: no copy for them (training reads every image through here).
+            image = ImageOps.exif_transpose(opened) if exif_turned(opened) else opened
     return rgb_image(image, path, white)
+
+
+def exif_turned(image: Image.Image) -> bool:
+    """True when ``image`` carries an EXIF orientation that turns or mirrors it (not upright)."""
+    return image.getexif().get(0x0112, 1) not in (0, 1)
 
 
 @contextlib.contextmanager
