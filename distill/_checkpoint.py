@@ -16,7 +16,7 @@ from distill._io import atomic_write_bytes, swap_in_folder
 from distill.config import Recipe, atomic_write_text
 from distill.launch import TrainingError
 from distill.fingerprint import stage_inputs
-from distill.run_folder import PROGRESS_FILE, StageFiles
+from distill.run_folder import PROGRESS_FILE, StageFiles, not_a_checkpoint_folder
 
 
 def save_weights(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> None:
@@ -58,8 +58,7 @@ def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object
     """Load a ``save_state`` folder (or a stage folder's latest checkpoint) and its progress,
     refusing one made from other settings (the schedule would silently go wrong)."""
     if not folder.is_dir():
-        raise TrainingError(f"train.resume '{folder}' is not a checkpoint folder "
-                            f"(tried '{folder.absolute()}')")
+        raise TrainingError(not_a_checkpoint_folder(folder))
     files = StageFiles(folder)
     for candidate in (files.latest, files.checkpoints / ".previous"):  # a kill between two renames
         if candidate.is_dir():

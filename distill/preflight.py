@@ -74,4 +74,6 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
 
 
 def _not_a_checkpoint(path: Path) -> None:
-    raise InputError(f"train.resume '{path}' is not a checkpoint folder (tried '{Path(path).absolute()}')")
+    from distill.run_folder import not_a_checkpoint_folder
+
+    raise InputError(not_a_checkpoint_folder(path))

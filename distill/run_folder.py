@@ -85,6 +85,11 @@ class StageFiles:
 PROGRESS_FILE = "progress.json"  # inside a checkpoint folder: epoch, step, best, made_from
 
 
+def not_a_checkpoint_folder(path: Path) -> str:
+    """The refusal of a ``train.resume`` that is not a folder (preflight and the resume share it)."""
+    return f"train.resume '{path}' is not a checkpoint folder (tried '{Path(path).absolute()}')"
+
+
 def stage_files(recipe: Any, stage: str) -> StageFiles:
     """The files of ``<output_dir>/<stage>``."""
     return StageFiles(stage_dir(recipe, stage))

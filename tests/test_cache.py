@@ -279,6 +279,19 @@ def test_stale_store_is_refused_naming_the_field(written, change, field, values)
     assert open_store(recipe).fingerprint[field] is not None
 
 
+def test_teacher_keys_marked_as_changing_its_output_make_a_store_stale(written, tmp_path):
+    # The store records the teacher keys whose schema metadata says they change its outputs
+    # (distill.config.changes_output): another value of one is refused, naming it; a key that
+    # changes how the run goes (mode, compile) or only the student's training reuses the store.
+    base = {"cache.topk": 2, "cache.stride": 2}
+    with pytest.raises(CacheError, match="teacher_model"):
+        open_store(recipe_for(tmp_path, **base, **{"teacher.tta_flip": "true"}))
+    with pytest.raises(CacheError, match="teacher_model"):
+        open_store(recipe_for(tmp_path, **base, **{"teacher.input_size": "[32,32]"}))
+    for key, value in [("teacher.compile", "true"), ("loss.kd_weight", "0.5")]:
+        assert open_store(recipe_for(tmp_path, **base, **{key: value})).num_samples > 0
+
+
 def test_uncached_split_missing_resize_and_no_store(written, tmp_path):
     _, recipe = written
     with pytest.raises(CacheError, match=r"split 'val' is not in the logit cache .*cached splits: train"):

@@ -59,6 +59,8 @@ def finished(tmp_path_factory):
     pytest.param(lambda run, tmp: ["train.warmup_steps=10000"], "train.warmup_steps 10000", id="warmup-past-the-end"),
     pytest.param(lambda run, tmp: ["model.checkpoint=/no/such/weights.safetensors"],
                  "'/no/such/weights.safetensors' does not exist", id="missing-checkpoint"),
+    pytest.param(lambda run, tmp: [f"train.resume={run}/student/best.safetensors"],
+                 "best.safetensors' is not a checkpoint folder (tried", id="resume-from-a-file"),
 ])
 def test_refused_train_leaves_a_finished_run_byte_identical(finished, tmp_path, refused, message, capfd):
     recipe, run = finished

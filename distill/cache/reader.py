@@ -25,6 +25,7 @@ from distill.cache.store import (
     split_folder,
 )
 from distill._io import file_digest
+from distill.config import changes_output
 from distill.run_folder import cache_dir
 from distill.stage_weights import trained_weights
 
@@ -101,10 +102,11 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
     return {
         "layout_version": LAYOUT_VERSION,
         "teacher_checkpoint_sha256": file_digest(trained_weights(recipe, "teacher")),
+        # The keys whose metadata says they change the teacher's outputs (the weights enter by
+        # their digest above; the normalization below).
         "teacher_model": teacher.model_dump(
-            mode="json", include={"arch", "encoder", "factory", "factory_kwargs", "arch_kwargs", "source",
-                                  "path", "class_names", "class_map", "bgr", "input_size", "tta_flip",
-                                  "tta_scales"}),
+            mode="json", include={name for name, field in type(teacher).model_fields.items()
+                                  if changes_output(field)}),
         "teacher_input": {"mean": list(teacher.mean or data.mean), "std": list(teacher.std or data.std)},
         "dataset": data.dataset,
         "dataset_root": str(Path(data.root).resolve()) if data.root is not None else None,

@@ -32,7 +32,7 @@ from distill.config._schema import (  # re-exported: the recipe's sections
     TeacherConfig,
     TrainConfig,
 )
-from distill.config._base import IMAGENET_MEAN, IMAGENET_STD, RecipeError, changes
+from distill.config._base import IMAGENET_MEAN, IMAGENET_STD, RecipeError, changes, changes_output
 from distill.config._data_schema import DataConfig, SyntheticConfig, UnlabelledSource
 
 __all__ = [

