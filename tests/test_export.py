@@ -19,10 +19,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from distill._io import file_digest
-from distill.config import recipe_from_dict
+from distill.config import ModelConfig, recipe_from_dict
 from distill.data import build_dataset, build_loader, dataset_info
-from distill.export import ExportError, export_student, load_exported
+from distill.export import ExportError, export_onnx, export_student, load_exported
 from distill.evaluation import evaluate_model as evaluate
+from distill.export.quantize import quantize_onnx
 from distill.metrics import per_sample_confusion, scores_from_confusion
 from distill.models import ModelError, build_model, forward_padded
 from distill.launch import make_accelerator
@@ -135,6 +136,30 @@ def test_onnx_accepts_any_height_width_and_batch(tiny_export):
             expected = forward_padded(eager, image).numpy()
         assert got.shape == expected.shape == (shape[0], 4, *shape[2:])
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_int8_of_a_tf_same_padded_deeplabv3plus_runs_at_other_sizes(tmp_path):
+    # A timm TF-"same" encoder (tu-tf_efficientnet_lite0 in recipes/camvid/effl2_to_effl0_cpu.yaml;
+    # here its smallest kin) computes its paddings from the input's size in float. Quantized with
+    # ranges from the calibration size, they came out wrong at any other size and the decoder's
+    # QLinearConcat failed: "Non concat axis dimensions must match".
+    spec = ModelConfig(arch="DeepLabV3Plus", encoder="tu-tf_mobilenetv3_small_minimal_100",
+                       encoder_weights=None, arch_kwargs={"decoder_channels": 16})
+    torch.manual_seed(0)
+    fp32 = tmp_path / "student.onnx"
+    export_onnx(build_model(spec, 4).eval(), fp32, torch.randn(1, 3, 64, 64), 18)
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(2)]
+    report = quantize_onnx(fp32, tmp_path / "student_int8.onnx", calibration, method="minmax")
+    sessions = [ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+                for name in ("student.onnx", "student_int8.onnx")]
+    for height, width in [(64, 64), (96, 128), (90, 120)]:
+        image = rng.standard_normal((1, 3, height, width)).astype(np.float32)
+        expected, got = (session.run(None, {"image": image})[0] for session in sessions)
+        assert got.shape == expected.shape == (1, 4, height, width)
+        assert (got.argmax(1) == expected.argmax(1)).mean() > 0.9
+    # The size arithmetic stays in float and is not reported as an operator left in float.
+    assert not {"Ceil", "Div", "Sub", "Unsqueeze"} & set(report["float_ops"]), report["float_ops"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def test_too_large_an_int8_drop_fails_and_keeps_the_previous_export(int8_export,
 
 
 def test_an_int8_graph_onnxruntime_cannot_run_is_a_clear_refusal(int8_export, monkeypatch):
-    # Seen with a TF-"same"-padded EfficientNet-Lite student: a QLinearConcat of the decoder fails.
+    # As a TF-"same"-padded student's graph once did (quantized size arithmetic, now kept in
+    # float: shape_arithmetic_nodes), a QLinearConcat of the decoder fails while scoring.
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
     recipe, out = int8_export

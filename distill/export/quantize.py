@@ -129,6 +129,7 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Iterable[np.nda
         finally:
             shape_logger.setLevel(level)
         pool_spatial_means(prepared)
+        shape_nodes = shape_arithmetic_nodes(prepared)
         input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
         reader = _Calibration(calibration, input_name)
         # onnxruntime's histogram calibrators print their progress; distill reports its own.
@@ -141,6 +142,9 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Iterable[np.nda
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                   "percentile": CalibrationMethod.Percentile}[method],
+                # Arithmetic on the input's sizes (TF-"same" padding amounts) is no activation:
+                # quantized, it computes wrong paddings (see shape_arithmetic_nodes).
+                nodes_to_exclude=shape_nodes,
             )
     finally:
         prepared.unlink(missing_ok=True)
@@ -198,6 +202,54 @@ def pool_spatial_means(path: Path) -> int:
     return rewritten
 
 
+def shape_arithmetic_nodes(path: Path) -> list[str]:
+    """Names of the nodes that compute on tensor sizes only, which quantization must leave alone;
+    nodes without a name in ``path`` are named (in place) so that they can be listed.
+
+    A timm encoder with TF-"same" padding (``tu-tf_efficientnet_lite0``) computes each padding
+    from its input's height and width at run time, in float (Cast, Div, Ceil, Sub, Mul, Add,
+    Clip, Unsqueeze, Concat, then a Cast to int64 for the Pad). ``quantize_static`` quantizes
+    every float Add, Mul, Concat... it meets, these included, with ranges calibrated on the
+    calibration images' sizes: in uint8 the sizes are rounded to steps of about a side / 255 and
+    clipped to the calibrated range, so at any other size (evaluation at 360x480, padded to
+    384x480, after calibration at 240x320) the paddings come out wrong, the feature maps a row
+    short, and the decoder's concatenation of the upsampled
+    ASPP output with the stride-4 skip fails in onnxruntime ("Non concat axis dimensions must
+    match"). These nodes read no activation: in float they cost nothing and compute exactly.
+
+    A node is listed when none of its inputs depends on the graph's inputs' values and at least
+    one depends on a Shape or Size output; the Pad, Resize or Slice that reads such a tensor
+    beside an activation is quantized as before.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    data = {value.name for value in graph.input if value.name not in initializers}
+    sizes: set[str] = set()
+    names = {node.name for node in graph.node if node.name}
+    listed, renamed = [], False
+    for index, node in enumerate(graph.node):  # topological order
+        inputs = [name for name in node.input if name]
+        if node.op_type in SHAPE_OPS:
+            sizes.update(node.output)
+        elif any(name in data for name in inputs):
+            data.update(node.output)
+        elif any(name in sizes for name in inputs):
+            sizes.update(node.output)
+            if not node.name:
+                node.name = f"{node.op_type}_shape_arithmetic_{index}"
+                while node.name in names:
+                    node.name += "_"
+                names.add(node.name)
+                renamed = True
+            listed.append(node.name)
+    if renamed:
+        onnx.save(model, str(path))
+    return listed
+
+
 def _keep_interface(fp32_path: Path, int8_path: Path) -> None:
     """Give the INT8 graph's inputs and outputs the FP32 graph's types and dimension names.
 
@@ -239,7 +291,11 @@ def float_operators(path: Path) -> dict[str, int]:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         graph = onnx.load(options.optimized_model_filepath).graph
     float_tensors = {value.name for value in graph.input}
-    float_tensors |= {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    # A DequantizeLinear of a constant (a shared 0 that Pad and Clip read) is no activation: the
+    # shape arithmetic that reads it is not counted.
+    constants = {init.name for init in graph.initializer}
+    float_tensors |= {node.output[0] for node in graph.node
+                      if node.op_type == "DequantizeLinear" and node.input[0] not in constants}
     counts: collections.Counter[str] = collections.Counter()
     for node in graph.node:  # topological order: float tensors are known before their readers
         if node.op_type in (*QDQ_OPS, *SHAPE_OPS) or not any(name in float_tensors for name in node.input):

@@ -182,8 +182,8 @@ def pad_multiple(model: nn.Module) -> int:
     """The multiple a model's input sides are padded to: 32, or its smp encoder's
     ``output_stride`` (what smp's own ``check_input_shape`` asks) where that is larger.
 
-    Not less than 32 even for a dilated encoder (DeepLabV3+'s reports 16): TF-"same"-padded timm
-    encoders then meet odd sizes inside, which the quantized ONNX graph cannot concatenate.
+    Not less than 32 even for a dilated encoder (DeepLabV3+'s reports 16), so that one image is
+    padded, and so scored, alike whatever the encoder's dilation.
     """
     stride = getattr(getattr(model, "encoder", None), "output_stride", None)
     return max(32, stride) if isinstance(stride, int) and stride > 0 else 32
