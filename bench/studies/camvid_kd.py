@@ -77,6 +77,8 @@ SETTINGS: dict[str, list[str]] = {
     "kl_T4_w05": ["loss.kind=kl", "loss.temperature=4", "loss.kd_weight=0.5"],
     "kl_T1_w1_correct": ["loss.kind=kl", "loss.temperature=1", "loss.kd_weight=1",
                          "loss.kd_pixels=teacher_correct"],
+    # The teacher alone (no CE): how much of it the student can take in at its own resolution.
+    "kdonly_T1": ["loss.kind=kl", "loss.temperature=1", "loss.kd_weight=1", "loss.ce_weight=0"],
     "dist_T1_w1": ["loss.kind=dist", "loss.temperature=1", "loss.kd_weight=1"],
     "dist_T1_w2": ["loss.kind=dist", "loss.temperature=1", "loss.kd_weight=2"],
     # CWD at its paper's segmentation setting (T=4, weight 3; the Cityscapes/VOC recipes' too).
