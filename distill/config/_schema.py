@@ -15,11 +15,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from distill.data.labels import dataset_info
 from distill.config._base import DISTILLED, EVERY_STAGE, RUN_ONLY, Section, shapes_output
+from distill.config._data_schema import DataConfig, optional_split
+from distill.data.splits import parse_split
 
 # Keys that change every stage's result and the model's output for an image (a store's too).
 MODEL_OUTPUT = shapes_output(EVERY_STAGE)
-from distill.config._data_schema import DataConfig, optional_split
-from distill.data.splits import parse_split
 
 
 class ModelConfig(Section):
