@@ -22,8 +22,12 @@ is recorded before and after each count: on a loaded machine the figures move a 
 Targets: onnxruntime at most 0.8x the eager latency; the INT8 model at most 0.5x the FP32
 onnxruntime latency and 0.3x its file size.
 
+With ``--fixed-size``, the graphs ``distill export`` writes with ``export.fixed_size: true`` (this
+``--size`` only; paddings become constants that onnxruntime folds into the convolutions) are timed
+too, FP32 and INT8, in the same interleaved runs.
+
 Usage: ``python bench/export_latency.py [--checkpoint PATH] [--data-root data/camvid]
-[--threads 2 1] [--repeats 30] [--out bench/results/export_latency.json]``
+[--threads 2 1] [--repeats 30] [--fixed-size] [--out bench/results/export_latency.json]``
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import distill  # noqa: F401  (first: lets torchvision import on this machine, s
 import numpy as np
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -81,7 +86,7 @@ def make_session(path: Path, threads: int, spinning: bool = True) -> ort.Inferen
 
 
 def measure(model: torch.nn.Module, onnx_path: Path, int8_path: Path, image: torch.Tensor, threads: int,
-            repeats: int, warmup: int) -> dict:
+            repeats: int, warmup: int, fixed: tuple[Path, Path] | None = None) -> dict:
     torch.set_num_threads(threads)
     session = make_session(onnx_path, threads)
     int8_session = make_session(int8_path, threads)
@@ -96,6 +101,10 @@ def measure(model: torch.nn.Module, onnx_path: Path, int8_path: Path, image: tor
         "onnxruntime": lambda: session.run(None, {"image": array}),
         "onnxruntime_int8": lambda: int8_session.run(None, {"image": array}),
     }
+    if fixed is not None:  # the graphs of export.fixed_size: paddings folded into the convolutions
+        fixed_session, fixed_int8_session = (make_session(path, threads) for path in fixed)
+        variants["onnxruntime_fixed"] = lambda: fixed_session.run(None, {"image": array})
+        variants["onnxruntime_int8_fixed"] = lambda: fixed_int8_session.run(None, {"image": array})
     with torch.inference_mode():
         eager_out = forward_padded(model, image).numpy()
         onnx_out = session.run(None, {"image": array})[0]
@@ -119,6 +128,13 @@ def measure(model: torch.nn.Module, onnx_path: Path, int8_path: Path, image: tor
         load_after = os.getloadavg()[0]
     medians = {name: statistics.median(values) for name, values in times.items()}
     quartiles = {name: [float(np.percentile(v, 25)), float(np.percentile(v, 75))] for name, v in times.items()}
+    fixed_ratios = {}
+    if fixed is not None:
+        fixed_ratios = {
+            "ratio_int8_fixed_to_onnxruntime_fixed": medians["onnxruntime_int8_fixed"] / medians["onnxruntime_fixed"],
+            "ratio_int8_fixed_to_onnxruntime": medians["onnxruntime_int8_fixed"] / medians["onnxruntime"],
+            "int8_fixed_meets_target": medians["onnxruntime_int8_fixed"] / medians["onnxruntime_fixed"] <= INT8_TARGET,
+        }
     return {
         "threads": threads,
         "median_ms": medians,
@@ -133,6 +149,7 @@ def measure(model: torch.nn.Module, onnx_path: Path, int8_path: Path, image: tor
         "load_average_1min": {"before": load_before, "after": load_after},
         "meets_target": medians["onnxruntime"] / medians["eager"] <= TARGET,
         "int8_meets_target": medians["onnxruntime_int8"] / medians["onnxruntime"] <= INT8_TARGET,
+        **fixed_ratios,
     }
 
 
@@ -149,6 +166,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--fixed-size", action="store_true",
+                        help="also time the graphs of export.fixed_size (this --size only), FP32 and INT8")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "export_latency.json")
     args = parser.parse_args()
 
@@ -171,7 +190,16 @@ def main() -> None:
             calibration = [torch.randn(1, 3, *args.size, generator=generator).numpy()
                            for _ in range(args.calibration)]
         quantized = quantize_onnx(onnx_path, int8_path, calibration)
-        results = [measure(model, onnx_path, int8_path, image, t, args.repeats, args.warmup) for t in args.threads]
+        fixed, fixed_quantized = None, None
+        if args.fixed_size:
+            fixed = (Path(folder) / "student_fixed.onnx", Path(folder) / "student_int8_fixed.onnx")
+            export_onnx(model, fixed[0], image, args.opset, fixed_size=True)
+            # A fixed graph takes --size only: the recipe's frames are resized to it.
+            sized = [F.interpolate(torch.from_numpy(a), size=tuple(args.size), mode="bilinear",
+                                   align_corners=False).numpy() for a in calibration]
+            fixed_quantized = quantize_onnx(fixed[0], fixed[1], sized)
+        results = [measure(model, onnx_path, int8_path, image, t, args.repeats, args.warmup, fixed)
+                   for t in args.threads]
 
     table = Table(title=f"{spec.arch} / {spec.encoder}, {args.classes} classes, batch 1, "
                         f"{args.size[0]}x{args.size[1]}, CPU, median of {args.repeats} interleaved runs")
@@ -187,6 +215,11 @@ def main() -> None:
                       f"[{'green' if best <= TARGET else 'red'}]{best:.2f}x", f"{ms['onnxruntime_int8']:.1f} ms",
                       f"[{'green' if int8 <= INT8_TARGET else 'red'}]{int8:.2f}x", f"{r['max_abs_diff']:.1e}",
                       f"{load['before']:.2f} -> {load['after']:.2f}")
+        if fixed is not None:
+            int8_fixed = r["ratio_int8_fixed_to_onnxruntime_fixed"]
+            table.add_row(f"{r['threads']}, fixed size", "", "", f"{ms['onnxruntime_fixed']:.1f} ms", "", "",
+                          f"{ms['onnxruntime_int8_fixed']:.1f} ms",
+                          f"[{'green' if int8_fixed <= INT8_TARGET else 'red'}]{int8_fixed:.2f}x", "", "")
     size_ratio = quantized["int8_bytes"] / onnx_bytes
     floats = ", ".join(f"{op} x{n}" for op, n in quantized["float_ops"].items()) or "none"
     table.caption = (f"targets: onnxruntime <= {TARGET}x eager; INT8 <= {INT8_TARGET}x onnxruntime FP32 and "
@@ -203,6 +236,8 @@ def main() -> None:
         "int8": {**quantized, "size_ratio": size_ratio, "size_target": INT8_SIZE_TARGET,
                  "latency_target": INT8_TARGET,
                  "calibration": str(args.data_root) if args.data_root else "random normal images"},
+        "int8_fixed": {"float_ops": fixed_quantized["float_ops"], "int8_bytes": fixed_quantized["int8_bytes"]}
+        if fixed_quantized else None,
         "repeats": args.repeats, "warmup": args.warmup, "target_ratio": TARGET,
         "results": results,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

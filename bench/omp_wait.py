@@ -11,7 +11,8 @@ conditions: idle, and sharing the cores with a competing process (2 threads of f
 a second training job would). Settings are interleaved ABBA-style across repetitions; each
 figure is the median step time over its runs.
 
-Usage: ``python bench/omp_wait.py [--reps 2] [--steps 6]``; about 4 minutes on 2 cores.
+Usage: ``python bench/omp_wait.py [--reps 2] [--steps 6] [--batch 8] [--size 192 256]
+[--conditions idle,shared]``; about 4 minutes on 2 cores.
 Results: ``bench/results/omp_wait.json`` and a table on stdout.
 """
 
@@ -36,7 +37,7 @@ SETTINGS = {
 _CLEARED = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def _worker(steps: int) -> None:
+def _worker(steps: int, batch: int, size: tuple[int, int]) -> None:
     """A fresh process: warm-up step, then ``steps`` timed student steps; prints JSON."""
     import distill  # noqa: F401  (first: the torchvision compatibility step)
     import torch
@@ -49,8 +50,8 @@ def _worker(steps: int) -> None:
     model = build_model(ModelConfig(arch="DeepLabV3Plus", encoder="tu-mobilenetv3_large_100"), 11)
     model = model.to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    images = torch.randn(8, 3, 192, 256).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 11, (8, 192, 256))
+    images = torch.randn(batch, 3, *size).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 11, (batch, *size))
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()
@@ -73,10 +74,11 @@ def _competitor() -> None:
         a = torch.tanh(a @ a) + 0.5
 
 
-def _run_setting(name: str, steps: int) -> float:
+def _run_setting(name: str, steps: int, batch: int, size: tuple[int, int]) -> float:
     env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
     env.update(SETTINGS[name])
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(steps)], env=env,
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(steps), "--batch", str(batch),
+                           "--size", *map(str, size)], env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"worker for {name} failed:\n{proc.stderr[-2000:]}")
@@ -88,18 +90,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=2, help="runs per setting and condition")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    parser.add_argument("--batch", type=int, default=8, help="images per step (at least 2: the "
+                        "ASPP's pooled branch batch-normalizes one value per image)")
+    parser.add_argument("--size", type=int, nargs=2, default=(192, 256), metavar=("H", "W"),
+                        help="image size (the recipe's crop)")
+    parser.add_argument("--conditions", default="idle,shared",
+                        help="comma-separated: idle, shared (beside a competing process)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/omp_wait.json"))
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--competitor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch < 2:
+        parser.error(f"--batch {args.batch}: at least 2 images per step (batch norm of the pooled branch)")
     if args.worker is not None:
-        return _worker(args.worker)
+        return _worker(args.worker, args.batch, tuple(args.size))
     if args.competitor:
         return _competitor()
 
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    if not conditions or set(conditions) - {"idle", "shared"}:
+        parser.error(f"--conditions {args.conditions!r}: give idle, shared or both")
     names = list(SETTINGS)
     results: dict[str, dict[str, list[float]]] = {}
-    for condition in ("idle", "shared"):
+    for condition in conditions:
         competitor = None
         if condition == "shared":
             # libgomp's default for the competitor too: what a second job launched by hand does.
@@ -110,7 +123,7 @@ def main() -> None:
             runs: dict[str, list[float]] = {n: [] for n in names}
             for rep in range(args.reps):
                 for name in names if rep % 2 == 0 else names[::-1]:  # ABBA across repetitions
-                    runs[name].append(_run_setting(name, args.steps))
+                    runs[name].append(_run_setting(name, args.steps, args.batch, tuple(args.size)))
                     print(f"{condition:6s} {name:26s} {runs[name][-1]:.3f} s/step", flush=True)
             results[condition] = runs
         finally:
@@ -118,18 +131,20 @@ def main() -> None:
                 competitor.kill()
                 competitor.wait()
 
-    print("\n| setting | idle s/step | shared s/step | idle vs default | shared vs default |")
-    print("| --- | --- | --- | --- | --- |")
-    base = {c: statistics.median(results[c][names[0]]) for c in results}
+    header = " | ".join(f"{c} s/step" for c in conditions)
+    ratios = " | ".join(f"{c} vs default" for c in conditions)
+    print(f"\n| setting | {header} | {ratios} |")
+    print("|" + " --- |" * (1 + 2 * len(conditions)))
+    base = {c: statistics.median(results[c][names[0]]) for c in conditions}
     summary = {}
     for name in names:
-        idle, shared = (statistics.median(results[c][name]) for c in ("idle", "shared"))
-        summary[name] = {"idle_s": idle, "shared_s": shared,
-                         "idle_ratio": idle / base["idle"], "shared_ratio": shared / base["shared"]}
-        print(f"| {name} | {idle:.3f} | {shared:.3f} | {idle / base['idle']:.2f}x | "
-              f"{shared / base['shared']:.2f}x |")
+        seconds = {c: statistics.median(results[c][name]) for c in conditions}
+        summary[name] = {**{f"{c}_s": seconds[c] for c in conditions},
+                         **{f"{c}_ratio": seconds[c] / base[c] for c in conditions}}
+        print(f"| {name} | " + " | ".join(f"{seconds[c]:.3f}" for c in conditions) + " | "
+              + " | ".join(f"{seconds[c] / base[c]:.2f}x" for c in conditions) + " |")
     save_json(args.out, {"runs": results, "summary": summary, "steps": args.steps,
-                         "reps": args.reps, "cpus": os.cpu_count()})
+                         "batch": args.batch, "size": list(args.size), "reps": args.reps, "cpus": os.cpu_count()})
     print(f"\nwrote {args.out}")
 
 

@@ -42,9 +42,15 @@ def test_kd_loss_bench(tmp_path, loss):
 
 def test_export_latency_bench(tmp_path):
     report = run_bench("export_latency.py", "--recipe", QUICKSTART, "--classes", "4", "--size", "64", "64",
-                       "--repeats", "1", "--warmup", "0", "--threads", "1", "--calibration", "2", tmp_path=tmp_path)
+                       "--repeats", "1", "--warmup", "0", "--threads", "1", "--calibration", "2", "--fixed-size",
+                       tmp_path=tmp_path)
     assert report["int8"]["calibration_images"] == 2 and report["int8"]["int8_bytes"] > 0
-    assert report["results"][0]["ratio_int8_to_onnxruntime"] > 0
+    row = report["results"][0]
+    assert row["ratio_int8_to_onnxruntime"] == pytest.approx(
+        row["median_ms"]["onnxruntime_int8"] / row["median_ms"]["onnxruntime"])
+    assert row["ratio_int8_fixed_to_onnxruntime_fixed"] == pytest.approx(
+        row["median_ms"]["onnxruntime_int8_fixed"] / row["median_ms"]["onnxruntime_fixed"])
+    assert report["int8_fixed"]["int8_bytes"] > 0
 
 
 def test_cache_bench(tmp_path):
@@ -77,8 +83,14 @@ def test_precision_bench(tmp_path):
 
 
 def test_omp_wait_bench(tmp_path):
-    report = run_bench("omp_wait.py", "--reps", "1", "--steps", "1", tmp_path=tmp_path)
-    assert report
+    # The shared condition alone: its competing process is the part that could break unseen.
+    report = run_bench("omp_wait.py", "--reps", "1", "--steps", "1", "--batch", "2", "--size", "64", "64",
+                       "--conditions", "shared", tmp_path=tmp_path)
+    assert (report["batch"], report["size"]) == (2, [64, 64])
+    assert {name: len(times) for name, times in report["runs"]["shared"].items()} == {
+        "libgomp default": 1, "OMP_WAIT_POLICY=PASSIVE": 1, "GOMP_SPINCOUNT=30000": 1}
+    assert report["summary"]["libgomp default"] == {"shared_s": report["runs"]["shared"]["libgomp default"][0],
+                                                    "shared_ratio": 1.0}
 
 
 def test_quickstart_bench(tmp_path):
@@ -214,6 +226,40 @@ def test_teacher_confidence_figures_against_closed_form():
     # Every pixel predicted 0: accuracy 5/7; IoU class 0 = 5/7, class 1 = 0.
     assert figures["pixel_accuracy"] == pytest.approx(5 / 7)
     assert figures["miou"] == pytest.approx((5 / 7 + 0) / 2)
+
+
+def test_target_accuracy_scores_each_target_against_the_masks(tmp_path):
+    import torch
+
+    target_accuracy = _bench_module("target_accuracy")
+    # Labels: class 0 on 5 pixels, class 1 on 2, one void. "zeros" predicts class 0 everywhere
+    # with p = 3/4 (logits log 3, 0); "exact" predicts the label, with p = e^4 / (e^4 + 1).
+    mask = torch.tensor([[[0, 0, 0, 0], [0, 1, 1, 255]]])
+    zeros = torch.zeros(1, 2, 2, 4)
+    zeros[:, 0] = math.log(3)
+    exact = 4 * torch.nn.functional.one_hot(mask.clamp(0, 1), 2).permute(0, 3, 1, 2).float()
+    loader = [{"mask": mask}, {"mask": mask}]  # the second batch is left out by batches=1
+    report = target_accuracy.score_targets({"zeros": lambda b: zeros, "exact": lambda b: exact},
+                                           loader, num_classes=2, ignore_index=255, batches=1)
+    assert report["pixels"] == 7
+    assert report["targets"]["zeros"]["iou"] == pytest.approx([5 / 7, 0.0])
+    assert report["targets"]["zeros"]["label_prob_T1"] == pytest.approx((5 * 0.75 + 2 * 0.25) / 7)
+    assert report["targets"]["exact"]["miou"] == 1.0
+    assert report["targets"]["exact"]["label_prob_T1"] == pytest.approx(math.exp(4) / (math.exp(4) + 1))
+
+    # A real store (test_cache's 1x1-conv teacher, dense, stride 1, upscaled crops): its replay
+    # equals the streamed teacher there, so both targets score alike on the same crops.
+    from test_cache import recipe_for
+
+    from distill.cache import write_cache
+
+    recipe = recipe_for(tmp_path, **{"data.scale_range": "[1.0,1.6]", "cache.layout": "dense"})
+    write_cache(recipe)
+    report = target_accuracy.measure(recipe, batches=3)
+    assert report["pixels"] > 0 and len(report["class_names"]) == 4
+    store, streamed = report["targets"]["store"], report["targets"]["streamed"]
+    assert store["pixel_accuracy"] == pytest.approx(streamed["pixel_accuracy"], abs=0.01)
+    assert store["label_prob_T1"] == pytest.approx(streamed["label_prob_T1"], abs=0.01)
 
 
 def test_teacher_confidence_bench(tmp_path):

@@ -162,6 +162,40 @@ def test_int8_of_a_tf_same_padded_deeplabv3plus_runs_at_other_sizes(tmp_path):
     assert not {"Ceil", "Div", "Sub", "Unsqueeze"} & set(report["float_ops"]), report["float_ops"]
 
 
+def test_fixed_size_export_folds_the_paddings_out_of_the_int8_graph(tmp_path):
+    # The same TF-"same" student: in a graph for any size its paddings are computed at run time and
+    # run in float between a dequantize and a quantize; fixed to data.resize they are constants
+    # that onnxruntime folds into the convolutions (the INT8 graph's speed, bench/export_latency.py).
+    student = ("{arch: DeepLabV3Plus, encoder: tu-tf_mobilenetv3_small_minimal_100, encoder_weights: null, "
+               "arch_kwargs: {decoder_channels: 16}}")
+    int8_ops = {}
+    for fixed in (False, True):
+        recipe = tiny_recipe(tmp_path / f"fixed_{fixed}", teacher=True, **{
+            "student": student, "data.resize": "[64,64]", "export.fixed_size": str(fixed).lower(),
+            "export.calibration_images": 2, "export.int8_max_miou_drop": 100})
+        _save_untrained_student(recipe)
+        out = export_student(recipe, "onnx,onnx_int8", parity_images=2)
+        config = json.loads((out / "distill.json").read_text())
+        parity = json.loads((out / "parity.json").read_text())
+        assert parity["passed"]
+        int8_ops[fixed] = parity["int8"]["float_ops"]
+    assert config["onnx"]["dynamic_axes"] == ["batch"] and config["onnx"]["fixed_size"] == [64, 64]
+    for name in ("student.onnx", "student_int8.onnx"):
+        dims = [d.dim_param or d.dim_value for d in onnx.load(str(out / name)).graph.input[0].type.tensor_type.shape.dim]
+        assert dims == ["batch", 3, 64, 64], name
+    assert int8_ops[False].get("Pad", 0) > 0 and "Pad" not in int8_ops[True], int8_ops
+    # predict resizes every image to the fixed size, and the mask back to the image's own.
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(photo)
+    written = _run_predict(out, [photo], tmp_path / "masks", tmp_path)
+    assert Image.open(written[0]).size == (70, 50)
+
+
+def test_fixed_size_needs_data_resize(tmp_path):
+    with pytest.raises(ValueError, match="export.fixed_size needs data.resize"):
+        tiny_recipe(tmp_path / "run", teacher=True, **{"export.fixed_size": "true"})
+
+
 # --------------------------------------------------------------------------------------------
 # CamVid with an smp student: parity on real images, mIoU through onnxruntime, smp-only reload
 

@@ -278,6 +278,11 @@ class ExportConfig(Section):
         1.0, ge=0.0, description="onnx_int8: the export fails (keeping the previous one) when the INT8 "
         "model scores more than this many mIoU points below the FP32 one on the validation split"
     )
+    fixed_size: bool = Field(
+        False, description="the ONNX graphs take images of data.resize only (the batch stays free): "
+        "their paddings become constants that onnxruntime folds into the convolutions, which makes "
+        "the INT8 graph of a TF-'same' padded encoder (EfficientNet-Lite) much faster; false: any size"
+    )
 
 
 class RunConfig(Section):
@@ -364,6 +369,9 @@ class Recipe(Section):
                     f"teacher.mode 'cache' trains on '{self.data.train_split}' but cache.splits "
                     f"is {self.cache.splits}"
                 )
+        if self.export.fixed_size and self.data.resize is None:
+            raise ValueError("export.fixed_size needs data.resize: the one image size the exported "
+                             "graph takes (what distill predict resizes every image to)")
         if self.teacher_train:
             try:
                 self.teacher_schedule()

@@ -41,16 +41,21 @@ class ExportError(ValueError):
 
 class PaddedSegmenter(nn.Module):
     """``forward_padded`` as a module, so that the pad and the crop are traced into the graph
-    (always padded, by 0 rows where the sides divide already: the graph serves every size)."""
+    (always padded, by 0 rows where the sides divide already: the graph serves every size).
+    With ``fixed_size`` (a graph for one size) sides that divide already are not padded at all."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fixed_size: bool = False) -> None:
         super().__init__()
         self.model = model
         self.multiple = pad_multiple(model)
+        self.fixed_size = fixed_size
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        if self.fixed_size and height % self.multiple == 0 and width % self.multiple == 0:
+            return self.model(image)
         padded, _, _ = pad_to_multiple(image, self.multiple)
-        return self.model(padded)[:, :, : image.shape[-2], : image.shape[-1]]
+        return self.model(padded)[:, :, :height, :width]
 
 
 def json_text(value: Any) -> str:
@@ -116,7 +121,8 @@ def export_config(recipe: Recipe, spec: ModelConfig, info: DatasetInfo, checkpoi
         "files": {fmt: ("model.safetensors" if fmt == "safetensors" and smp_reload else FILES[fmt])
                   for fmt in formats},
         "onnx": {"input": "image", "output": "logits", "opset": recipe.export.opset,
-                 "dynamic_axes": ["batch", "height", "width"], "exporter": exporter}
+                 "dynamic_axes": ["batch"] if recipe.export.fixed_size else ["batch", "height", "width"],
+                 "fixed_size": list(data.resize) if recipe.export.fixed_size else None, "exporter": exporter}
         if "onnx" in formats else None,
         "onnx_int8": {"file": FILES["onnx_int8"], "format": "QDQ, int8 weights per channel, uint8 activations",
                       "calibration_method": recipe.export.calibration_method,
@@ -147,35 +153,48 @@ def _version(metadata, name: str) -> str | None:
         return None
 
 
-def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: int) -> str:
-    """Write ``model`` (wrapped in the pad/crop) as ONE ONNX file; returns the exporter used."""
-    wrapper = PaddedSegmenter(model).eval()
+def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: int, *,
+                fixed_size: bool = False) -> str:
+    """Write ``model`` (wrapped in the pad/crop) as ONE ONNX file; returns the exporter used.
+
+    With ``fixed_size`` the graph takes images of ``sample``'s height and width only (any batch).
+    """
+    wrapper = PaddedSegmenter(model, fixed_size).eval()
     names = {"input_names": ["image"], "output_names": ["logits"], "opset_version": opset}
-    axes = {0: "batch", 2: "height", 3: "width"}
-    try:
+    axes = {0: "batch"} if fixed_size else {0: "batch", 2: "height", 3: "width"}
+
+    def torchscript() -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter's DeprecationWarning, tracer notes
             torch.onnx.export(wrapper, (sample,), str(path), dynamo=False, do_constant_folding=True,
                               dynamic_axes={"image": axes, "logits": axes}, **names)
-        exporter = "torchscript"
-    except Exception as error:  # noqa: BLE001  (any failure: try the other exporter)
-        console.print(f"[yellow]TorchScript ONNX exporter failed ({str(error).splitlines()[0]}); "
-                      "trying the torch.export-based one")
+
+    def torch_export() -> None:
         from torch.export import Dim
 
-        dims = {"image": {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}}
+        with contextlib.redirect_stdout(None):
+            torch.onnx.export(wrapper, (sample,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes={"image": {axis: Dim(name) for axis, name in axes.items()}},
+                              **names)
+
+    # The TorchScript tracer records every size it reads as graph arithmetic as soon as any
+    # dimension is dynamic, the batch included; torch.export reads a static height and width as
+    # numbers, so a fixed graph's paddings (TF-"same", the pad to the stride) become constants.
+    # For graphs of any size the TorchScript exporter is the long-proven one.
+    exporters = {"torchscript": torchscript, "torch.export": torch_export}
+    order = ["torch.export", "torchscript"] if fixed_size else ["torchscript", "torch.export"]
+    failures = []
+    for name in order:
         try:
-            with contextlib.redirect_stdout(None):
-                torch.onnx.export(wrapper, (sample,), str(path), dynamo=True, external_data=False,
-                                  dynamic_shapes=dims, **names)
-        except Exception as second:  # noqa: BLE001
-            raise ExportError(
-                f"the student cannot be exported to ONNX (opset {opset}): TorchScript exporter: "
-                f"{str(error).splitlines()[0]}; torch.export-based exporter: {str(second).splitlines()[0]}"
-            ) from second
-        exporter = "torch.export"
-    _check_onnx(path)
-    return exporter
+            exporters[name]()
+        except Exception as error:  # noqa: BLE001  (any failure: try the other exporter)
+            failures.append(f"{name} exporter: {str(error).splitlines()[0]}")
+            if len(failures) == 1:
+                console.print(f"[yellow]{name} ONNX exporter failed ({failures[0]}); trying the other one")
+            continue
+        _check_onnx(path)
+        return name
+    raise ExportError(f"the student cannot be exported to ONNX (opset {opset}): {'; '.join(failures)}")
 
 
 def _check_onnx(path: Path) -> None:
@@ -326,7 +345,8 @@ def _write_export(recipe: Recipe, model: nn.Module, spec: ModelConfig, info: Dat
             save_file(state, str(staging / FILES["safetensors"]), metadata={"format": "pt"})
         exporter = None
         if "onnx" in formats:
-            exporter = export_onnx(model, staging / FILES["onnx"], images[0], recipe.export.opset)
+            exporter = export_onnx(model, staging / FILES["onnx"], images[0], recipe.export.opset,
+                                   fixed_size=recipe.export.fixed_size)
         config = export_config(recipe, spec, info, checkpoint, [*formats, "safetensors"], exporter,
                                pad_multiple(model))
         atomic_write_text(staging / CONFIG_NAME, json_text(config))
