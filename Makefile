@@ -15,5 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/distill run recipes/quickstart.yaml
 
+# Two workers: much of the suite is processes starting and single-threaded Python; PASSIVE keeps
+# their OpenMP threads from spinning against each other on 2 cores (several times slower).
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/python -m pytest -q -n 2

@@ -24,3 +24,14 @@ def camvid_root() -> Path:
     if not (CAMVID / "train").is_dir():
         pytest.skip(f"CamVid data not found at {CAMVID} (expected beside the checkout in ../shared)")
     return CAMVID
+
+
+# Modules whose tests start processes or train end to end go first: `make test` runs two workers,
+# and these spread over both from the start instead of leaving one running alone at the end.
+SLOW_MODULES_FIRST = ("test_bench_smoke.py", "test_distributed.py", "test_api.py", "test_reliability.py",
+                      "test_notebook.py", "test_recipes.py", "test_cache.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keeps its order
