@@ -190,6 +190,19 @@ def test_fixed_size_export_folds_the_paddings_out_of_the_int8_graph(tmp_path):
     assert Image.open(written[0]).size == (70, 50)
 
 
+def test_an_unexportable_student_names_both_exporters_in_the_order_tried(tmp_path):
+    class Unexportable(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no graph here")
+
+    # Any size: TorchScript first; one size: torch.export first (it folds the paddings).
+    for fixed, order in ((False, "torchscript exporter: no graph here; torch.export exporter: "),
+                         (True, "torch.export exporter: .*; torchscript exporter: no graph here")):
+        with pytest.raises(ExportError, match=f"cannot be exported to ONNX \\(opset 18\\): {order}"):
+            export_onnx(Unexportable(), tmp_path / "student.onnx", torch.randn(1, 3, 32, 32), 18, fixed_size=fixed)
+        assert not (tmp_path / "student.onnx").exists()
+
+
 def test_fixed_size_needs_data_resize(tmp_path):
     with pytest.raises(ValueError, match="export.fixed_size needs data.resize"):
         tiny_recipe(tmp_path / "run", teacher=True, **{"export.fixed_size": "true"})

@@ -13,8 +13,9 @@ it can be copied next to an export, or loaded by file path, and run where torch 
 Pre-processing is the evaluation transform of the recipe the student was trained with: RGB scaled
 to [0, 1], resized (bilinear) to ``config["input"]["resize"]`` when the recipe resized its images,
 normalised with ``mean``/``std``. The ONNX graph pads to its stride and crops back itself, so any
-size works (an export with ``export.fixed_size`` takes ``resize`` only, which is what it gets). The label map is resized back to the image's own size (nearest) and written as a
-palette PNG ``<stem>_mask.png``: pixel values are class ids, the colours the dataset's palette.
+size works (an export with ``export.fixed_size`` takes ``resize`` only, which is what it gets).
+The label map is resized back to the image's own size (nearest) and written as a palette PNG
+``<stem>_mask.png``: pixel values are class ids, the colours the dataset's palette.
 
 All or nothing: the export folder, every image (exists, is a readable file, has a usable mode,
 its header decodes) and ``--out`` (a writable folder, or one that can be created) are checked

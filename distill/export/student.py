@@ -188,9 +188,10 @@ def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: int, 
         try:
             exporters[name]()
         except Exception as error:  # noqa: BLE001  (any failure: try the other exporter)
-            failures.append(f"{name} exporter: {str(error).splitlines()[0]}")
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            failures.append(f"{name} exporter: {message}")
             if len(failures) == 1:
-                console.print(f"[yellow]{name} ONNX exporter failed ({failures[0]}); trying the other one")
+                console.print(f"[yellow]{name} ONNX exporter failed ({message}); trying the other one")
             continue
         _check_onnx(path)
         return name
