@@ -5,9 +5,12 @@
 # Steps (each reused when already done): the Lite2 teacher at the full 360x480 (the recipe's
 # teacher_train); its held-out score with flip + 3 scales; the Lite0 student's baseline and
 # distilled arms (SEEDS, default 0,1) with every 4th mask and the other frames unlabelled, then
-# with all 367 masks, from one store of the teacher's full-resolution TTA probabilities; the
-# distilled student's INT8 export (mIoU through onnxruntime) and its latency against FP32.
-# Results: bench/studies/results/camvid_pretrained_r2_*.json; tables on stdout (docs/results.md).
+# with all 367 masks, from one store of the teacher's full-resolution TTA probabilities; with every
+# 4th mask, CWD from that store and pixel KL from a store made at the student's own 240x320, and
+# what each store's targets score on the student's training crops; the CWD student's INT8 export
+# (mIoU through onnxruntime, graphs for one size and for any) and its latency against FP32.
+# Results: bench/studies/results/camvid_pretrained_r{2,3}_*.json, target_accuracy_*.json; tables
+# on stdout (docs/results.md).
 # The first round (a 16-epoch teacher, pixel KL at T=2 on every labelled pixel, a stride-2 store):
 #   git show 78771aa:bench/studies/camvid_pretrained.sh
 set -euo pipefail
@@ -42,10 +45,35 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     --results bench/studies/results/camvid_pretrained_r2_all.json \
     train.eval_every_epochs=5 train.checkpoint_every_epochs=5
 
-# The distilled student (every 4th mask, first seed) in INT8: mIoU through onnxruntime on the
-# held-out frames (export's parity.json), then latency against FP32 at 240x320 on 2 threads (idle cores).
-STUDENT=$OUT/few/kd_cache/seed${SEEDS%%,*}/student/last.safetensors
-$PY -m distill export $RECIPE checkpoint="$STUDENT" format=onnx,onnx_int8 data.root="$DATA" \
-    output_dir="$OUT/export" export.int8_max_miou_drop=100 > "$OUT/export.log" 2>&1
+# Third round, every 4th mask, first seed: CWD on the logits from the same store (Shu et al.'s
+# T=4, weight 3, on every labelled pixel); pixel KL T=1 where the teacher is right from a store the
+# teacher made at the student's own 240x320 (flip + 3 scales, stride 2: 120x160 maps).
+FIRST=${SEEDS%%,*}
+FEW=(data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=20 train.checkpoint_every_epochs=20)
+ONE_VIEW=(--teacher-eval-override teacher.tta_flip=false --teacher-eval-override "teacher.tta_scales=[1.0]")
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" --teacher-checkpoint "$TEACHER" \
+    --teacher-override "cache.teacher_resize=[360,480]" "${ONE_VIEW[@]}" --cache-dir "$OUT/cache" --seeds "$FIRST" \
+    --arms cache/cwd_T4_w3 --results bench/studies/results/camvid_pretrained_r3_few_cwd.json "${FEW[@]}" \
+    loss.kd_pixels=labelled
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" --teacher-checkpoint "$TEACHER" \
+    --teacher-name lowres --teacher-override cache.teacher_resize=null --teacher-override cache.stride=2 \
+    "${ONE_VIEW[@]}" --seeds "$FIRST" --arms cache/kl_T1_w1_correct \
+    --results bench/studies/results/camvid_pretrained_r3_few_lowres.json "${FEW[@]}"
+# Each store's replayed targets, and the teacher run on the crop itself, against the masks of one
+# epoch of the student's training crops.
+$PY bench/studies/target_accuracy.py $RECIPE teacher.checkpoint="$TEACHER" cache.dir="$OUT/cache" \
+    "cache.teacher_resize=[360,480]" data.root="$DATA" --out bench/studies/results/target_accuracy_fullres.json
+$PY bench/studies/target_accuracy.py $RECIPE teacher.checkpoint="$TEACHER" cache.dir="$OUT/few/lowres/cache" \
+    cache.teacher_resize=null cache.stride=2 data.root="$DATA" --out bench/studies/results/target_accuracy_lowres.json
+
+# The CWD student in INT8: mIoU through onnxruntime on the held-out frames (export's parity.json),
+# with the recipe's graph for 240x320 only (export.fixed_size) and with a graph for any size; then
+# latency of both against FP32 at 240x320 on 2 threads (idle cores).
+STUDENT=$OUT/few/cache/cwd_T4_w3/seed$FIRST/student/last.safetensors
+for FIXED in true false; do
+  $PY -m distill export $RECIPE checkpoint="$STUDENT" format=onnx,onnx_int8 data.root="$DATA" \
+      output_dir="$OUT/export_fixed_$FIXED" export.fixed_size=$FIXED export.int8_max_miou_drop=100 \
+      > "$OUT/export_fixed_$FIXED.log" 2>&1
+done
 $PY bench/export_latency.py --recipe $RECIPE --checkpoint "$STUDENT" --data-root "$DATA" \
-    --size 240 320 --threads 2 --repeats 20 --out bench/results/export_latency_effl0.json
+    --size 240 320 --threads 2 --repeats 30 --fixed-size --out bench/results/export_latency_effl0.json
