@@ -6,9 +6,10 @@
 # teacher_train); its held-out score with flip + 3 scales; the Lite0 student's baseline and
 # distilled arms (SEEDS, default 0,1) with every 4th mask and the other frames unlabelled, then
 # with all 367 masks, from one store of the teacher's full-resolution TTA probabilities; with every
-# 4th mask, CWD from that store and pixel KL from a store made at the student's own 240x320, and
-# what each store's targets score on the student's training crops; the CWD student's INT8 export
-# (mIoU through onnxruntime, graphs for one size and for any) and its latency against FP32.
+# 4th mask, CWD from that store (and with all masks) and pixel KL from a store made at the
+# student's own 240x320, and what each store's targets score on the student's training crops;
+# the CWD student's INT8 export (mIoU through onnxruntime, graphs for one size and for any) and
+# its latency against FP32.
 # Results: bench/studies/results/camvid_pretrained_r{2,3}_*.json, target_accuracy_*.json; tables
 # on stdout (docs/results.md).
 # The first round (a 16-epoch teacher, pixel KL at T=2 on every labelled pixel, a stride-2 store):
@@ -59,6 +60,11 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     --teacher-name lowres --teacher-override cache.teacher_resize=null --teacher-override cache.stride=2 \
     "${ONE_VIEW[@]}" --seeds "$FIRST" --arms cache/kl_T1_w1_correct \
     --results bench/studies/results/camvid_pretrained_r3_few_lowres.json "${FEW[@]}"
+# CWD with all 367 masks too.
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" --teacher-checkpoint "$TEACHER" \
+    --teacher-override "cache.teacher_resize=[360,480]" "${ONE_VIEW[@]}" --cache-dir "$OUT/cache" --seeds "$FIRST" \
+    --arms cache/cwd_T4_w3 --results bench/studies/results/camvid_pretrained_r3_all_cwd.json \
+    train.eval_every_epochs=5 train.checkpoint_every_epochs=5 loss.kd_pixels=labelled
 # Each store's replayed targets, and the teacher run on the crop itself, against the masks of one
 # epoch of the student's training crops.
 $PY bench/studies/target_accuracy.py $RECIPE teacher.checkpoint="$TEACHER" cache.dir="$OUT/cache" \
