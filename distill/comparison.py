@@ -90,6 +90,12 @@ def exported_students(recipe: Recipe, student: Path) -> dict[str, Path]:
         console.print(f"[yellow]{folder} was exported from other weights than {student}: its INT8 "
                       "student is not compared (export again)")
         return {}
+    fixed = (config.get("onnx") or {}).get("fixed_size")
+    if fixed is not None and fixed != list(recipe.data.resize or []):
+        console.print(f"[yellow]{folder} holds graphs for {fixed[0]}x{fixed[1]} images only (export.fixed_size), "
+                      f"this comparison uses data.resize={recipe.data.resize}: its INT8 student is not "
+                      "compared (export again)")
+        return {}
     paths = {"student_onnx": folder / files["onnx"], "student_int8": folder / files["onnx_int8"]}
     return paths if all(p.is_file() for p in paths.values()) else {}
 

@@ -26,8 +26,9 @@ def camvid_root() -> Path:
     return CAMVID
 
 
-# Modules whose tests start processes or train end to end go first: `make test` runs two workers,
-# and these spread over both from the start instead of leaving one running alone at the end.
+# Modules whose tests start processes or train end to end go first: `make test` runs two workers
+# that steal work from each other, so the long tests start early and the short ones fill the end,
+# instead of one long test running alone while the other worker waits.
 SLOW_MODULES_FIRST = ("test_bench_smoke.py", "test_distributed.py", "test_api.py", "test_reliability.py",
                       "test_notebook.py", "test_recipes.py", "test_cache.py")
 

@@ -179,10 +179,19 @@ def test_fixed_size_export_folds_the_paddings_out_of_the_int8_graph(tmp_path):
     parity = json.loads((out / "parity.json").read_text())
     assert parity["passed"] and parity["results"]["onnx"]["max_abs_diff"] <= recipe.export.atol
     assert config["onnx"]["dynamic_axes"] == ["batch"] and config["onnx"]["fixed_size"] == [64, 64]
+    assert config["onnx"]["exporter"] == "torch.export"  # the one that folds the sizes
     for name in ("student.onnx", "student_int8.onnx"):
         dims = [d.dim_param or d.dim_value for d in onnx.load(str(out / name)).graph.input[0].type.tensor_type.shape.dim]
         assert dims == ["batch", 3, 64, 64], name
     assert "Pad" not in parity["int8"]["float_ops"], parity["int8"]["float_ops"]
+    # A fixed size the stride does not divide: padded and cropped inside the graph, as eager does.
+    model = build_model(recipe.student_model, 4).eval()
+    assert export_onnx(model, tmp_path / "odd.onnx", torch.randn(1, 3, 48, 80), 18, fixed_size=True) == "torch.export"
+    image = torch.randn(2, 3, 48, 80)
+    got = ort.InferenceSession(str(tmp_path / "odd.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": image.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, forward_padded(model, image).numpy(), atol=1e-4)
     # predict resizes every image to the fixed size, and the mask back to the image's own.
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(photo)

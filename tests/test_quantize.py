@@ -212,6 +212,22 @@ def test_compare_leaves_out_an_export_of_other_weights(int8_export, capsys):
     assert "exported from other weights" in capsys.readouterr().err.replace("\n", " ")
 
 
+def test_compare_leaves_out_an_export_for_another_fixed_size(int8_export, capsys):
+    # A graph for one size (export.fixed_size) cannot take the comparison's images of another.
+    recipe, out = int8_export
+    config_path = out / "distill.json"
+    original = config_path.read_text()
+    config = json.loads(original)
+    config["onnx"]["fixed_size"] = [16, 16]
+    try:
+        config_path.write_text(json.dumps(config))
+        report = compare(recipe, latency_runs=1, warmup_runs=0, num_examples=1)
+    finally:
+        config_path.write_text(original)
+    assert "student_int8" not in report["models"] and "student" in report["models"]
+    assert "holds graphs for 16x16 images only" in capsys.readouterr().err.replace("\n", " ")
+
+
 def test_int8_settings_are_validated_and_the_export_runs_before_compare(tmp_path):
     stages = planned_stages(tiny_recipe(tmp_path, teacher=True, **INT8))
     assert stages[-2:] == ["export", "compare"]

@@ -11,7 +11,9 @@ Writes to ``<output_dir>/export/``:
 - ``student.onnx``: one self-contained file, input ``image`` float32 [N, 3, H, W] with dynamic
   N, H and W, output ``logits`` [N, C, H, W]. The pad to the encoder's output stride (bottom/right,
   replicated edge) and the crop back are part of the graph, exactly as
-  :func:`distill.models.forward_padded` does at evaluation, so any H and W work (CamVid 360x480);
+  :func:`distill.models.forward_padded` does at evaluation, so any H and W work (CamVid 360x480).
+  With ``export.fixed_size`` only N is dynamic and H, W are ``data.resize``'s (``distill.json``:
+  ``onnx.fixed_size``): the paddings are then constants onnxruntime folds into the convolutions;
 - ``student_int8.onnx`` (format ``onnx_int8``): the same graph statically quantized to INT8 and
   calibrated on training images (:mod:`distill.export.quantize`), same input and output;
 - ``parity.json``: onnxruntime and the reloaded safetensors vs the eager student on real images
@@ -21,7 +23,9 @@ Writes to ``<output_dir>/export/``:
 The ONNX graph comes from the TorchScript-based exporter (``dynamo=False``): it writes one file
 and took under a second here where the ``torch.export``-based one took about 30 s for the same
 graph (with the same onnxruntime parity, 1e-7..1e-5). If it fails, the ``torch.export``-based
-exporter is tried with ``external_data=False``; ``distill.json`` says which one was used.
+exporter is tried with ``external_data=False``; ``distill.json`` says which one was used. A
+graph for one size (``export.fixed_size``) tries ``torch.export`` first: it reads the fixed height
+and width as numbers, where the TorchScript tracer keeps every size it reads as graph arithmetic.
 
 Every file is written into a staging folder first and renamed into ``export/`` only after the
 parity check passed, so a failed export leaves the previous export (or nothing), never half files.

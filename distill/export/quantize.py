@@ -99,9 +99,11 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Iterable[np.nda
     """Write ``int8_path``: the QDQ INT8 version of ``fp32_path``, calibrated on ``calibration``.
 
     Args:
-        fp32_path: the FP32 ONNX student (input ``image`` [N, 3, H, W], dynamic sizes).
+        fp32_path: the FP32 ONNX student (input ``image`` [N, 3, H, W]; dynamic sizes, or a
+            fixed H and W with ``export.fixed_size``).
         int8_path: where the INT8 model goes (same input and output names and dynamic axes).
-        calibration: images [1, 3, H, W] float32, normalized as the model expects.
+        calibration: images [1, 3, H, W] float32, normalized as the model expects (of the
+            graph's H and W when they are fixed).
         method: activation range calibration: ``minmax``, ``entropy`` or ``percentile``.
         per_channel: one weight scale per output channel (far more accurate for depthwise and
             narrow convolutions, such as a MobileNet's, at little cost on CPU).
