@@ -65,6 +65,12 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     --teacher-override "cache.teacher_resize=[360,480]" "${ONE_VIEW[@]}" --cache-dir "$OUT/cache" --seeds "$FIRST" \
     --arms cache/cwd_T4_w3 --results bench/studies/results/camvid_pretrained_r3_all_cwd.json \
     train.eval_every_epochs=5 train.checkpoint_every_epochs=5 loss.kd_pixels=labelled
+# And pixel KL from the store made at 240x320, with all masks.
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" --teacher-checkpoint "$TEACHER" \
+    --teacher-name lowres --teacher-override cache.teacher_resize=null --teacher-override cache.stride=2 \
+    --cache-dir "$OUT/few/lowres/cache" "${ONE_VIEW[@]}" --seeds "$FIRST" --arms cache/kl_T1_w1_correct \
+    --results bench/studies/results/camvid_pretrained_r3_all_lowres.json \
+    train.eval_every_epochs=5 train.checkpoint_every_epochs=5
 # Each store's replayed targets, and the teacher run on the crop itself, against the masks of one
 # epoch of the student's training crops.
 $PY bench/studies/target_accuracy.py $RECIPE teacher.checkpoint="$TEACHER" cache.dir="$OUT/cache" \
