@@ -18,6 +18,6 @@ quickstart: $(VENV)/.installed
 # Two workers: much of the suite is processes starting and single-threaded Python; PASSIVE keeps
 # their OpenMP threads from spinning against each other on 2 cores (several times slower);
 # worksteal: the default scheduler hands out chunks in order, so the slow modules, collected
-# first, mostly landed on one worker (5:00 against 4:10, docs/results.md).
+# first, mostly landed on one worker (timings: docs/results.md, The test suite).
 test: $(VENV)/.installed
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/python -m pytest -q -n 2 --dist worksteal
