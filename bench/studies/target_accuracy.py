@@ -32,43 +32,29 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib and label_agreement
 from benchlib import markdown_table, save_json
+from label_agreement import LabelAgreement
 from distill.cache import load_cached_teacher
 from distill.config import load_recipe
 from distill.data import build_loader, dataset_info
-from distill.metrics import confusion_matrix, scores_from_confusion
 from distill.teacher import teacher_from_recipe
 
 
 @torch.no_grad()
 def score_targets(teachers: dict, loader, num_classes: int, ignore_index: int,
                   batches: int | None = None) -> dict:
-    """Per teacher: confusion-matrix scores and mean p(label) on the valid pixels of ``batches``."""
-    confusion = {name: torch.zeros(num_classes, num_classes, dtype=torch.long) for name in teachers}
-    label_prob = dict.fromkeys(teachers, 0.0)
-    pixels = 0
+    """Per teacher: its agreement with the masks (``LabelAgreement``) over the first ``batches``."""
+    agreement = {name: LabelAgreement(num_classes, ignore_index) for name in teachers}
     for step, batch in enumerate(loader):
         if batches is not None and step == batches:
             break
-        mask = batch["mask"]
-        valid = mask != ignore_index
-        labels = mask.clamp(0, num_classes - 1).unsqueeze(1)
         for name, teacher in teachers.items():
-            logits = teacher(batch).float()
-            if logits.shape[-2:] != mask.shape[-2:]:
-                logits = torch.nn.functional.interpolate(logits, size=mask.shape[-2:], mode="bilinear",
-                                                         align_corners=False)
-            confusion[name] += confusion_matrix(logits.argmax(1), mask, num_classes, ignore_index)
-            probs = torch.softmax(logits, 1).gather(1, labels).squeeze(1)
-            label_prob[name] += float(probs[valid].sum())
-        pixels += int(valid.sum())
-    results = {}
-    for name in teachers:
-        scores = scores_from_confusion(confusion[name])
-        results[name] = {"miou": scores.miou, "pixel_accuracy": scores.pixel_accuracy, "iou": scores.iou,
-                         "label_prob_T1": label_prob[name] / max(pixels, 1)}
-    return {"pixels": pixels, "targets": results}
+            agreement[name].add(teacher(batch), batch["mask"])
+    figures = {name: a.figures() for name, a in agreement.items()}
+    targets = {name: {key: f[key] for key in ("miou", "pixel_accuracy", "iou", "label_prob_T1")}
+               for name, f in figures.items()}
+    return {"pixels": next(iter(figures.values()))["pixels"] if figures else 0, "targets": targets}
 
 
 def measure(recipe, batches: int | None = None) -> dict:

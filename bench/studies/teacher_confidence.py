@@ -22,21 +22,20 @@ the teacher stage trains) and ``data.val_split``. Results: ``bench/studies/resul
 
 from __future__ import annotations
 
-import sys
-
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib and label_agreement
 from benchlib import markdown_table, save_json
+from label_agreement import LabelAgreement
 from distill.config import load_recipe
 from distill.data import build_loader, dataset_info
-from distill.metrics import confusion_matrix, scores_from_confusion
 from distill.teacher import teacher_from_recipe
 
 
@@ -44,28 +43,12 @@ from distill.teacher import teacher_from_recipe
 def split_confidence(teacher: torch.nn.Module, loader, num_classes: int, ignore_index: int,
                      temperature: float) -> dict:
     """The figures of the module docstring over every valid pixel of ``loader``'s batches."""
-    pixels, label_prob_t1, label_prob_t, entropy_t = 0, 0.0, 0.0, 0.0
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    agreement = LabelAgreement(num_classes, ignore_index, temperature)
     for batch in loader:
-        logits = teacher(batch).float()
-        mask = batch["mask"]
-        if logits.shape[-2:] != mask.shape[-2:]:
-            logits = torch.nn.functional.interpolate(logits, size=mask.shape[-2:], mode="bilinear",
-                                                     align_corners=False)
-        valid = mask != ignore_index
-        labels = mask.clamp(0, num_classes - 1).unsqueeze(1)
-        confusion += confusion_matrix(logits.argmax(1), mask, num_classes, ignore_index)
-        label_prob_t1 += float(torch.softmax(logits, 1).gather(1, labels).squeeze(1)[valid].sum())
-        log_p = torch.log_softmax(logits / temperature, dim=1)
-        label_prob_t += float(log_p.gather(1, labels).squeeze(1).exp()[valid].sum())
-        entropy_t += float(-(log_p.exp() * log_p).sum(1)[valid].sum())
-        pixels += int(valid.sum())
-    count = max(pixels, 1)
-    scores = scores_from_confusion(confusion)
-    return {"images": len(loader.dataset), "pixels": pixels, "miou": scores.miou,
-            "pixel_accuracy": scores.pixel_accuracy, "label_prob_T1": label_prob_t1 / count,
-            "label_prob_T": label_prob_t / count, "other_mass_T": 1 - label_prob_t / count,
-            "entropy_T": entropy_t / count}
+        agreement.add(teacher(batch), batch["mask"])
+    figures = agreement.figures()
+    del figures["iou"]
+    return {"images": len(loader.dataset), **figures}
 
 
 def main() -> None:
