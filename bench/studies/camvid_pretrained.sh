@@ -8,9 +8,10 @@
 # with all 367 masks, from one store of the teacher's full-resolution TTA probabilities; with every
 # 4th mask, CWD from that store (and with all masks) and pixel KL from a store made at the
 # student's own 240x320, and what each store's targets score on the student's training crops;
-# the CWD student's INT8 export (mIoU through onnxruntime, graphs for one size and for any) and
+# the second seed of those comparisons, the from-scratch MobileNetV3-Large student, every 16th
+# mask; the CWD student's INT8 export (mIoU through onnxruntime, graphs for one size and for any) and
 # its latency against FP32.
-# Results: bench/studies/results/camvid_pretrained_r{2,3}_*.json, target_accuracy_*.json; tables
+# Results: bench/studies/results/camvid_pretrained_r{2,3,4}_*.json, target_accuracy_*.json; tables
 # on stdout (docs/results.md).
 # The first round (a 16-epoch teacher, pixel KL at T=2 on every labelled pixel, a stride-2 store):
 #   git show 78771aa:bench/studies/camvid_pretrained.sh
@@ -77,6 +78,35 @@ $PY bench/studies/target_accuracy.py $RECIPE teacher.checkpoint="$TEACHER" cache
     "cache.teacher_resize=[360,480]" data.root="$DATA" --out bench/studies/results/target_accuracy_fullres.json
 $PY bench/studies/target_accuracy.py $RECIPE teacher.checkpoint="$TEACHER" cache.dir="$OUT/few/lowres/cache" \
     cache.teacher_resize=null cache.stride=2 data.root="$DATA" --out bench/studies/results/target_accuracy_lowres.json
+
+# Fourth round (a retrained teacher of the same recipe; the second seed, SECOND, of the third
+# round's comparisons), each command with its baseline so every JSON holds its own pairs:
+# every 4th mask, CWD; the from-scratch MobileNetV3-Large student (all masks, first seed) from
+# the same store; every 16th mask (23; 460 epochs: the same steps), pixel KL from the store;
+# all masks and every 4th, pixel KL from the store made at 240x320; all masks, CWD.
+SECOND=${SEEDS##*,}
+ALL=(train.eval_every_epochs=5 train.checkpoint_every_epochs=5)
+FULLRES=(--teacher-checkpoint "$TEACHER" --teacher-override "cache.teacher_resize=[360,480]" "${ONE_VIEW[@]}"
+         --cache-dir "$OUT/cache")
+LOWRES=(--teacher-checkpoint "$TEACHER" --teacher-name lowres --teacher-override cache.teacher_resize=null
+        --teacher-override cache.stride=2 --cache-dir "$OUT/few/lowres/cache" "${ONE_VIEW[@]}")
+CWD=(--teacher-override loss.kd_pixels=labelled --arms baseline,cache/cwd_T4_w3)
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" "${FULLRES[@]}" "${CWD[@]}" \
+    --seeds "$SECOND" --results bench/studies/results/camvid_pretrained_r4_few_cwd.json "${FEW[@]}"
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/mbv3" "${FULLRES[@]}" \
+    --seeds "$FIRST" --arms baseline,cache/kl_T1_w1_correct --results bench/studies/results/camvid_pretrained_r4_mbv3.json \
+    "${ALL[@]}" student.encoder=tu-mobilenetv3_large_100 student.encoder_weights=null "student.arch_kwargs={}"
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/sixteenth" "${FULLRES[@]}" \
+    --seeds "$FIRST" --arms baseline,cache/kl_T1_w1_correct --results bench/studies/results/camvid_pretrained_r4_sixteenth.json \
+    data.labelled_fraction=0.0625 train.epochs=460 train.eval_every_epochs=115 train.checkpoint_every_epochs=115
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" "${LOWRES[@]}" \
+    --seeds "$SECOND" --arms baseline,cache/kl_T1_w1_correct \
+    --results bench/studies/results/camvid_pretrained_r4_all_lowres.json "${ALL[@]}"
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" "${LOWRES[@]}" \
+    --seeds "$SECOND" --arms baseline,cache/kl_T1_w1_correct \
+    --results bench/studies/results/camvid_pretrained_r4_few_lowres.json "${FEW[@]}"
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" "${FULLRES[@]}" "${CWD[@]}" \
+    --seeds "$SECOND" --results bench/studies/results/camvid_pretrained_r4_all_cwd.json "${ALL[@]}"
 
 # The CWD student in INT8: mIoU through onnxruntime on the held-out frames (export's parity.json),
 # with the recipe's graph for 240x320 only (export.fixed_size) and with a graph for any size; then
