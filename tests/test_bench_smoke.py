@@ -349,3 +349,20 @@ def test_heldout_gains_pairs_each_arm_with_its_own_baseline_once(tmp_path):
     assert report["summary"]["pairs_above_baseline"] == 2
     # Only the first result holds both seeds of its baseline: 0.30 and 0.32.
     assert report["summary"]["baseline_seed_spreads"] == [pytest.approx(0.02)]
+
+    # --pattern pools another family of results instead (here one file of its own protocol).
+    (results / "camvid_pretrained_r9_x.json").write_text(json.dumps(result(
+        None, 0.48, {"baseline": {"1": 0.44}, "cache/cwd": {"1": 0.45}})))
+    done = subprocess.run([sys.executable, str(STUDIES / "heldout_gains.py"), "--results-dir", str(results),
+                           "--pattern", "camvid_pretrained_r*.json", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    pairs = json.loads(out.read_text())["pairs"]
+    assert [(p["file"], p["arm"], p["seed"]) for p in pairs] == [("camvid_pretrained_r9_x.json", "cache/cwd", 1)]
+    assert pairs[0]["gap_share"] == pytest.approx(0.01 / 0.04)
+
+    # Without --results-dir it reads the study results stored in the repository, as docs/results.md runs it.
+    done = subprocess.run([sys.executable, str(STUDIES / "heldout_gains.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert all(p["file"].startswith("camvid_kd_heldout") for p in json.loads(out.read_text())["pairs"])

@@ -11,16 +11,15 @@ score beyond what two seeds of one setting already differ by: the spread printed
 how far apart the two seeds of each stored baseline (seeds 0 and 1 of one command) ended. Reads the stored results only;
 trains nothing.
 
-Usage: ``python bench/studies/heldout_gains.py [--results-dir bench/studies/results] [--out bench/studies/results/heldout_gains.json]``
+Usage: ``python bench/studies/heldout_gains.py [--results-dir bench/studies/results] [--pattern 'camvid_kd_heldout*.json'] [--out bench/studies/results/heldout_gains.json]``
 """
 
 from __future__ import annotations
 
-import sys
-
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
@@ -61,12 +60,15 @@ def baseline_seed_spread(result: dict) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("--results-dir", type=Path, default=Path("bench/studies/results"))
+    parser.add_argument("--pattern", default="camvid_kd_heldout*.json",
+                        help="which results to pool (a glob in --results-dir), e.g. "
+                        "'camvid_pretrained_r4_*.json' for the pretrained study's pairs")
     parser.add_argument("--out", type=Path, default=Path("bench/studies/results/heldout_gains.json"))
     args = parser.parse_args()
 
     pairs, seen, spreads = [], set(), {}
-    for path in sorted(args.results_dir.glob("camvid_kd_heldout*.json")):
+    for path in sorted(args.results_dir.glob(args.pattern)):
         result = json.loads(path.read_text())
         spread = baseline_seed_spread(result)
         if spread is not None:  # keyed by the two scores: a baseline reused by a later command counts once
@@ -78,7 +80,7 @@ def main() -> None:
                 seen.add(key)
                 pairs.append({"file": path.name, **row})
     if not pairs:
-        raise SystemExit(f"no camvid_kd_heldout*.json with a distilled arm in {args.results_dir}")
+        raise SystemExit(f"no {args.pattern} with a distilled arm in {args.results_dir}")
 
     print(markdown_table(
         ["file", "arm", "seed", "teacher", "baseline", "distilled", "gain", "share of the gap"],
