@@ -40,7 +40,7 @@ from distill.models import build_model, count_parameters, forward_padded
 from distill.export.predict import CONFIG_NAME
 from distill.progress import console
 from distill.export.quantize import OnnxSegmenter
-from distill.run_folder import compare_dir, ensure_writable_folder, exclusive_folder, export_dir
+from distill.run_folder import StageFiles, compare_dir, ensure_writable_folder, exclusive_folder, export_dir
 from distill.stage_weights import baseline_weights, trained_weights
 from distill.teacher import scoring_teacher
 from distill.launch import make_accelerator
@@ -252,6 +252,9 @@ def _measure_and_write(recipe: Recipe, split: str, info: DatasetInfo, models: di
     console.print(summary_table(report))
     console.print(per_class_table(report))
     examples = example_predictions(dataset, models, num_examples, device)
+    # `distill run` calls the folder up to date while its done.json holds the fingerprint it
+    # wrote: a report written outside it (another split, other settings) is not that one.
+    StageFiles(out).done.unlink(missing_ok=True)
     atomic_write_bytes(png, render_png(report, info, examples))
     save_resolved_recipe(recipe, out)
     atomic_write_text(json_path, json_text(report))

@@ -7,12 +7,15 @@ Stages: ``teacher`` (when the recipe gives no teacher checkpoint), ``cache`` (wh
 what the stage would be made from now (its part of the recipe and the weights it reads);
 otherwise it runs again, and a training stage resumes from its last checkpoint of the same inputs.
 The logit store keeps its own fingerprint: ``write_cache`` skips a store that is up to date and
-resumes one that was interrupted.
+resumes one that was interrupted. Before the first stage runs, every local input and every
+planned training stage's own refusals (a batch its data cannot fill, a warm-up that never ends)
+are checked, so that a refusal never comes after an earlier stage was redone.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +24,14 @@ from rich.table import Table
 
 from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe
-from distill.launch import is_launch_main
+from distill.data import DataError
+from distill.launch import TrainingError, is_launch_main
 from distill.fingerprint import digest, stage_inputs
-from distill.preflight import check_inputs
+from distill.preflight import InputError, check_inputs
 from distill.progress import console
 from distill.run_folder import PROGRESS_FILE, StageFiles, stage_dir, stage_files
 from distill.stage_weights import trained_weights
-from distill.training import train
+from distill.training import check_schedule, train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")
 
@@ -47,10 +51,13 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     """Hash of everything a stage's result depends on (and nothing that only changes the run)."""
     if stage in TRAINING_STAGES:
         return digest(stage_inputs(recipe, stage))
-    # compare and export read trained weights: their fingerprint is those weights' bytes.
+    # compare and export read trained weights: their fingerprint is those weights' bytes. The
+    # export reads the student's alone (a recipe that does not distil has no teacher weights to
+    # hash); the comparison every model it scores.
+    reads = TRAINING_STAGES if stage == "compare" else ("student",)
     weights = {name: file_digest(stage_files(recipe, name).best)
-               for name in TRAINING_STAGES if stage_files(recipe, name).best.is_file()}
-    if recipe.teacher is not None:
+               for name in reads if stage_files(recipe, name).best.is_file()}
+    if stage == "compare" and recipe.teacher is not None:
         weights["teacher"] = file_digest(trained_weights(recipe, "teacher"))
     if recipe.eval.checkpoint is not None:
         weights["eval.checkpoint"] = file_digest(recipe.eval.checkpoint)
@@ -83,10 +90,23 @@ def planned_stages(recipe: Recipe) -> list[str]:
 
 def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     """Run (or skip, or resume) each planned stage, then print a summary table."""
+    if recipe.train.resume is not None:
+        raise InputError("train.resume is for `distill train`: `distill run` resumes each stage from its "
+                         "own checkpoints (<output_dir>/<stage>/checkpoints/latest); leave it unset")
     check_inputs(recipe, needs_teacher_weights=False)  # every local problem now, not stage by stage
+    stages = planned_stages(recipe)
+    # Every stage's own refusals too, before the first one (re)trains anything: a refusal of the
+    # students must not come after the teacher was redone.
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    for stage in stages:
+        if stage in TRAINING_STAGES:
+            try:
+                check_schedule(recipe, stage, processes)  # type: ignore[arg-type]
+            except (DataError, TrainingError) as error:
+                raise type(error)(f"the {stage} stage: {error}") from None
     main = is_launch_main()
     outcomes = []
-    for stage in planned_stages(recipe):
+    for stage in stages:
         start = time.perf_counter()
         if stage == "cache":
             from distill.cache import write_cache

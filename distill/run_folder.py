@@ -77,9 +77,14 @@ class StageFiles:
     def latest(self) -> Path:
         return self.checkpoints / "latest"
 
+    def eval_reports(self) -> tuple[Path, ...]:
+        """``distill eval``'s reports of this folder's weights, one per split."""
+        return tuple(sorted(self.folder.glob("eval_*.json")))
+
     def run_records(self) -> tuple[Path, ...]:
-        """What a run from the start replaces: an earlier run's weights and records."""
-        return (self.metrics, self.best, self.best_record, self.last, self.done)
+        """What a run from the start replaces: an earlier run's weights and records (its
+        evaluation reports among them: they scored the weights it replaces)."""
+        return (self.metrics, self.best, self.best_record, self.last, self.done, *self.eval_reports())
 
 
 PROGRESS_FILE = "progress.json"  # inside a checkpoint folder: epoch, step, best, made_from

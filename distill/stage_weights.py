@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distill.models import ModelError
+from distill.models import ModelError, stage_model
 from distill.run_folder import stage_files
+
+
+# Teachers that teacher.path gives whole (architecture and weights): no other weights file fits them.
+PATH_SOURCES = ("transformers", "smp_hub", "onnx")
 
 
 def external_weights(source: str, path: Path) -> Path:
@@ -41,7 +45,17 @@ def hub_folder(repo_id: str) -> Path:
 
 
 def checkpoint_to_score(recipe: Any, stage: str) -> Path:
-    """What ``distill eval --stage S`` scores: ``eval.checkpoint``, else the stage's trained weights."""
+    """What ``distill eval --stage S`` scores: ``eval.checkpoint``, else the stage's trained weights.
+
+    Raises:
+        ModelError: the stage has no model in the recipe, the file is missing, or the teacher is
+            one that ``teacher.path`` gives (its weights cannot be swapped for another file).
+    """
+    stage_model(recipe, stage)  # a recipe without a teacher section has no teacher to score
+    teacher = recipe.teacher if stage == "teacher" else None
+    if recipe.eval.checkpoint is not None and teacher is not None and teacher.source in PATH_SOURCES:
+        raise ModelError(f"eval.checkpoint: a teacher of source '{teacher.source}' is the model in "
+                         f"teacher.path ('{teacher.path}'); to score another one, set teacher.path to it")
     if recipe.eval.checkpoint is not None:
         if not Path(recipe.eval.checkpoint).is_file():
             raise ModelError(f"eval.checkpoint '{recipe.eval.checkpoint}' does not exist or is not a file")
@@ -62,7 +76,7 @@ def trained_weights(recipe: Any, stage: str) -> Path:
     given (what compare and export use); otherwise ``<output_dir>/<stage>/best.safetensors``.
     """
     teacher = recipe.teacher if stage == "teacher" else None
-    if teacher is not None and teacher.source in ("transformers", "smp_hub", "onnx"):
+    if teacher is not None and teacher.source in PATH_SOURCES:
         return external_weights(teacher.source, Path(str(teacher.path)))
     given = {"teacher": teacher.checkpoint if teacher is not None else None,
              "student": recipe.eval.checkpoint}.get(stage)

@@ -241,25 +241,50 @@ def _set_up(recipe: Recipe, stage: Stage, run_dir: Path, accelerator: Accelerato
     else:  # plain training: CE at weight 1 (the recipe's weights are the distillation's balance)
         criterion = DistillLoss(ce_weight=1.0, kd_weight=0.0, ignore_index=info.ignore_index,
                                 class_weights=recipe.loss.class_weights)
-    if len(train_loader) == 0:
+    total_steps = schedule_steps(recipe, len(train_loader), len(train_loader.dataset), accelerator.num_processes)
+    # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
+    # step it once per process), and registered so that save_state/load_state include it.
+    scheduler = build_scheduler(optimizer, recipe, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    return _Run(recipe, stage, run_dir, accelerator, model, teacher, features, criterion, optimizer,
+                scheduler, train_loader, val_loader, info.num_classes, info.ignore_index, total_steps,
+                teacher_module=caller_teacher)
+
+
+def schedule_steps(recipe: Recipe, batches: int, images: int, num_processes: int) -> int:
+    """The run's optimizer steps from its training batches per process, or a TrainingError when
+    they make no schedule (no batch at all, or a warm-up that never ends)."""
+    cfg = recipe.train
+    if batches == 0:
         raise TrainingError(
-            f"no training batch: {len(train_loader.dataset)} images in split "
-            f"'{recipe.data.train_split}' do not fill one batch of {recipe.data.batch_size} on each "
-            f"of {accelerator.num_processes} processes (lower data.batch_size)"
+            f"no training batch: {images} images in split '{recipe.data.train_split}' do not fill "
+            f"one batch of {recipe.data.batch_size} on each of {num_processes} processes (lower data.batch_size)"
         )
-    total_steps = min(cfg.max_steps or math.inf, steps_per_epoch(len(train_loader), cfg.grad_accum_steps) * cfg.epochs)
+    total_steps = min(cfg.max_steps or math.inf, steps_per_epoch(batches, cfg.grad_accum_steps) * cfg.epochs)
     if cfg.warmup_steps >= total_steps:
         raise TrainingError(
             f"train.warmup_steps {cfg.warmup_steps} is not below the run's {int(total_steps)} "
             "optimizer steps: the learning rate would never leave its warm-up"
         )
-    # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
-    # step it once per process), and registered so that save_state/load_state include it.
-    scheduler = build_scheduler(optimizer, recipe, int(total_steps))
-    accelerator.register_for_checkpointing(scheduler)
-    return _Run(recipe, stage, run_dir, accelerator, model, teacher, features, criterion, optimizer,
-                scheduler, train_loader, val_loader, info.num_classes, info.ignore_index, int(total_steps),
-                teacher_module=caller_teacher)
+    return int(total_steps)
+
+
+def check_schedule(recipe: Recipe, stage: Stage, num_processes: int = 1) -> None:
+    """The set-up refusals of a stage that need no model: its training data fill a batch and its
+    warm-up ends before the run does. ``distill run`` asks this of every stage before the first
+    one writes, so that a later stage's refusal cannot come after an earlier one was redone.
+
+    Raises:
+        DataError, TrainingError: naming the setting to change.
+    """
+    recipe = stage_recipe(recipe, stage)
+    loader = build_loader(recipe.data, recipe.data.train_split, train=True, seed=recipe.train.seed,
+                          unlabelled=stage == "student" and recipe.distills)
+    # Each process's share as Accelerate shards the batches: a sampler that drops the last partial
+    # batch drops the last partial round too; others have it padded to a full round.
+    drops = getattr(loader.batch_sampler, "drop_last", False)
+    share = len(loader) // num_processes if drops else math.ceil(len(loader) / num_processes)
+    schedule_steps(recipe, share, len(loader.dataset), num_processes)
 
 
 def steps_per_epoch(micro_batches: int, grad_accum_steps: int) -> int:

@@ -37,6 +37,13 @@ def test_rerun_skips_what_is_done_and_redoes_what_changed(tmp_path):
     assert set(statuses(again).values()) == {"up to date"}
     assert [o.best_miou for o in again[:3]] == [o.best_miou for o in first[:3]]
 
+    # A comparison written by `distill compare` on another split is not the run's: redone.
+    from distill.comparison import compare
+
+    compare(recipe, "train", latency_runs=1, warmup_runs=0, num_examples=1)
+    assert statuses(run_pipeline(recipe))["compare"] == "done"
+    assert json.loads((tmp_path / "compare" / "compare.json").read_text())["split"] == "val"
+
     # A new temperature changes only the distilled student, and so what reads its weights.
     warmer = tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 1, "loss.temperature": 4.0})
     assert statuses(run_pipeline(warmer)) == {"teacher": "up to date", "baseline": "up to date",

@@ -79,8 +79,12 @@ def test_refused_train_into_a_new_folder_creates_nothing(tmp_path, capfd):
 
 def test_training_again_from_the_start_begins_a_new_metrics_log(tmp_path):
     recipe = write_recipe(tmp_path)
-    for _ in range(2):
-        assert main(["train", str(recipe)]) == 0
+    assert main(["train", str(recipe)]) == 0
+    assert main(["eval", str(recipe)]) == 0
+    report = tmp_path / "run" / "student" / "eval_val.json"
+    assert report.is_file()
+    assert main(["train", str(recipe)]) == 0
+    assert not report.exists()  # it scored the weights the new run replaced
     steps = [line for line in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]
     numbers = [int(line.split('"step": ')[1].split(",")[0]) for line in steps]
@@ -144,3 +148,64 @@ def test_every_local_problem_is_reported_at_once(tmp_path, capfd):
     assert "2 problems" in out
     assert "data.root '/no_such_dir' does not exist" in out and "the teacher has no weights" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_refused_by_a_later_stage_leaves_the_finished_run_byte_identical(tmp_path, capfd):
+    # A larger batch changes the teacher's inputs (it would be retrained) and leaves the
+    # baseline's 6 masks (every 4th of 24 images) short of one batch: the baseline's refusal
+    # must come before the teacher is redone.
+    recipe = write_recipe(tmp_path, teacher=True, **{
+        "data.labelled_fraction": 0.25, "train.epochs": 1, "run.compare": "false", "run.export": "false"})
+    assert main(["run", str(recipe)]) == 0
+    before = snapshot(tmp_path / "run")
+    capfd.readouterr()
+    assert main(["run", str(recipe), "data.batch_size=8"]) == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert ("the baseline stage: split 'train' has 6 samples with masks (data.labelled_fraction 0.25: "
+            "one mask in 4), fewer than data.batch_size 8") in err
+    # train.resume names one checkpoint; distill run resumes each stage from its own.
+    assert main(["run", str(recipe), f"train.resume={tmp_path / 'run' / 'student'}"]) == 2
+    assert "train.resume is for `distill train`" in " ".join(capfd.readouterr().err.split())
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_missing_encoder_weights_file_is_bad_input_not_a_crash(tmp_path, capfd):
+    recipe = write_recipe(tmp_path)
+    missing = tmp_path / "none.safetensors"
+    assert main(["train", str(recipe), "model.factory=null", "model.arch=FPN", "model.encoder=resnet18",
+                 f"model.encoder_weights={missing}"]) == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert str(missing) in err and "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_of_a_teacher_the_recipe_does_not_have_is_named(tmp_path, capfd):
+    recipe = write_recipe(tmp_path)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"not read")
+    assert main(["eval", str(recipe), "--stage", "teacher", f"checkpoint={weights}"]) == 2
+    assert "stage 'teacher' needs a `teacher` section" in " ".join(capfd.readouterr().err.split())
+
+
+def test_eval_checkpoint_cannot_replace_a_teacher_given_by_its_path(tmp_path):
+    from distill.models import ModelError
+    from distill.stage_weights import checkpoint_to_score
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"not read")
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.factory": "null", "teacher.source": "onnx", "teacher.path": str(tmp_path / "t.onnx"),
+        "teacher.class_names": "[a,b,c,d]", "eval.checkpoint": str(weights)})
+    with pytest.raises(ModelError, match=r"eval.checkpoint: a teacher of source 'onnx' is the model in teacher.path"):
+        checkpoint_to_score(recipe, "teacher")
+    assert checkpoint_to_score(recipe, "student") == weights  # the student's weights can be any file
+
+
+def test_a_run_that_does_not_distil_exports_without_teacher_weights(tmp_path):
+    from distill.pipeline import run_pipeline
+
+    # A teacher section with kd_weight 0: nothing trains the teacher, and the export reads the
+    # student alone.
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"loss.kd_weight": 0.0, "train.epochs": 1})
+    assert {o.stage: o.status for o in run_pipeline(recipe)} == {"student": "trained", "export": "done"}
+    assert (tmp_path / "run" / "export" / "student.onnx").is_file()

