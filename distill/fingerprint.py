@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from distill._io import file_digest
 from distill.config import changes
 from distill.config import Recipe
+from distill.data.splits import parse_split
 from distill.models import model_identity, stage_model
 from distill.run_folder import cache_dir
 from distill.stage_weights import trained_weights
@@ -45,6 +46,12 @@ def stage_inputs(recipe: Recipe, stage: str, *, teacher_module: bool = False) ->
         "loss": keys_for(recipe.loss, reads),
         "model": {**keys_for(model, reads), **_weights(model, reads)},
     }
+    # Keys whose bytes are elsewhere, added only when used, so that other runs keep their digest.
+    lists = _split_lists(inputs["data"])
+    if lists:
+        inputs["split_lists"] = lists  # a `:list=FILE` selector keeps what the file names
+    if recipe.eval.resolution != "label":  # validation picks best.safetensors at this resolution
+        inputs["eval_resolution"] = recipe.eval.resolution
     if distilling and teacher_module:
         inputs["teacher"] = "a module given to train()"
     elif distilling:
@@ -57,6 +64,15 @@ def stage_inputs(recipe: Recipe, stage: str, *, teacher_module: bool = False) ->
             inputs["cache"] = {**keys_for(recipe.cache, "student"),
                                "store": file_digest(manifest) if manifest.is_file() else None}
     return inputs
+
+
+def _split_lists(data: dict[str, Any]) -> dict[str, str | None]:
+    """The sha256 of each list file that a split selector among ``data``'s keys reads."""
+    selectors = [data.get("train_split"), data.get("val_split"),
+                 *(source.get("split") for source in data.get("unlabelled") or [])]
+    files = {parse_split(text).list_file for text in selectors if text}
+    return {str(path): f"sha256:{file_digest(path)}" if path.is_file() else None
+            for path in sorted(f for f in files if f is not None)}
 
 
 def _weights(model: BaseModel, stage: str) -> dict[str, Any]:

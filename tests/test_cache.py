@@ -507,3 +507,22 @@ def test_student_distils_from_the_cache(tmp_path, monkeypatch):
     loop.train(recipe, "student")
     records = [json.loads(line) for line in (tmp_path / "run" / "student" / "metrics.jsonl").open()]
     assert all(r["kd"] > 0 for r in records if "kd" in r)
+
+
+def test_a_store_that_averages_probabilities_depends_on_the_temperature(tmp_path):
+    # With test-time augmentation the stored logits are T * log(mean of the views' softmax at T):
+    # a store written at T=2 is refused at T=1, naming the temperature, and rewritten by
+    # `distill cache`; then it replays the teacher at T=1 (here its views are the identity and
+    # its flip, through a 1x1 convolution: the replay at stride 1 matches the streamed teacher).
+    views = {"teacher.tta_flip": "true", "cache.layout": "dense", "loss.temperature": 2.0}
+    write_cache(recipe_for(tmp_path, **views))
+    colder = recipe_for(tmp_path, **{**views, "loss.temperature": 1.0})
+    with pytest.raises(CacheError, match="temperature: store 2.0 vs recipe 1.0"):
+        open_store(colder)
+    write_cache(colder)
+    stored, streamed = open_store(colder).logits([0, 1, 2]), eval_logits(colder, [0, 1, 2])
+    torch.testing.assert_close(torch.softmax(stored, 1), torch.softmax(streamed, 1), rtol=0, atol=2e-3)
+    # Plain logits do not depend on it: one store serves a sweep of temperatures.
+    plain = tmp_path / "plain"
+    write_cache(recipe_for(plain, **{"cache.layout": "dense", "loss.temperature": 2.0}))
+    assert open_store(recipe_for(plain, **{"cache.layout": "dense", "loss.temperature": 4.0})).num_samples > 0

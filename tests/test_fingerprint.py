@@ -41,6 +41,7 @@ def fingerprints(**overrides) -> dict[str, str]:
     ({"teacher.compile": True, "loss.chunk_size": 4}, set()),
     ({"teacher.factory_kwargs": "{width: 10}"}, {"teacher", "student"}),
     ({"student.factory_kwargs": "{width: 5}"}, {"baseline", "student"}),
+    ({"eval.resolution": "frame"}, {"teacher", "baseline", "student"}),  # validation picks best
 ])
 def test_a_key_changes_the_fingerprints_of_the_stages_it_names(override, changed):
     before, after = fingerprints(), fingerprints(**override)
@@ -54,3 +55,14 @@ def test_the_teachers_weights_enter_by_their_bytes_not_their_path(tmp_path):
     assert stage_inputs(make(first), "student") == stage_inputs(make(second), "student")
     second.write_bytes(b"other")
     assert stage_inputs(make(first), "student") != stage_inputs(make(second), "student")
+
+
+def test_a_list_selectors_file_enters_by_its_content(tmp_path):
+    listing = tmp_path / "held_out.txt"
+    listing.write_text("0001\n0002\n")
+    split = {"data.val_split": f"train:list={listing}"}
+    before = fingerprints(**split)
+    assert fingerprints(**split) == before
+    listing.write_text("0001\n0003\n")  # other validation samples, and so other training ones
+    after = fingerprints(**split)
+    assert all(before[stage] != after[stage] for stage in before)

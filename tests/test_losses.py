@@ -610,3 +610,32 @@ def test_share_is_asked_with_the_local_counts():
     DistillLoss(kd_weight=1.0, kd_pixels="teacher_correct")(s, y, t, share=lambda c: asked.append(c) or 1.0)
     valid = y != 255
     assert [int(c) for c in asked] == [int(valid.sum()), int((valid & (t.argmax(1) == y)).sum())]
+
+
+def test_a_feature_term_without_the_logit_term_is_still_added():
+    # kd_weight 0 with a feature term (CE + hint): the recipe distils, so the feature term must
+    # be in the loss, with the mask of the pixels the teacher sees.
+    torch.manual_seed(0)
+    student = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = torch.randint(0, 3, (2, 4, 4))
+    target[0, 0, 0] = 255
+    seen = []
+
+    def features(student_sizes, teacher_sizes, mask):
+        seen.append(mask)
+        return torch.tensor(0.25)
+
+    loss = losses.DistillLoss(ce_weight=1.0, kd_weight=0.0, ignore_index=255, features=features, feature_weight=2.0)
+    parts = loss(student, target, torch.randn(2, 3, 4, 4), feature_sizes=([[4, 4]] * 2, [[4, 4]] * 2))
+    assert float(parts["kd"]) == 0.0 and float(parts["feature"]) == 0.25
+    torch.testing.assert_close(parts["loss"], F.cross_entropy(student, target, ignore_index=255) + 0.5)
+    assert torch.equal(seen[0], target)
+
+
+def test_a_recipe_whose_weights_train_nothing_is_refused():
+    from distill.config import RecipeError
+    from helpers import tiny_recipe
+
+    with pytest.raises(RecipeError, match="loss.ce_weight and loss.kd_weight are both 0"):
+        tiny_recipe("run", teacher=True, **{"loss.ce_weight": 0.0, "loss.kd_weight": 0.0,
+                                            "loss.feature": "{kind: hint, pairs: [[-1, -1]]}"})

@@ -24,8 +24,11 @@ def data(**values) -> DataConfig:
 
 def test_labelled_fraction_keeps_every_kth_mask_and_the_rest_train_without_masks():
     cfg = data(labelled_fraction=0.25)
-    baseline = build_dataset(cfg, "train", train=False)
+    baseline = build_dataset(cfg, "train", train=True)
     assert [baseline.sample_id(i) for i in range(len(baseline))] == [f"synthetic/train/{k:06d}" for k in (0, 4, 8)]
+    # Scoring the training split (eval.split: train) scores every mask, not the students' share.
+    scored = build_dataset(cfg, "train", train=False)
+    assert len(scored) == 12 and all(bool((scored[i]["mask"] != 255).any()) for i in range(12))
     distilled = build_dataset(cfg, "train", train=False, unlabelled=True)
     assert len(distilled) == 12
     flags = [bool(distilled[i]["labelled"]) for i in range(12)]

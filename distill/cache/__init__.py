@@ -18,6 +18,10 @@ Choices (figures: ``bench/cache.py``):
   ``loss.temperature``: the only single value that keeps their probability mass, so the top-k
   probabilities come back exact; it minimises KL(teacher || rebuilt) at T, and still beats the
   tails' mean logit at other temperatures (a store is then served with a warning, not refused).
+- A store of plain logits serves any ``loss.temperature``. One whose logits average the teacher's
+  probabilities at it (``teacher.tta_*`` views, a ``teacher.class_map``) records it, and is
+  refused at another (``distill cache`` rewrites it): replayed, it must equal the streamed teacher
+  at the loss's temperature. So is ``train.mixed_precision`` (the teacher writes under it).
 - Targets come back at the batch images' resolution (not 1/stride): sampling once is as cheap
   as sampling at 1/stride and letting ``kd_loss`` upsample (within 1% of a step), and sharper.
 - ``int8``: per pixel an fp16 zero point (``rest``, or the minimum for ``dense``) and scale, and

@@ -99,7 +99,7 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
     assert teacher is not None
     num_classes = num_classes if num_classes is not None else dataset_info(data).num_classes
     ids = list(ids) if ids is not None else _split_ids(recipe, split)
-    return {
+    fingerprint = {
         "layout_version": LAYOUT_VERSION,
         "teacher_checkpoint_sha256": file_digest(trained_weights(recipe, "teacher")),
         # The keys whose metadata says they change the teacher's outputs (the weights enter by
@@ -124,6 +124,15 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
         "topk": replay_ops.effective_topk(cache.layout, cache.topk, num_classes),
         "dtype": cache.dtype,
     }
+    # Stored logits that average the teacher's probabilities at the loss's temperature (its
+    # test-time views, a class map's merged classes) depend on it; plain logits do not, and so
+    # stay valid across a sweep of temperatures (a top-k tail's fit is only warned about, below).
+    views = teacher.tta_flip or tuple(teacher.tta_scales) != (1.0,)
+    if views or teacher.class_map is not None:
+        fingerprint["temperature"] = recipe.loss.temperature
+    if recipe.train.mixed_precision != "no":  # the teacher writes under the recipe's autocast
+        fingerprint["mixed_precision"] = recipe.train.mixed_precision
+    return fingerprint
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,8 +250,9 @@ def open_store(recipe: Recipe, split: str | None = None) -> LogitStore:
     tail = fingerprint["layout"] == "topk" and fingerprint["topk"] < fingerprint["num_classes"]
     if tail and stored_t not in (None, recipe_t):
         logger.warning("logit cache '%s': the non-top-k logits were fitted at temperature %s, "
-                       "the recipe distils at %s (slightly less faithful tails; rerun "
-                       "`distill cache` to refit)", folder, stored_t, recipe_t)
+                       "the recipe distils at %s (slightly less faithful tails; a store written "
+                       "at %s fits them exactly: `distill cache RECIPE cache.dir=<new folder>`)",
+                       folder, stored_t, recipe_t, recipe_t)
     return LogitStore(folder, split, entry["fingerprint"], info, ids)
 
 

@@ -213,29 +213,42 @@ def recipe_reference() -> str:
     """A Markdown table of every recipe key, its default and meaning (the README embeds it)."""
     rows = ["| key | default | meaning | redoes |", "| --- | --- | --- | --- |"]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def walk(model: type[BaseModel], prefix: str, readers: set[str] | None) -> None:
         for name, field in model.model_fields.items():
             nested = [a for a in (get_args(field.annotation) or (field.annotation,))
                       if isinstance(a, type) and issubclass(a, BaseModel)]
             key = f"{prefix}{name}"
+            # A model section's keys say "every stage"; only the stages that read it redo.
+            section_readers = SECTION_READERS.get(key, readers) if not prefix else readers
             if nested:
                 summary = (nested[0].__doc__ or "").strip().splitlines()[0].replace("``", "`")
-                rows.append(f"| **`{key}`** | | {summary} | {_redoes(field)} |")
-                walk(nested[0], f"{key}.")
+                rows.append(f"| **`{key}`** | | {summary} | {_redoes(field, section_readers)} |")
+                walk(nested[0], f"{key}.", section_readers)
                 continue
             default = field.get_default(call_default_factory=True)
             shown = json_default(default)
-            rows.append(f"| `{key}` | `{shown}` | {field.description or ''} | {_redoes(field)} |")
+            rows.append(f"| `{key}` | `{shown}` | {field.description or ''} | {_redoes(field, section_readers)} |")
 
-    walk(Recipe, "")
+    walk(Recipe, "", None)
     return "\n".join(rows) + "\n"
 
 
-def _redoes(field: Any) -> str:
-    """The training stages a changed key redoes (``distill run``), from its fingerprint metadata."""
+# The training stages whose fingerprint reads each model section (distill/fingerprint.py): the
+# teacher's stage and the distilled student read the teacher; the baseline and the student the
+# student's model; the teacher's schedule only the teacher.
+SECTION_READERS: dict[str, set[str]] = {
+    "teacher": {"teacher", "student"}, "student": {"baseline", "student"},
+    "model": {"baseline", "student"}, "teacher_train": {"teacher"},
+}
+
+
+def _redoes(field: Any, readers: set[str] | None = None) -> str:
+    """The training stages a changed key redoes (``distill run``), from its fingerprint metadata
+    (of ``readers`` alone when given: the stages that read its section)."""
     stages = changes(field)
     if stages is None:
         return ""
+    stages = [stage for stage in stages if readers is None or stage in readers]
     return ", ".join(stages) if stages else "none"
 
 

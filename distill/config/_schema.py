@@ -195,7 +195,10 @@ class LossConfig(Section):
                                    description="feature distillation beside the logits' term", json_schema_extra=DISTILLED)
 
     @model_validator(mode="after")
-    def _pseudo_needs_the_teacher(self) -> LossConfig:
+    def _weights_train_something(self) -> LossConfig:
+        if self.ce_weight == 0 and self.kd_weight == 0:
+            raise ValueError("loss.ce_weight and loss.kd_weight are both 0: nothing would train "
+                             "the student's classifier (a feature term reaches its encoder only)")
         if self.pseudo_label_weight > 0 and self.kd_weight == 0:
             raise ValueError("loss.pseudo_label_weight needs the teacher's targets: kd_weight is 0")
         return self
@@ -250,7 +253,9 @@ class EvalConfig(Section):
     checkpoint: Path | None = Field(None, description="defaults to the run's best checkpoint")
     resolution: Literal["label", "frame"] = Field(
         "label", description="label: logits resized to each mask's own size before the argmax "
-        "(as published scores are); frame: masks resized to data.resize (faster, not comparable)"
+        "(as published scores are); frame: masks resized to data.resize (faster, not comparable). "
+        "Training's validation scores so too, and keeps the best epoch's weights by it",
+        json_schema_extra=EVERY_STAGE,
     )
 
     _split_syntax = field_validator("split")(optional_split)

@@ -220,7 +220,7 @@ def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0,
     :mod:`distill.data.splits`). The training split never holds a validation sample: what
     ``data.val_split`` selects (a split, or a held-out group) is removed from ``data.train_split``.
     ``label_resolution`` (eval only) keeps each mask at its own size, see ``eval.resolution``.
-    Of ``data.train_split``, ``data.labelled_fraction`` keeps every k-th image's mask; with
+    Of ``data.train_split`` for training, ``data.labelled_fraction`` keeps every k-th image's mask; with
     ``unlabelled`` (distillation, and the logit cache) the other images and ``data.unlabelled``
     follow as images without masks (see :mod:`distill.data.unlabelled`).
 
@@ -239,7 +239,7 @@ def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int = 0,
             except SplitError as error:
                 raise DataError(str(error)) from None
     source = first_samples(source, data.max_samples)  # after the selection: N of the chosen samples
-    if split == data.train_split:
+    if split == data.train_split and (train or unlabelled):  # scoring it scores every mask
         source = _with_unlabelled(data, source, include=unlabelled)
     return SegmentationDataset(source, data, train=train, seed=seed, label_resolution=label_resolution)
 

@@ -347,7 +347,8 @@ class DistillLoss(torch.nn.Module):
         feature_sizes: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> dict[str, Tensor]:
         """Return ``{"loss", "ce", "kd"}``, parts not detached (the caller decides). ``kd`` is a
-        0 tensor, not computed, without a teacher or with ``kd_weight == 0``.
+        0 tensor, not computed, without a teacher or with ``kd_weight == 0`` (a feature term is
+        still added then: CE plus features alone is a distillation of its own).
 
         ``share``: for data-parallel training, maps this process's pixel count (the CE's
         denominator, then the pixel KL's) to ``count * world_size / global count``; the CE and
@@ -368,7 +369,7 @@ class DistillLoss(torch.nn.Module):
         teacher = teacher_logits if self.kd_weight > 0 else None
         feature_mask = target if kd_target is None else kd_target  # every pixel the teacher sees
         # With ce_weight 0 the CE is still reported, but kept out of the graph when KD drives it.
-        ce_off = self.ce_weight == 0 and teacher is not None
+        ce_off = self.ce_weight == 0 and (teacher is not None or self.features is not None)
         with torch.no_grad() if ce_off else contextlib.nullcontext():
             ce = ce_loss(student_logits, target, ignore_index=self.ignore_index,
                          class_weights=self.class_weights)
@@ -376,7 +377,8 @@ class DistillLoss(torch.nn.Module):
                 ce = ce * share(_ce_denominator(target, self.ignore_index, self.class_weights))
         kd = ce.new_zeros(())
         if teacher is None:
-            return {"loss": self.ce_weight * ce, "ce": ce, "kd": kd}
+            parts = {"loss": self.ce_weight * ce, "ce": ce, "kd": kd}
+            return self._add_features(parts, feature_sizes, feature_mask)
         kd_target = target if kd_target is None else kd_target
         if self.kd_pixels == "teacher_correct":
             if _check_pair(student_logits, teacher):  # resize once, here, for argmax and loss
@@ -399,11 +401,17 @@ class DistillLoss(torch.nn.Module):
         if self.pseudo_label_weight > 0:
             parts["pseudo"] = self._pseudo_label_ce(student_logits, teacher, target, kd_target)
             parts["loss"] = parts["loss"] + self.pseudo_label_weight * parts["pseudo"]
-        if self.features is not None:
-            if feature_sizes is None:
-                raise ValueError("a loss with a feature term needs feature_sizes")
-            parts["feature"] = self.features(*feature_sizes, feature_mask)
-            parts["loss"] = parts["loss"] + self.feature_weight * parts["feature"]
+        return self._add_features(parts, feature_sizes, feature_mask)
+
+    def _add_features(self, parts: dict[str, Tensor], feature_sizes: tuple[Sequence[int], Sequence[int]] | None,
+                      feature_mask: Tensor) -> dict[str, Tensor]:
+        """``parts`` with the feature term added (``parts["feature"]``), when the loss has one."""
+        if self.features is None:
+            return parts
+        if feature_sizes is None:
+            raise ValueError("a loss with a feature term needs feature_sizes")
+        parts["feature"] = self.features(*feature_sizes, feature_mask)
+        parts["loss"] = parts["loss"] + self.feature_weight * parts["feature"]
         return parts
 
     def _pseudo_label_ce(self, student: Tensor, teacher: Tensor, target: Tensor, kd_target: Tensor
