@@ -125,6 +125,9 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
         else:
             status, best_miou = "done", _report_stage(recipe, stage, main)
         seconds = time.perf_counter() - start
+        if main and stage in TRAINING_STAGES and _weights_digest(folder) is None:
+            raise TrainingError(f"the {stage} stage ended without {StageFiles(folder).best}: "
+                                "not recorded as done (no validation scored a finite mIoU?)")
         if main:
             # The weights' hash too: a later `distill train` into the same folder makes it stale.
             atomic_write_text(StageFiles(folder).done, json.dumps(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +154,11 @@ def train(
     """
     if teacher is not None and stage != "student":
         raise TrainingError(f"a teacher module distils into the student; stage '{stage}' trains alone")
+    cached = stage == "student" and teacher is None and recipe.distills and recipe.teacher.mode == "cache"
+    if train_dataset is not None and cached:
+        raise TrainingError("teacher.mode 'cache' serves the stored maps of data.train_split's images "
+                            "only, not those of a train_dataset of your own: set teacher.mode: stream "
+                            "(or pass teacher=) to distil on it")
     recipe = stage_recipe(recipe, stage)
     if train_dataset is None and val_dataset is None:  # the recipe's data: check it with the rest
         check_inputs(recipe, stage, needs_teacher_weights=teacher is None)
@@ -312,8 +318,8 @@ def _start_writing(run: _Run, state: dict) -> None:
     was built, read and used, so a refusal can no longer come from its inputs.
 
     A resumed run keeps its ``metrics.jsonl`` up to the checkpoint (later lines are logged
-    again); a run from the start begins a new one, and drops the weights and records of an
-    earlier run in the folder, so that the folder never mixes two runs.
+    again); a run from the start begins a new one, and drops the weights, records and
+    checkpoints of an earlier run in the folder, so that the folder never mixes two runs.
     """
     run.started = True
     if run.recipe.train.trackers:
@@ -332,6 +338,9 @@ def _start_writing(run: _Run, state: dict) -> None:
         for stale in run.files.run_records():
             if stale != run.log_path:
                 stale.unlink(missing_ok=True)
+        # The earlier run's checkpoint too: resumed after this run stops before its own first
+        # one, it would bring back that run's epoch, step and best score without its weights.
+        shutil.rmtree(run.files.checkpoints, ignore_errors=True)
     save_resolved_recipe(run.recipe, run.dir)
 
 
@@ -352,7 +361,7 @@ def _train_one_epoch(run: _Run, state: dict, epoch: int, progress, steps_bar) ->
                            _batch_generator(cfg.seed, accelerator.process_index, epoch, number))
         with accelerator.accumulate(*run.trained):
             parts = distillation_step(batch, run.model, run.teacher, run.criterion, accelerator, cfg.channels_last)
-            _check_finite(parts, state["step"], batch, accelerator)
+            _check_finite(parts, state["step"] + 1, batch, accelerator)  # counted from 1, as metrics.jsonl
             # Accelerate divides every micro-batch's loss by grad_accum_steps; the epoch's last
             # group may hold fewer micro-batches, whose mean needs the rest of that factor.
             group = min(cfg.grad_accum_steps, len(loader) - number // cfg.grad_accum_steps * cfg.grad_accum_steps)

@@ -209,3 +209,53 @@ def test_a_run_that_does_not_distil_exports_without_teacher_weights(tmp_path):
     recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"loss.kd_weight": 0.0, "train.epochs": 1})
     assert {o.stage: o.status for o in run_pipeline(recipe)} == {"student": "trained", "export": "done"}
     assert (tmp_path / "run" / "export" / "student.onnx").is_file()
+
+
+def test_a_fresh_run_stopped_before_its_first_checkpoint_leaves_no_older_checkpoint(tmp_path, monkeypatch):
+    import distill.training
+
+    recipe = write_recipe(tmp_path)
+    assert main(["train", str(recipe)]) == 0
+    assert (tmp_path / "run" / "student" / "checkpoints" / "latest").is_dir()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.training, "_validate_and_checkpoint", stopped)
+    assert main(["train", str(recipe)]) == 130  # from the start: its first step ran, then a stop
+    # Resuming the older run's checkpoint would bring back its epoch and best score without its weights.
+    assert not (tmp_path / "run" / "student" / "checkpoints").exists()
+
+
+def test_a_cached_teacher_cannot_label_a_dataset_of_your_own(tmp_path):
+    from distill.launch import TrainingError
+    from distill.training import train
+
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.mode": "cache", "data.resize": "[32,32]"})
+    pairs = [(torch.rand(3, 32, 32), torch.zeros(32, 32, dtype=torch.long)) for _ in range(8)]
+    with pytest.raises(TrainingError, match="teacher.mode 'cache' serves the stored maps of data.train_split"):
+        train(recipe, "student", train_dataset=pairs)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_replaces_hub_encoder_weights_without_fetching_them(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from distill.config import ModelConfig
+    from distill.models import build_model
+
+    plain = ModelConfig(arch="FPN", encoder="resnet18", arch_kwargs={"decoder_segmentation_channels": 32})
+    weights = tmp_path / "fpn.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model(plain, 3).state_dict().items()}, str(weights))
+    for variable in ("HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME"):  # empty caches, no network
+        monkeypatch.setenv(variable, str(tmp_path / "caches"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = build_model(plain.model_copy(update={"encoder_weights": "imagenet", "checkpoint": weights}), 3)
+    assert all(torch.equal(v, load_file(str(weights))[k]) for k, v in model.state_dict().items())
+
+
+def test_encoder_weights_with_a_factory_are_refused(tmp_path):
+    from distill.config import RecipeError
+
+    with pytest.raises(RecipeError, match="encoder_weights is for smp models"):
+        tiny_recipe(tmp_path, **{"model.encoder_weights": str(tmp_path / "w.safetensors")})

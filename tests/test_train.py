@@ -60,7 +60,7 @@ def test_resume_continues_to_the_same_final_state(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_with_step_parts_and_indices(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"model.factory": "helpers:nan_model"})
-    with pytest.raises(TrainingError, match=r"non-finite loss at optimizer step 0 \(loss=nan, ce=nan, kd=0 on process 0\); batch sample indices \[\d+, \d+, \d+, \d+\]"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at optimizer step 1 \(loss=nan, ce=nan, kd=0 on process 0\); batch sample indices \[\d+, \d+, \d+, \d+\]"):
         train(recipe, "student")
 
 

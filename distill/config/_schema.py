@@ -46,6 +46,9 @@ class ModelConfig(Section):
     def _check(self) -> ModelConfig:
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(f"factory '{self.factory}' must look like `package.module:function`")
+        if self.factory is not None and self.encoder_weights is not None:
+            raise ValueError("encoder_weights is for smp models (arch/encoder); a factory builds its "
+                             "model whole: load pretrained weights inside it, or give checkpoint")
         return self
 
 

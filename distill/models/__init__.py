@@ -105,7 +105,9 @@ def build_model(spec: ModelConfig, num_classes: int) -> nn.Module:
         model = _from_factory(spec, num_classes)
     else:
         _check_names(spec)
-        weights = None if pretrained.is_local(spec.encoder_weights) else spec.encoder_weights
+        # A checkpoint replaces every weight: the encoder's pretrained ones are not fetched.
+        hub = not pretrained.is_local(spec.encoder_weights) and spec.checkpoint is None
+        weights = spec.encoder_weights if hub else None
         if weights is not None and spec.encoder.startswith("tu-"):
             weights = True  # smp's timm bridge takes a bool; the tag is part of the timm name
         offline = weights is not None and (
