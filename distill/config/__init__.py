@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -222,8 +222,11 @@ def recipe_reference() -> str:
             section_readers = SECTION_READERS.get(key, readers) if not prefix else readers
             if nested:
                 summary = (nested[0].__doc__ or "").strip().splitlines()[0].replace("``", "`")
-                rows.append(f"| **`{key}`** | | {summary} | {_redoes(field, section_readers)} |")
-                walk(nested[0], f"{key}.", section_readers)
+                listed = get_origin(field.annotation) is list  # keys of each entry, e.g. data.unlabelled[].split
+                shown = f" `{json_default(field.get_default(call_default_factory=True))}` " if listed else " "
+                summary = f"a list, each entry: {summary[0].lower()}{summary[1:]}" if listed else summary
+                rows.append(f"| **`{key}`** |{shown}| {summary} | {_redoes(field, section_readers)} |")
+                walk(nested[0], f"{key}[]." if listed else f"{key}.", section_readers)
                 continue
             default = field.get_default(call_default_factory=True)
             shown = json_default(default)

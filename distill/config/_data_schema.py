@@ -62,7 +62,7 @@ class DataConfig(Section):
     """Where the images come from and how they are augmented and batched."""
 
     dataset: Literal["synthetic", "camvid", "cityscapes", "ade20k", "voc", "folder"] = Field(
-        "synthetic", description="on-disk layout (see README, Datasets)", json_schema_extra=EVERY_STAGE
+        "synthetic", description="on-disk layout (docs/recipe.md, Datasets)", json_schema_extra=EVERY_STAGE
     )
     root: Path | None = Field(None, description="dataset folder (not used by `synthetic`)", json_schema_extra=EVERY_STAGE)
     class_names: list[str] | None = Field(
@@ -70,7 +70,7 @@ class DataConfig(Section):
     )
     ignore_index: int = Field(255, ge=0, description="label value excluded from loss and metrics", json_schema_extra=EVERY_STAGE)
     train_split: str = Field(
-        "train", description="split the model is trained on; `a+b` pools splits (see Held-out groups)", json_schema_extra=EVERY_STAGE
+        "train", description="split the model is trained on; `a+b` pools splits (README, Data: scenes no model trained on)", json_schema_extra=EVERY_STAGE
     )
     val_split: str = Field(
         "val", description="split evaluated during training, or a held-out group such as "

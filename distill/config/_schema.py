@@ -53,7 +53,7 @@ class ModelConfig(Section):
 
 
 class TeacherConfig(ModelConfig):
-    """The frozen teacher: distill's own (smp), or one you already have (see README, Bring your teacher)."""
+    """The frozen teacher: distill's own (smp), or one you already have (docs/teachers.md)."""
 
     source: Literal["smp", "transformers", "torchvision", "smp_hub", "onnx", "factory"] = Field(
         "smp", description="smp: arch + encoder (+ checkpoint); transformers: a Hugging Face "
@@ -154,8 +154,10 @@ class CacheConfig(Section):
 
 
 class FeatureConfig(Section):
-    """A second target: the teacher's intermediate features, through adapters (README, Feature
-    distillation). Streamed teachers only."""
+    """A second target: the teacher's intermediate features, through adapters; streamed teachers only.
+
+    See README, Data (feature terms).
+    """
 
     kind: Literal["none", "hint", "cwd"] = Field(
         "none", description="none: logits only; hint: MSE of per-channel standardized features "
