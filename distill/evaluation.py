@@ -8,6 +8,7 @@ a recipe (or takes yours); ``evaluate_checkpoint`` is ``distill eval``: a table 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -65,12 +66,13 @@ def evaluate(
 
 
 def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:
-    """``distill eval``: score a stage's checkpoint, print a table, write ``eval_<split>.json``."""
+    """``distill eval``: score a stage's checkpoint, print a table, write ``eval_<split>.json``
+    (``eval_<split>_<file>.json`` when ``eval.checkpoint`` names other weights than the stage's best)."""
     checkpoint = checkpoint_to_score(recipe, stage)
     ensure_writable_folder(stage_dir(recipe, stage), "evaluation report")  # before the evaluation
     info = dataset_info(recipe.data)
     scores = evaluate(recipe, stage)
-    out = stage_dir(recipe, stage) / f"eval_{file_safe(recipe.eval_split)}.json"
+    out = stage_dir(recipe, stage) / f"eval_{file_safe(recipe.eval_split)}{_other_weights(recipe, stage, checkpoint)}.json"
     if is_launch_main():
         report = {"stage": stage, "split": recipe.eval_split, "checkpoint": str(checkpoint),
                   "resolution": recipe.eval.resolution, **scores.as_dict(info.class_names)}
@@ -78,6 +80,20 @@ def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[Segme
         console.print(scores_table(scores, info.class_names, f"{stage} on {recipe.eval_split}"))
         console.print(f"wrote {out}")
     return scores, out
+
+
+def _other_weights(recipe: Recipe, stage: Stage, checkpoint: Path) -> str:
+    """``""`` for the stage's own weights; else the report's name says which file it scored, so
+    that ``eval_<split>.json`` always scores the weights beside it."""
+    if recipe.eval.checkpoint is None:
+        return ""
+    folder = stage_dir(recipe, stage).resolve()
+    scored = Path(checkpoint).resolve()
+    if scored == folder / "best.safetensors":
+        return ""
+    if scored.parent == folder:
+        return f"_{file_safe(scored.stem)}"
+    return f"_{file_safe(scored.stem)}-{hashlib.sha256(str(scored).encode()).hexdigest()[:8]}"
 
 
 def scores_table(scores: SegmentationScores, class_names: list[str], title: str) -> Table:

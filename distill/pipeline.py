@@ -93,8 +93,9 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     if recipe.train.resume is not None:
         raise InputError("train.resume is for `distill train`: `distill run` resumes each stage from its "
                          "own checkpoints (<output_dir>/<stage>/checkpoints/latest); leave it unset")
-    check_inputs(recipe, needs_teacher_weights=False)  # every local problem now, not stage by stage
     stages = planned_stages(recipe)
+    # Every local problem now, not stage by stage.
+    check_inputs(recipe, needs_teacher_weights=False, planned=stages)
     # Every stage's own refusals too, before the first one (re)trains anything: a refusal of the
     # students must not come after the teacher was redone.
     processes = int(os.environ.get("WORLD_SIZE", "1"))

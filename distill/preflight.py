@@ -9,7 +9,7 @@ folders) and reports them all at once. Nothing is downloaded or written.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from distill.config import Recipe
@@ -19,7 +19,8 @@ class InputError(ValueError):
     """One or more inputs of a command cannot be used; the message lists each."""
 
 
-def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weights: bool = True) -> None:
+def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weights: bool = True,
+                 planned: Sequence[str] = ()) -> None:
     """Raise the problem found with the recipe's local inputs, or :class:`InputError` listing
     every one when there are several.
 
@@ -29,11 +30,13 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
             for a command that trains nothing of its own.
         needs_teacher_weights: check that the teacher's weights exist (False for ``distill run``,
             which trains the teacher first).
+        planned: ``distill run``'s stages: the splits and folders of each are checked too (a
+            wrong ``eval.split`` must not be found after the students were retrained).
     """
     from distill.data import build_dataset
     from distill.models.weights import check_weights_file
     from distill.models.pretrained import is_local, locate
-    from distill.run_folder import ensure_writable_folder, stage_dir
+    from distill.run_folder import cache_dir, compare_dir, ensure_writable_folder, export_dir, stage_dir
     from distill.stage_weights import trained_weights
 
     problems: list[str] = []
@@ -51,6 +54,18 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
     attempt(lambda: build_dataset(data, data.train_split, train=False))
     if data.val_split != data.train_split:
         attempt(lambda: build_dataset(data, data.val_split, train=False))
+    splits = {data.train_split, data.val_split}
+    later = [*(recipe.cache.splits if "cache" in planned else ()),
+             *([recipe.eval_split] if "compare" in planned else ())]
+    for split in dict.fromkeys(later):
+        if split not in splits:
+            attempt(lambda split=split: build_dataset(data, split, train=False))
+    folders = {"cache": (lambda: cache_dir(recipe), "logit cache"),
+               "compare": (lambda: compare_dir(recipe), "comparison"),
+               "export": (lambda: export_dir(recipe), "export")}
+    for name in planned:
+        folder, what = folders.get(name, (lambda name=name: stage_dir(recipe, name), f"{name} stage"))
+        attempt(lambda folder=folder, what=what: ensure_writable_folder(folder(), what))
     if stage is not None:
         attempt(lambda: ensure_writable_folder(stage_dir(recipe, stage), f"{stage} stage"))
         if recipe.train.resume is not None and not Path(recipe.train.resume).is_dir():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -85,6 +86,55 @@ class StageFiles:
         """What a run from the start replaces: an earlier run's weights and records (its
         evaluation reports among them: they scored the weights it replaces)."""
         return (self.metrics, self.best, self.best_record, self.last, self.done, *self.eval_reports())
+
+    @property
+    def set_aside(self) -> Path:
+        """An earlier run's files while a run from the start has not yet written weights."""
+        return self.folder / ".previous_run"
+
+    def set_aside_earlier_run(self) -> None:
+        """Move an earlier run's weights, records, recipe and checkpoints into :attr:`set_aside`.
+
+        A run from the start calls this at its first write and :meth:`drop_set_aside` just
+        before it writes weights: bad data met in between (a mask read in a later batch, the
+        validation split) puts the earlier run back (:meth:`restore_set_aside`) as it was. A
+        folder already holding a set-aside run belongs to a run stopped before its first weights
+        (killed): what was set aside is still the last finished run, and the stopped run's
+        records are dropped.
+        """
+        own = (*self.run_records(), self.recipe, self.checkpoints)
+        if self.set_aside.is_dir():
+            for path in own:
+                _remove(path)
+            return
+        earlier = [path for path in own if path.exists()]
+        if not earlier:
+            return
+        self.set_aside.mkdir()
+        for path in earlier:
+            os.replace(path, self.set_aside / path.name)
+
+    def restore_set_aside(self) -> None:
+        """Put a set-aside earlier run back in place of this run's records (no weights yet)."""
+        if not self.set_aside.is_dir():
+            return
+        for path in (*self.run_records(), self.recipe, self.checkpoints):
+            _remove(path)
+        for path in self.set_aside.iterdir():
+            os.replace(path, self.folder / path.name)
+        self.set_aside.rmdir()
+
+    def drop_set_aside(self) -> None:
+        """This run is about to write weights: the earlier one is gone for good."""
+        shutil.rmtree(self.set_aside, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder, if there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 PROGRESS_FILE = "progress.json"  # inside a checkpoint folder: epoch, step, best, made_from

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,6 +120,16 @@ class _Run:
         return StageFiles(self.dir)
 
     @property
+    def resumes_own_run(self) -> bool:
+        """``train.resume`` is this stage folder's own checkpoint, whose records it continues (a
+        checkpoint from elsewhere starts this folder's records anew)."""
+        resume = self.recipe.train.resume
+        if resume is None:
+            return False
+        here, there = self.dir.resolve(), Path(resume).resolve()
+        return there == here or here in there.parents
+
+    @property
     def log_path(self) -> Path:
         return self.files.metrics
 
@@ -174,15 +183,20 @@ def train(
                       train_dataset=train_dataset, val_dataset=val_dataset)
         state = _initial_state(run, fingerprint)
         cfg = recipe.train
-        with make_progress(enabled=run.main) as progress:
-            bars = (progress.add_task(f"{stage} epochs", total=cfg.epochs, completed=state["epoch"], info=""),
-                    progress.add_task("steps", total=len(run.train_loader), info=""))
-            for epoch in range(state["epoch"], cfg.epochs):
-                if state["step"] >= run.total_steps:
-                    break
-                _train_one_epoch(run, state, epoch, progress, bars[1])
-                _validate_and_checkpoint(run, state, epoch, progress, bars[0])
-                progress.advance(bars[0])
+        try:
+            with make_progress(enabled=run.main) as progress:
+                bars = (progress.add_task(f"{stage} epochs", total=cfg.epochs, completed=state["epoch"], info=""),
+                        progress.add_task("steps", total=len(run.train_loader), info=""))
+                for epoch in range(state["epoch"], cfg.epochs):
+                    if state["step"] >= run.total_steps:
+                        break
+                    _train_one_epoch(run, state, epoch, progress, bars[1])
+                    _validate_and_checkpoint(run, state, epoch, progress, bars[0])
+                    progress.advance(bars[0])
+        except BaseException:
+            if run.main and not run.resumes_own_run:  # no weights of its own yet: the earlier run returns
+                run.files.restore_set_aside()
+            raise
         # Not accelerator.end_training(): it also destroys the process group, which the next stage
         # of `distill run` in this process still needs. The CLI closes the group once, at exit.
         for tracker in accelerator.trackers:
@@ -308,6 +322,12 @@ def _initial_state(run: _Run, fingerprint: str | None) -> dict:
              "fingerprint": fingerprint, "made_from": inputs}
     if cfg.resume is not None:
         state = resume_from(run.accelerator, Path(cfg.resume), inputs)
+        if not run.resumes_own_run and state["step"] >= run.total_steps:
+            # Nothing would be trained or written: the folder would not hold what is reported.
+            raise TrainingError(f"train.resume '{cfg.resume}' is a finished run (step {state['step']} "
+                                f"of {run.total_steps}): nothing is left to train into {run.dir}")
+        if not run.resumes_own_run:  # this folder's best weights are those it will write
+            state["best_miou"] = -1.0
         if run.main:
             console.print(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
     return state
@@ -317,9 +337,10 @@ def _start_writing(run: _Run, state: dict) -> None:
     """The run's first writes, once its first optimizer step has run: everything it is made of
     was built, read and used, so a refusal can no longer come from its inputs.
 
-    A resumed run keeps its ``metrics.jsonl`` up to the checkpoint (later lines are logged
-    again); a run from the start begins a new one, and drops the weights, records and
-    checkpoints of an earlier run in the folder, so that the folder never mixes two runs.
+    A run resumed from its own folder's checkpoint keeps its ``metrics.jsonl`` up to the
+    checkpoint (later lines are logged again); any other run begins a new one, and sets aside
+    the weights, records and checkpoints of an earlier run in the folder (dropped once it writes
+    weights of its own), so that the folder never mixes two runs.
     """
     run.started = True
     if run.recipe.train.trackers:
@@ -329,18 +350,19 @@ def _start_writing(run: _Run, state: dict) -> None:
         return
     _warn_about_padding(run.recipe)
     run.dir.mkdir(parents=True, exist_ok=True)
-    if run.recipe.train.resume is not None and run.log_path.is_file():
-        kept = [line for line in run.log_path.read_text().splitlines(keepends=True)
-                if line.endswith("\n") and json.loads(line)["step"] < state["step"]]
-        atomic_write_text(run.log_path, "".join(kept))
-    elif run.recipe.train.resume is None:
+    if run.resumes_own_run:
+        if run.log_path.is_file():
+            kept = [line for line in run.log_path.read_text().splitlines(keepends=True)
+                    if line.endswith("\n") and json.loads(line)["step"] < state["step"]]
+            atomic_write_text(run.log_path, "".join(kept))
+    else:
+        # The earlier run's checkpoint goes too: resumed after this run stops before its own
+        # first one, it would bring back that run's epoch, step and best score without its
+        # weights. Set aside, not deleted, until this run writes weights of its own: bad data
+        # read after the first step (a later batch, the validation split) must not cost the
+        # earlier run (see train()).
+        run.files.set_aside_earlier_run()
         atomic_write_text(run.log_path, "")
-        for stale in run.files.run_records():
-            if stale != run.log_path:
-                stale.unlink(missing_ok=True)
-        # The earlier run's checkpoint too: resumed after this run stops before its own first
-        # one, it would bring back that run's epoch, step and best score without its weights.
-        shutil.rmtree(run.files.checkpoints, ignore_errors=True)
     save_resolved_recipe(run.recipe, run.dir)
 
 
@@ -411,6 +433,7 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
                                          "val_pixel_accuracy": scores.pixel_accuracy})
         if scores.miou > state["best_miou"]:
             state["best_miou"] = scores.miou
+            _drop_earlier_run(run)
             save_weights(accelerator, unwrapped, run.files.best)
             if run.main:
                 atomic_write_text(run.files.best_record, json.dumps(
@@ -419,8 +442,15 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
         progress.update(epochs_bar, info=summary)
         report(f"{run.stage} epoch {epoch + 1}/{cfg.epochs}: {summary}", enabled=run.main)
     if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
+        _drop_earlier_run(run)
         save_weights(accelerator, unwrapped, run.files.last)
         save_checkpoint(accelerator, run.dir, state)
+
+
+def _drop_earlier_run(run: _Run) -> None:
+    """This run's weights replace an earlier run's set aside at its first write, for good."""
+    if run.main:
+        run.files.drop_set_aside()
 
 
 # The package each Accelerate tracker needs (tensorboard: either writer).

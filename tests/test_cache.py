@@ -526,3 +526,17 @@ def test_a_store_that_averages_probabilities_depends_on_the_temperature(tmp_path
     plain = tmp_path / "plain"
     write_cache(recipe_for(plain, **{"cache.layout": "dense", "loss.temperature": 2.0}))
     assert open_store(recipe_for(plain, **{"cache.layout": "dense", "loss.temperature": 4.0})).num_samples > 0
+
+
+def test_a_wrong_split_name_leaves_a_complete_store_as_it_was(written, tmp_path):
+    _, recipe = written
+    from distill.run_folder import cache_dir
+
+    store = cache_dir(recipe)
+    before = store_files(store)
+    assert (store / "manifest.json").is_file()
+    wrong = recipe.model_copy(update={"cache": recipe.cache.model_copy(update={"splits": ["train", "nosuch"],
+                                                                               "stride": 1})})
+    with pytest.raises(ValueError, match="'nosuch'"):
+        write_cache(wrong)
+    assert store_files(store) == before

@@ -113,3 +113,17 @@ def test_held_out_group_and_teacher_schedule_through_the_cache(tmp_path):
     assert {name[-1] for name in val_ids} == {"0", "4", "8"}
     cached = json.loads((split_folder(tmp_path / "cache", "train+val") / "index.json").read_text())
     assert len(cached) == 24 + 13 - len(val_ids) and not val_ids & set(cached)
+
+
+def test_every_planned_stage_inputs_are_checked_before_the_first_stage(tmp_path):
+    # A wrong eval.split (read by compare) and a file where export/ belongs: both named at once,
+    # before the teacher is trained.
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "export").write_text("in the way")
+    recipe = tiny_recipe(tmp_path, teacher=True, **CACHED, **{"train.epochs": 1, "eval.split": "nosuch",
+                                                              "cache.splits": "[train, nosuch2]"})
+    with pytest.raises(ValueError, match="3 problems") as caught:
+        run_pipeline(recipe)
+    message = str(caught.value)
+    assert "'nosuch'" in message and "'nosuch2'" in message and "is a file, not a folder" in message
+    assert not (tmp_path / "teacher").exists() and not (tmp_path / "cache").exists()

@@ -70,6 +70,76 @@ def test_refused_train_leaves_a_finished_run_byte_identical(finished, tmp_path, 
     assert snapshot(run.parent) == before
 
 
+def test_bad_data_met_after_the_first_step_gives_the_earlier_run_back(tmp_path, capfd):
+    # The validation split is read only at the end of the first epoch, long after the new run's
+    # first write: the finished run must come back as it was, and stay the resumable one.
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.png")
+            Image.fromarray(rng.integers(0, 2, (32, 32), dtype=np.uint8)).save(root / "masks" / split / f"{i}.png")
+    recipe = write_recipe(tmp_path, **{"data.dataset": "folder", "data.root": str(root),
+                                       "data.class_names": "[a,b]", "data.batch_size": 2})
+    assert main(["train", str(recipe)]) == 0
+    before = snapshot(tmp_path / "run")
+    Image.fromarray(np.full((32, 32), 9, dtype=np.uint8)).save(root / "masks" / "val" / "3.png")
+    assert main(["train", str(recipe), "train.lr=0.02"]) == 2
+    assert "3.png' has label values [9]" in " ".join(capfd.readouterr().err.split())
+    assert snapshot(tmp_path / "run") == before
+    assert not (tmp_path / "run" / "student" / ".previous_run").exists()
+
+
+def test_a_run_killed_before_its_first_weights_keeps_the_finished_run_aside(tmp_path):
+    from distill.run_folder import StageFiles
+
+    files = StageFiles(tmp_path / "student")
+    files.folder.mkdir()
+    for path, text in ((files.metrics, "finished\n"), (files.best, "weights"), (files.recipe, "recipe")):
+        path.write_text(text)
+    files.set_aside_earlier_run()  # the killed run's first write
+    files.metrics.write_text("killed\n")
+    files.set_aside_earlier_run()  # the next run's: the finished run stays aside, the killed one goes
+    assert not files.metrics.exists() and (files.set_aside / "metrics.jsonl").read_text() == "finished\n"
+    files.metrics.write_text("refused\n")
+    files.restore_set_aside()
+    assert files.metrics.read_text() == "finished\n" and files.best.read_text() == "weights"
+    assert files.recipe.read_text() == "recipe" and not files.set_aside.exists()
+
+
+def test_eval_of_other_weights_does_not_replace_the_stage_report(finished, tmp_path):
+    import json
+
+    recipe, run = finished
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    other = folder / "best.safetensors"
+    other.write_bytes((run / "student" / "last.safetensors").read_bytes())
+    try:
+        assert main(["eval", str(recipe)]) == 0
+        own = json.loads((run / "student" / "eval_val.json").read_text())
+        assert main(["eval", str(recipe), f"eval.checkpoint={other}"]) == 0
+        assert main(["eval", str(recipe), f"eval.checkpoint={run}/student/last.safetensors"]) == 0
+        assert json.loads((run / "student" / "eval_val.json").read_text()) == own
+        reports = sorted(p.name for p in (run / "student").glob("eval_val_*.json"))
+        assert len(reports) == 2 and "eval_val_last.json" in reports
+        scored = {json.loads((run / "student" / name).read_text())["checkpoint"] for name in reports}
+        assert scored == {str(other), f"{run}/student/last.safetensors"}
+    finally:  # the module's finished run stays as the other tests expect it
+        for report in (run / "student").glob("eval_*.json"):
+            report.unlink()
+
+
+def test_resuming_a_finished_run_into_another_folder_is_refused(finished, tmp_path, capfd):
+    recipe, run = finished
+    other = tmp_path / "other"
+    assert main(["train", str(recipe), f"output_dir={other}", f"train.resume={run}/student"]) == 2
+    assert "is a finished run (step 12 of 12): nothing is left to train into" in " ".join(capfd.readouterr().err.split())
+    assert not other.exists()
+
+
 def test_refused_train_into_a_new_folder_creates_nothing(tmp_path, capfd):
     recipe = write_recipe(tmp_path)
     target = tmp_path / "new" / "deeper"
@@ -211,20 +281,21 @@ def test_a_run_that_does_not_distil_exports_without_teacher_weights(tmp_path):
     assert (tmp_path / "run" / "export" / "student.onnx").is_file()
 
 
-def test_a_fresh_run_stopped_before_its_first_checkpoint_leaves_no_older_checkpoint(tmp_path, monkeypatch):
+def test_a_fresh_run_stopped_before_its_first_weights_gives_the_earlier_run_back_whole(tmp_path, monkeypatch):
     import distill.training
 
     recipe = write_recipe(tmp_path)
     assert main(["train", str(recipe)]) == 0
     assert (tmp_path / "run" / "student" / "checkpoints" / "latest").is_dir()
+    before = snapshot(tmp_path / "run")
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(distill.training, "_validate_and_checkpoint", stopped)
-    assert main(["train", str(recipe)]) == 130  # from the start: its first step ran, then a stop
-    # Resuming the older run's checkpoint would bring back its epoch and best score without its weights.
-    assert not (tmp_path / "run" / "student" / "checkpoints").exists()
+    assert main(["train", str(recipe), "train.lr=0.02"]) == 130  # its first step ran, then a stop
+    # Its checkpoint and weights together: never the checkpoint of one run beside another's weights.
+    assert snapshot(tmp_path / "run") == before
 
 
 def test_a_cached_teacher_cannot_label_a_dataset_of_your_own(tmp_path):

@@ -47,27 +47,30 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     ensure_writable_folder(folder, "logit cache", CacheError)  # cache.dir that is a file, read-only...
     accelerator = make_accelerator(stream, folder)
     info = dataset_info(stream.data)
+    # Every split is found before the first is (re)written: a wrong name in cache.splits must
+    # not cost a complete store of the splits before it.
+    datasets = {split: cache_dataset(stream, split) for split in (splits or stream.cache.splits)}
     teacher = load_teacher(stream, info.num_classes).to(accelerator.device)
     with exclusive_folder(folder, accelerator):  # one writer per store
-        for split in (splits or stream.cache.splits):
-            _write_split(stream, split, folder, teacher, accelerator, info.num_classes)
+        for split, dataset in datasets.items():
+            _write_split(stream, split, dataset, folder, teacher, accelerator, info.num_classes)
         accelerator.wait_for_everyone()
     return folder
 
 
-def _write_split(recipe: Recipe, split: str, folder: Path, teacher: nn.Module, accelerator: Any,
-                 num_classes: int) -> None:
+def _write_split(recipe: Recipe, split: str, dataset: Any, folder: Path, teacher: nn.Module,
+                 accelerator: Any, num_classes: int) -> None:
     """Write (or resume, or skip) one split; every process calls it.
 
     An error on one process (an unreadable image, non-finite logits, a full disk) is shared with
     the others at the next check (:func:`_stop_together`) instead of leaving them in a
-    collective it will never join: every process then stops with that error.
+    collective it will never join: every process then stops with that error. ``dataset``: the
+    split's every image, with or without its mask (:func:`cache_dataset`).
     """
     from distill.data import collate_batch
     from distill.progress import make_progress, report
 
     main = accelerator.is_main_process
-    dataset = cache_dataset(recipe, split)  # every image, with or without its mask
     ids = [dataset.sample_id(i) for i in range(len(dataset))]
     fingerprint = expected_fingerprint(recipe, split, ids=ids, num_classes=num_classes)
     state, error = "", None

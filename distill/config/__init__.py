@@ -95,6 +95,19 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _tuple_size(loc: tuple[str, ...]) -> int | None:
+    """How many values the fixed-length tuple key at ``loc`` holds (None: not such a key)."""
+    owner = _model_at(loc[:-1])
+    field = owner.model_fields.get(loc[-1]) if owner is not None else None
+    if field is None:
+        return None
+    for candidate in (field.annotation, *get_args(field.annotation)):  # and inside `X | None`
+        items = get_args(candidate)
+        if get_origin(candidate) is tuple and items and Ellipsis not in items:
+            return len(items)
+    return None
+
+
 def _sections_with_key(key: str) -> list[str]:
     """``data.batch_size`` for ``batch_size``: the sections that have ``key``."""
     found = []
@@ -122,6 +135,11 @@ def _describe(error: dict[str, Any], origins: dict[str, str]) -> str:
     if error["type"] == "value_error":
         message = str(error.get("ctx", {}).get("error", error["msg"]))
         return message if not dotted else f"{dotted}: {message}"
+    if error["type"] == "missing" and len(loc) > 1 and loc[-1].isdigit():  # a short (height, width)
+        key = ".".join(loc[:-1])
+        size = _tuple_size(loc[:-1])
+        needed = f"{size} values" if size else "more values"
+        return f"'{key}'{origins.get(key, '')}: needs {needed}, got {error.get('input')!r}"
     value = error.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict) else ""
     return f"'{dotted}'{origin}: {_plain(error['msg'])}{shown}"

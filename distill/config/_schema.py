@@ -22,6 +22,13 @@ from distill.data.splits import parse_split
 MODEL_OUTPUT = shapes_output(EVERY_STAGE)
 
 
+def positive_size(key: str, value: tuple[int, int] | None) -> tuple[int, int] | None:
+    """A (height, width) of positive values (or None)."""
+    if value is not None and min(value) < 1:
+        raise ValueError(f"{key} {list(value)} must be positive")
+    return value
+
+
 class ModelConfig(Section):
     """A segmentation model: an smp architecture with an smp or timm (``tu-...``) encoder."""
 
@@ -104,6 +111,8 @@ class TeacherConfig(ModelConfig):
             raise ValueError(f"teacher.tta_scales {value} must be one or more positive scales")
         return value
 
+    _positive_size = field_validator("input_size")(lambda value: positive_size("teacher.input_size", value))
+
     @model_validator(mode="after")
     def _source_keys(self) -> TeacherConfig:
         if self.class_names is not None and not self.external:
@@ -144,6 +153,8 @@ class CacheConfig(Section):
         None, description="(height, width) the teacher sees each image at, read from its file, "
         "instead of data.resize: e.g. the full resolution a teacher was trained at, so that it "
         "sees every pixel the student's smaller frame loses; maps still span the whole image", json_schema_extra=DISTILLED)
+
+    _positive_size = field_validator("teacher_resize")(lambda value: positive_size("cache.teacher_resize", value))
 
     @field_validator("splits")
     @classmethod
@@ -255,7 +266,8 @@ class EvalConfig(Section):
         None, description="split (or selector) `distill eval` and `distill compare` score; "
         "default: data.val_split"
     )
-    checkpoint: Path | None = Field(None, description="defaults to the run's best checkpoint")
+    checkpoint: Path | None = Field(None, description="defaults to the run's best checkpoint; "
+                                    "other weights' report is eval_<split>_<file>.json")
     resolution: Literal["label", "frame"] = Field(
         "label", description="label: logits resized to each mask's own size before the argmax "
         "(as published scores are); frame: masks resized to data.resize (faster, not comparable). "
