@@ -86,6 +86,13 @@ SETTINGS: dict[str, list[str]] = {
     # Schedules: distillation often needs a longer one than CE alone.
     "epochs40": ["train.epochs=40"],
     "epochs80": ["train.epochs=80"],
+    "epochs160": ["train.epochs=160"],
+    # Function matching (Beyer et al. 2022) as far as a cache allows: teacher and student agree on
+    # widely rescaled crops (the store is replayed through the same geometry) under colour jitter
+    # (the targets are the teacher's on the unjittered image); with ``epochs40`` or ``epochs160``
+    # for its longer schedule, and ``baseline/fm`` on the same augmentation. Its CutMix needs a
+    # streamed teacher (``cutmix``).
+    "fm": ["data.scale_range=[0.5,2.0]", "data.color_jitter=0.4"],
     # CutMix on half the training images (README, Mixed batches): a streamed teacher is run on
     # images no model trained on; ``baseline/cutmix`` is the baseline on the same mixed batches.
     "cutmix": ["data.cutmix=0.5"],
