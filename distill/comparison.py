@@ -43,6 +43,7 @@ from distill.export.quantize import OnnxSegmenter
 from distill.run_folder import StageFiles, compare_dir, ensure_writable_folder, exclusive_folder, export_dir
 from distill.stage_weights import baseline_weights, trained_weights
 from distill.teacher import scoring_teacher
+from distill.teacher.sources import OnnxTeacher
 from distill.launch import make_accelerator
 
 IGNORE_COLOUR = (255, 255, 255)
@@ -137,6 +138,18 @@ def measure_latency(models: dict[str, nn.Module], image: torch.Tensor, *, runs: 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _size(model: nn.Module, student: nn.Module, image: torch.Tensor) -> dict[str, float | None]:
+    """``parameters`` and ``gflops`` of one compared model. An ONNX student is the student's
+    network: its counts are the student's. An ONNX teacher runs in onnxruntime, where torch sees
+    no parameters and no operations: its graph's weights are counted, its GFLOPs are unknown."""
+    if isinstance(model, OnnxSegmenter):
+        model = student
+    graphs = [m for m in model.modules() if isinstance(m, OnnxTeacher)]
+    if graphs:
+        return {"parameters": sum(graph.parameter_count() for graph in graphs), "gflops": None}
+    return {"parameters": count_parameters(model), "gflops": count_gflops(model, image)}
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
@@ -222,10 +235,8 @@ def _measure_and_write(recipe: Recipe, split: str, info: DatasetInfo, models: di
     finally:
         torch.set_num_threads(saved_threads)
     for name, model in models.items():
-        # An ONNX student is the student's network: its parameters and operations are the student's.
-        counted = models["student"] if isinstance(model, OnnxSegmenter) else model
         report["models"][name].update(
-            parameters=count_parameters(counted), gflops=count_gflops(counted, image), latency_ms=latency[name],
+            **_size(model, models["student"], image), latency_ms=latency[name],
             checkpoint_bytes=checkpoints[name].stat().st_size, checkpoint_sha256=file_digest(checkpoints[name]))
     metrics = ("miou", "pixel_accuracy", "parameters", "gflops", "checkpoint_bytes", "latency_ms")
     teacher = report["models"]["teacher"]

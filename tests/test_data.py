@@ -621,3 +621,24 @@ def test_training_reads_images_as_predict_does_16_bit_grey_and_exif(tmp_path):
     save(tmp_path / "masks" / "train" / "c.png", np.zeros((14, 10), dtype=np.uint8))
     with pytest.raises(DataError, match=r"14x10 \(WxH\) \(after its EXIF orientation, which distill applies\)"):
         build_dataset(data, "train", train=False)[2]
+
+
+def test_a_mirrored_or_upside_down_photo_warns_that_its_mask_must_follow_the_viewer(tmp_path, caplog, monkeypatch):
+    # Orientations 2-4 keep the size: a mask drawn on the stored pixels cannot be told from a
+    # right one, so the first such image of a run is named (once per process).
+    import distill.data.layouts as layouts
+
+    monkeypatch.setattr(layouts, "_warned_about_orientation", False)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # stored upside down
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(rgb(10, 14, seed=1)).save(tmp_path / "images" / "train" / f"{name}.png", exif=exif)
+        save(tmp_path / "masks" / "train" / f"{name}.png", np.zeros((10, 14), dtype=np.uint8))
+    data = config(dataset="folder", root=tmp_path, class_names=["x", "y"])
+    dataset = build_dataset(data, "train", train=False)
+    with caplog.at_level("WARNING", logger="distill.data.layouts"):
+        dataset[0], dataset[1]
+    warnings = [r.getMessage() for r in caplog.records if "EXIF orientation" in r.getMessage()]
+    assert len(warnings) == 1 and "a.png' carries an EXIF orientation" in warnings[0]
+    assert "must be drawn on the image as viewers show it" in warnings[0]

@@ -107,6 +107,8 @@ def test_only_the_requested_formats_and_stale_files_are_removed(tiny_export):
     export_student(recipe, "onnx", parity_images=1)
     assert {p.name for p in out.iterdir()} == {"distill.json", "parity.json", "student.onnx"}
     assert json.loads((out / "distill.json").read_text())["files"] == {"onnx": "student.onnx"}
+    with pytest.raises(ExportError, match=r"holds no torch weights \(formats \['onnx'\]\): export with format=safetensors"):
+        load_exported(out)
     export_student(recipe, ["safetensors"], parity_images=1)
     assert {p.name for p in out.iterdir()} == {"distill.json", "parity.json", "student.safetensors"}
     assert set(json.loads((out / "parity.json").read_text())["results"]) == {"safetensors"}

@@ -116,6 +116,17 @@ def test_unknown_layers_and_models_without_layers_are_named():
         FeatureTap(TinySegmenter(4), [-1], "teacher")
 
 
+def test_a_placeholder_stage_without_channels_is_named_at_set_up():
+    # MiT encoders (SegFormer) list a stage of 0 channels; pairing it failed at the first step.
+    import segmentation_models_pytorch as smp
+
+    student = smp.Segformer(encoder_name="mit_b0", encoder_weights=None, classes=4)
+    _, teacher = models()
+    with pytest.raises(FeatureError, match=r"the student's layer 0 has no channels \(a placeholder stage "
+                                           r"of its encoder\): pair one of its stages 1, 2, 3, 4 or 'decoder'"):
+        FeatureDistillation(student, teacher, [(0, 0)], kind="hint")
+
+
 def test_a_feature_run_logs_the_term_and_saves_the_student_alone(tmp_path):
     recipe = smp_recipe(tmp_path, **{"loss.feature": "{kind: hint, weight: 0.5, pairs: [[-1, -1], [decoder, decoder]]}",
                                      "train.checkpoint_every_epochs": 1})

@@ -308,3 +308,12 @@ def test_exif_orientation_is_applied_and_the_mask_has_the_transposed_size(export
     assert len(np.unique(mask)) > 1
     assert mask.shape == (40, 24)  # (height, width) as shown, not the stored 24 x 40
     assert np.array_equal(mask, _mask(export, upright, tmp_path / "mu"))
+
+
+def test_a_mask_that_would_overwrite_an_input_image_is_refused(export, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    scene = _save(_pattern(seed=0), photos / "scene.png")
+    named_like_a_mask = _save(_pattern(seed=1), photos / "scene_mask.png")
+    _refused(export, [scene, named_like_a_mask], photos,
+             r"the mask of '.*scene.png' would be written over the input image '.*scene_mask.png'", tmp_path)

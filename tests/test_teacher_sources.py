@@ -256,3 +256,19 @@ def test_onnx_file_of_another_shape_is_refused(tmp_path):
     recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "onnx", "teacher.path": str(path)})
     with pytest.raises(ModelError, match=r"are not \[N, 3, H, W\] and \[N, C, h, w\]"):
         load_teacher(recipe, 4)
+
+
+def test_compare_counts_an_onnx_teachers_weights_and_leaves_its_gflops_unknown(tmp_path):
+    # torch sees no parameters in an onnxruntime session (compare reported 0 and 0 GFLOPs).
+    from distill.comparison import _size
+    from distill.models import count_parameters
+    from distill.teacher import scoring_teacher
+
+    onnx_file = tmp_path / "teacher.onnx"
+    model = onnx_teacher(onnx_file)
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "onnx", "teacher.path": str(onnx_file)})
+    size = _size(scoring_teacher(recipe, 4, None), model, torch.rand(1, 3, 32, 32))
+    # The graph's weights are the model's parameters, BatchNorm folded into the convolutions or
+    # kept beside them with its running statistics: within a few percent.
+    assert size["gflops"] is None
+    assert 0.9 < size["parameters"] / count_parameters(model) < 1.1

@@ -152,6 +152,9 @@ class DataConfig(Section):
             raise ValueError(f"data.root is required for dataset '{self.dataset}'")
         if self.dataset == "folder" and not self.class_names:
             raise ValueError("data.class_names is required for dataset 'folder'")
+        repeated = repeated_names(self.class_names or [])
+        if repeated:  # per-class scores are keyed by name: one would overwrite the other
+            raise ValueError(f"data.class_names names {repeated} more than once")
         low, high = self.scale_range
         if not 0 < low <= high:
             raise ValueError(f"data.scale_range {list(self.scale_range)} must satisfy 0 < low <= high")
@@ -162,3 +165,8 @@ class DataConfig(Section):
         if any(s <= 0 for s in self.std):
             raise ValueError(f"data.std {list(self.std)} must be positive")
         return self
+
+
+def repeated_names(names: list[str]) -> list[str]:
+    """The names that occur more than once, in order."""
+    return sorted({name for name in names if names.count(name) > 1}, key=names.index)

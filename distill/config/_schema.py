@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from distill.data.labels import dataset_info
 from distill.config._base import DISTILLED, EVERY_STAGE, RUN_ONLY, Section, shapes_output
-from distill.config._data_schema import DataConfig, optional_split
+from distill.config._data_schema import DataConfig, optional_split, repeated_names
 from distill.data.splits import parse_split
 
 # Keys that change every stage's result and the model's output for an image (a store's too).
@@ -115,6 +115,9 @@ class TeacherConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _source_keys(self) -> TeacherConfig:
+        repeated = repeated_names(self.class_names or [])
+        if repeated:  # a class_map by name would be ambiguous
+            raise ValueError(f"teacher.class_names names {repeated} more than once")
         if self.class_names is not None and not self.external:
             raise ValueError("teacher.class_names describes a teacher trained elsewhere; one distill "
                              "trains learns the dataset's classes (set teacher.checkpoint or another source)")
@@ -375,6 +378,15 @@ class Recipe(Section):
                     f"loss.feature reads the teacher's encoder and decoder, which smp models have; "
                     f"a teacher from source '{self.teacher.source}' is distilled through its logits "
                     "only (set loss.feature.kind to none)"
+                )
+            if self.teacher.tta_flip or list(self.teacher.tta_scales) != [1.0]:
+                # The feature taps keep the teacher's last forward: a mirrored or rescaled view,
+                # not the one the student sees.
+                raise ValueError(
+                    f"loss.feature.kind '{self.loss.feature.kind}' reads the teacher's features of "
+                    "the student's own view; teacher.tta_flip / teacher.tta_scales run it on other "
+                    "views (set teacher.tta_flip: false and teacher.tta_scales: [1.0], or "
+                    "loss.feature.kind: none)"
                 )
         if self.teacher is not None and self.teacher.mode == "cache":
             if self.data.cutmix > 0 and self.distills:

@@ -9,6 +9,7 @@ files is :mod:`distill.data.files`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from distill.data.files import (
 
 __all__ = ["ADE20K", "BadFileError", "CamVid", "Cityscapes", "DataError", "FileSource", "ImageFolder",
            "PascalVOC", "Palette", "label_colormap"]
+
+logger = logging.getLogger(__name__)
 
 
 class FileSource:
@@ -76,12 +79,15 @@ class FileSource:
         image_path, mask_path = self.pairs[index]
         image = read_image(image_path)
         raw = read_label(mask_path)
+        turned = exif_turned(image_path)
         if raw.shape != image.shape[:2]:
-            turned = " (after its EXIF orientation, which distill applies)" if exif_turned(image_path) else ""
+            after = " (after its EXIF orientation, which distill applies)" if turned else ""
             raise DataError(
-                f"image '{image_path}' is {image.shape[1]}x{image.shape[0]} (WxH){turned} but its "
+                f"image '{image_path}' is {image.shape[1]}x{image.shape[0]} (WxH){after} but its "
                 f"mask '{mask_path}' is {raw.shape[1]}x{raw.shape[0]}"
             )
+        if turned and not _warned_about_orientation:
+            _warn_about_orientation(image_path, mask_path)
         return image, self._map(raw, mask_path)
 
     def _map(self, raw: np.ndarray, path: Path) -> np.ndarray:
@@ -331,3 +337,16 @@ class ImageFolder(FileSource):
     def _valid_description(self) -> str:
         return (f"neither classes 0..{len(self.CLASS_NAMES) - 1} nor ignore_index "
                 f"{self.ignore_index}")
+
+
+_warned_about_orientation = False
+
+
+def _warn_about_orientation(image_path: Path, mask_path: Path) -> None:
+    """Once per process: a mirrored or upside-down photo keeps its size, so a mask drawn on the
+    stored pixels instead of the photo as viewers show it cannot be told from a right one."""
+    global _warned_about_orientation
+    _warned_about_orientation = True
+    logger.warning("image '%s' carries an EXIF orientation, which distill applies as viewers do; "
+                   "its mask '%s' (and those of other such images) must be drawn on the image as "
+                   "viewers show it, not on the stored pixels", image_path, mask_path)

@@ -377,6 +377,11 @@ def predict(
     for path in by_stem.values():
         check_image(path)
     targets = [out_dir / f"{path.stem}_mask.png" for path in paths]
+    inputs = {path.resolve(): path for path in paths}
+    for source, target in zip(paths, targets):
+        if target.resolve() in inputs:  # `scene_mask.png` given beside `scene.png`
+            raise PredictError(f"the mask of '{source}' would be written over the input image "
+                               f"'{inputs[target.resolve()]}': predict into another --out folder")
     missing = _check_out(out_dir, targets)
     session = _session(model_path, config, threads)
     input_name = config.get("onnx", {}).get("input", session.get_inputs()[0].name)

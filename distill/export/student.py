@@ -284,6 +284,9 @@ def load_exported(export_dir: str | os.PathLike[str]) -> nn.Module:
     """Rebuild an exported student with :func:`distill.models.build_model` (eval mode)."""
     export_dir = Path(export_dir)
     config = load_export_config(export_dir)
+    if "safetensors" not in config["files"]:
+        raise ExportError(f"export '{export_dir}' holds no torch weights (formats "
+                          f"{sorted(config['files'])}): export with format=safetensors to reload it")
     weights = export_dir / config["files"]["safetensors"]
     if config["kind"] == "smp":
         spec = ModelConfig(arch=config["arch"], encoder=config["encoder"], arch_kwargs=config["arch_kwargs"],

@@ -147,10 +147,23 @@ def _probe_channels(model: nn.Module, layers: Sequence[Layer], size: Sequence[in
         model.eval()  # batch norm statistics stay as they are
         with torch.no_grad():
             model(torch.zeros(1, 3, *size, device=device))
-        return [int(f.shape[1]) for f in tap.take(*size)]
+        channels = [int(f.shape[1]) for f in tap.take(*size)]
     finally:
         model.train(was_training)
         tap.remove()
+    empty = [layer for layer, count in zip(layers, channels) if count == 0]
+    if empty:  # MiT (SegFormer) encoders list a placeholder stage with no channels
+        usable = [name for name, count in zip(layer_names(model, role)[:-1], _stage_channels(model))
+                  if count > 0]
+        raise FeatureError(f"the {role}'s layer {empty[0]!r} has no channels (a placeholder stage of "
+                           f"its encoder): pair one of its stages {', '.join(usable)} or 'decoder'")
+    return channels
+
+
+def _stage_channels(model: nn.Module) -> list[int]:
+    """Each encoder stage's channels as the encoder lists them (smp's first entry, the input,
+    left out)."""
+    return [int(c) for c in getattr(model.encoder, "out_channels", ())[1:]]
 
 
 class _Adapter(nn.Sequential):

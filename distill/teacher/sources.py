@@ -46,6 +46,14 @@ class OnnxTeacher(nn.Module):
             raise ModelError(f"teacher.path '{path}': input {inputs[0].shape} and output "
                              f"{outputs[0].shape} are not [N, 3, H, W] and [N, C, h, w]")
         self.input_name = inputs[0].name
+        self.path = Path(path)
+
+    def parameter_count(self) -> int:
+        """The graph's weights (initializers): onnxruntime's model has no torch parameters."""
+        import onnx
+
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        return sum(int(np.prod(tensor.dims)) for tensor in graph.initializer)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().float().cpu().numpy()
