@@ -9,9 +9,9 @@
 # 4th mask, CWD from that store (and with all masks) and pixel KL from a store made at the
 # student's own 240x320, and what each store's targets score on the student's training crops;
 # the second seed of those comparisons, the from-scratch MobileNetV3-Large student, every 16th
-# mask; the CWD student's INT8 export (mIoU through onnxruntime, graphs for one size and for any) and
-# its latency against FP32.
-# Results: bench/studies/results/camvid_pretrained_r{2,3,4}_*.json, target_accuracy_*.json; tables
+# mask; DIST and function matching; the CWD student's INT8 export (mIoU through onnxruntime,
+# graphs for one size and for any) and its latency against FP32.
+# Results: bench/studies/results/camvid_pretrained_r{2,3,4,5}_*.json, target_accuracy_*.json; tables
 # on stdout (docs/results.md).
 # The first round (a 16-epoch teacher, pixel KL at T=2 on every labelled pixel, a stride-2 store):
 #   git show 78771aa:bench/studies/camvid_pretrained.sh
@@ -111,6 +111,25 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     --results bench/studies/results/camvid_pretrained_r4_few_lowres.json "${FEW[@]}"
 $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" "${FULLRES[@]}" "${CWD[@]}" \
     --seeds "$SECOND" --results bench/studies/results/camvid_pretrained_r4_all_cwd.json "${ALL[@]}"
+
+# Fifth round: every 16th mask, both seeds (the first seed's arms reused); with every 4th mask,
+# DIST on the logits (T=1, weight 2, every labelled pixel); function matching as far as a cache
+# allows (`fm`: scales 0.5-2, colour jitter 0.4; twice the steps), its baseline on the same
+# augmentation and schedule, with all masks and with every 4th.
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/sixteenth" "${FULLRES[@]}" \
+    --seeds "$SEEDS" --arms baseline,cache/kl_T1_w1_correct --results bench/studies/results/camvid_pretrained_r5_sixteenth.json \
+    data.labelled_fraction=0.0625 train.epochs=460 train.eval_every_epochs=115 train.checkpoint_every_epochs=115
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" "${FULLRES[@]}" \
+    --teacher-override loss.kd_pixels=labelled --seeds "$FIRST" --arms baseline,cache/dist_T1_w2 \
+    --results bench/studies/results/camvid_pretrained_r5_few_dist.json "${FEW[@]}"
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" "${FULLRES[@]}" \
+    --seeds "$FIRST" --arms baseline/fm+epochs40,cache/kl_T1_w1_correct+fm+epochs40 --baseline baseline/fm+epochs40 \
+    --reference baseline/fm+epochs40 --results bench/studies/results/camvid_pretrained_r5_all_fm.json \
+    train.eval_every_epochs=10 train.checkpoint_every_epochs=10
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/few" "${FULLRES[@]}" \
+    --seeds "$FIRST" --arms baseline/fm+epochs160,cache/kl_T1_w1_correct+fm+epochs160 --baseline baseline/fm+epochs160 \
+    --reference baseline/fm+epochs160 --results bench/studies/results/camvid_pretrained_r5_few_fm.json \
+    data.labelled_fraction=0.25 train.eval_every_epochs=40 train.checkpoint_every_epochs=40
 
 # The CWD student in INT8: mIoU through onnxruntime on the held-out frames (export's parity.json),
 # with the recipe's graph for 240x320 only (export.fixed_size) and with a graph for any size; then

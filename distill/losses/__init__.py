@@ -355,7 +355,8 @@ class DistillLoss(torch.nn.Module):
         the pixel KL are multiplied by it, so that averaging the processes' gradients (as DDP
         does) gives the gradient of one mean over every process's pixels, as one process with
         the whole batch would. Without it each process's mean counts equally, however many
-        labelled pixels it had. (CWD and DIST are not pixel means and are left as they are.)
+        labelled pixels it had. (The pseudo-label CE is weighted too; CWD and DIST are not
+        pixel means and are left as they are.)
         Every process must call it equally often: it is a collective.
 
         ``kd_target``: the pixels the KD term sees (``ignore_index`` elsewhere), when they are
@@ -399,7 +400,7 @@ class DistillLoss(torch.nn.Module):
             kd = dist_loss(student_logits, teacher, **args)
         parts = {"loss": self.ce_weight * ce + self.kd_weight * kd, "ce": ce, "kd": kd}
         if self.pseudo_label_weight > 0:
-            parts["pseudo"] = self._pseudo_label_ce(student_logits, teacher, target, kd_target)
+            parts["pseudo"] = self._pseudo_label_ce(student_logits, teacher, target, kd_target, share)
             parts["loss"] = parts["loss"] + self.pseudo_label_weight * parts["pseudo"]
         return self._add_features(parts, feature_sizes, feature_mask)
 
@@ -414,9 +415,10 @@ class DistillLoss(torch.nn.Module):
         parts["loss"] = parts["loss"] + self.feature_weight * parts["feature"]
         return parts
 
-    def _pseudo_label_ce(self, student: Tensor, teacher: Tensor, target: Tensor, kd_target: Tensor
-                         ) -> Tensor:
-        """CE on the teacher's top class where there is no label and the teacher is confident."""
+    def _pseudo_label_ce(self, student: Tensor, teacher: Tensor, target: Tensor, kd_target: Tensor,
+                         share: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """CE on the teacher's top class where there is no label and the teacher is confident
+        (a mean over those pixels, weighted by ``share`` as the CE is)."""
         if _check_pair(student, teacher):
             teacher = _resize(teacher.detach(), student.shape[2:], _compute_dtype(student, teacher))
         # The teacher's distribution at the loss's T: with a class map, exactly the mapped one.
@@ -424,4 +426,5 @@ class DistillLoss(torch.nn.Module):
         unlabelled = (target == self.ignore_index) & (kd_target != self.ignore_index)
         pseudo = top.masked_fill(~(unlabelled & (confidence >= self.pseudo_label_threshold)),
                                  self.ignore_index)
-        return ce_loss(student, pseudo, ignore_index=self.ignore_index)
+        ce = ce_loss(student, pseudo, ignore_index=self.ignore_index)
+        return ce if share is None else ce * share((pseudo != self.ignore_index).sum())

@@ -59,11 +59,12 @@ def _kd_chunk(s: Tensor, t: Tensor, work: Tensor, temperature: float) -> Tensor:
     neg_lse_t = torch.neg(lse_t, out=neg_m)
     kl = lse_s.sub_(lse_t)
     del lse_t
-    diff = torch.empty_like(buf)
+    diff, lowest = torch.empty_like(buf), torch.finfo(buf.dtype).min
     for c in range(s.shape[1]):
         p_t = torch.add(neg_lse_t, t[:, c], alpha=inv_t, out=buf).exp_()
         work[:, c].sub_(p_t)
-        diff.copy_(t[:, c]).sub_(s[:, c])
+        # A teacher logit of -inf (a class it masks out) has p_t = 0: its term is 0, not 0 * -inf.
+        diff.copy_(t[:, c]).sub_(s[:, c]).clamp_(min=lowest)
         kl.addcmul_(p_t, diff, value=inv_t)
     return kl
 
@@ -73,7 +74,7 @@ def _kd_chunk_dense(s: Tensor, t: Tensor, work: Tensor, temperature: float) -> T
     log_ps = torch.log_softmax(s.to(work.dtype) / temperature, dim=1)
     log_pt = torch.log_softmax(t.to(work.dtype) / temperature, dim=1)
     p_t = log_pt.exp()
-    kl = (p_t * (log_pt - log_ps)).sum(1)
+    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(1)  # p_t = 0: 0, not 0 * -inf
     torch.exp(log_ps, out=work).sub_(p_t)
     return kl
 
