@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from distill.config import Recipe, atomic_write_text
 from distill.launch import is_launch_main, make_accelerator
 from distill.data import build_loader, dataset_info, loader_for_dataset
 from distill.metrics import SegmentationScores, per_sample_confusion, scores_from_confusion
-from distill.models import Stage, build_model, forward_padded, stage_model
+from distill.models import Stage, build_model, pad_multiple, pad_to_multiple, stage_model
 from distill.progress import console, track
 from distill.run_folder import ensure_writable_folder, stage_dir
 from distill.stage_weights import checkpoint_to_score
@@ -109,11 +110,30 @@ def scores_table(scores: SegmentationScores, class_names: list[str], title: str)
     return table
 
 
-def _predict_at_label_size(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+def model_logits(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
+    """The model's logits for a batch, and how many input pixels each of their pixels spans.
+
+    A model that needs padding (:func:`distill.models.pad_multiple`) runs on the padded batch and
+    its whole map is kept: cutting it to each image needs the exact span, which cropping the map to
+    the batch's area first would round (a map at 1/4 of 501 rows is 125.25 output rows). A module
+    that pads itself (``pads_itself``) returns its own crop; its span is read from the shapes.
+    """
+    if getattr(model, "pads_itself", False):
+        logits, size = model(images), images.shape[-2:]
+    else:
+        padded, _, _ = pad_to_multiple(images, pad_multiple(model))
+        logits, size = model(padded), padded.shape[-2:]
+    return logits, (size[0] / logits.shape[-2], size[1] / logits.shape[-1])
+
+
+def _predict_at_label_size(logits: torch.Tensor, batch: dict, span: tuple[float, float] = (1.0, 1.0)
+                           ) -> torch.Tensor:
     """Argmax of the logits at each mask's own size, in a tensor shaped like the padded masks.
 
     Each sample's logits are first cut to its frame (the batch pads smaller images at the
-    bottom/right; a model with an output stride pads proportionally less), then resized.
+    bottom/right): a map at 1/s (``span`` s) keeps the output pixels that reach into the frame,
+    upsampled to the input pixels they cover and cut at the frame's edge, so that neither the
+    padding nor a rounding stretches the prediction; then resized to the mask.
     """
     mask = batch["mask"]
     sizes = batch.get("label_size", torch.tensor([mask.shape[-2:]] * mask.shape[0]))
@@ -123,12 +143,16 @@ def _predict_at_label_size(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     else:
         rows = [slice(row, row + 1) for row in range(mask.shape[0])]
     prediction = torch.zeros_like(mask)
-    in_h, in_w = batch["image"].shape[-2:] if "image" in batch else logits.shape[-2:]
     for row in rows:
         first = row.start or 0
         h, w = (int(v) for v in frames[first])
         lh, lw = (int(v) for v in sizes[first])
-        part = logits[row, :, : -(-h * logits.shape[-2] // in_h), : -(-w * logits.shape[-1] // in_w)]
+        cells = (math.ceil(h / span[0] - 1e-6), math.ceil(w / span[1] - 1e-6))
+        part = logits[row, :, : cells[0], : cells[1]]
+        if span != (1.0, 1.0):
+            covered = (round(cells[0] * span[0]), round(cells[1] * span[1]))
+            part = torch.nn.functional.interpolate(part.float(), size=covered, mode="bilinear",
+                                                   align_corners=False)[..., :h, :w]
         if part.shape[-2:] != (lh, lw):
             part = torch.nn.functional.interpolate(part.float(), size=(lh, lw), mode="bilinear",
                                                    align_corners=False)
@@ -160,9 +184,9 @@ def evaluate_model(
     main = accelerator is None or accelerator.is_main_process
     for batch in track(loader, progress_label, enabled=main):
         with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-            logits = forward_padded(model, batch["image"])
+            logits, span = model_logits(model, batch["image"])
         mask = batch["mask"]
-        counts = per_sample_confusion(_predict_at_label_size(logits, batch), mask, num_classes,
+        counts = per_sample_confusion(_predict_at_label_size(logits, batch, span), mask, num_classes,
                                       ignore_index)
         total += (accelerator.gather_for_metrics(counts) if accelerator is not None else counts).sum(0)
     model.train(was_training)

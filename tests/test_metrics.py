@@ -151,3 +151,50 @@ def test_images_of_different_sizes_with_a_strided_model_are_scored_one_by_one(tm
         logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         reference.update(logits.argmax(1), dataset[k]["mask"][None])
     assert torch.equal(scores.confusion, reference.compute())
+
+
+def test_a_model_at_a_quarter_of_a_padded_input_is_scored_without_stretching(tmp_path):
+    """A map at 1/4 of the padded 64x96 input that a 50x70 image needs: reference = the whole map
+    upsampled 4x, then cut at the image (the map was cut to whole output pixels, then resized
+    to 50x70: a 13x18 crop spans 52x72 pixels, so its rows moved by up to 2 pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    from distill.config import DataConfig
+    from distill.data import build_dataset, build_loader
+    from distill.evaluation import evaluate_model
+    from distill.launch import make_accelerator
+    from helpers import tiny_recipe
+
+    class QuarterResolution(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, images):
+            return torch.nn.functional.avg_pool2d(self.body(images), 4)
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "images" / "val").mkdir(parents=True)
+    (tmp_path / "masks" / "val").mkdir(parents=True)
+    rows = np.linspace(0, 255, 50, dtype=np.uint8)[:, None, None]  # smooth: the argmax follows geometry
+    image = np.concatenate([np.repeat(rows, 70, 1), np.repeat(255 - rows, 70, 1),
+                            rng.integers(0, 40, (50, 70, 1), dtype=np.uint8)], axis=2)
+    Image.fromarray(image).save(tmp_path / "images" / "val" / "s.png")
+    Image.fromarray(rng.choice([0, 1, 2], (50, 70)).astype(np.uint8)).save(tmp_path / "masks" / "val" / "s.png")
+    data = DataConfig(dataset="folder", root=tmp_path, class_names=["a", "b", "c"], num_workers=0,
+                      mean=(0, 0, 0), std=(1, 1, 1))
+    model = QuarterResolution().eval()
+    with torch.no_grad():  # class scores = the channels: class 0 below the middle row, 1 above
+        model.body.weight.copy_(torch.eye(3)[..., None, None])
+        model.body.bias.zero_()
+    scores = evaluate_model(model, build_loader(data, "val", train=False, label_resolution=True),
+                            make_accelerator(tiny_recipe(tmp_path / "run")), num_classes=3, ignore_index=255)
+    item = build_dataset(data, "val", train=False)[0]
+    padded = torch.nn.functional.pad(item["image"][None], (0, 26, 0, 14), mode="replicate")  # to 64x96
+    with torch.no_grad():
+        full = torch.nn.functional.interpolate(model(padded), scale_factor=4, mode="bilinear", align_corners=False)
+    reference = MulticlassConfusionMatrix(num_classes=3, ignore_index=255)
+    reference.update(full[..., :50, :70].argmax(1), item["mask"][None])
+    assert torch.equal(scores.confusion, reference.compute())
+    assert (scores.confusion.sum(0) > 0).sum() >= 2  # more than one class predicted
