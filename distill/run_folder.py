@@ -84,7 +84,7 @@ class StageFiles:
 
     def run_records(self) -> tuple[Path, ...]:
         """What a run from the start replaces: an earlier run's weights and records (its
-        evaluation reports among them: they scored the weights it replaces)."""
+        evaluation reports among them)."""
         return (self.metrics, self.best, self.best_record, self.last, self.done, *self.eval_reports())
 
     @property
@@ -92,16 +92,22 @@ class StageFiles:
         """An earlier run's files while a run from the start has not yet written weights."""
         return self.folder / ".previous_run"
 
+    @property
+    def _moving(self) -> Path:
+        """Files on their way into or out of :attr:`set_aside`: with the folder's, the earlier run."""
+        return self.folder / ".previous_run.moving"
+
     def set_aside_earlier_run(self) -> None:
         """Move an earlier run's weights, records, recipe and checkpoints into :attr:`set_aside`.
 
-        A run from the start calls this at its first write and :meth:`drop_set_aside` just
-        before it writes weights: bad data met in between (a mask read in a later batch, the
-        validation split) puts the earlier run back (:meth:`restore_set_aside`) as it was. A
-        folder already holding a set-aside run belongs to a run stopped before its first weights
-        (killed): what was set aside is still the last finished run, and the stopped run's
-        records are dropped.
+        A run from the start calls this at its first write and :meth:`drop_set_aside` once it has
+        written weights: bad data met in between (a mask read in a later batch, the validation
+        split) puts the earlier run back (:meth:`restore_set_aside`) as it was. A folder already
+        holding a set-aside run belongs to a run killed before its first weights: what was set
+        aside is still the last finished run, and the killed run's records are dropped. Files
+        move through one folder renamed whole, so a kill between two moves loses nothing.
         """
+        self._finish_interrupted_move()
         own = (*self.run_records(), self.recipe, self.checkpoints)
         if self.set_aside.is_dir():
             for path in own:
@@ -110,23 +116,33 @@ class StageFiles:
         earlier = [path for path in own if path.exists()]
         if not earlier:
             return
-        self.set_aside.mkdir()
+        self._moving.mkdir()
         for path in earlier:
-            os.replace(path, self.set_aside / path.name)
+            os.replace(path, self._moving / path.name)
+        os.replace(self._moving, self.set_aside)
 
     def restore_set_aside(self) -> None:
         """Put a set-aside earlier run back in place of this run's records (no weights yet)."""
+        self._finish_interrupted_move()
         if not self.set_aside.is_dir():
             return
         for path in (*self.run_records(), self.recipe, self.checkpoints):
             _remove(path)
-        for path in self.set_aside.iterdir():
-            os.replace(path, self.folder / path.name)
-        self.set_aside.rmdir()
+        os.replace(self.set_aside, self._moving)
+        self._finish_interrupted_move()
 
     def drop_set_aside(self) -> None:
-        """This run is about to write weights: the earlier one is gone for good."""
+        """This run has written weights: the earlier one is gone for good."""
         shutil.rmtree(self.set_aside, ignore_errors=True)
+
+    def _finish_interrupted_move(self) -> None:
+        """Files left on their way (a kill or Ctrl-C between two moves) go back into the folder:
+        whether being set aside or restored, they and the folder's files are the earlier run."""
+        if not self._moving.is_dir():
+            return
+        for path in self._moving.iterdir():
+            os.replace(path, self.folder / path.name)
+        self._moving.rmdir()
 
 
 def _remove(path: Path) -> None:

@@ -433,8 +433,8 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
                                          "val_pixel_accuracy": scores.pixel_accuracy})
         if scores.miou > state["best_miou"]:
             state["best_miou"] = scores.miou
-            _drop_earlier_run(run)
             save_weights(accelerator, unwrapped, run.files.best)
+            _drop_earlier_run(run)
             if run.main:
                 atomic_write_text(run.files.best_record, json.dumps(
                     {"epoch": epoch + 1, "step": state["step"], "miou": scores.miou}, indent=2))
@@ -442,13 +442,13 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
         progress.update(epochs_bar, info=summary)
         report(f"{run.stage} epoch {epoch + 1}/{cfg.epochs}: {summary}", enabled=run.main)
     if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
-        _drop_earlier_run(run)
         save_weights(accelerator, unwrapped, run.files.last)
+        _drop_earlier_run(run)
         save_checkpoint(accelerator, run.dir, state)
 
 
 def _drop_earlier_run(run: _Run) -> None:
-    """This run's weights replace an earlier run's set aside at its first write, for good."""
+    """Once this run has written weights, the earlier run it set aside is gone for good."""
     if run.main:
         run.files.drop_set_aside()
 

@@ -649,6 +649,8 @@ def test_a_teacher_logit_of_minus_infinity_counts_as_probability_zero():
         grad, s.grad = s.grad.clone(), None
         expected.backward()
         assert torch.allclose(grad, s.grad, atol=1e-12)
+        t[0, 1, 0, 0] = float("nan")  # a broken teacher is still seen as one
+        assert torch.isnan(kd_loss(s.detach(), t, temperature=2.0))
 
 
 def test_share_is_asked_with_the_local_counts():
@@ -657,6 +659,13 @@ def test_share_is_asked_with_the_local_counts():
     DistillLoss(kd_weight=1.0, kd_pixels="teacher_correct")(s, y, t, share=lambda c: asked.append(c) or 1.0)
     valid = y != 255
     assert [int(c) for c in asked] == [int(valid.sum()), int((valid & (t.argmax(1) == y)).sum())]
+    # With pseudo-labels, third: the unlabelled pixels where the teacher is confident.
+    asked.clear()
+    kd_target = torch.zeros_like(y)
+    DistillLoss(kd_weight=1.0, pseudo_label_weight=1.0, pseudo_label_threshold=0.5)(
+        s, y, t, kd_target=kd_target, share=lambda c: asked.append(c) or 1.0)
+    confident = torch.softmax(t, 1).amax(1) >= 0.5
+    assert [int(c) for c in asked] == [int(valid.sum()), int(kd_target.numel()), int((~valid & confident).sum())]
 
 
 def test_a_feature_term_without_the_logit_term_is_still_added():

@@ -4,6 +4,7 @@ folder; problems named by their cause, all at once (docs/reliability.md)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 from pathlib import Path
 
@@ -107,6 +108,16 @@ def test_a_run_killed_before_its_first_weights_keeps_the_finished_run_aside(tmp_
     files.restore_set_aside()
     assert files.metrics.read_text() == "finished\n" and files.best.read_text() == "weights"
     assert files.recipe.read_text() == "recipe" and not files.set_aside.exists()
+
+    # A kill between two moves (setting aside, or restoring): the files on their way are the
+    # earlier run's as much as those still in the folder, and come back with them.
+    files.set_aside_earlier_run()
+    moving = files.folder / ".previous_run.moving"
+    os.replace(files.set_aside, moving)
+    os.replace(moving / "best.safetensors", files.best)  # half restored when the kill came
+    files.set_aside_earlier_run()  # the next run: the earlier one whole, then set aside again
+    assert not moving.exists() and sorted(p.name for p in files.set_aside.iterdir()) == [
+        "best.safetensors", "metrics.jsonl", "recipe.yaml"]
 
 
 def test_eval_of_other_weights_does_not_replace_the_stage_report(finished, tmp_path):

@@ -79,14 +79,13 @@ class FileSource:
         image_path, mask_path = self.pairs[index]
         image = read_image(image_path)
         raw = read_label(mask_path)
-        turned = exif_turned(image_path)
         if raw.shape != image.shape[:2]:
-            after = " (after its EXIF orientation, which distill applies)" if turned else ""
+            after = " (after its EXIF orientation, which distill applies)" if exif_turned(image_path) else ""
             raise DataError(
                 f"image '{image_path}' is {image.shape[1]}x{image.shape[0]} (WxH){after} but its "
                 f"mask '{mask_path}' is {raw.shape[1]}x{raw.shape[0]}"
             )
-        if turned and not _warned_about_orientation:
+        if not _warned_about_orientation and exif_turned(image_path):  # the file read once more
             _warn_about_orientation(image_path, mask_path)
         return image, self._map(raw, mask_path)
 
@@ -343,8 +342,9 @@ _warned_about_orientation = False
 
 
 def _warn_about_orientation(image_path: Path, mask_path: Path) -> None:
-    """Once per process: a mirrored or upside-down photo keeps its size, so a mask drawn on the
-    stored pixels instead of the photo as viewers show it cannot be told from a right one."""
+    """Once per process (each loader worker is one): a mirrored or upside-down photo keeps its
+    size, so a mask drawn on the stored pixels instead of the photo as viewers show it cannot be
+    told from a right one."""
     global _warned_about_orientation
     _warned_about_orientation = True
     logger.warning("image '%s' carries an EXIF orientation, which distill applies as viewers do; "

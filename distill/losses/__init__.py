@@ -351,13 +351,12 @@ class DistillLoss(torch.nn.Module):
         still added then: CE plus features alone is a distillation of its own).
 
         ``share``: for data-parallel training, maps this process's pixel count (the CE's
-        denominator, then the pixel KL's) to ``count * world_size / global count``; the CE and
-        the pixel KL are multiplied by it, so that averaging the processes' gradients (as DDP
-        does) gives the gradient of one mean over every process's pixels, as one process with
-        the whole batch would. Without it each process's mean counts equally, however many
-        labelled pixels it had. (The pseudo-label CE is weighted too; CWD and DIST are not
-        pixel means and are left as they are.)
-        Every process must call it equally often: it is a collective.
+        denominator, then the pixel KL's, then the pseudo-labels') to ``count * world_size /
+        global count``; each of those terms is multiplied by it, so that averaging the
+        processes' gradients (as DDP does) gives the gradient of one mean over every process's
+        pixels, as one process with the whole batch would. Without it each process's mean counts
+        equally, however many labelled pixels it had. (CWD and DIST are not pixel means and are
+        left as they are.) Every process must call it equally often: it is a collective.
 
         ``kd_target``: the pixels the KD term sees (``ignore_index`` elsewhere), when they are
         not the CE's labelled ones: images without masks are distilled on every image pixel.

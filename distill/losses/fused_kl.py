@@ -74,7 +74,7 @@ def _kd_chunk_dense(s: Tensor, t: Tensor, work: Tensor, temperature: float) -> T
     log_ps = torch.log_softmax(s.to(work.dtype) / temperature, dim=1)
     log_pt = torch.log_softmax(t.to(work.dtype) / temperature, dim=1)
     p_t = log_pt.exp()
-    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(1)  # p_t = 0: 0, not 0 * -inf
+    kl = torch.where(p_t == 0, 0.0, p_t * (log_pt - log_ps)).sum(1)  # 0, not 0 * -inf; NaN stays
     torch.exp(log_ps, out=work).sub_(p_t)
     return kl
 
