@@ -112,7 +112,8 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
 $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/all" "${FULLRES[@]}" "${CWD[@]}" \
     --seeds "$SECOND" --results bench/studies/results/camvid_pretrained_r4_all_cwd.json "${ALL[@]}"
 
-# Fifth round: every 16th mask, both seeds (the first seed's arms reused); with every 4th mask,
+# Fifth round: every 16th mask, every seed of SEEDS (the first seed's arms reused; docs/results.md
+# has three: SEEDS=0,1,2); with every 4th mask,
 # DIST on the logits (T=1, weight 2, every labelled pixel); function matching as far as a cache
 # allows (`fm`: scales 0.5-2, colour jitter 0.4; twice the steps), its baseline on the same
 # augmentation and schedule, with all masks and with every 4th.
