@@ -22,7 +22,7 @@ from distill.config import Recipe, atomic_write_text
 from distill.launch import is_launch_main, make_accelerator
 from distill.data import build_loader, dataset_info, loader_for_dataset
 from distill.metrics import SegmentationScores, per_sample_confusion, scores_from_confusion
-from distill.models import Stage, build_model, pad_multiple, pad_to_multiple, stage_model
+from distill.models import Stage, build_model, run_padded, stage_model
 from distill.progress import console, track
 from distill.run_folder import ensure_writable_folder, stage_dir
 from distill.stage_weights import checkpoint_to_score
@@ -118,12 +118,8 @@ def model_logits(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Te
     the batch's area first would round (a map at 1/4 of 501 rows is 125.25 output rows). A module
     that pads itself (``pads_itself``) returns its own crop; its span is read from the shapes.
     """
-    if getattr(model, "pads_itself", False):
-        logits, size = model(images), images.shape[-2:]
-    else:
-        padded, _, _ = pad_to_multiple(images, pad_multiple(model))
-        logits, size = model(padded), padded.shape[-2:]
-    return logits, (size[0] / logits.shape[-2], size[1] / logits.shape[-1])
+    logits, (height, width) = run_padded(model, images)
+    return logits, (height / logits.shape[-2], width / logits.shape[-1])
 
 
 def _predict_at_label_size(logits: torch.Tensor, batch: dict, span: tuple[float, float] = (1.0, 1.0)

@@ -103,27 +103,22 @@ def read_image(path: Path) -> np.ndarray:
     """Decode ``path`` as uint8 RGB [H, W, 3] exactly as ``distill predict`` reads images: EXIF
     orientation applied (as viewers and annotation tools show the photo), grey, palette and
     alpha images converted, 16-bit and float grayscale scaled by their range, not clipped."""
+    return read_oriented_image(path)[0]
+
+
+def read_oriented_image(path: Path) -> tuple[np.ndarray, bool]:
+    """:func:`read_image`, and whether an EXIF orientation turned or mirrored the photo."""
     # The deployed student must see what it trained on: one decoder for both. predict.py
     # imports nothing from distill (it runs beside an export, without torch), so it is the owner.
     from distill.export.predict import PredictError
-    from distill.export.predict import read_image as read_as_viewers_show
+    from distill.export.predict import read_oriented_image as read_as_viewers_show
 
     try:
-        return np.asarray(read_as_viewers_show(path), dtype=np.uint8)
+        image, turned = read_as_viewers_show(path)
     except PredictError as error:
         reason = str(error).replace(f"image '{path}' ", "", 1).replace("predict ", "distill ")
         raise BadFileError(f"cannot read '{path}': {reason}", str(path)) from None
-
-
-def exif_turned(path: Path) -> bool:
-    """True when the image at ``path`` carries an EXIF orientation that turns or mirrors it."""
-    from distill.export.predict import exif_turned as turned
-
-    try:
-        with Image.open(path) as image:
-            return turned(image)
-    except Exception:  # unreadable: the decoder says why elsewhere
-        return False
+    return np.asarray(image, dtype=np.uint8), turned
 
 
 def read_label(path: Path) -> np.ndarray:

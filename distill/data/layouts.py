@@ -23,8 +23,7 @@ from distill.data.files import (
     label_colormap,
     list_files,
     pair_by_key,
-    exif_turned,
-    read_image,
+    read_oriented_image,
     read_label,
     unmatched_message,
 )
@@ -77,15 +76,15 @@ class FileSource:
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The raw sample: uint8 RGB image [H, W, 3] and int64 train-id mask [H, W]."""
         image_path, mask_path = self.pairs[index]
-        image = read_image(image_path)
+        image, turned = read_oriented_image(image_path)
         raw = read_label(mask_path)
         if raw.shape != image.shape[:2]:
-            after = " (after its EXIF orientation, which distill applies)" if exif_turned(image_path) else ""
+            after = " (after its EXIF orientation, which distill applies)" if turned else ""
             raise DataError(
                 f"image '{image_path}' is {image.shape[1]}x{image.shape[0]} (WxH){after} but its "
                 f"mask '{mask_path}' is {raw.shape[1]}x{raw.shape[0]}"
             )
-        if not _warned_about_orientation and exif_turned(image_path):  # the file read once more
+        if turned and not _warned_about_orientation:
             _warn_about_orientation(image_path, mask_path)
         return image, self._map(raw, mask_path)
 

@@ -224,13 +224,20 @@ def rgb_image(image: Image.Image, path: Path, white: int | None = None) -> Image
 
 def read_image(path: Path) -> Image.Image:
     """Decode ``path`` as 8-bit RGB the way viewers show it: EXIF orientation applied (see the module doc)."""
+    return read_oriented_image(path)[0]
+
+
+def read_oriented_image(path: Path) -> tuple[Image.Image, bool]:
+    """:func:`read_image`, and whether an EXIF orientation turned or mirrored it (read in the same
+    decode: reading a PNG's EXIF again costs about as much as decoding it)."""
     with _decoding(path):
         with Image.open(path) as opened:
             opened.load()
             white = _white_level(opened)  # from the file's tags: the transposed copy has none
+            turned = exif_turned(opened)
             # Most images are upright: no copy for them (training reads every image through here).
-            image = ImageOps.exif_transpose(opened) if exif_turned(opened) else opened
-    return rgb_image(image, path, white)
+            image = ImageOps.exif_transpose(opened) if turned else opened
+    return rgb_image(image, path, white), turned
 
 
 def exif_turned(image: Image.Image) -> bool:

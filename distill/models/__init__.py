@@ -209,13 +209,22 @@ def forward_padded(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     input). A module with ``pads_itself = True`` (a wrapped teacher) is called as it is.
     """
     height, width = images.shape[-2:]
+    logits, (padded_h, padded_w) = run_padded(model, images)
+    if (padded_h, padded_w) == (height, width):
+        return logits
+    out_h, out_w = logits.shape[-2:]
+    return logits[..., : -(-height * out_h // padded_h), : -(-width * out_w // padded_w)]
+
+
+def run_padded(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``model``'s whole map for ``images`` padded to the multiple it needs, uncropped, and the
+    (height, width) it ran at (the images' own for a module with ``pads_itself``)."""
+    height, width = images.shape[-2:]
     multiple = pad_multiple(model)
     if (height % multiple == 0 and width % multiple == 0) or getattr(model, "pads_itself", False):
-        return model(images)
-    padded, pad_h, pad_w = pad_to_multiple(images, multiple)
-    logits = model(padded)
-    out_h, out_w = logits.shape[-2:]
-    return logits[..., : -(-height * out_h // (height + pad_h)), : -(-width * out_w // (width + pad_w))]
+        return model(images), (height, width)
+    padded, _, _ = pad_to_multiple(images, multiple)
+    return model(padded), (padded.shape[-2], padded.shape[-1])
 
 
 Stage = Literal["teacher", "baseline", "student"]
