@@ -101,6 +101,17 @@ def exported_students(recipe: Recipe, student: Path) -> dict[str, Path]:
     return paths if all(p.is_file() for p in paths.values()) else {}
 
 
+def _exported(path: Path, threads: int | None) -> OnnxSegmenter:
+    """The export's ONNX student in onnxruntime; a file it cannot read stops the comparison
+    before any model is scored, naming the file."""
+    try:
+        return OnnxSegmenter(path, threads)
+    except Exception as error:  # onnxruntime raises its own types for truncated or foreign files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CompareError(f"ONNX model '{path}' cannot be loaded (truncated or not an ONNX file?): "
+                           f"{first}; export the student again") from None
+
+
 def _build(recipe: Recipe, name: str, checkpoint: Path, info: DatasetInfo) -> nn.Module:
     if name == "teacher":  # from its source, through its class map (at T=1)
         return scoring_teacher(recipe, info.num_classes, checkpoint)
@@ -195,7 +206,7 @@ def compare(recipe: Recipe, split: str | None = None, *, latency_runs: int = 20,
         models = {name: _build(recipe, name, path, info).to(accelerator.device)
                   for name, path in checkpoints.items()}
         for name, path in exported_students(recipe, checkpoints["student"]).items():
-            models[name], checkpoints[name] = OnnxSegmenter(path, threads), path
+            models[name], checkpoints[name] = _exported(path, threads), path
         loader = accelerator.prepare(build_loader(recipe.data, split, train=False, seed=recipe.train.seed,
                                                   label_resolution=recipe.eval.resolution == "label"))
         scores = {name: evaluate_model(model, loader, accelerator, num_classes=info.num_classes,

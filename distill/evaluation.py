@@ -68,7 +68,8 @@ def evaluate(
 
 def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:
     """``distill eval``: score a stage's checkpoint, print a table, write ``eval_<split>.json``
-    (``eval_<split>_<file>.json`` when ``eval.checkpoint`` names other weights than the stage's best)."""
+    (``eval_<split>@<file>.json`` for other weights than the stage's best: ``eval.checkpoint``, or
+    a ``teacher.checkpoint`` outside the stage folder)."""
     checkpoint = checkpoint_to_score(recipe, stage)
     ensure_writable_folder(stage_dir(recipe, stage), "evaluation report")  # before the evaluation
     info = dataset_info(recipe.data)
@@ -85,16 +86,16 @@ def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[Segme
 
 def _other_weights(recipe: Recipe, stage: Stage, checkpoint: Path) -> str:
     """``""`` for the stage's own weights; else the report's name says which file it scored, so
-    that ``eval_<split>.json`` always scores the weights beside it."""
-    if recipe.eval.checkpoint is None:
-        return ""
-    folder = stage_dir(recipe, stage).resolve()
+    that ``eval_<split>.json`` always scores the weights beside it. ``@`` is the one separator
+    :func:`file_safe` never leaves in a split's name: with ``_`` the split ``val`` scored on
+    ``last.safetensors`` and the split ``val_last`` shared a report."""
+    folder = stage_dir(recipe, stage).resolve()  # a teacher.checkpoint elsewhere is other weights too
     scored = Path(checkpoint).resolve()
     if scored == folder / "best.safetensors":
         return ""
     if scored.parent == folder:
-        return f"_{file_safe(scored.stem)}"
-    return f"_{file_safe(scored.stem)}-{hashlib.sha256(str(scored).encode()).hexdigest()[:8]}"
+        return f"@{file_safe(scored.stem)}"
+    return f"@{file_safe(scored.stem)}-{hashlib.sha256(str(scored).encode()).hexdigest()[:8]}"
 
 
 def scores_table(scores: SegmentationScores, class_names: list[str], title: str) -> Table:
@@ -156,6 +157,26 @@ def _predict_at_label_size(logits: torch.Tensor, batch: dict, span: tuple[float,
     return prediction
 
 
+def _predictions(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The argmax at each mask's size. Frames of one size run as one batch; frames of several
+    sizes (no ``data.resize``) run one by one, each padded as ``distill predict`` pads a lone
+    image: the batch's zero padding reaches into a frame through the model's context (and its
+    image-level pooling), so the scores would depend on ``data.eval_batch_size``."""
+    frames = batch["geometry"]["base_size"] if "geometry" in batch else None
+    if frames is None or bool((frames == frames[0]).all()):
+        logits, span = model_logits(model, batch["image"])
+        return _predict_at_label_size(logits, batch, span)
+    prediction = torch.zeros_like(batch["mask"])
+    for row in range(frames.shape[0]):
+        h, w = (int(v) for v in frames[row])
+        one = {"mask": batch["mask"][row:row + 1], "geometry": {"base_size": frames[row:row + 1]}}
+        if "label_size" in batch:
+            one["label_size"] = batch["label_size"][row:row + 1]
+        logits, span = model_logits(model, batch["image"][row:row + 1, :, :h, :w])
+        prediction[row:row + 1] = _predict_at_label_size(logits, one, span)
+    return prediction
+
+
 @torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
@@ -180,10 +201,8 @@ def evaluate_model(
     main = accelerator is None or accelerator.is_main_process
     for batch in track(loader, progress_label, enabled=main):
         with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-            logits, span = model_logits(model, batch["image"])
-        mask = batch["mask"]
-        counts = per_sample_confusion(_predict_at_label_size(logits, batch, span), mask, num_classes,
-                                      ignore_index)
+            prediction = _predictions(model, batch)
+        counts = per_sample_confusion(prediction, batch["mask"], num_classes, ignore_index)
         total += (accelerator.gather_for_metrics(counts) if accelerator is not None else counts).sum(0)
     model.train(was_training)
     return scores_from_confusion(total.cpu().reshape(num_classes, num_classes))

@@ -26,12 +26,13 @@ from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe
 from distill.data import DataError
 from distill.launch import TrainingError, is_launch_main
+from distill.models import ModelError
 from distill.fingerprint import digest, stage_inputs
 from distill.preflight import InputError, check_inputs
 from distill.progress import console
 from distill.run_folder import PROGRESS_FILE, StageFiles, stage_dir, stage_files
 from distill.stage_weights import trained_weights
-from distill.training import check_schedule, train
+from distill.training import check_models, check_schedule, train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")
 
@@ -93,6 +94,9 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     if recipe.train.resume is not None:
         raise InputError("train.resume is for `distill train`: `distill run` resumes each stage from its "
                          "own checkpoints (<output_dir>/<stage>/checkpoints/latest); leave it unset")
+    if recipe.eval.checkpoint is not None:  # compare and export would score and ship that file
+        raise InputError("eval.checkpoint is for `distill eval`, `compare` and `export` of other weights: "
+                         "`distill run` scores and exports the student it trains; leave it unset")
     stages = planned_stages(recipe)
     # Every local problem now, not stage by stage.
     check_inputs(recipe, needs_teacher_weights=False, planned=stages)
@@ -103,7 +107,8 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
         if stage in TRAINING_STAGES:
             try:
                 check_schedule(recipe, stage, processes)  # type: ignore[arg-type]
-            except (DataError, TrainingError) as error:
+                check_models(recipe, stage)  # type: ignore[arg-type]
+            except (DataError, ModelError, TrainingError) as error:
                 raise type(error)(f"the {stage} stage: {error}") from None
     main = is_launch_main()
     outcomes = []

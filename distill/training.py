@@ -44,6 +44,7 @@ from distill.preflight import check_inputs
 from distill.progress import console, make_progress, report
 from distill.run_folder import StageFiles, exclusive_folder, stage_dir
 from distill.teacher import Teacher, load_teacher
+from distill.teacher.sources import class_map_matrix
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, *more: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters (of ``model`` and ``more``, such as the feature
@@ -305,6 +306,34 @@ def check_schedule(recipe: Recipe, stage: Stage, num_processes: int = 1) -> None
     drops = getattr(loader.batch_sampler, "drop_last", False)
     share = len(loader) // num_processes if drops else math.ceil(len(loader) / num_processes)
     schedule_steps(recipe, share, len(loader.dataset), num_processes)
+
+
+def check_models(recipe: Recipe, stage: Stage) -> None:
+    """The set-up refusals that need the stage's models, built without their weights: an unknown
+    encoder, architecture or factory, a class map naming a class the models lack, a feature pair
+    a model does not have. ``distill run`` asks this of every training stage before the first one
+    writes (a misspelt student encoder must not be found after the teacher was retrained).
+
+    Raises:
+        ModelError, TrainingError: naming the setting to change.
+    """
+    info = dataset_info(recipe.data)
+    unweighted = {"encoder_weights": None, "checkpoint": None}  # nothing read or downloaded
+    model = build_model(stage_model(recipe, stage).model_copy(update=unweighted), info.num_classes)
+    spec = recipe.teacher
+    if stage != "student" or not recipe.distills or spec.source not in ("smp", "factory"):
+        return  # other teachers are files, checked when they are loaded, before any stage writes
+    teacher_classes = len(spec.class_names) if spec.class_names else info.num_classes
+    if spec.class_map is not None:
+        names = spec.class_names or [str(k) for k in range(teacher_classes)]
+        class_map_matrix(spec.class_map, names, info.class_names)
+    if recipe.loss.feature.kind != "none" and spec.mode == "stream":
+        teacher = build_model(spec.model_copy(update=unweighted), teacher_classes)
+        try:
+            FeatureDistillation(model, teacher, recipe.loss.feature.pairs, kind=recipe.loss.feature.kind,
+                                tau=recipe.loss.feature.tau, ignore_index=info.ignore_index)
+        except FeatureError as error:
+            raise TrainingError(f"loss.feature.pairs: {error}") from None
 
 
 def steps_per_epoch(micro_batches: int, grad_accum_steps: int) -> int:

@@ -108,9 +108,11 @@ def test_label_resolution_scores_each_mask_at_its_own_size(tmp_path, sizes):
     assert int(coarse.confusion.sum()) <= 48 * len(sizes) < int(scores.confusion.sum())
 
 
-def test_images_of_different_sizes_with_a_strided_model_are_scored_one_by_one(tmp_path):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_images_of_different_sizes_with_a_strided_model_are_scored_one_by_one(tmp_path, batch_size):
     """No data.resize: a batch pads images of different sizes; a model predicting at 1/2 must be
-    cut to each image's own area before the logits are resized to its mask."""
+    cut to each image's own area before the logits are resized to its mask, and its scores must
+    not depend on data.eval_batch_size (each image is padded as predict pads it alone)."""
     import numpy as np
     from PIL import Image
 
@@ -122,14 +124,15 @@ def test_images_of_different_sizes_with_a_strided_model_are_scored_one_by_one(tm
     from helpers import tiny_recipe
 
     class HalfResolution(torch.nn.Module):
-        # Per-pixel scores pooled 2x2: with even sizes no output cell mixes image and padding, so
-        # the batch (zero padding between images) and each image alone see the same pixels.
+        # Per-pixel scores pooled 2x2, plus the whole map's mean (image-level context, as
+        # DeepLabV3+'s pooling branch has): a batch's zero padding would shift every pixel's scores.
         def __init__(self):
             super().__init__()
             self.body = torch.nn.Conv2d(3, 3, 1)
 
         def forward(self, images):
-            return torch.nn.functional.avg_pool2d(self.body(images), 2)
+            scores = torch.nn.functional.avg_pool2d(self.body(images), 2)
+            return scores + 4 * scores.mean((2, 3), keepdim=True)
 
     rng = np.random.default_rng(1)
     sizes = [(40, 24), (24, 56), (32, 30)]
@@ -138,7 +141,8 @@ def test_images_of_different_sizes_with_a_strided_model_are_scored_one_by_one(tm
                               ("masks", rng.choice([0, 1, 2], (h, w)).astype(np.uint8))):
             (tmp_path / folder / "val").mkdir(parents=True, exist_ok=True)
             Image.fromarray(array).save(tmp_path / folder / "val" / f"s{k}.png")
-    data = DataConfig(dataset="folder", root=tmp_path, class_names=["a", "b", "c"], num_workers=0, batch_size=3)
+    data = DataConfig(dataset="folder", root=tmp_path, class_names=["a", "b", "c"], num_workers=0,
+                      batch_size=batch_size)
     torch.manual_seed(0)
     model = HalfResolution().eval()
     scores = evaluate_model(model, build_loader(data, "val", train=False, label_resolution=True),

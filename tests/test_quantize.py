@@ -15,12 +15,13 @@ from PIL import Image
 
 import distill.export.quantize
 from distill.cli import main as cli_main
-from distill.comparison import compare
+from distill.comparison import CompareError, compare
 from distill.config import RecipeError
 from distill.data import build_dataset, build_loader, dataset_info
 from distill.export import ExportError, export_onnx, export_student
 from distill.metrics import per_sample_confusion, scores_from_confusion
 from distill.pipeline import planned_stages
+from distill.run_folder import compare_dir
 from distill.export.predict import PredictError, predict
 from distill.export.quantize import float_operators, quantize_onnx
 from distill.training import train
@@ -226,6 +227,20 @@ def test_compare_leaves_out_an_export_for_another_fixed_size(int8_export, capsys
         config_path.write_text(original)
     assert "student_int8" not in report["models"] and "student" in report["models"]
     assert "holds graphs for 16x16 images only" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_compare_refuses_a_truncated_int8_student_by_name(int8_export):
+    recipe, out = int8_export
+    model = out / "student_int8.onnx"
+    original = model.read_bytes()
+    reports = {p: p.read_bytes() for p in compare_dir(recipe).glob("*") if p.is_file()}
+    try:
+        model.write_bytes(original[: len(original) // 2])  # a copy cut short
+        with pytest.raises(CompareError, match=r"student_int8\.onnx' cannot be loaded .*export the student again"):
+            compare(recipe, latency_runs=1, warmup_runs=0, num_examples=1)
+    finally:
+        model.write_bytes(original)
+    assert {p: p.read_bytes() for p in compare_dir(recipe).glob("*") if p.is_file()} == reports
 
 
 def test_int8_settings_are_validated_and_the_export_runs_before_compare(tmp_path):

@@ -134,10 +134,14 @@ def test_eval_of_other_weights_does_not_replace_the_stage_report(finished, tmp_p
         assert main(["eval", str(recipe), f"eval.checkpoint={other}"]) == 0
         assert main(["eval", str(recipe), f"eval.checkpoint={run}/student/last.safetensors"]) == 0
         assert json.loads((run / "student" / "eval_val.json").read_text()) == own
-        reports = sorted(p.name for p in (run / "student").glob("eval_val_*.json"))
-        assert len(reports) == 2 and "eval_val_last.json" in reports
+        reports = sorted(p.name for p in (run / "student").glob("eval_val@*.json"))
+        assert len(reports) == 2 and "eval_val@last.json" in reports
         scored = {json.loads((run / "student" / name).read_text())["checkpoint"] for name in reports}
         assert scored == {str(other), f"{run}/student/last.safetensors"}
+        # a split's own report never takes the name: a split 'val@last' is written 'val_last-<hash>'
+        from distill.data.splits import file_safe
+
+        assert "@" not in file_safe("val@last")
     finally:  # the module's finished run stays as the other tests expect it
         for report in (run / "student").glob("eval_*.json"):
             report.unlink()
@@ -247,7 +251,36 @@ def test_a_run_refused_by_a_later_stage_leaves_the_finished_run_byte_identical(t
     # train.resume names one checkpoint; distill run resumes each stage from its own.
     assert main(["run", str(recipe), f"train.resume={tmp_path / 'run' / 'student'}"]) == 2
     assert "train.resume is for `distill train`" in " ".join(capfd.readouterr().err.split())
+    # Refusals that need the students' models built, with the teacher's schedule changed (it
+    # would be retrained first); and eval.checkpoint, which compare and export would have used.
+    for refused, message in [
+        ("student.factory=helpers:no_such", "the baseline stage: factory 'helpers:no_such': 'helpers' has no function"),
+        ("teacher.class_map={0: 9}", "the student stage: teacher.class_map: student class 9 is out of range"),
+        ("loss.feature.pairs=[[7,-1]]", "the student stage: loss.feature.pairs: feature distillation reads"),
+        (f"eval.checkpoint={tmp_path / 'run' / 'baseline' / 'best.safetensors'}", "eval.checkpoint is for"),
+    ]:
+        feature = ["loss.feature.kind=hint"] if "feature" in refused else []
+        assert main(["run", str(recipe), "teacher_train.epochs=2", refused, *feature]) == 2, refused
+        assert message in " ".join(capfd.readouterr().err.split()), refused
     assert snapshot(tmp_path / "run") == before
+
+
+def test_eval_of_a_teacher_checkpoint_elsewhere_keeps_the_teacher_report(tmp_path):
+    import json
+    import shutil
+
+    recipe = write_recipe(tmp_path, teacher=True, **{"train.epochs": 1})
+    assert main(["train", str(recipe), "--stage", "teacher"]) == 0
+    folder = tmp_path / "run" / "teacher"
+    assert main(["eval", str(recipe), "--stage", "teacher"]) == 0
+    own = (folder / "eval_val.json").read_bytes()
+    other = tmp_path / "elsewhere" / "best.safetensors"
+    other.parent.mkdir()
+    shutil.copy(folder / "best.safetensors", other)
+    assert main(["eval", str(recipe), "--stage", "teacher", f"teacher.checkpoint={other}"]) == 0
+    assert (folder / "eval_val.json").read_bytes() == own
+    [report] = folder.glob("eval_val@best-*.json")
+    assert json.loads(report.read_text())["checkpoint"] == str(other)
 
 
 def test_missing_encoder_weights_file_is_bad_input_not_a_crash(tmp_path, capfd):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.data.splits import SplitError, parse_split, sample_group, select
+from distill.data.splits import SplitError, file_safe, parse_split, sample_group, select
 from distill.config import DataConfig, RecipeError, recipe_from_dict
 from distill.data import DataError, build_dataset
 
@@ -106,10 +106,17 @@ def test_everything_held_out_is_an_error(tmp_path):
     ("train:prefix=a,,b", "empty prefix"),
     ("train:fold=2/2", "0 <= K < N"),
     ("train:fold=a/3", "0 <= K < N"),
+    (".", "'.' and '..' are folders"),  # images/. of a folder layout: every split, and the store's root
+    ("train+..:prefix=a", "'.' and '..' are folders"),
 ])
 def test_malformed_selectors(text, message):
     with pytest.raises(SplitError, match=message):
         parse_split(text)
+
+
+def test_file_safe_never_names_the_folder_itself_or_its_parent():
+    assert file_safe(".").startswith(".-") and file_safe("..").startswith("..-")  # hashed: '.-<8 hex>'
+    assert file_safe("train") == "train"
 
 
 def test_recipe_validates_selectors_and_pattern_without_the_disk():

@@ -269,8 +269,9 @@ class EvalConfig(Section):
         None, description="split (or selector) `distill eval` and `distill compare` score; "
         "default: data.val_split"
     )
-    checkpoint: Path | None = Field(None, description="defaults to the run's best checkpoint; "
-                                    "other weights' report is eval_<split>_<file>.json")
+    checkpoint: Path | None = Field(None, description="weights `distill eval`, `compare` and `export` use "
+                                    "instead of the run's best (not `distill run`); their report is "
+                                    "eval_<split>@<file>.json")
     resolution: Literal["label", "frame"] = Field(
         "label", description="label: logits resized to each mask's own size before the argmax "
         "(as published scores are); frame: masks resized to data.resize (faster, not comparable). "

@@ -67,6 +67,8 @@ def parse_split(text: str) -> SplitSelector:
     splits = tuple(part.strip() for part in head.split("+"))
     if not head or any(not _NAME.fullmatch(s) for s in splits):
         raise SplitError(f"split '{text}': '{head}' must be split names joined by '+' (e.g. train+val)")
+    if any(not s.strip(".") for s in splits):  # a folder layout's images/. would be every split
+        raise SplitError(f"split '{text}': '.' and '..' are folders, not split names")
     if not sep:
         return SplitSelector(text, splits)
     kind, eq, value = group.partition("=")
@@ -90,7 +92,7 @@ def file_safe(split: str) -> str:
     """``split`` as a file or folder name: a selector such as ``train+val:fold=1/3`` is made
     safe, with a hash of the original so that two selectors never share a name."""
     safe = re.sub(r"[^A-Za-z0-9._+-]", "_", split)
-    if safe != split:
+    if safe != split or not safe.strip("."):  # '.' or '..' would name the folder itself or its parent
         safe = f"{safe}-{hashlib.sha256(split.encode()).hexdigest()[:8]}"
     return safe
 
