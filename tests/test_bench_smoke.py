@@ -113,7 +113,8 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     common = ["--out", str(tmp_path / "run"), "--data-root", str(camvid_root), "--seeds", "0",
               "train.epochs=1", "teacher_train.epochs=1", "data.max_samples=16", "train.warmup_steps=0",
-              "data.resize=[60,80]", "data.crop_size=[48,64]", "data.num_workers=0"]
+              "data.resize=[60,80]", "data.crop_size=[48,64]", "data.num_workers=0",
+              "teacher.encoder=resnet18", "eval.resolution=frame"]
     result = subprocess.run(
         [sys.executable, str(STUDIES / "camvid_kd.py"), *common, "--arms", "baseline",
          "--results", str(tmp_path / "camvid_kd.json")],
@@ -130,7 +131,7 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
     ensemble = tmp_path / "ensemble.safetensors"
     subprocess.run([sys.executable, str(STUDIES / "ensemble_teacher.py"), "--out", str(ensemble),
                     str(teacher), str(teacher)], cwd=REPO_ROOT, env=env, check=True, timeout=300)
-    member = "{arch: DeepLabV3Plus, encoder: resnet50}"
+    member = "{arch: DeepLabV3Plus, encoder: resnet18}"
     second = subprocess.run(
         [sys.executable, str(STUDIES / "camvid_kd.py"), *common, "--arms", "baseline,cache/kl_T2_w1",
          "--results", str(tmp_path / "ensemble.json"),
