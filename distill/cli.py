@@ -179,10 +179,10 @@ def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]
             raise
         _print_error(error)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if os.environ.get("DISTILL_DEBUG"):
             raise
-        console.print(Text(_interrupted(args, None if recipe is None else str(recipe.output_dir))),
+        console.print(Text(_interrupted(args, None if recipe is None else str(recipe.output_dir), interrupt)),
                       highlight=False)
         return 130  # 128 + SIGINT, as shells report it
     return 0
@@ -198,15 +198,24 @@ _AFTER_INTERRUPT = {
 }
 
 
-def _interrupted(args: argparse.Namespace, output_dir: str | None) -> str:
+def _interrupted(args: argparse.Namespace, output_dir: str | None,
+                 interrupt: KeyboardInterrupt | None = None) -> str:
     """What a Ctrl-C left, and the command that carries on with exactly this run: the same
-    recipe and overrides (its output_dir among them), plus ``train.resume`` for ``train``."""
+    recipe and overrides (its output_dir among them), plus ``train.resume`` for ``train`` once
+    the run has a checkpoint (before it, the same command starts it again)."""
     advice = _AFTER_INTERRUPT.get(args.command, "nothing was written half-way; run the command again")
     words = ["distill", args.command, args.recipe]
     if args.command in ("train", "eval"):
         words += ["--stage", args.stage]
-    overrides = [o for o in args.overrides if not o.startswith("train.resume=")]
-    if args.command == "train":
+    overrides = list(args.overrides)
+    # StoppedBeforeCheckpoint (distill.training), read by its attribute: no import of training here.
+    restored = getattr(interrupt, "earlier_run_restored", None)
+    if args.command == "train" and restored is not None:
+        advice = ("it had saved no checkpoint yet, so there is nothing to resume"
+                  + ("; the folder's earlier run is back as it was" if restored else "")
+                  + ": start it again with `{command}`")
+    elif args.command == "train":
+        overrides = [o for o in overrides if not o.startswith("train.resume=")]
         output = output_dir or "<output_dir>"
         overrides.append(f"train.resume={output}/{args.stage}")
     command = shlex.join(words + overrides)

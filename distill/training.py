@@ -75,6 +75,15 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class StoppedBeforeCheckpoint(KeyboardInterrupt):
+    """Ctrl-C before a run from the start saved its first checkpoint: there is nothing of it to
+    resume. ``earlier_run_restored``: the folder's earlier run, set aside, is back as it was."""
+
+    def __init__(self, earlier_run_restored: bool) -> None:
+        super().__init__()
+        self.earlier_run_restored = earlier_run_restored
+
+
 @dataclass
 class TrainResult:
     """What a training run produced."""
@@ -107,6 +116,7 @@ class _Run:
     total_steps: int
     teacher_module: bool  # the caller's own teacher, not the recipe's
     started: bool = False  # has the run written its folder yet (see _start_writing)
+    checkpointed: bool = False  # has it saved a checkpoint that train.resume can continue
 
     @property
     def main(self) -> bool:
@@ -194,9 +204,13 @@ def train(
                     _train_one_epoch(run, state, epoch, progress, bars[1])
                     _validate_and_checkpoint(run, state, epoch, progress, bars[0])
                     progress.advance(bars[0])
-        except BaseException:
+        except BaseException as error:
             if run.main and not run.resumes_own_run:  # no weights of its own yet: the earlier run returns
+                restored = run.files.set_aside.is_dir()
                 run.files.restore_set_aside()
+                if isinstance(error, KeyboardInterrupt) and not run.checkpointed:
+                    # No checkpoint of this run to resume: the CLI says so instead of train.resume.
+                    raise StoppedBeforeCheckpoint(restored) from None
             raise
         # Not accelerator.end_training(): it also destroys the process group, which the next stage
         # of `distill run` in this process still needs. The CLI closes the group once, at exit.
@@ -474,6 +488,7 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
         save_weights(accelerator, unwrapped, run.files.last)
         _drop_earlier_run(run)
         save_checkpoint(accelerator, run.dir, state)
+        run.checkpointed = True  # this run can be resumed from its folder
 
 
 def _drop_earlier_run(run: _Run) -> None:

@@ -325,7 +325,8 @@ def test_a_run_that_does_not_distil_exports_without_teacher_weights(tmp_path):
     assert (tmp_path / "run" / "export" / "student.onnx").is_file()
 
 
-def test_a_fresh_run_stopped_before_its_first_weights_gives_the_earlier_run_back_whole(tmp_path, monkeypatch):
+def test_a_fresh_run_stopped_before_its_first_weights_gives_the_earlier_run_back_whole(tmp_path, monkeypatch,
+                                                                                      capfd):
     import distill.training
 
     recipe = write_recipe(tmp_path)
@@ -337,9 +338,16 @@ def test_a_fresh_run_stopped_before_its_first_weights_gives_the_earlier_run_back
         raise KeyboardInterrupt
 
     monkeypatch.setattr(distill.training, "_validate_and_checkpoint", stopped)
+    capfd.readouterr()
     assert main(["train", str(recipe), "train.lr=0.02"]) == 130  # its first step ran, then a stop
     # Its checkpoint and weights together: never the checkpoint of one run beside another's weights.
     assert snapshot(tmp_path / "run") == before
+    # Nothing of the stopped run to resume (train.resume would name the earlier, finished run).
+    captured = capfd.readouterr()
+    said = " ".join((captured.out + captured.err).split())
+    assert "it had saved no checkpoint yet, so there is nothing to resume; the folder's earlier run is back" in said
+    assert f"start it again with `distill train {recipe} --stage student train.lr=0.02`" in said
+    assert "train.resume" not in said
 
 
 def test_a_cached_teacher_cannot_label_a_dataset_of_your_own(tmp_path):
