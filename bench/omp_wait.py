@@ -12,7 +12,7 @@ a second training job would). Settings are interleaved ABBA-style across repetit
 figure is the median step time over its runs.
 
 Usage: ``python bench/omp_wait.py [--reps 2] [--steps 6] [--batch 8] [--size 192 256]
-[--conditions idle,shared]``; about 4 minutes on 2 cores.
+[--conditions idle,shared] [--settings NAME,...]``; about 4 minutes on 2 cores.
 Results: ``bench/results/omp_wait.json`` and a table on stdout.
 """
 
@@ -96,6 +96,8 @@ def main() -> None:
                         help="image size (the recipe's crop)")
     parser.add_argument("--conditions", default="idle,shared",
                         help="comma-separated: idle, shared (beside a competing process)")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"comma-separated, the first is the reference (default: all: {', '.join(SETTINGS)})")
     parser.add_argument("--out", type=Path, default=Path("bench/results/omp_wait.json"))
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--competitor", action="store_true", help=argparse.SUPPRESS)
@@ -110,7 +112,9 @@ def main() -> None:
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     if not conditions or set(conditions) - {"idle", "shared"}:
         parser.error(f"--conditions {args.conditions!r}: give idle, shared or both")
-    names = list(SETTINGS)
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    if not names or set(names) - set(SETTINGS):
+        parser.error(f"--settings {args.settings!r}: give names among {', '.join(SETTINGS)}")
     results: dict[str, dict[str, list[float]]] = {}
     for condition in conditions:
         competitor = None
