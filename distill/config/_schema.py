@@ -344,6 +344,7 @@ class Recipe(Section):
         default_factory=dict,
         description="`train` keys that differ for the teacher stage (e.g. `{epochs: 40}`): a "
         "teacher worth learning from usually needs a longer schedule than its students",
+        json_schema_extra={"changes": ["teacher"]},
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
