@@ -116,3 +116,19 @@ def test_padding_asks_the_encoder_for_its_output_stride():
     with torch.no_grad():
         padded = torch.nn.functional.pad(images, (0, 96 - 72, 0, 64 - 40), mode="replicate")
         assert torch.equal(forward_padded(unet, images), unet(padded)[..., :40, :72])
+
+
+def test_a_quarter_resolution_map_is_cut_exactly_where_the_input_ends():
+    from distill.models import forward_padded
+
+    quarter = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.AvgPool2d(4)).eval()
+    images = torch.randn(2, 3, 50, 72)  # padded to 64x96: 50 rows end inside the 13th output row
+    with torch.no_grad():
+        whole = quarter(torch.nn.functional.pad(images, (0, 24, 0, 14), mode="replicate"))
+        reference = torch.nn.functional.interpolate(whole, size=(64, 96), mode="bilinear",
+                                                    align_corners=False)[..., :50, :72]
+        torch.testing.assert_close(forward_padded(quarter, images), reference)
+        # Whole output pixels (52 rows: 13 of them) stay at 1/4.
+        aligned = torch.randn(1, 3, 52, 72)
+        expected = quarter(torch.nn.functional.pad(aligned, (0, 24, 0, 12), mode="replicate"))[..., :13, :18]
+        assert torch.equal(forward_padded(quarter, aligned), expected)

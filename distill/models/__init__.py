@@ -207,13 +207,21 @@ def forward_padded(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     logits are cropped back to the input's area, so callers see the shape they passed (or, for a
     model that predicts at 1/4 like SegFormer, the part of its smaller map that covers the
     input). A module with ``pads_itself = True`` (a wrapped teacher) is called as it is.
+
+    When the input ends inside an output pixel (a map at 1/4 of 50 rows), the whole map is
+    upsampled to the padded input first and then cut, so the logits come at the input's size:
+    a crop to whole output pixels would be stretched onto the input by whoever resizes it.
     """
     height, width = images.shape[-2:]
     logits, (padded_h, padded_w) = run_padded(model, images)
     if (padded_h, padded_w) == (height, width):
         return logits
     out_h, out_w = logits.shape[-2:]
-    return logits[..., : -(-height * out_h // padded_h), : -(-width * out_w // padded_w)]
+    if (height * out_h) % padded_h or (width * out_w) % padded_w:
+        logits = torch.nn.functional.interpolate(logits, size=(padded_h, padded_w), mode="bilinear",
+                                                 align_corners=False)
+        return logits[..., :height, :width]
+    return logits[..., : height * out_h // padded_h, : width * out_w // padded_w]
 
 
 def run_padded(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
