@@ -205,12 +205,13 @@ def train(
                     _validate_and_checkpoint(run, state, epoch, progress, bars[0])
                     progress.advance(bars[0])
         except BaseException as error:
+            restored = False
             if run.main and not run.resumes_own_run:  # no weights of its own yet: the earlier run returns
                 restored = run.files.set_aside.is_dir()
                 run.files.restore_set_aside()
-                if isinstance(error, KeyboardInterrupt) and not run.checkpointed:
-                    # No checkpoint of this run to resume: the CLI says so instead of train.resume.
-                    raise StoppedBeforeCheckpoint(restored) from None
+            if isinstance(error, KeyboardInterrupt) and not run.resumes_own_run and not run.checkpointed:
+                # No checkpoint of this run to resume: the CLI says so instead of train.resume.
+                raise StoppedBeforeCheckpoint(restored) from None
             raise
         # Not accelerator.end_training(): it also destroys the process group, which the next stage
         # of `distill run` in this process still needs. The CLI closes the group once, at exit.
