@@ -132,6 +132,27 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     --reference baseline/fm+epochs160 --results bench/studies/results/camvid_pretrained_r5_few_fm.json \
     data.labelled_fraction=0.25 train.eval_every_epochs=40 train.checkpoint_every_epochs=40
 
+# Sixth and seventh rounds: frames of the deployment scenes without masks. The first 45 frames of
+# 0006R0 join the training as images without masks, its last 51 are scored (the teacher's TTA
+# score there: its own eval below); with all 367 masks (the sixth round; docs/results.md has
+# SEEDS=0,1,2), then with every 16th (the seventh). Their own store: the 367 frames and the 45.
+SPL=bench/studies/splits
+TARGET=("data.train_split=train+val:prefix=0001TP,0016E5" "cache.splits=['train+val:prefix=0001TP,0016E5']"
+        "data.val_split=train+val:list=$SPL/camvid_0006R0_last51.txt"
+        "data.unlabelled=[{split: 'train+val:list=$SPL/camvid_0006R0_first45.txt'}]")
+TEACHER_FULLRES=(--teacher-checkpoint "$TEACHER" --teacher-override "cache.teacher_resize=[360,480]" "${ONE_VIEW[@]}")
+ls "$OUT/target_teacher_eval_tta"/teacher/eval_*.json > /dev/null 2>&1 || \
+  $PY -m distill eval $RECIPE --stage teacher checkpoint="$TEACHER" data.root="$DATA" data.resize=[360,480] \
+      "data.val_split=train+val:list=$SPL/camvid_0006R0_last51.txt" output_dir="$OUT/target_teacher_eval_tta" \
+      > "$OUT/target_teacher_eval_tta.log" 2>&1
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/target" "${TEACHER_FULLRES[@]}" \
+    --seeds "$SEEDS" --arms baseline,kd_cache --results bench/studies/results/camvid_pretrained_r6_target.json \
+    "${TARGET[@]}" data.unlabelled_ratio=0.25 "${ALL[@]}"
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/target_sixteenth" "${TEACHER_FULLRES[@]}" \
+    --cache-dir "$OUT/target/cache" --seeds "$SEEDS" --arms baseline,kd_cache \
+    --results bench/studies/results/camvid_pretrained_r7_target_sixteenth.json "${TARGET[@]}" \
+    data.labelled_fraction=0.0625 train.epochs=460 train.eval_every_epochs=115 train.checkpoint_every_epochs=115
+
 # The CWD student in INT8: mIoU through onnxruntime on the held-out frames (export's parity.json),
 # with the recipe's graph for 240x320 only (export.fixed_size) and with a graph for any size; then
 # latency of both against FP32 at 240x320 on 2 threads (idle cores).
