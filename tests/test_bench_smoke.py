@@ -53,6 +53,30 @@ def test_export_latency_bench(tmp_path):
     assert report["int8_fixed"]["int8_bytes"] > 0
 
 
+def test_throughput_bench_falls_back_to_synthetic_images_of_the_camvid_recipe(tmp_path):
+    # Without CamVid on disk the bench measures synthetic frames of its shape: the recipe's
+    # held-out selector (train+val:prefix=0006R0) must not reach a dataset without such names.
+    import argparse
+
+    from distill.cache.reader import cache_dataset
+    from distill.data import build_dataset
+
+    paths = [str(REPO_ROOT), str(REPO_ROOT / "bench")]  # bench.cache, and benchlib beside it
+    sys.path[:0] = paths
+    try:
+        from bench.throughput import build_recipes
+    finally:
+        for path in paths:
+            sys.path.remove(path)
+    args = argparse.Namespace(recipe="recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml", cache_samples=4,
+                              data_root=str(tmp_path / "no_camvid"))
+    recipe, full, _ = build_recipes(args, tmp_path, synthetic=True)
+    assert recipe.data.dataset == "synthetic"
+    assert [len(cache_dataset(recipe, split)) for split in recipe.cache.splits] == [4]  # --cache-samples
+    assert [len(build_dataset(full.data, split, train=False))
+            for split in (full.data.train_split, full.data.val_split)] == [367, 101]
+
+
 def test_cache_bench(tmp_path):
     report = run_bench("cache.py", "--recipe", QUICKSTART, "--cache-samples", "16", "--fidelity-samples", "1",
                        "--rounds", "1", "--batches", "1", tmp_path=tmp_path)
