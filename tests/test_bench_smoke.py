@@ -37,7 +37,36 @@ def run_bench(script: str, *args: str, tmp_path: Path, timeout: int = 600) -> di
 def test_kd_loss_bench(tmp_path, loss):
     report = run_bench("kd_loss.py", "--loss", loss, "--shape", "1", "3", "8", "8", "--repeats", "1",
                        tmp_path=tmp_path)
-    assert report["rows"][0]["peak_ratio"] == 1.0 and len(report["rows"]) >= 2
+    assert report["rows"][0]["peak_ratio"] == 1.0 and len(report["rows"]) >= 3
+    peer = next(row for row in report["rows"] if row["variant"].startswith("peer_"))
+    fused = next(row for row in report["rows"] if row["variant"] == "fused")
+    assert fused["time_ratio_to_fastest_peer"] == pytest.approx(fused["time_s"] / peer["time_s"])
+    assert "loss_rel_diff" not in peer and "meets_targets" in fused
+
+
+def test_kd_loss_bench_peers_compute_the_same_losses_as_distill_without_void():
+    # With no void pixel, the peers differ from distill's losses only by their mean: mmrazor's
+    # and torchdistill's batchmean KL is distill's per-pixel mean times H*W; DIST is the same.
+    import importlib.util
+
+    import torch
+
+    from distill.losses import dist_loss, kd_loss
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("kd_loss_bench", REPO_ROOT / "bench" / "kd_loss.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = (torch.randn(2, 5, 6, 7, generator=generator, dtype=torch.float64) * 3 for _ in range(2))
+    for temperature in (1.0, 4.0):
+        torch.testing.assert_close(bench._peer_kl_div(torch, student, teacher, temperature),
+                                   kd_loss(student, teacher, temperature=temperature) * 6 * 7)
+        torch.testing.assert_close(bench._peer_dist(torch, student, teacher, temperature),
+                                   dist_loss(student, teacher, temperature=temperature), rtol=1e-6, atol=1e-8)
 
 
 def test_export_latency_bench(tmp_path):
