@@ -137,7 +137,10 @@ def _peer_kl_div(torch: Any, s: Any, t: Any, temperature: float) -> Any:
     image's area, so only its speed and memory are compared)."""
     import torch.nn.functional as F
 
-    return F.kl_div(F.log_softmax(s / temperature, dim=1), F.softmax(t.detach() / temperature, dim=1),
+    if s.dtype in (torch.float16, torch.bfloat16):  # as autocast runs them: the sum overflows fp16
+        s, t = s.float(), t.float()
+    t = t.detach()
+    return F.kl_div(F.log_softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1),
                     reduction="batchmean") * temperature**2
 
 
@@ -146,6 +149,8 @@ def _peer_dist(torch: Any, s: Any, t: Any, temperature: float, eps: float = 1e-8
     one row per pixel, void ones included: Pearson correlation between softmax rows (inter-class)
     and between class columns (intra-class)."""
     c = s.shape[1]
+    if s.dtype in (torch.float16, torch.bfloat16):  # as autocast runs a softmax
+        s, t = s.float(), t.float()
     y_s = (s.permute(0, 2, 3, 1).reshape(-1, c) / temperature).softmax(dim=1)
     y_t = (t.detach().permute(0, 2, 3, 1).reshape(-1, c) / temperature).softmax(dim=1)
 

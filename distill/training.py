@@ -79,8 +79,8 @@ class StoppedBeforeCheckpoint(KeyboardInterrupt):
     """Ctrl-C before a run from the start saved its first checkpoint: there is nothing of it to
     resume. ``earlier_run_restored``: the folder's earlier run, set aside, is back as it was."""
 
-    def __init__(self, earlier_run_restored: bool) -> None:
-        super().__init__()
+    def __init__(self, earlier_run_restored: bool = False) -> None:
+        super().__init__(earlier_run_restored)  # in args too: the exception pickles whole
         self.earlier_run_restored = earlier_run_restored
 
 
@@ -190,9 +190,14 @@ def train(
     set_seed(recipe.train.seed)
     # One writer per stage folder, from before its first write to the end of the run.
     with exclusive_folder(run_dir, accelerator):
-        run = _set_up(recipe, stage, run_dir, accelerator, teacher=teacher, student=student,
-                      train_dataset=train_dataset, val_dataset=val_dataset)
-        state = _initial_state(run, fingerprint)
+        try:
+            run = _set_up(recipe, stage, run_dir, accelerator, teacher=teacher, student=student,
+                          train_dataset=train_dataset, val_dataset=val_dataset)
+            state = _initial_state(run, fingerprint)
+        except KeyboardInterrupt:
+            if recipe.train.resume is None:  # a fresh run has written nothing yet: nothing to resume
+                raise StoppedBeforeCheckpoint(False) from None
+            raise
         cfg = recipe.train
         try:
             with make_progress(enabled=run.main) as progress:
@@ -337,7 +342,7 @@ def check_models(recipe: Recipe, stage: Stage) -> None:
     model = build_model(stage_model(recipe, stage).model_copy(update=unweighted), info.num_classes)
     spec = recipe.teacher
     if stage != "student" or not recipe.distills or spec.source not in ("smp", "factory"):
-        return  # other teachers are files, checked when they are loaded, before any stage writes
+        return  # teachers given by a path are loaded, and their class maps checked, in their stage
     teacher_classes = len(spec.class_names) if spec.class_names else info.num_classes
     if spec.class_map is not None:
         names = spec.class_names or [str(k) for k in range(teacher_classes)]

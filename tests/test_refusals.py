@@ -348,6 +348,27 @@ def test_a_fresh_run_stopped_before_its_first_weights_gives_the_earlier_run_back
     assert "it had saved no checkpoint yet, so there is nothing to resume; the folder's earlier run is back" in said
     assert f"start it again with `distill train {recipe} --stage student train.lr=0.02`" in said
     assert "train.resume" not in said
+    import pickle
+
+    from distill.training import StoppedBeforeCheckpoint
+
+    again = pickle.loads(pickle.dumps(StoppedBeforeCheckpoint(True)))  # process pools pickle it
+    assert isinstance(again, KeyboardInterrupt) and again.earlier_run_restored is True
+
+
+def test_ctrl_c_during_set_up_of_a_fresh_run_offers_no_resume(tmp_path, monkeypatch, capfd):
+    import distill.training
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.training, "_set_up", stopped)  # loading a teacher, scanning data
+    recipe = write_recipe(tmp_path)
+    assert main(["train", str(recipe)]) == 130
+    captured = capfd.readouterr()
+    said = " ".join((captured.out + captured.err).split())
+    assert "it had saved no checkpoint yet, so there is nothing to resume: start it again with" in said
+    assert "train.resume" not in said and not (tmp_path / "run" / "student" / "checkpoints").exists()
 
 
 def test_a_cached_teacher_cannot_label_a_dataset_of_your_own(tmp_path):
