@@ -11,7 +11,7 @@
 # the second seed of those comparisons, the from-scratch MobileNetV3-Large student, every 16th
 # mask; DIST and function matching; the CWD student's INT8 export (mIoU through onnxruntime,
 # graphs for one size and for any) and its latency against FP32.
-# Results: bench/studies/results/camvid_pretrained_r{2,3,4,5}_*.json, target_accuracy_*.json; tables
+# Results: bench/studies/results/camvid_pretrained_r{2..7}_*.json, target_accuracy_*.json; tables
 # on stdout (docs/results.md).
 # The first round (a 16-epoch teacher, pixel KL at T=2 on every labelled pixel, a stride-2 store):
 #   git show 78771aa:bench/studies/camvid_pretrained.sh
