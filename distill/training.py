@@ -348,12 +348,8 @@ def check_models(recipe: Recipe, stage: Stage) -> None:
         names = spec.class_names or [str(k) for k in range(teacher_classes)]
         class_map_matrix(spec.class_map, names, info.class_names)
     if recipe.loss.feature.kind != "none" and spec.mode == "stream":
-        teacher = build_model(spec.model_copy(update=unweighted), teacher_classes)
-        try:
-            FeatureDistillation(model, teacher, recipe.loss.feature.pairs, kind=recipe.loss.feature.kind,
-                                tau=recipe.loss.feature.tau, ignore_index=info.ignore_index)
-        except FeatureError as error:
-            raise TrainingError(f"loss.feature.pairs: {error}") from None
+        teacher = Teacher(build_model(spec.model_copy(update=unweighted), teacher_classes))
+        feature_distillation(recipe, model, teacher, info.ignore_index)  # the run's own check
 
 
 def steps_per_epoch(micro_batches: int, grad_accum_steps: int) -> int:
