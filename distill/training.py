@@ -341,13 +341,23 @@ def check_models(recipe: Recipe, stage: Stage) -> None:
     unweighted = {"encoder_weights": None, "checkpoint": None}  # nothing read or downloaded
     model = build_model(stage_model(recipe, stage).model_copy(update=unweighted), info.num_classes)
     spec = recipe.teacher
-    if stage != "student" or not recipe.distills or spec.source not in ("smp", "factory"):
-        return  # teachers given by a path are loaded, and their class maps checked, in their stage
+    if stage != "student" or not recipe.distills:
+        return
+    features = recipe.loss.feature.kind != "none" and spec.mode == "stream"
+    if spec.source not in ("smp", "factory"):
+        # A teacher given by a path (hub, transformers, ONNX, torchvision) is known only once
+        # loaded: its class names and count come from the file. A cached run's cache stage loads
+        # it before any student trains; a streamed one would first meet it here, after the baseline.
+        if spec.mode == "stream" and (spec.class_map is not None or features):
+            teacher = load_teacher(recipe, info.num_classes)  # refuses a class map it does not fit
+            if features:
+                feature_distillation(recipe, model, teacher, info.ignore_index)
+        return
     teacher_classes = len(spec.class_names) if spec.class_names else info.num_classes
     if spec.class_map is not None:
         names = spec.class_names or [str(k) for k in range(teacher_classes)]
         class_map_matrix(spec.class_map, names, info.class_names)
-    if recipe.loss.feature.kind != "none" and spec.mode == "stream":
+    if features:
         teacher = Teacher(build_model(spec.model_copy(update=unweighted), teacher_classes))
         feature_distillation(recipe, model, teacher, info.ignore_index)  # the run's own check
 

@@ -265,6 +265,19 @@ def test_a_run_refused_by_a_later_stage_leaves_the_finished_run_byte_identical(t
     assert snapshot(tmp_path / "run") == before
 
 
+def test_a_streamed_onnx_teachers_bad_class_map_is_refused_before_the_baseline_trains(tmp_path, capfd):
+    from helpers import onnx_teacher
+
+    onnx_teacher(tmp_path / "teacher.onnx")  # 4 classes, like the student's data
+    recipe = write_recipe(tmp_path, teacher=True, **{
+        "teacher.source": "onnx", "teacher.path": str(tmp_path / "teacher.onnx"), "teacher.mode": "stream",
+        "teacher.class_map": "{0: 0, 1: 1, 2: 2, 7: 3}", "train.epochs": 1})
+    assert main(["run", str(recipe)]) == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert "the student stage: teacher.class_map: teacher class 7 is out of range 0..3" in err
+    assert not (tmp_path / "run").exists()  # the baseline was not trained first
+
+
 def test_eval_of_a_teacher_checkpoint_elsewhere_keeps_the_teacher_report(tmp_path):
     import json
     import shutil
