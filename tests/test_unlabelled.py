@@ -50,7 +50,7 @@ def test_unlabelled_sources_folder_split_and_synthetic(tmp_path):
     dataset = build_dataset(cfg, "train", train=False, unlabelled=True)
     ids = [dataset.sample_id(i) for i in range(len(dataset))]
     assert len(ids) == 12 + 3 + 4 + 5 and len(set(ids)) == len(ids)
-    assert ids[12] == "unlabelled/cam1/f0.jpg" and ids[15] == "unlabelled/synthetic/test/000000"
+    assert ids[12] == f"unlabelled/{(folder / 'f0.jpg').resolve().as_posix()}" and ids[15] == "unlabelled/synthetic/test/000000"
     assert ids[-1] == "unlabelled/synthetic/unlabelled/000004"  # a stream of its own
     assert dataset[12]["image"].shape == (3, 20, 30) and not bool(dataset[12]["labelled"])
     with pytest.raises(ValueError, match="exactly one of split, folder, synthetic"):
@@ -160,6 +160,35 @@ def test_one_logit_cache_serves_every_labelled_fraction(tmp_path):
     for index in range(len(training)):  # each sample is served its own image's logits
         assert torch.equal(training[index]["image"], rows[int(teacher.rows[index])]["image"])
     assert sorted(teacher.rows.tolist()) == list(range(len(rows)))
+
+
+def test_folders_of_the_same_file_names_and_the_generator_seed_each_get_their_own_targets(tmp_path):
+    from distill.cache import CacheError, cache_dataset, load_cached_teacher, open_store, write_cache
+    from distill.training import train
+
+    for name, shade in (("a", 30), ("b", 220)):  # the same file names, other images
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((32, 32, 3), shade, dtype=np.uint8)).save(tmp_path / name / "frame_0.png")
+    both = tiny_recipe(tmp_path, teacher=True, **{  # masks dropped: rows found by sample id
+        "teacher.mode": "cache", "data.resize": "[32, 32]", "train.epochs": 1, "data.labelled_fraction": 0.5,
+        "data.unlabelled": f"[{{folder: {tmp_path / 'a'}}}, {{folder: {tmp_path / 'b'}}}, {{synthetic: 2}}]"})
+    train(both, "teacher")
+    write_cache(both)
+    teacher, rows = load_cached_teacher(both, 4), cache_dataset(both, "train")
+    training = build_dataset(both.data, "train", train=False, unlabelled=True)
+    assert len(training) == 24 + 2 + 2 and len(rows) == len(training) and teacher.rows is not None
+    for index in range(len(training)):  # each image is served its own targets
+        assert torch.equal(training[index]["image"], rows[int(teacher.rows[index])]["image"])
+    # Another folder, or another generator seed for the unlabelled stream: the store is stale.
+    for changed, key in (({"data.unlabelled": f"[{{folder: {tmp_path / 'b'}}}, {{synthetic: 2}}]"},
+                          "split_files_sha256"),
+                         ({"data.synthetic.seed": 1}, "dataset_options")):
+        other = tiny_recipe(tmp_path, teacher=True, **{
+            "teacher.mode": "cache", "data.resize": "[32, 32]", "train.epochs": 1, "data.labelled_fraction": 0.5,
+            "data.unlabelled": f"[{{folder: {tmp_path / 'a'}}}, {{folder: {tmp_path / 'b'}}}, {{synthetic: 2}}]",
+            **changed})
+        with pytest.raises(CacheError, match=key):
+            open_store(other)
 
 
 def test_pseudo_labels_are_the_teachers_confident_top_class_at_unlabelled_pixels():

@@ -110,7 +110,8 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
         "teacher_input": {"mean": list(teacher.mean or data.mean), "std": list(teacher.std or data.std)},
         "dataset": data.dataset,
         "dataset_root": str(Path(data.root).resolve()) if data.root is not None else None,
-        "dataset_options": data.synthetic.model_dump(mode="json") if data.dataset == "synthetic" else None,
+        "dataset_options": (data.synthetic.model_dump(mode="json") if data.dataset == "synthetic"
+                            or any(entry.synthetic for entry in data.unlabelled) else None),
         "split": split,
         "split_files_sha256": _ids_digest(ids),
         "num_samples": len(ids),

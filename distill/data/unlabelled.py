@@ -38,7 +38,9 @@ class FolderImages:
         return len(self.paths)
 
     def sample_id(self, index: int) -> str:
-        return f"unlabelled/{self.paths[index].relative_to(self.folder).as_posix()}"
+        # The whole path: two folders may hold the same file names, and a store of the teacher's
+        # targets is keyed by these ids (and made stale by a change of folder).
+        return f"unlabelled/{self.paths[index].resolve().as_posix()}"
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(self.paths[index])
