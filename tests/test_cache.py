@@ -540,3 +540,16 @@ def test_a_wrong_split_name_leaves_a_complete_store_as_it_was(written, tmp_path)
     with pytest.raises(ValueError, match="'nosuch'"):
         write_cache(wrong)
     assert store_files(store) == before
+
+
+def test_a_cache_dir_that_is_not_a_store_is_refused_before_anything_is_deleted(written, tmp_path):
+    _, recipe = written
+    user_data = tmp_path / "camvid"  # cache.dir mistyped onto a dataset root
+    (user_data / "train").mkdir(parents=True)
+    (user_data / "train" / "0001TP_006690.png").write_bytes(b"a frame")
+    wrong = recipe.model_copy(update={"cache": recipe.cache.model_copy(update={"dir": user_data})})
+    with pytest.raises(CacheError, match=r"train' holds '0001TP_006690.png', which a logit store never writes: "
+                                         r"cache.dir '.*camvid' is not a logit store"):
+        write_cache(wrong)
+    assert (user_data / "train" / "0001TP_006690.png").read_bytes() == b"a frame"
+    assert sorted(p.name for p in user_data.rglob("*")) == ["0001TP_006690.png", "train"]

@@ -320,6 +320,28 @@ def _differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
             for key in keys if stored.get(key) != expected.get(key)]
 
 
+def check_store_folder(folder: Path, splits: Sequence[str]) -> None:
+    """Refuse to rewrite a split folder that holds files a store does not write.
+
+    A split whose folder is not in the manifest is rewritten from scratch: were ``cache.dir``
+    mistyped onto a dataset's root (which holds ``train/``), that would delete the user's files.
+
+    Raises:
+        CacheError: naming the folder and the first foreign file.
+    """
+    for split in splits:
+        split_dir = split_folder(folder, split)
+        if not split_dir.is_dir():
+            continue
+        foreign = sorted(p.name for p in split_dir.iterdir()
+                         if not (p.is_file() and (p.suffix == ".npy" or p.name == "index.json"
+                                                  or p.name.startswith("."))))
+        if foreign:
+            raise CacheError(f"'{split_dir}' holds '{foreign[0]}'{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, "
+                             f"which a logit store never writes: cache.dir '{folder}' is not a logit store "
+                             "(set cache.dir to a new or empty folder); nothing was changed")
+
+
 def _prepare_split(rest_temperature: float, split: str, folder: Path, fingerprint: dict[str, Any],
                    ids: list[str]) -> str:
     """Main process: make the split's folder ready to (re)write; returns what it found."""

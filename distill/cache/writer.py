@@ -50,6 +50,7 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     # Every split is found before the first is (re)written: a wrong name in cache.splits must
     # not cost a complete store of the splits before it.
     datasets = {split: cache_dataset(stream, split) for split in (splits or stream.cache.splits)}
+    store_ops.check_store_folder(folder, list(datasets))
     teacher = load_teacher(stream, info.num_classes).to(accelerator.device)
     with exclusive_folder(folder, accelerator):  # one writer per store
         for split, dataset in datasets.items():
