@@ -29,9 +29,14 @@ def external_weights(source: str, path: Path) -> Path:
     raise ModelError(f"teacher.path '{path}' is not a {what} folder (no model.safetensors)")
 
 
+def is_hub_id(repo_id: str) -> bool:
+    """``owner/name``, and not a path on this machine."""
+    return repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~")) and not Path(repo_id).exists()
+
+
 def hub_folder(repo_id: str) -> Path:
     """The local folder of a hub model, downloaded if needed; a clear error without a network."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")) or Path(repo_id).exists():
+    if not is_hub_id(repo_id):
         raise ModelError(f"teacher.path '{repo_id}' is not a model folder (tried "
                          f"'{Path(repo_id).absolute()}'), nor a hub id (owner/name)")
     try:

@@ -416,3 +416,19 @@ def test_encoder_weights_with_a_factory_are_refused(tmp_path):
 
     with pytest.raises(RecipeError, match="encoder_weights is for smp models"):
         tiny_recipe(tmp_path, **{"model.encoder_weights": str(tmp_path / "w.safetensors")})
+
+
+def test_a_missing_teacher_path_is_found_before_any_stage_runs(tmp_path, capfd):
+    recipe = write_recipe(tmp_path, teacher=True, **{"train.epochs": 1, "run.compare": "false",
+                                                     "run.export": "false"})
+    assert main(["run", str(recipe)]) == 0
+    before = snapshot(tmp_path / "run")
+    capfd.readouterr()
+    missing = tmp_path / "nope.onnx"
+    for source, path, message in [
+        ("onnx", missing, f"teacher.path '{missing}' does not exist or is not a file (teacher.source onnx)"),
+        ("transformers", tmp_path / "no_folder", "is not a model folder (tried"),
+    ]:  # with a changed learning rate, the baseline would be retrained first
+        assert main(["run", str(recipe), f"teacher.source={source}", f"teacher.path={path}", "train.lr=0.02"]) == 2
+        assert message in " ".join(capfd.readouterr().err.split()), source
+    assert snapshot(tmp_path / "run") == before
