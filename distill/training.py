@@ -174,6 +174,11 @@ def train(
     """
     if teacher is not None and stage != "student":
         raise TrainingError(f"a teacher module distils into the student; stage '{stage}' trains alone")
+    source = recipe.teacher.source if stage == "teacher" and recipe.teacher is not None else "smp"
+    if source not in ("smp", "factory") and student is None:
+        given = f"teacher.path ('{recipe.teacher.path}')" if recipe.teacher.path else "teacher.checkpoint"
+        raise TrainingError(f"teacher.source '{source}': the teacher is the model {given} gives, which the "
+                            "teacher stage does not train (it trains teachers of source smp or factory)")
     cached = stage == "student" and teacher is None and recipe.distills and recipe.teacher.mode == "cache"
     if train_dataset is not None and cached:
         raise TrainingError("teacher.mode 'cache' serves the stored maps of data.train_split's images "

@@ -432,3 +432,16 @@ def test_a_missing_teacher_path_is_found_before_any_stage_runs(tmp_path, capfd):
         assert main(["run", str(recipe), f"teacher.source={source}", f"teacher.path={path}", "train.lr=0.02"]) == 2
         assert message in " ".join(capfd.readouterr().err.split()), source
     assert snapshot(tmp_path / "run") == before
+
+
+def test_training_a_teacher_given_by_a_path_is_refused(tmp_path, capfd):
+    from helpers import onnx_teacher
+
+    onnx_teacher(tmp_path / "teacher.onnx")
+    recipe = write_recipe(tmp_path, teacher=True)
+    assert main(["train", str(recipe), "--stage", "teacher", "teacher.source=onnx",
+                 f"teacher.path={tmp_path / 'teacher.onnx'}"]) == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert (f"teacher.source 'onnx': the teacher is the model teacher.path ('{tmp_path / 'teacher.onnx'}') "
+            "gives, which the teacher stage does not train") in err
+    assert not (tmp_path / "run").exists()  # it trained a DeepLabV3+ of the schema's defaults
