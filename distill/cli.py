@@ -22,7 +22,7 @@ STAGES = ("teacher", "baseline", "student")
 # Bare `name=value` words each subcommand accepts as shorthands for recipe keys.
 SHORTHANDS = {
     "eval": {"checkpoint": "eval.checkpoint", "split": "eval.split"},
-    "compare": {"split": "eval.split"},
+    "compare": {"checkpoint": "eval.checkpoint", "split": "eval.split"},
     "export": {"format": "export.formats", "checkpoint": "eval.checkpoint"},
 }
 
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     add("run", "every stage the recipe asks for: teacher, cache, baseline, student, compare, export")
     add("cache", "run the teacher once over the cached splits and store its logits")
     compare_parser = add("compare", "teacher vs student (vs baseline): mIoU, size, speed, per-class IoU")
-    compare_parser.epilog = "Shorthand: split=NAME (eval.split)."
+    compare_parser.epilog = "Shorthands: checkpoint=PATH (eval.checkpoint: the student), split=NAME (eval.split)."
     export_parser = add("export", "export the student: ONNX + smp folder (safetensors) + distill.json, parity checked")
     export_parser.epilog = "Shorthands: format=onnx,safetensors (export.formats), checkpoint=PATH."
     predict = commands.add_parser(

@@ -445,3 +445,21 @@ def test_training_a_teacher_given_by_a_path_is_refused(tmp_path, capfd):
     assert (f"teacher.source 'onnx': the teacher is the model teacher.path ('{tmp_path / 'teacher.onnx'}') "
             "gives, which the teacher stage does not train") in err
     assert not (tmp_path / "run").exists()  # it trained a DeepLabV3+ of the schema's defaults
+
+
+def test_the_advice_for_a_student_without_weights_works_for_every_command_that_gives_it(tmp_path, capfd):
+    from safetensors.torch import save_file
+
+    from distill.config import load_recipe
+    from distill.models import build_model
+
+    teacher = tmp_path / "teacher.safetensors"  # compare scores a teacher too
+    save_file(build_model(load_recipe(write_recipe(tmp_path, teacher=True)).teacher, 4).state_dict(), teacher)
+    recipe = write_recipe(tmp_path, teacher=True, **{"teacher.checkpoint": str(teacher)})
+    for command in ("eval", "compare", "export"):
+        assert main([command, str(recipe)]) == 2
+        err = " ".join(capfd.readouterr().err.split())
+        assert "the student has no weights" in err and "or pass checkpoint=PATH" in err, command
+        # Following it: the file is looked for (compare said `unknown key 'checkpoint'`).
+        assert main([command, str(recipe), f"checkpoint={tmp_path / 'w.safetensors'}"]) == 2
+        assert f"eval.checkpoint '{tmp_path / 'w.safetensors'}' does not exist" in capfd.readouterr().err, command
