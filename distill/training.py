@@ -496,6 +496,8 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
             save_weights(accelerator, unwrapped, run.files.best)
             _drop_earlier_run(run)
             if run.main:
+                run.files.drop_reports_of(run.files.best)
+            if run.main:
                 atomic_write_text(run.files.best_record, json.dumps(
                     {"epoch": epoch + 1, "step": state["step"], "miou": scores.miou}, indent=2))
         summary = f"val mIoU {100 * scores.miou:.1f} (best {100 * state['best_miou']:.1f})"
@@ -504,6 +506,8 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
     if state["epoch"] % cfg.checkpoint_every_epochs == 0 or last_epoch:
         save_weights(accelerator, unwrapped, run.files.last)
         _drop_earlier_run(run)
+        if run.main:
+            run.files.drop_reports_of(run.files.last)
         save_checkpoint(accelerator, run.dir, state)
         run.checkpointed = True  # this run can be resumed from its folder
 

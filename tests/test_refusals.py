@@ -463,3 +463,29 @@ def test_the_advice_for_a_student_without_weights_works_for_every_command_that_g
         # Following it: the file is looked for (compare said `unknown key 'checkpoint'`).
         assert main([command, str(recipe), f"checkpoint={tmp_path / 'w.safetensors'}"]) == 2
         assert f"eval.checkpoint '{tmp_path / 'w.safetensors'}' does not exist" in capfd.readouterr().err, command
+
+
+def test_a_resumed_run_drops_the_reports_of_the_weights_it_rewrites(tmp_path, monkeypatch):
+    import distill.training
+
+    real, calls = distill.training._validate_and_checkpoint, []
+
+    def stop_after_the_first_epoch(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    recipe = write_recipe(tmp_path, **{"train.epochs": 3, "train.lr": 0.05})
+    monkeypatch.setattr(distill.training, "_validate_and_checkpoint", stop_after_the_first_epoch)
+    assert main(["train", str(recipe), "--stage", "baseline"]) == 130
+    monkeypatch.undo()
+    folder = tmp_path / "run" / "baseline"
+    assert main(["eval", str(recipe), "--stage", "baseline"]) == 0
+    assert main(["eval", str(recipe), "--stage", "baseline", f"checkpoint={folder / 'last.safetensors'}"]) == 0
+    best = (folder / "best.safetensors").read_bytes()
+    assert {p.name for p in folder.glob("eval_*.json")} == {"eval_val.json", "eval_val@last.json"}
+    assert main(["train", str(recipe), "--stage", "baseline", f"train.resume={folder}"]) == 0
+    # last.safetensors is rewritten; best.safetensors when a later epoch scores higher.
+    kept = {p.name for p in folder.glob("eval_*.json")}
+    assert kept == (set() if (folder / "best.safetensors").read_bytes() != best else {"eval_val.json"})
