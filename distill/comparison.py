@@ -67,9 +67,35 @@ def _checkpoints(recipe: Recipe) -> dict[str, Path]:
         raise CompareError("the recipe has no `teacher` section: compare needs a teacher and a student")
     found = {"teacher": trained_weights(recipe, "teacher"), "student": trained_weights(recipe, "student")}
     baseline = baseline_weights(recipe)
-    if baseline is not None:
+    if baseline is not None and _baseline_is_current(recipe, baseline):
         found["baseline"] = baseline
     return found
+
+
+def _baseline_is_current(recipe: Recipe, weights: Path) -> bool:
+    """Whether the baseline folder's weights were trained from this recipe's baseline settings
+    (its ``recipe.yaml`` says); a gain over a baseline of another student or schedule would
+    describe nothing. A folder without that record is taken as it is."""
+    from distill.config import RECIPE_FILE, RecipeError, load_recipe
+    from distill._checkpoint import flat_config
+    from distill.fingerprint import stage_inputs
+
+    saved = weights.parent / RECIPE_FILE
+    if not saved.is_file():
+        return True
+    try:
+        trained = flat_config(stage_inputs(load_recipe(saved), "baseline"))
+    except (RecipeError, OSError, ValueError):
+        trained = {}
+    wanted = flat_config(stage_inputs(recipe, "baseline"))
+    differ = [key for key in sorted(set(trained) | set(wanted)) if trained.get(key) != wanted.get(key)]
+    if differ:
+        shown = "; ".join(f"{key}: {trained.get(key)!r} there, {wanted.get(key)!r} here" for key in differ[:3])
+        console.print(f"[yellow]{weights} was trained from other settings ({shown}"
+                      f"{f'; {len(differ) - 3} more' if len(differ) > 3 else ''}): the baseline is not "
+                      "compared (train it again: `distill train RECIPE --stage baseline`)")
+    return not differ
+
 
 
 def exported_students(recipe: Recipe, student: Path) -> dict[str, Path]:

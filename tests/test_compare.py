@@ -90,6 +90,20 @@ def test_without_baseline_the_baseline_column_is_left_out(trained, tmp_path):
     assert (run / "compare" / "compare.png").is_file()
 
 
+def test_a_baseline_trained_from_other_settings_is_left_out_and_named(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(Path(trained.output_dir), run, ignore=shutil.ignore_patterns("compare", "checkpoints"))
+    same = trained.model_copy(update={"output_dir": run})
+    assert set(compare(same, **FAST)["models"]) == {"teacher", "student", "baseline"}
+    other = same.model_copy(update={"train": same.train.model_copy(update={"lr": 0.02})})
+    capsys.readouterr()
+    result = compare(other, **FAST)
+    assert set(result["models"]) == {"teacher", "student"}  # a gain over it would describe nothing
+    captured = capsys.readouterr()
+    out = " ".join((captured.out + captured.err).split())
+    assert "was trained from other settings (train.lr: 0.01 there, 0.02 here)" in out and "not compared" in out
+
+
 def test_latency_is_a_median_of_interleaved_runs():
     import torch
 
