@@ -242,3 +242,46 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("distill ")
+
+
+def test_recipes_read_as_their_authors_mean(tmp_path):
+    from distill.config import recipe_from_dict
+
+    # YAML merge keys, one schedule shared and partly overridden; a key given twice still refused.
+    (tmp_path / "merge.yaml").write_text("data: {dataset: synthetic}\nmodel: {arch: FPN}\n"
+                                         "train: &schedule {epochs: 3, lr: 0.01}\n"
+                                         "teacher_train: {<<: *schedule, epochs: 40}\n")
+    assert load_recipe(tmp_path / "merge.yaml").teacher_train == {"epochs": 40, "lr": 0.01}
+    (tmp_path / "twice.yaml").write_text("data: {dataset: synthetic}\nmodel: {arch: FPN}\n"
+                                         "train: {epochs: 3, epochs: 4}\n")
+    with pytest.raises(RecipeError, match="key 'epochs' appears twice"):
+        load_recipe(tmp_path / "twice.yaml")
+    # 1e-1 is a number (YAML 1.1 read it as a string, which free-form kwargs passed on).
+    tree = {"model": {"arch": "FPN"}}
+    recipe = recipe_from_dict(tree, ["model.arch_kwargs={decoder_dropout: 1e-1, classes: 1E2}"])
+    assert recipe.model.arch_kwargs == {"decoder_dropout": 0.1, "classes": 100.0}
+    assert parse_overrides(["a.b=1e", "a.c=[5e-4, 3]"]) == {"a.b": "1e", "a.c": [0.0005, 3]}
+    # The caller's dict is not changed by overrides, nor by a refused one.
+    recipe_from_dict(tree, ["train.lr=0.1"])
+    with pytest.raises(RecipeError):
+        recipe_from_dict(tree, ["data.dataset=camvid"])
+    assert tree == {"model": {"arch": "FPN"}} and recipe_from_dict(tree).train.lr == 0.001
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # One mistake, one line, the user's key: not `pairs.0.1.int` and `pairs.0.1.literal['decoder']`.
+    (["loss.feature.pairs=[[1, decodr]]"],
+     "'loss.feature.pairs.0.1': input should be a valid integer, unable to parse string as an integer; "
+     "or input should be 'decoder' (got 'decodr')"),
+    (["teacher_train={epochs: true}"], "teacher_train: 'epochs' is True, a boolean, not a number\n"),
+    # The suggested value is accepted (0.3333 was refused with the same advice).
+    (["data.labelled_fraction=0.3"], "use e.g. 0.3333 (1/3)"),
+])
+def test_a_mistake_is_named_once_by_its_key(overrides, message):
+    from distill.config import recipe_from_dict
+
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict({"student": {"arch": "FPN"}, "teacher": {"arch": "FPN"}}, overrides)
+    assert message in str(error.value) + "\n" and str(error.value).count("\n  - ") == 1
+    if "0.3333" in message:
+        assert recipe_from_dict({"model": {"arch": "FPN"}}, ["data.labelled_fraction=0.3333"])

@@ -11,6 +11,7 @@ the key, the value and, for a misspelt key, the nearest valid one.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -59,7 +60,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise RecipeError(f"override '{item}' must look like `section.key=value`")
         try:
-            parsed[key] = yaml.safe_load(raw) if raw != "" else ""
+            parsed[key] = _yaml_value(raw) if raw != "" else ""
         except yaml.YAMLError as error:
             raise RecipeError(f"override '{item}': value is not valid YAML ({error})") from None
     return parsed
@@ -152,12 +153,30 @@ def _plain(message: str) -> str:
     return message[:1].lower() + message[1:]
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last)."""
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``, reading ``1e-4`` as a number as YAML 1.2 does (1.1 wants ``1.0e-4``,
+    and keeps the rest as a string that a free-form mapping such as ``arch_kwargs`` passes on)."""
+
+
+_Loader.add_implicit_resolver(  # appended to (after) PyYAML's own float and int patterns
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_value(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+class _UniqueKeyLoader(_Loader):
+    """:class:`_Loader` that refuses a key given twice in one mapping (YAML keeps the last)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, (str, int, float, bool, type(None))):
                 raise yaml.constructor.ConstructorError(
@@ -201,6 +220,7 @@ def recipe_from_dict(
     tree: dict[str, Any], overrides: list[str] | None = None, *, source: str = "<dict>"
 ) -> Recipe:
     """Validate a recipe given as a nested dict (plus overrides); see :func:`load_recipe`."""
+    tree = copy.deepcopy(tree)  # overrides must not leak into the caller's dict
     origins: dict[str, str] = {}
     for key, value in parse_overrides(overrides or []).items():
         _apply_override(tree, key, value)
@@ -208,8 +228,29 @@ def recipe_from_dict(
     try:
         return Recipe.model_validate(tree)
     except ValidationError as error:
-        problems = [_describe(e, origins) for e in error.errors(include_url=False)]
+        problems = [_describe(e, origins) for e in _one_per_key(error.errors(include_url=False))]
         raise RecipeError(f"recipe '{source}':\n  - " + "\n  - ".join(problems)) from None
+
+
+# pydantic names the member of a union that failed inside the location (`pairs.0.1.int`,
+# `class_map.1.literal['decoder']`); the user's key is the location without it.
+_UNION_MEMBER = re.compile(r"^(?:int|str|float|bool|none|[\w-]+\[.*\])$")
+
+
+def _one_per_key(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Errors with union members dropped from their location, those of one key merged into one
+    (a value that fits no member of ``int | 'decoder'`` is one mistake, not two)."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for n, error in enumerate(errors):
+        loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and _UNION_MEMBER.match(p)))
+        error = {**error, "loc": loc}
+        # Unknown keys and the validators' own messages stand alone; type errors of a key merge.
+        key = (n,) if error["type"] in ("extra_forbidden", "value_error") else ("key", loc)
+        if key in merged:
+            merged[key]["msg"] += f"; or {_plain(error['msg'])}"
+        else:
+            merged[key] = error
+    return list(merged.values())
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

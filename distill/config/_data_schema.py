@@ -123,10 +123,11 @@ class DataConfig(Section):
     @field_validator("labelled_fraction")
     @classmethod
     def _one_in_k(cls, value: float) -> float:
-        step = round(1 / value)
-        if abs(1 / value - step) > 1e-6:
+        step = max(1, round(1 / value))
+        # 1/k to 3 decimal places (0.333 for 1/3): every k-th image is what is used either way.
+        if abs(value * step - 1) > 1e-3:
             raise ValueError(f"{value} is not 1/k for a whole k (every k-th image keeps its mask): "
-                             f"use e.g. {1 / max(1, step):.4g}")
+                             f"use e.g. {1 / step:.4g} (1/{step})")
         return value
 
     @field_validator("train_split", "val_split")

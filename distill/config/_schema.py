@@ -413,9 +413,11 @@ class Recipe(Section):
                 self.teacher_schedule()
             except ValidationError as error:
                 first = error.errors(include_url=False)[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise ValueError(f"teacher_train.{where}: {first['msg'].lower()} "
-                                 f"(got {first.get('input')!r})") from None
+                where = "".join(f".{p}" for p in first["loc"])
+                message = str(first.get("ctx", {}).get("error", first["msg"]))  # a validator's own words
+                got = first.get("input")
+                shown = "" if isinstance(got, dict) else f" (got {got!r})"  # not the whole schedule
+                raise ValueError(f"teacher_train{where}: {message[:1].lower()}{message[1:]}{shown}") from None
 
         num_classes = dataset_info(self.data).num_classes  # from the layout; reads no image
         weights = self.loss.class_weights
