@@ -276,6 +276,7 @@ def test_recipes_read_as_their_authors_mean(tmp_path):
     (["teacher_train={epochs: true}"], "teacher_train: 'epochs' is True, a boolean, not a number\n"),
     # The suggested value is accepted (0.3333 was refused with the same advice).
     (["data.labelled_fraction=0.3"], "use e.g. 0.3333 (1/3)"),
+    (["data.resize=[true, true]"], "data: 'resize' is [True, True]: a boolean is not a number"),  # was (1, 1)
 ])
 def test_a_mistake_is_named_once_by_its_key(overrides, message):
     from distill.config import recipe_from_dict

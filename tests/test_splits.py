@@ -67,7 +67,9 @@ def test_folds_cover_every_group_once(tmp_path):
 def test_list_file_selects_by_stem_name_or_id(tmp_path):
     root = make_tree(tmp_path)
     listing = tmp_path / "holdout.txt"
-    listing.write_text("# held out\nseqA_002\nseqB_001.png\nval/seqC_002.png\n")
+    # A byte-order mark (Windows editors) and an indented comment are no sample names.
+    listing.write_text("\ufeff# held out\nseqA_002\n  # the B camera\nseqB_001.png\nval/seqC_002.png\n",
+                       encoding="utf-8")
     cfg = data(root, train_split="train+val", val_split=f"train+val:list={listing}")
     assert names(build_dataset(cfg, cfg.val_split, train=False)) == [
         "train/seqA_002.png", "train/seqB_001.png", "val/seqC_002.png"]
@@ -108,6 +110,7 @@ def test_everything_held_out_is_an_error(tmp_path):
     ("train:fold=a/3", "0 <= K < N"),
     (".", "'.' and '..' are folders"),  # images/. of a folder layout: every split, and the store's root
     ("train+..:prefix=a", "'.' and '..' are folders"),
+    ("train+val+train", "names 'train' twice"),  # every sample would count twice
 ])
 def test_malformed_selectors(text, message):
     with pytest.raises(SplitError, match=message):

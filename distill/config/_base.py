@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -29,12 +29,24 @@ class Section(BaseModel):
                 field = cls.model_fields.get(name)
                 if isinstance(value, bool) and field is not None and is_number(field.annotation):
                     raise ValueError(f"'{name}' is {value!r}, a boolean, not a number")
+                if (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
+                        and field is not None and _holds_numbers(field.annotation)):
+                    raise ValueError(f"'{name}' is {list(value)!r}: a boolean is not a number")
         return values
 
 
 def is_number(annotation: Any) -> bool:
     args = get_args(annotation) or (annotation,)
     return bool(set(args) & {int, float}) and bool not in args
+
+
+def _holds_numbers(annotation: Any) -> bool:
+    """``tuple[int, int]``, ``list[float]`` (or either ``| None``): a sequence of numbers."""
+    for candidate in (annotation, *get_args(annotation)):
+        if get_origin(candidate) in (tuple, list):
+            items = [a for a in get_args(candidate) if a is not Ellipsis]
+            return bool(items) and all(is_number(a) for a in items)
+    return False
 
 
 # Which training stages' results a recipe key changes: field metadata that the one fingerprint

@@ -69,6 +69,9 @@ def parse_split(text: str) -> SplitSelector:
         raise SplitError(f"split '{text}': '{head}' must be split names joined by '+' (e.g. train+val)")
     if any(not s.strip(".") for s in splits):  # a folder layout's images/. would be every split
         raise SplitError(f"split '{text}': '.' and '..' are folders, not split names")
+    twice = sorted({s for s in splits if splits.count(s) > 1})
+    if twice:  # every sample would be trained on (or scored) twice
+        raise SplitError(f"split '{text}' names '{twice[0]}' twice")
     if not sep:
         return SplitSelector(text, splits)
     kind, eq, value = group.partition("=")
@@ -139,11 +142,11 @@ def _listed(selector: SplitSelector, ids: Sequence[str], names: Sequence[str]) -
     path = selector.list_file
     assert path is not None
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no sample name
     except OSError as error:
         raise SplitError(f"split '{selector.text}': cannot read list file '{path}' "
                          f"({error.strerror or error})") from None
-    wanted = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    wanted = {line.strip() for line in lines if line.strip() and not line.strip().startswith("#")}
     # A line may name a sample by its id (path under the root), file name or file stem.
     kept = [k for k, (i, name) in enumerate(zip(ids, names))
             if i in wanted or name in wanted or name.rsplit(".", 1)[0] in wanted]
