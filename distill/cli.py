@@ -97,19 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(args.overrides) + extra
-    # Not at the top: `distill predict` above must run without torch.
-    from distill.cache import CacheError
-    from distill.comparison import CompareError
-    from distill.launch import TrainingError, end_launched_process, in_process_group
-    from distill.data import DataError
-    from distill.export import ExportError
-    from distill.models import ModelError
+    try:  # torch and the rest load here (seconds): a Ctrl-C then has stopped nothing yet
+        expected = _input_errors()
+    except KeyboardInterrupt:
+        console.print(Text(_interrupted(args)), highlight=False)
+        return 130
+    from distill.launch import end_launched_process, in_process_group
 
-    from distill.preflight import InputError
-    from distill.run_folder import FolderBusyError, UnwritableFolderError
-
-    expected = (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError,
-                FolderBusyError, UnwritableFolderError, InputError)
     try:
         code = _run_command(args, expected)
     except BaseException:
@@ -124,6 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """distill's errors that mean bad input (exit 2, no traceback). Imported here, not at the
+    top: `distill predict` must run without torch."""
+    from distill.cache import CacheError
+    from distill.comparison import CompareError
+    from distill.data import DataError
+    from distill.export import ExportError
+    from distill.launch import TrainingError
+    from distill.models import ModelError
+    from distill.preflight import InputError
+    from distill.run_folder import FolderBusyError, UnwritableFolderError
+
+    return (RecipeError, DataError, ModelError, TrainingError, CacheError, CompareError, ExportError,
+            FolderBusyError, UnwritableFolderError, InputError)
+
+
 def _ignore_late_interrupts() -> None:
     """The command is done and has said so: a Ctrl-C while the interpreter exits would only
     print an ``Exception ignored in atexit callback`` traceback over a finished run."""
@@ -136,7 +146,6 @@ def _ignore_late_interrupts() -> None:
 def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]) -> int:
     from distill.launch import is_launch_main
 
-    recipe = None
     try:
         recipe = load_recipe(args.recipe, _expand_shorthands(args.command, args.overrides))
         if args.command == "recipe":
@@ -182,8 +191,7 @@ def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]
     except KeyboardInterrupt as interrupt:
         if os.environ.get("DISTILL_DEBUG"):
             raise
-        console.print(Text(_interrupted(args, None if recipe is None else str(recipe.output_dir), interrupt)),
-                      highlight=False)
+        console.print(Text(_interrupted(args, interrupt)), highlight=False)
         return 130  # 128 + SIGINT, as shells report it
     return 0
 
@@ -198,8 +206,7 @@ _AFTER_INTERRUPT = {
 }
 
 
-def _interrupted(args: argparse.Namespace, output_dir: str | None,
-                 interrupt: KeyboardInterrupt | None = None) -> str:
+def _interrupted(args: argparse.Namespace, interrupt: KeyboardInterrupt | None = None) -> str:
     """What a Ctrl-C left, and the command that carries on with exactly this run: the same
     recipe and overrides (its output_dir among them), plus ``train.resume`` for ``train`` once
     the run has a checkpoint (before it, the same command starts it again)."""
@@ -208,16 +215,17 @@ def _interrupted(args: argparse.Namespace, output_dir: str | None,
     if args.command in ("train", "eval"):
         words += ["--stage", args.stage]
     overrides = list(args.overrides)
-    # StoppedBeforeCheckpoint (distill.training), read by its attribute: no import of training here.
-    restored = getattr(interrupt, "earlier_run_restored", None)
-    if args.command == "train" and restored is not None:
+    # StoppedWithCheckpoint and StoppedBeforeCheckpoint (distill.training), read by their
+    # attributes: no import of training here. Anything else stopped before the run began.
+    resume_folder = getattr(interrupt, "resume_folder", None)
+    if args.command == "train" and resume_folder is not None:
+        overrides = [o for o in overrides if not o.startswith("train.resume=")]
+        overrides.append(f"train.resume={resume_folder}")
+    elif args.command == "train":
+        restored = getattr(interrupt, "earlier_run_restored", False)
         advice = ("it had saved no checkpoint yet, so there is nothing to resume"
                   + ("; the folder's earlier run is back as it was" if restored else "")
                   + ": start it again with `{command}`")
-    elif args.command == "train":
-        overrides = [o for o in overrides if not o.startswith("train.resume=")]
-        output = output_dir or "<output_dir>"
-        overrides.append(f"train.resume={output}/{args.stage}")
     command = shlex.join(words + overrides)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         command += " (under the same `accelerate launch` options, with -m distill)"

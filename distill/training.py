@@ -84,6 +84,15 @@ class StoppedBeforeCheckpoint(KeyboardInterrupt):
         self.earlier_run_restored = earlier_run_restored
 
 
+class StoppedWithCheckpoint(KeyboardInterrupt):
+    """Ctrl-C once the run has a whole checkpoint in ``resume_folder``: ``train.resume`` of
+    that folder carries on (the CLI prints the command)."""
+
+    def __init__(self, resume_folder: str) -> None:
+        super().__init__(resume_folder)  # in args too: the exception pickles whole
+        self.resume_folder = resume_folder
+
+
 @dataclass
 class TrainResult:
     """What a training run produced."""
@@ -219,8 +228,10 @@ def train(
             if run.main and not run.resumes_own_run:  # no weights of its own yet: the earlier run returns
                 restored = run.files.set_aside.is_dir()
                 run.files.restore_set_aside()
-            if isinstance(error, KeyboardInterrupt) and not run.resumes_own_run and not run.checkpointed:
-                # No checkpoint of this run to resume: the CLI says so instead of train.resume.
+            if isinstance(error, KeyboardInterrupt):
+                # Whether there is a checkpoint of this run to resume decides the CLI's advice.
+                if run.resumes_own_run or run.checkpointed:
+                    raise StoppedWithCheckpoint(str(run.dir)) from None
                 raise StoppedBeforeCheckpoint(restored) from None
             raise
         # Not accelerator.end_training(): it also destroys the process group, which the next stage

@@ -226,8 +226,8 @@ def test_messages_name_no_python_types(tmp_path):
 def test_ctrl_c_says_what_is_safe_and_how_to_resume(tmp_path, monkeypatch, capfd):
     import distill.training
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupted(*args, **kwargs):  # stopped once it had saved a checkpoint
+        raise distill.training.StoppedWithCheckpoint(str(tmp_path / "run" / "baseline"))
 
     monkeypatch.setattr(distill.training, "train", interrupted)
     path = write(tmp_path, {"model": {}})

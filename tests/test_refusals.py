@@ -194,10 +194,15 @@ def test_grad_accum_beyond_an_epoch_steps_with_the_micro_batches_mean(tmp_path):
 def test_ctrl_c_prints_the_command_that_resumes_exactly_this_run(tmp_path, monkeypatch, capfd):
     import distill.training
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    real, calls = distill.training._validate_and_checkpoint, []
 
-    monkeypatch.setattr(distill.training, "train", interrupted)
+    def stop_in_the_second_epoch(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill.training, "_validate_and_checkpoint", stop_in_the_second_epoch)
     recipe = write_recipe(tmp_path)
     out_dir = tmp_path / "other run"
     assert main(["train", str(recipe), "--stage", "baseline", f"output_dir={out_dir}", "train.epochs=3"]) == 130
@@ -208,6 +213,29 @@ def test_ctrl_c_prints_the_command_that_resumes_exactly_this_run(tmp_path, monke
     assert words[:5] == ["distill", "train", str(recipe), "--stage", "baseline"]
     assert f"output_dir={out_dir}" in words and "train.epochs=3" in words
     assert f"train.resume={out_dir}/baseline" in words
+    monkeypatch.undo()
+    assert main(shlex.split(command)[1:]) == 0  # and it does
+
+
+@pytest.mark.parametrize("where", ["check_inputs", "_set_up"])
+def test_ctrl_c_before_a_run_began_repeats_the_command_as_given(tmp_path, monkeypatch, capfd, where):
+    import distill.training
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    recipe = write_recipe(tmp_path)
+    assert main(["train", str(recipe), "--stage", "baseline", "train.epochs=3"]) == 0
+    monkeypatch.setattr(distill.training, where, stopped)  # the inputs checked; the data, models set up
+    capfd.readouterr()
+    elsewhere = tmp_path / "elsewhere"
+    resume = f"train.resume={tmp_path / 'run' / 'baseline'}"
+    assert main(["train", str(recipe), "--stage", "baseline", "train.epochs=4", f"output_dir={elsewhere}", resume]) == 130
+    said = " ".join("".join(capfd.readouterr()).split())
+    # The user's own train.resume, not one of a folder that holds no checkpoint.
+    assert "nothing to resume: start it again with" in said
+    command = said.split("start it again with `")[1].split("`")[0]
+    assert resume in shlex.split(command) and f"train.resume={elsewhere}" not in command
 
 
 @pytest.mark.parametrize("key,what", [("output_dir", "student stage"), ("cache.dir", "logit cache")])
