@@ -191,18 +191,23 @@ def test_grad_accum_beyond_an_epoch_steps_with_the_micro_batches_mean(tmp_path):
         assert torch.allclose(weights[50][key], value, atol=1e-6), key
 
 
-def test_ctrl_c_prints_the_command_that_resumes_exactly_this_run(tmp_path, monkeypatch, capfd):
+def stop_in_the_second_epoch(monkeypatch) -> None:
+    """A Ctrl-C as the second epoch ends: the first epoch's checkpoint is whole."""
     import distill.training
 
     real, calls = distill.training._validate_and_checkpoint, []
 
-    def stop_in_the_second_epoch(*args, **kwargs):
+    def checkpoint_once(*args, **kwargs):
         if calls:
             raise KeyboardInterrupt
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distill.training, "_validate_and_checkpoint", stop_in_the_second_epoch)
+    monkeypatch.setattr(distill.training, "_validate_and_checkpoint", checkpoint_once)
+
+
+def test_ctrl_c_prints_the_command_that_resumes_exactly_this_run(tmp_path, monkeypatch, capfd):
+    stop_in_the_second_epoch(monkeypatch)
     recipe = write_recipe(tmp_path)
     out_dir = tmp_path / "other run"
     assert main(["train", str(recipe), "--stage", "baseline", f"output_dir={out_dir}", "train.epochs=3"]) == 130
@@ -494,18 +499,8 @@ def test_the_advice_for_a_student_without_weights_works_for_every_command_that_g
 
 
 def test_a_resumed_run_drops_the_reports_of_the_weights_it_rewrites(tmp_path, monkeypatch):
-    import distill.training
-
-    real, calls = distill.training._validate_and_checkpoint, []
-
-    def stop_after_the_first_epoch(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*args, **kwargs)
-
     recipe = write_recipe(tmp_path, **{"train.epochs": 3, "train.lr": 0.05})
-    monkeypatch.setattr(distill.training, "_validate_and_checkpoint", stop_after_the_first_epoch)
+    stop_in_the_second_epoch(monkeypatch)
     assert main(["train", str(recipe), "--stage", "baseline"]) == 130
     monkeypatch.undo()
     folder = tmp_path / "run" / "baseline"

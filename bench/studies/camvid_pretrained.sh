@@ -9,9 +9,10 @@
 # 4th mask, CWD from that store (and with all masks) and pixel KL from a store made at the
 # student's own 240x320, and what each store's targets score on the student's training crops;
 # the second seed of those comparisons, the from-scratch MobileNetV3-Large student, every 16th
-# mask; DIST and function matching; the CWD student's INT8 export (mIoU through onnxruntime,
+# mask; DIST and function matching; frames of the deployment scenes without masks, with all,
+# a sixteenth and a quarter of the masks; the CWD student's INT8 export (mIoU through onnxruntime,
 # graphs for one size and for any) and its latency against FP32.
-# Results: bench/studies/results/camvid_pretrained_r{2..7}_*.json, target_accuracy_*.json; tables
+# Results: bench/studies/results/camvid_pretrained_r{2..8}_*.json, target_accuracy_*.json; tables
 # on stdout (docs/results.md).
 # The first round (a 16-epoch teacher, pixel KL at T=2 on every labelled pixel, a stride-2 store):
 #   git show 78771aa:bench/studies/camvid_pretrained.sh
@@ -132,10 +133,10 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     --reference baseline/fm+epochs160 --results bench/studies/results/camvid_pretrained_r5_few_fm.json \
     data.labelled_fraction=0.25 train.eval_every_epochs=40 train.checkpoint_every_epochs=40
 
-# Sixth and seventh rounds: frames of the deployment scenes without masks. The first 45 frames of
+# Sixth to eighth rounds: frames of the deployment scenes without masks. The first 45 frames of
 # 0006R0 join the training as images without masks, its last 51 are scored (the teacher's TTA
 # score there: its own eval below); with all 367 masks (the sixth round; docs/results.md has
-# SEEDS=0,1,2), then with every 16th (the seventh). Their own store: the 367 frames and the 45.
+# SEEDS=0,1,2), then with every 16th (the seventh; three seeds too). Their own store: the 367 frames and the 45.
 SPL=bench/studies/splits
 TARGET=("data.train_split=train+val:prefix=0001TP,0016E5" "cache.splits=['train+val:prefix=0001TP,0016E5']"
         "data.val_split=train+val:list=$SPL/camvid_0006R0_last51.txt"
@@ -152,6 +153,11 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     --cache-dir "$OUT/target/cache" --seeds "$SEEDS" --arms baseline,kd_cache \
     --results bench/studies/results/camvid_pretrained_r7_target_sixteenth.json "${TARGET[@]}" \
     data.labelled_fraction=0.0625 train.epochs=460 train.eval_every_epochs=115 train.checkpoint_every_epochs=115
+# Eighth round: the same frames with every 4th mask (92; 80 epochs), the few-label case between.
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/target_quarter" "${TEACHER_FULLRES[@]}" \
+    --cache-dir "$OUT/target/cache" --seeds "$SEEDS" --arms baseline,kd_cache \
+    --results bench/studies/results/camvid_pretrained_r8_target_quarter.json "${TARGET[@]}" \
+    data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=20 train.checkpoint_every_epochs=20
 
 # The CWD student in INT8: mIoU through onnxruntime on the held-out frames (export's parity.json),
 # with the recipe's graph for 240x320 only (export.fixed_size) and with a graph for any size; then
