@@ -553,3 +553,15 @@ def test_a_cache_dir_that_is_not_a_store_is_refused_before_anything_is_deleted(w
         write_cache(wrong)
     assert (user_data / "train" / "0001TP_006690.png").read_bytes() == b"a frame"
     assert sorted(p.name for p in user_data.rglob("*")) == ["0001TP_006690.png", "train"]
+
+
+def test_a_store_finer_than_the_teachers_map_holds_its_bilinear_upsampling(tmp_path):
+    # An 8x8 teacher map stored at 32x32 (a 1/4-resolution teacher, a small input_size): the
+    # replayed targets are what the streamed KD distils to, the map resized bilinearly.
+    recipe = recipe_for(tmp_path, **{"cache.stride": 1, "cache.layout": "dense", "teacher.input_size": "[8,8]"})
+    write_cache(recipe)
+    dataset = build_dataset(recipe.data, recipe.data.train_split, train=False)
+    batch = collate_batch([dataset[i] for i in range(4)])
+    streamed = F.interpolate(eval_logits(recipe, range(4)), size=(32, 32), mode="bilinear", align_corners=False)
+    assert eval_logits(recipe, range(1)).shape[-2:] == (8, 8)
+    torch.testing.assert_close(CachedTeacher(open_store(recipe))(batch), streamed, atol=2e-2, rtol=0)

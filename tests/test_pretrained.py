@@ -132,3 +132,20 @@ def test_tta_returns_the_mean_of_the_views_probabilities():
     expected = torch.stack(views).mean(0)
     assert torch.allclose(got, expected, atol=1e-6)
     assert not torch.allclose(views[0], views[3], atol=1e-2)  # the views do differ
+
+
+class _Columns(torch.nn.Module):
+    def forward(self, images):
+        return images[:, :2]
+
+
+@pytest.mark.parametrize("height,width,scale", [(33, 33, 0.5), (45, 61, 0.75), (21, 31, 1.5)])
+def test_a_tta_view_lines_up_with_the_image_at_any_size(height, width, scale):
+    # Logit 0 is each pixel's column: the view, scaled and brought back, must say the same column
+    # (scale_factor= mapped coordinates by the scale while the view had floor(H * scale) pixels).
+    images = torch.zeros(1, 3, height, width)
+    images[:, 0] = torch.arange(width, dtype=torch.float32) * 0.01
+    out = Teacher(_Columns(), temperature=1.0, tta_scales=(scale,))({"image": images})
+    column = (out[0, 0] - out[0, 1])[height // 2] * 100
+    inner = slice(3, width - 3)  # bilinear resizing clamps at the border
+    assert torch.allclose(column[inner], torch.arange(width, dtype=torch.float32)[inner], atol=2e-3)

@@ -39,6 +39,18 @@ def test_class_map_against_a_float64_reference():
         np.testing.assert_allclose(torch.softmax(got / temperature, 1).numpy(), q, rtol=1e-9, atol=1e-12)
 
 
+def test_class_map_of_a_confident_teacher_stays_finite_under_fp16_autocast():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 8, 8) * 25  # gaps of tens of logits: probabilities below fp16's range
+    matrix = torch.zeros(6, 3)
+    matrix[[0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2]] = 1
+    full = apply_class_map(logits, matrix, 1.0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = apply_class_map(logits, matrix, 1.0)
+    assert bool(full.isfinite().all()) and bool(half.isfinite().all())  # log(0) gave -inf in fp16
+    torch.testing.assert_close(half, full)
+
+
 def test_class_map_errors_name_the_class():
     with pytest.raises(ModelError, match="the teacher has no class 'dog'; its classes: t0, t1"):
         class_map_matrix({"dog": 0}, ["t0", "t1"], STUDENT)

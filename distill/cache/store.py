@@ -104,7 +104,14 @@ def downsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
     if height % size[0] == 0 and width % size[1] == 0:
         kernel = (height // size[0], width // size[1])
         return F.avg_pool2d(logits, kernel, kernel)
-    return F.adaptive_avg_pool2d(logits, size)
+    if size[0] <= height and size[1] <= width:
+        return F.adaptive_avg_pool2d(logits, size)
+    # A teacher map coarser than the store (a 1/4-resolution model, a small teacher.input_size):
+    # bilinear, as the streamed KD resizes it; pooling would copy pixels and shift them.
+    shrunk = (min(height, size[0]), min(width, size[1]))
+    if shrunk != (height, width):
+        logits = F.adaptive_avg_pool2d(logits, shrunk)
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def _to_fp16(x: Tensor) -> Tensor:

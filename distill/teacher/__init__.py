@@ -110,8 +110,11 @@ class Teacher(nn.Module):
         mean_probs = None
         views = 0
         for scale in self.tta_scales:
+            # To a whole size, by size: scale_factor would map coordinates by `scale` itself
+            # while the output is floor(H * scale) pixels, shifting the view by up to a pixel.
             scaled = images if scale == 1.0 else torch.nn.functional.interpolate(
-                images, scale_factor=scale, mode="bilinear", align_corners=False)
+                images, size=(max(1, round(size[0] * scale)), max(1, round(size[1] * scale))),
+                mode="bilinear", align_corners=False)
             for flip in (False, True) if self.tta_flip else (False,):
                 logits = self._logits(scaled.flip(-1) if flip else scaled)
                 logits = logits.flip(-1) if flip else logits

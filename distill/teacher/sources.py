@@ -87,11 +87,14 @@ class MaskQueryTeacher(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=images)
-        classes = torch.softmax(out.class_queries_logits.float(), dim=-1)[..., :-1]  # [B, Q, K]
-        masks = torch.sigmoid(out.masks_queries_logits.float())                     # [B, Q, h, w]
-        probs = torch.einsum("bqk,bqhw->bkhw", classes, masks)
-        probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-30)
-        return torch.log(probs.clamp_min(1e-12))
+        # In fp32 whatever autocast says: in fp16 the einsum's small probabilities and the clamps
+        # below flush to 0, and log(0) = -inf.
+        with torch.autocast(images.device.type, enabled=False):
+            classes = torch.softmax(out.class_queries_logits.float(), dim=-1)[..., :-1]  # [B, Q, K]
+            masks = torch.sigmoid(out.masks_queries_logits.float())                     # [B, Q, h, w]
+            probs = torch.einsum("bqk,bqhw->bkhw", classes, masks)
+            probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-30)
+            return torch.log(probs.clamp_min(1e-12))
 
 
 def _transformers_teacher(path: str) -> tuple[nn.Module, list[str], tuple | None]:
@@ -204,7 +207,8 @@ def class_map_matrix(class_map: dict[Any, Any], teacher_names: list[str], studen
 def apply_class_map(logits: torch.Tensor, matrix: torch.Tensor, temperature: float) -> torch.Tensor:
     """Teacher logits -> student-class logits whose softmax at ``temperature`` is the mapped,
     renormalized teacher distribution: ``T * log(normalize(M^T softmax(z / T)))``."""
-    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=1)
-    mapped = torch.einsum("bkhw,ks->bshw", probs, matrix.to(probs.device, probs.dtype))
-    mapped = mapped / mapped.sum(1, keepdim=True).clamp_min(1e-30)
-    return temperature * torch.log(mapped.clamp_min(1e-12))
+    with torch.autocast(logits.device.type, enabled=False):  # fp16 would flush small probabilities to 0
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=1)
+        mapped = torch.einsum("bkhw,ks->bshw", probs, matrix.to(probs.device, probs.dtype))
+        mapped = mapped / mapped.sum(1, keepdim=True).clamp_min(1e-30)
+        return temperature * torch.log(mapped.clamp_min(1e-12))
