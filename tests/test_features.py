@@ -107,6 +107,66 @@ def test_feature_cwd_through_the_adapter_equals_a_float64_reference_without_void
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def _scene(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(y / 37.0) * torch.cos(x / 29.0) + 0.3 * torch.sin(x / 11.0)
+
+
+class _SceneEncoder(torch.nn.Module):
+    """One stage at ``stride`` whose feature is a smooth scene sampled at each cell's centre."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride, self.out_channels = stride, (3, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        n, _, height, width = x.shape
+        ys = (torch.arange(height // self.stride) + 0.5) * self.stride
+        xs = (torch.arange(width // self.stride) + 0.5) * self.stride
+        return [x, _scene(ys.view(-1, 1), xs.view(1, -1)).expand(n, 1, -1, -1).clone()]
+
+
+class _SceneModel(torch.nn.Module):
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.encoder, self.decoder = _SceneEncoder(stride), torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.decoder(x)
+        return self.encoder(x)[1]
+
+
+@pytest.mark.parametrize("size", [256, 200, 232])
+def test_layers_of_other_strides_are_compared_at_the_same_place_of_an_image_of_any_size(size):
+    # A stride-32 student and a stride-16 teacher see one scene; images of 200 and 232 pixels are
+    # padded to 224 and 256, and the two cut maps reach into the padding by different amounts.
+    student, teacher = _SceneModel(32), _SceneModel(16)
+    term = FeatureDistillation(student, teacher, [(0, 0)], kind="hint", probe_size=(64, 64))
+    with torch.no_grad():
+        term.adapters[0][0].weight.fill_(1.0)
+    images = torch.zeros(2, 3, size, size)
+    forward_padded(student, images)
+    forward_padded(teacher, images)
+    got = float(term((size, size), (size, size), None).detach())
+    # Reference: the student's whole padded map resized onto the teacher's whole padded grid, then
+    # the teacher cells that cover the image.
+    padded = math.ceil(size / 32) * 32
+    s_full = _SceneEncoder(32)(torch.zeros(2, 3, padded, padded))[1]
+    t_full = _SceneEncoder(16)(torch.zeros(2, 3, padded, padded))[1]
+    keep = math.ceil(size / 16)
+    s_on_t = F.interpolate(s_full, size=t_full.shape[-2:], mode="bilinear", align_corners=False)[..., :keep, :keep]
+    s_on_t = F.batch_norm(s_on_t, None, None, training=True)  # the adapter's batch norm, training mode
+    assert got == pytest.approx(float(hint_loss(s_on_t, t_full[..., :keep, :keep])), rel=1e-5)
+
+
+def test_a_feature_cell_is_void_only_when_every_pixel_under_it_is():
+    from distill.losses.features import _any_in_cells
+
+    valid = torch.zeros(1, 20, 20, dtype=torch.bool)
+    valid[0, 9, 17] = True  # one valid pixel; 8-pixel cells over a 20-pixel image (padded to 24)
+    cells = _any_in_cells(valid, (3, 3), (8.0, 8.0), (20, 20))
+    assert cells.tolist() == [[[False, False, False], [False, False, True], [False, False, False]]]
+
+
 def test_unknown_layers_and_models_without_layers_are_named():
     student, _ = models()
     with pytest.raises(FeatureError, match=r"the student has no layer 3: it has encoder stages 0\.\.2 "

@@ -119,7 +119,12 @@ class FeatureTap:
         self._decoder_out = output
 
     def take(self, height: int, width: int) -> list[Tensor]:
-        """The features of the last forward, for an (unpadded) input of ``height x width``."""
+        """The features of the last forward, for an (unpadded) input of ``height x width``: the
+        cells that cover the image (the last one may reach into the padding)."""
+        return [feature for feature, _ in self.take_with_cells(height, width)]
+
+    def take_with_cells(self, height: int, width: int) -> list[tuple[Tensor, tuple[float, float]]]:
+        """:meth:`take`, each map with its cell's size in input pixels (padded size / map size)."""
         if self._input_size is None:
             raise RuntimeError("FeatureTap.take() before the model's forward")
         padded_h, padded_w = self._input_size
@@ -127,7 +132,8 @@ class FeatureTap:
         for index in self._indices:
             feature = self._decoder_out if index is None else self._encoder_out[index]
             h, w = feature.shape[-2:]
-            features.append(feature[..., : math.ceil(height * h / padded_h), : math.ceil(width * w / padded_w)])
+            cut = feature[..., : math.ceil(height * h / padded_h), : math.ceil(width * w / padded_w)]
+            features.append((cut, (padded_h / h, padded_w / w)))
         self._encoder_out = self._decoder_out = self._input_size = None  # free the maps
         return features
 
@@ -188,6 +194,41 @@ def hint_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return F.mse_loss(_standardized(student.float()), _standardized(teacher.detach().float()))
 
 
+def _on_teacher_cells(student: Tensor, student_cell: tuple[float, float], student_size: Sequence[int],
+                      cells: Sequence[int], teacher_cell: tuple[float, float],
+                      teacher_size: Sequence[int]) -> Tensor:
+    """The student's map sampled (bilinearly) at the centre of each teacher cell.
+
+    A plain resize of one cut map onto the other would stretch it whenever the two overshoot the
+    image by different amounts (an image that is not a multiple of the padding, layers of other
+    strides): the maps are aligned in image coordinates instead.
+    """
+    axes = []
+    for axis in (0, 1):  # height, then width
+        centres = (torch.arange(cells[axis], device=student.device, dtype=torch.float32) + 0.5) * teacher_cell[axis]
+        in_student = centres * (student_size[axis] / teacher_size[axis]) / student_cell[axis]  # in student cells
+        axes.append(2 * in_student / student.shape[-2 + axis] - 1)  # grid_sample's align_corners=False
+    grid_y, grid_x = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    grid = torch.stack((grid_x, grid_y), dim=-1).expand(student.shape[0], -1, -1, -1)
+    return F.grid_sample(student, grid.to(student.dtype), mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def _any_in_cells(valid: Tensor, cells: Sequence[int], teacher_cell: tuple[float, float],
+                  teacher_size: Sequence[int]) -> Tensor:
+    """``[N, h, w]``: whether any pixel of ``valid`` (``[N, H, W]``) lies under each teacher cell."""
+    counts = valid.float()
+    for axis in (0, 1):
+        pixels = counts.shape[1 + axis]
+        per_cell = teacher_cell[axis] * pixels / teacher_size[axis]  # mask pixels per cell
+        j = torch.arange(cells[axis], device=valid.device, dtype=torch.float64)
+        start = torch.floor(j * per_cell).long().clamp(max=pixels - 1)
+        end = torch.maximum(torch.ceil((j + 1) * per_cell).long().clamp(max=pixels), start + 1)
+        summed = F.pad(counts.cumsum(1 + axis), (0, 0, 1, 0) if axis == 0 else (1, 0))
+        counts = summed.index_select(1 + axis, end) - summed.index_select(1 + axis, start)
+    return counts > 0
+
+
 class FeatureDistillation(nn.Module):
     """The trainable side of the feature term: one adapter per pair, and the term itself.
 
@@ -223,21 +264,20 @@ class FeatureDistillation(nn.Module):
             student_size, teacher_size: the (unpadded) image sizes each model was given.
             mask: ``[N, H, W]`` pixels the term sees (``ignore_index`` elsewhere), for ``cwd``.
         """
-        student_features = self._taps[0].take(*student_size)
-        teacher_features = self._taps[1].take(*teacher_size)
+        student_features = self._taps[0].take_with_cells(*student_size)
+        teacher_features = self._taps[1].take_with_cells(*teacher_size)
         total = 0.0
-        for adapter, s, t in zip(self.adapters, student_features, teacher_features):
+        for adapter, (s, s_cell), (t, t_cell) in zip(self.adapters, student_features, teacher_features):
             s = adapter(s)  # under autocast where the step is
             if s.shape[-2:] != t.shape[-2:]:
-                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+                s = _on_teacher_cells(s, s_cell, student_size, t.shape[-2:], t_cell, teacher_size)
             if self.kind == "hint":
                 total = total + hint_loss(s, t)
             else:
                 target = None
                 if mask is not None:  # a position is void only when every pixel under it is
-                    valid = (mask != self.ignore_index).float().unsqueeze(1)
-                    valid = F.adaptive_max_pool2d(valid, t.shape[-2:]) if valid.shape[-2:] != t.shape[-2:] else valid
-                    target = torch.where(valid[:, 0] > 0, 0, self.ignore_index)
+                    valid = _any_in_cells(mask != self.ignore_index, t.shape[-2:], t_cell, teacher_size)
+                    target = torch.where(valid, 0, self.ignore_index)
                 total = total + cwd_loss(s.float(), t.float(), temperature=self.tau, target=target,
                                          ignore_index=self.ignore_index)
         return total / len(self.adapters)
