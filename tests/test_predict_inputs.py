@@ -317,3 +317,15 @@ def test_a_mask_that_would_overwrite_an_input_image_is_refused(export, tmp_path)
     named_like_a_mask = _save(_pattern(seed=1), photos / "scene_mask.png")
     _refused(export, [scene, named_like_a_mask], photos,
              r"the mask of '.*scene.png' would be written over the input image '.*scene_mask.png'", tmp_path)
+
+
+@pytest.mark.parametrize("shape,size", [((5, 24, 36), (37, 53)), ((3, 16, 24), (100, 150)), ((4, 30, 40), (15, 21))])
+def test_masks_are_the_argmax_of_logits_resized_as_evaluation_resizes_them(shape, size):
+    # The argmax first, enlarged pixel by pixel, lost the class boundaries evaluation scores.
+    from distill.export.predict import upsampled_labels
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, *shape)
+    expected = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0].argmax(0)
+    got = upsampled_labels(logits[0].numpy(), *size, rows=7)  # several blocks of rows
+    assert got.dtype == np.uint8 and np.array_equal(got, expected.numpy())

@@ -14,8 +14,9 @@ Pre-processing is the evaluation transform of the recipe the student was trained
 to [0, 1], resized (bilinear) to ``config["input"]["resize"]`` when the recipe resized its images,
 normalised with ``mean``/``std``. The ONNX graph pads to its stride and crops back itself, so any
 size works (an export with ``export.fixed_size`` takes ``resize`` only, which is what it gets).
-The label map is resized back to the image's own size (nearest) and written as a palette PNG
-``<stem>_mask.png``: pixel values are class ids, the colours the dataset's palette.
+The logits are resized (bilinear) to the image's own size and their argmax written as a palette
+PNG ``<stem>_mask.png``, as ``distill eval`` scores at label resolution: pixel values are class
+ids, the colours the dataset's palette.
 
 All or nothing: the export folder, every image (exists, is a readable file, has a usable mode,
 its header decodes) and ``--out`` (a writable folder, or one that can be created) are checked
@@ -142,6 +143,31 @@ def preprocess(image: Image.Image, config: dict[str, Any]) -> np.ndarray:
     array = np.asarray(image, dtype=np.float32) / 255.0
     array = (array - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1)[None])
+
+
+def _source_pixels(out: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each output pixel's two source pixels and the weight of the second, as torch's bilinear
+    resize with ``align_corners=False`` computes them."""
+    source = np.maximum((np.arange(out) + 0.5) * (size / out) - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), size - 1)
+    return low, np.minimum(low + 1, size - 1), (source - low).astype(np.float32)[:, None]
+
+
+def upsampled_labels(logits: np.ndarray, height: int, width: int, rows: int = 128) -> np.ndarray:
+    """The class of each pixel of a ``height x width`` image from ``[C, h, w]`` logits: the
+    logits resized bilinearly to the image, then the argmax, as ``distill eval`` scores them (the
+    argmax first, enlarged, lost the boundaries between classes). Rows go a block at a time: a
+    photo's full-size logits need not fit in memory at once."""
+    if logits.shape[1:] == (height, width):
+        return logits.argmax(0).astype(np.uint8)
+    low, high, weight = _source_pixels(width, logits.shape[2])
+    wide = logits[:, :, low] * (1 - weight[:, 0]) + logits[:, :, high] * weight[:, 0]  # [C, h, width]
+    low, high, weight = _source_pixels(height, logits.shape[1])
+    labels = np.empty((height, width), dtype=np.uint8)
+    for start in range(0, height, rows):
+        part = slice(start, start + rows)
+        labels[part] = (wide[:, low[part]] * (1 - weight[part]) + wide[:, high[part]] * weight[part]).argmax(0)
+    return labels
 
 
 def palette_image(labels: np.ndarray, palette: list[list[int]]) -> Image.Image:
@@ -400,10 +426,7 @@ def predict(
             continue
         image = read_image(path)
         logits = session.run(None, {input_name: preprocess(image, config)})[0]
-        labels = logits[0].argmax(0).astype(np.uint8)
-        mask = palette_image(labels, config["palette"])
-        if mask.size != image.size:
-            mask = mask.resize(image.size, Image.NEAREST)
+        mask = palette_image(upsampled_labels(logits[0], image.height, image.width), config["palette"])
         buffer = io.BytesIO()
         mask.save(buffer, format="PNG")
         masks[target] = buffer.getvalue()
