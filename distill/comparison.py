@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.table import Table
 from torch import nn
 
@@ -416,8 +417,13 @@ def example_predictions(dataset, models: dict[str, nn.Module], count: int, devic
     for index in picks:
         item = dataset[index]
         image = item["image"][None].to(device)
-        predictions = {name: forward_padded(model, image).argmax(1)[0].cpu().numpy()
-                       for name, model in models.items()}
+        size = item["mask"].shape[-2:]
+        predictions = {}
+        for name, model in models.items():
+            logits = forward_padded(model, image)
+            if logits.shape[-2:] != size:  # a map coarser than the frame: resized as evaluation does
+                logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+            predictions[name] = logits.argmax(1)[0].cpu().numpy()
         examples.append({"id": dataset.sample_id(index), "image": dataset.load_raw(index)[0],
                          "mask": item["mask"].numpy(), "predictions": predictions})
     return examples

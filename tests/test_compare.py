@@ -180,3 +180,23 @@ def test_refused_commands_leave_no_empty_folder_and_eval_checks_before_scoring(t
     with pytest.raises(UnwritableFolderError, match=r"cannot write the evaluation report to .*blocked/student"):
         evaluate_checkpoint(tiny_recipe(tmp_path / "blocked", **{"eval.checkpoint": checkpoint}), "student")
     assert not scored
+
+
+def test_example_predictions_of_a_coarse_model_come_at_the_masks_size(trained):
+    # A 1/4-resolution student's argmax was drawn against the full-size mask: an IndexError
+    # after every model was scored, and no compare.json.
+    import torch
+
+    from distill.comparison import example_predictions
+    from distill.data import build_dataset
+
+    class Coarse(torch.nn.Module):
+        def forward(self, images):
+            return torch.nn.functional.avg_pool2d(images[:, :2], 4)
+
+    dataset = build_dataset(trained.data, trained.data.val_split, train=False)
+    [example] = example_predictions(dataset, {"coarse": Coarse()}, 1, torch.device("cpu"))
+    image = dataset[0]["image"][None]
+    expected = torch.nn.functional.interpolate(Coarse()(image), size=image.shape[-2:], mode="bilinear").argmax(1)[0]
+    assert example["predictions"]["coarse"].shape == example["mask"].shape
+    assert (example["predictions"]["coarse"] == expected.numpy()).all()

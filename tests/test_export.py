@@ -493,3 +493,44 @@ def test_every_export_file_has_the_usual_permissions(tiny_export):
     os.umask(mask)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
     assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
+
+
+class _Coarse(torch.nn.Module):
+    """Logits at 1/4 of its input, as SegFormer without its upsampling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 4, stride=4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-1, 1, images.shape[-1] // 4, device=images.device)
+        return self.conv(images) + ramp  # depends on where a cell is: a shifted map differs
+
+
+def test_a_graph_of_a_coarse_student_gives_logits_at_the_input_size(tmp_path):
+    # The crop by the input's rows kept the whole 1/4 map, padding included, stretched later.
+    from distill.export.student import PaddedSegmenter
+
+    model = _Coarse().eval()
+    export_onnx(model, tmp_path / "s.onnx", torch.randn(1, 3, 64, 96), 18)
+    image = torch.randn(1, 3, 70, 90)  # padded to 96x96: 24x24 cells, 17.5x22.5 of them the image
+    got = torch.from_numpy(ort.InferenceSession(str(tmp_path / "s.onnx")).run(None, {"image": image.numpy()})[0])
+    assert got.shape == (1, 3, 70, 90)
+    with torch.no_grad():
+        whole = model(torch.nn.functional.pad(image, (0, 6, 0, 26), mode="replicate"))  # pad and resize by hand
+        expected = torch.nn.functional.interpolate(whole, size=(96, 96), mode="bilinear")[..., :70, :90]
+        torch.testing.assert_close(PaddedSegmenter(model)(image), expected)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_graph_that_serves_one_size_only_fails_the_parity_check(tmp_path):
+    from distill.export.student import check_parity
+
+    model = tiny(4, width=6).eval()
+    export_onnx(model, tmp_path / "s.onnx", torch.randn(1, 3, 32, 32), 18, fixed_size=True)  # 32x32 only
+    images = [torch.randn(1, 3, 32, 32)]
+    assert check_parity(model, images, onnx_path=tmp_path / "s.onnx", reloaded=None, fixed_size=True)
+    with pytest.raises(ExportError, match=r"the ONNX graph fails on a batch of 2 35x37 images .*: it serves "
+                                          r"one size only; set data.resize and export.fixed_size: true"):
+        check_parity(model, images, onnx_path=tmp_path / "s.onnx", reloaded=None)

@@ -251,3 +251,25 @@ def test_int8_settings_are_validated_and_the_export_runs_before_compare(tmp_path
         tiny_recipe(tmp_path, **{"export.calibration_method": "kmeans"})
     with pytest.raises(RecipeError, match="calibration_images"):
         tiny_recipe(tmp_path, **{"export.calibration_images": 0})
+
+
+def test_images_of_several_sizes_calibrate_at_one(tmp_path):
+    # onnxruntime's histogram calibrators stack every image's activations: a numpy traceback.
+    from distill.config import recipe_from_dict
+    from distill.export.quantize import calibration_images
+    from helpers import tiny
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k, (h, w) in enumerate([(30, 40), (45, 65), (37, 53)]):
+            for kind in ("images", "masks"):
+                (tmp_path / kind / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / split / f"{k}.png")
+            Image.fromarray(rng.integers(0, 2, (h, w), dtype=np.uint8)).save(tmp_path / "masks" / split / f"{k}.png")
+    recipe = recipe_from_dict({"model": {"factory": "helpers:tiny"}, "data": {
+        "dataset": "folder", "root": str(tmp_path), "class_names": ["a", "b"], "num_workers": 0}})
+    images = list(calibration_images(recipe, 3))
+    assert [image.shape for image in images] == [(1, 3, 30, 40)] * 3
+    export_onnx(tiny(2, width=6).eval(), tmp_path / "s.onnx", torch.from_numpy(images[0]), 18)
+    quantize_onnx(tmp_path / "s.onnx", tmp_path / "s_int8.onnx", images, method="percentile")
+    assert (tmp_path / "s_int8.onnx").is_file()

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.config import Recipe
@@ -346,10 +347,18 @@ def score_fp32_and_int8(fp32: nn.Module, int8: nn.Module, loader, *, num_classes
 
 
 def calibration_images(recipe: Recipe, count: int) -> Iterator[np.ndarray]:
-    """``count`` training images spread over the split, through the evaluation transform."""
+    """``count`` training images spread over the split, through the evaluation transform, all
+    at the first one's size: onnxruntime's histogram calibrators stack every image's activations
+    and fail on images of several sizes (no ``data.resize``); a resize keeps the value ranges that
+    calibration measures."""
     dataset = build_dataset(recipe.data, recipe.data.train_split, train=False, seed=recipe.train.seed)
+    size = None
     for index in sorted({int(i) for i in np.linspace(0, len(dataset) - 1, min(count, len(dataset)))}):
-        yield dataset[index]["image"][None].numpy()
+        image = dataset[index]["image"][None]
+        size = size or tuple(image.shape[-2:])
+        if tuple(image.shape[-2:]) != size:
+            image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        yield image.numpy()
 
 
 def export_int8(recipe: Recipe, fp32_path: Path, int8_path: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.table import Table
 from torch import nn
 
@@ -42,20 +43,41 @@ class ExportError(ValueError):
 class PaddedSegmenter(nn.Module):
     """``forward_padded`` as a module, so that the pad and the crop are traced into the graph
     (always padded, by 0 rows where the sides divide already: the graph serves every size).
-    With ``fixed_size`` (a graph for one size) sides that divide already are not padded at all."""
+    With ``fixed_size`` (a graph for one size) sides that divide already are not padded at all.
+
+    A model whose map is coarser than its input (SegFormer without its upsampling) has its map
+    resized to the padded input before the crop: a crop of the coarse map by the input's rows
+    would keep the whole map, padding included. The graph's logits are then at the input's size.
+    """
 
     def __init__(self, model: nn.Module, fixed_size: bool = False) -> None:
         super().__init__()
         self.model = model
         self.multiple = pad_multiple(model)
         self.fixed_size = fixed_size
+        self.coarse = _coarse_output(model, self.multiple)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
-        if self.fixed_size and height % self.multiple == 0 and width % self.multiple == 0:
+        if self.fixed_size and height % self.multiple == 0 and width % self.multiple == 0 and not self.coarse:
             return self.model(image)
         padded, _, _ = pad_to_multiple(image, self.multiple)
-        return self.model(padded)[:, :, :height, :width]
+        logits = self.model(padded)
+        if self.coarse:
+            logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[:, :, :height, :width]
+
+
+@torch.no_grad()
+def _coarse_output(model: nn.Module, multiple: int) -> bool:
+    """Whether ``model``'s map is smaller than its input (one forward of a small blank image)."""
+    side = 2 * max(multiple, 16)
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        return tuple(model(torch.zeros(1, 3, side, side, device=device)).shape[-2:]) != (side, side)
+    except Exception:  # noqa: BLE001  (a model that cannot run: the exporter names its error)
+        return False
 
 
 def json_text(value: Any) -> str:
@@ -232,26 +254,48 @@ def _ort_session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def other_size(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``image`` resized to a size that is not a multiple of the stride, twice in a batch: a
+    graph for any size must serve it (one traced for a single size would fail or differ)."""
+    height, width = image.shape[-2:]
+    size = (max(multiple, height * 3 // 4) + 3, max(multiple, width * 3 // 4) + 5)
+    resized = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    return torch.cat([resized, resized.flip(-1)])
+
+
 @torch.no_grad()
 def check_parity(reference: nn.Module, images: list[torch.Tensor], *, onnx_path: Path | None,
-                 reloaded: nn.Module | None) -> dict[str, dict[str, float]]:
-    """Max abs logit difference and argmax agreement of each runtime against ``reference``."""
+                 reloaded: nn.Module | None, fixed_size: bool = False) -> dict[str, dict[str, float]]:
+    """Max abs logit difference and argmax agreement of each runtime against ``reference``.
+
+    The ONNX graph is compared with the module it was traced from (the pad and crop included),
+    on ``images`` and, unless ``fixed_size``, on a batch of two at another size (:func:`other_size`).
+    """
     session = _ort_session(onnx_path) if onnx_path is not None else None
+    graph = PaddedSegmenter(reference, fixed_size).eval()
     totals: dict[str, dict[str, float]] = {}
-    for image in images:
-        expected = forward_padded(reference, image)
+    extra = [] if session is None or fixed_size else [other_size(images[0], graph.multiple)]
+    for image in [*images, *extra]:
+        expected = {"onnx": graph(image), "safetensors": forward_padded(reference, image)}
         outputs = {}
         if session is not None:
-            outputs["onnx"] = torch.from_numpy(session.run(None, {"image": image.numpy()})[0])
-        if reloaded is not None:
+            try:
+                outputs["onnx"] = torch.from_numpy(session.run(None, {"image": image.numpy()})[0])
+            except Exception as error:  # noqa: BLE001  (onnxruntime's own error types)
+                size = "x".join(str(n) for n in image.shape[-2:])
+                raise ExportError(f"the ONNX graph fails on a batch of {image.shape[0]} {size} images "
+                                  f"({str(error).strip().splitlines()[0][:200]}): it serves one size "
+                                  "only; set data.resize and export.fixed_size: true") from None
+        if reloaded is not None and image.shape[0] == 1:
             outputs["safetensors"] = forward_padded(reloaded, image)
         for name, got in outputs.items():
-            if got.shape != expected.shape:
-                raise ExportError(f"{name} logits have shape {tuple(got.shape)}, eager {tuple(expected.shape)}")
+            want = expected[name]
+            if got.shape != want.shape:
+                raise ExportError(f"{name} logits have shape {tuple(got.shape)}, eager {tuple(want.shape)}")
             entry = totals.setdefault(name, {"max_abs_diff": 0.0, "agree": 0.0, "pixels": 0.0})
-            entry["max_abs_diff"] = max(entry["max_abs_diff"], float((got - expected).abs().max()))
-            entry["agree"] += float((got.argmax(1) == expected.argmax(1)).sum())
-            entry["pixels"] += float(expected[:, 0].numel())
+            entry["max_abs_diff"] = max(entry["max_abs_diff"], float((got - want).abs().max()))
+            entry["agree"] += float((got.argmax(1) == want.argmax(1)).sum())
+            entry["pixels"] += float(want[:, 0].numel())
     return {name: {"max_abs_diff": e["max_abs_diff"], "argmax_agreement": e["agree"] / e["pixels"]}
             for name, e in totals.items()}
 
@@ -356,12 +400,17 @@ def _write_export(recipe: Recipe, model: nn.Module, spec: ModelConfig, info: Dat
         atomic_write_text(staging / CONFIG_NAME, json_text(config))
         reloaded = load_exported(staging)  # the parity check reads the weights back
         results = check_parity(model, images, onnx_path=staging / FILES["onnx"] if "onnx" in formats else None,
-                               reloaded=reloaded)
+                               reloaded=reloaded, fixed_size=recipe.export.fixed_size)
         atol = recipe.export.atol
+        sizes = sorted({tuple(image.shape[-2:]) for image in images})
+        other = (None if "onnx" not in formats or recipe.export.fixed_size
+                 else list(other_size(images[0], pad_multiple(model)).shape[-2:]))
+        shown = ", ".join(f"{h}x{w}" for h, w in sizes) + (f"; ONNX also 2 at {other[0]}x{other[1]}" if other else "")
         console.print(parity_table(results, atol, f"export parity vs eager student ({len(images)} "
-                                                  f"{recipe.data.val_split} images, {tuple(images[0].shape[-2:])})"))
+                                                  f"{recipe.data.val_split} images, {shown})"))
         parity = {"atol": atol, "split": recipe.data.val_split, "images": sample_ids,
-                  "resolution": list(images[0].shape[-2:]), "results": results,
+                  "resolution": [list(size) for size in sizes] if len(sizes) > 1 else list(sizes[0]),
+                  "other_size": other, "results": results,
                   "passed": all(r["max_abs_diff"] <= atol for r in results.values())}
         atomic_write_text(staging / "parity.json", json_text(parity))
         failed = {n: r["max_abs_diff"] for n, r in results.items() if r["max_abs_diff"] > atol}
