@@ -3,7 +3,7 @@
 One command, one run, one table (rich) and ``bench/results/throughput.json``. The recipe's models,
 batch and resolution: DeepLabV3+ ResNet-50 teacher, DeepLabV3+ MobileNetV3-Large student, batch 8,
 192x256 crops of 240x320 base frames (random scale 0.75-1.25, flips), ``channels_last``, 2 torch
-threads, AdamW. Data: ``data.root`` of the recipe (``../shared/data/camvid``); when it is absent,
+threads, AdamW. Data: ``data.root`` of the recipe (``data/camvid``, or ``--data-root``); when it is absent,
 synthetic images of CamVid's shape (360x480, 11 classes), which the report says.
 
 Measured, with targets:

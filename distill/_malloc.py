@@ -2,8 +2,8 @@
 
 Why: with glibc's defaults, the large activation buffers of a training step are mmap'ed and
 unmapped on every step, and up to ~40% of CPU time went to page faults on this project's machines
-(../shared/ENVIRONMENT.md: 1.76x faster train steps at 352x480 with the settings below, ~1.1x at
-192x256). Keeping freed memory in the heap costs ~13% more resident memory. Switch it off with
+(the settings below made train steps faster, most at large resolutions). Keeping freed memory in
+the heap costs some resident memory. Switch it off with
 ``train.cpu_malloc_tuning=false``; ``bench/throughput.py`` measures both.
 """
 

@@ -45,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
         if stage_default is not None:
             sub.add_argument(
                 "--stage", choices=STAGES, default=stage_default,
-                help="teacher: train the teacher alone; baseline: the student without a teacher; "
-                "student: the student, distilled when the recipe has a teacher (default: %(default)s)",
+                help=("teacher: train the teacher alone; baseline: the student without a teacher; "
+                      "student: the student, distilled when the recipe has a teacher (default: %(default)s)"
+                      if name == "train" else "whose weights to score: teacher, baseline or student "
+                      "(default: %(default)s)"),
             )
         return sub
 

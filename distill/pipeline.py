@@ -30,7 +30,7 @@ from distill.models import ModelError
 from distill.fingerprint import digest, stage_inputs
 from distill.preflight import InputError, check_inputs
 from distill.progress import console
-from distill.run_folder import PROGRESS_FILE, StageFiles, stage_dir, stage_files
+from distill.run_folder import PROGRESS_FILE, StageFiles, cache_dir, stage_dir, stage_files
 from distill.stage_weights import trained_weights
 from distill.training import check_models, check_schedule, train
 
@@ -117,8 +117,11 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
         if stage == "cache":
             from distill.cache import write_cache
 
+            manifest = cache_dir(recipe) / "manifest.json"  # what the store holds, split by split
+            before = manifest.read_bytes() if manifest.is_file() else None
             store = write_cache(recipe)  # up-to-date stores are skipped, interrupted ones resumed
-            outcomes.append(StageOutcome(stage, "done", time.perf_counter() - start, None, store))
+            status = "up to date" if before is not None and manifest.read_bytes() == before else "done"
+            outcomes.append(StageOutcome(stage, status, time.perf_counter() - start, None, store))
             continue
         folder = stage_dir(recipe, stage)
         fingerprint = stage_fingerprint(recipe, stage)

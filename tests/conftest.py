@@ -15,14 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 # Tests name factories as `helpers:tiny`; the folder must be importable in every process.
 sys.path.insert(0, str(REPO / "tests"))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
-CAMVID = REPO.parent / "shared" / "data" / "camvid"
+from helpers import CAMVID, CAMVID_PLACES  # noqa: E402  (the path above first)
 
 
 @pytest.fixture
 def camvid_root() -> Path:
-    """The real CamVid folder beside the checkout; the test is skipped when it is absent."""
+    """The real CamVid folder; the test is skipped when it is absent."""
     if not (CAMVID / "train").is_dir():
-        pytest.skip(f"CamVid data not found at {CAMVID} (expected beside the checkout in ../shared)")
+        pytest.skip("CamVid data not found (looked in " + ", ".join(str(p) for p in CAMVID_PLACES)
+                    + "; set DISTILL_CAMVID to its folder)")
     return CAMVID
 
 

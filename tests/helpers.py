@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pathlib import Path
@@ -9,6 +11,11 @@ from pathlib import Path
 from distill.config import Recipe, recipe_from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The real CamVid folder: $DISTILL_CAMVID, else the recipes' data/camvid, else the shared data
+# folder beside the checkout (where CI has it). Tests that need it take conftest's camvid_root.
+CAMVID_PLACES = [Path(p) for p in filter(None, [os.environ.get("DISTILL_CAMVID")])] + [
+    REPO_ROOT / "data" / "camvid", REPO_ROOT.parent / "shared" / "data" / "camvid"]
+CAMVID = next((p for p in CAMVID_PLACES if (p / "train").is_dir()), CAMVID_PLACES[-1])
 
 
 class TinySegmenter(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""The CamVid recipe on the real data (../shared/data/camvid), a few steps on a tiny subset."""
+"""The CamVid recipe on the real data (``camvid_root`` in conftest.py), a few steps on a tiny subset."""
 
 import json
 

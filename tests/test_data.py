@@ -1,7 +1,7 @@
 """Tests of distill.data: layouts, label mapping, joint geometry, determinism, errors, loaders.
 
 Every on-disk layout is generated as a tiny tree in ``tmp_path``; the real CamVid folder beside
-the checkout (``../shared/data/camvid``) is read in place and its test skipped when absent.
+the checkout (``camvid_root`` in ``conftest.py``) is read in place and its test skipped when absent.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from distill.data import (
     resize_nearest,
 )
 
-REAL_CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 VOC_PALETTE = [c for i in range(256) for c in ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)]
 
 
@@ -566,10 +565,8 @@ def test_loader_batch_sizes_shuffle_and_drop_last():
 
 
 @pytest.fixture
-def real_camvid() -> Path:
-    if not (REAL_CAMVID / "train").is_dir():
-        pytest.skip(f"CamVid not found at {REAL_CAMVID} (expected beside the checkout)")
-    return REAL_CAMVID
+def real_camvid(camvid_root) -> Path:
+    return camvid_root
 
 
 def test_real_camvid(real_camvid):

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import REPO_ROOT, tiny, tiny_recipe
+from helpers import CAMVID, REPO_ROOT, tiny, tiny_recipe
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -30,7 +30,6 @@ from distill.launch import make_accelerator
 from distill.training import train
 
 PREDICT_PY = REPO_ROOT / "distill" / "export" / "predict.py"
-CAMVID = REPO_ROOT.parent / "shared" / "data" / "camvid"  # as conftest's camvid_root (module scope here)
 EXPORT_FILES = {"distill.json", "parity.json", "student.onnx", "student.safetensors"}  # a factory student
 
 

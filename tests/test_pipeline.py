@@ -76,6 +76,8 @@ def test_cache_mode_runs_end_to_end(tmp_path):
     assert (tmp_path / "cache" / "manifest.json").is_file()
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kd"] > 0 for r in records if "loss" in r)
+    # Run again: every stage, the store among them, is up to date (the notebook says so).
+    assert set(statuses(run_pipeline(recipe)).values()) == {"up to date"}
 
 
 def test_weights_retrained_outside_run_make_later_stages_stale(tmp_path):

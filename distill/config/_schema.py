@@ -142,7 +142,7 @@ class CacheConfig(Section):
     dir: Path | None = Field(None, description="store folder; default: <output_dir>/cache", json_schema_extra=RUN_ONLY)
     stride: int = Field(4, ge=1, description="logits stored at 1/stride of the base frame", json_schema_extra=DISTILLED)
     layout: Literal["topk", "dense"] = Field(
-        "topk", description="topk: k largest logits per pixel + the rest; dense: every class (fp16)", json_schema_extra=DISTILLED
+        "topk", description="topk: k largest logits per pixel + the rest; dense: every class (both in cache.dtype)", json_schema_extra=DISTILLED
     )
     topk: int = Field(4, ge=1, description="logits kept per pixel (layout topk)", json_schema_extra=DISTILLED)
     dtype: Literal["fp16", "int8"] = Field(
@@ -233,7 +233,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0.0, description="decoupled (AdamW) or L2 (SGD)", json_schema_extra=EVERY_STAGE)
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only", json_schema_extra=EVERY_STAGE)
     scheduler: Literal["poly", "cosine", "constant"] = Field(
-        "poly", description="decay after warm-up, to 0 at the last step", json_schema_extra=EVERY_STAGE
+        "poly", description="after warm-up, poly or cosine decay to 0 at the last step; constant: flat", json_schema_extra=EVERY_STAGE
     )
     poly_power: float = Field(0.9, gt=0.0, description="exponent of the poly schedule", json_schema_extra=EVERY_STAGE)
     warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer steps", json_schema_extra=EVERY_STAGE)
