@@ -54,6 +54,10 @@ def made_from(recipe: Recipe, stage: str, steps_per_epoch: int, samples: int, pr
             "steps per epoch": steps_per_epoch, "processes": processes}
 
 
+class CheckpointMismatch(TrainingError):
+    """``train.resume`` names a checkpoint made from other inputs (settings, data, processes)."""
+
+
 def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object]) -> dict:
     """Load a ``save_state`` folder (or a stage folder's latest checkpoint) and its progress,
     refusing one made from other settings (the schedule would silently go wrong)."""
@@ -72,7 +76,7 @@ def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object
     changed = [f"{key}: checkpoint {recorded.get(key)!r}, now {inputs.get(key)!r}"
                for key in sorted(set(recorded) | set(inputs)) if recorded.get(key) != inputs.get(key)]
     if recorded and changed:
-        raise TrainingError(f"train.resume '{folder}' was made with other settings; resume with the "
+        raise CheckpointMismatch(f"train.resume '{folder}' was made with other settings; resume with the "
                             "same ones, or start a fresh run:\n  - " + "\n  - ".join(changed))
     try:
         accelerator.load_state(str(folder))

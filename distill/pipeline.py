@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from distill._checkpoint import CheckpointMismatch
 from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe
 from distill.data import DataError
@@ -163,7 +164,18 @@ def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tu
     stage_recipe = recipe.model_copy(deep=True)
     stage_recipe.train.resume = latest if resumable else None
     # A fresh start drops what an older run of other inputs left, once its first step has run.
-    result = train(stage_recipe, stage, fingerprint=fingerprint)  # type: ignore[arg-type]
+    try:
+        result = train(stage_recipe, stage, fingerprint=fingerprint)  # type: ignore[arg-type]
+    except CheckpointMismatch as error:
+        # Inputs the fingerprint does not hold changed since the kill (the images in an
+        # unlabelled folder, the number of processes): nothing was written; start the stage anew.
+        if not resumable:
+            raise
+        changed = str(error).split("\n  - ")[1:2]
+        console.print(f"[yellow]the {stage} stage's checkpoint was made from other inputs "
+                      f"({changed[0] if changed else 'see above'}): it trains from the start")
+        stage_recipe.train.resume, resumable = None, False
+        result = train(stage_recipe, stage, fingerprint=fingerprint)  # type: ignore[arg-type]
     return ("resumed" if resumable else "trained"), result.best_miou
 
 

@@ -1,6 +1,7 @@
 """`distill run`: stages in order, skipped when up to date, redone when inputs change, resumed."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,32 @@ def test_every_planned_stage_inputs_are_checked_before_the_first_stage(tmp_path)
     message = str(caught.value)
     assert "'nosuch'" in message and "'nosuch2'" in message and "is a file, not a folder" in message
     assert not (tmp_path / "teacher").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_killed_stage_whose_inputs_changed_outside_the_recipe_starts_anew(tmp_path, monkeypatch):
+    # One more image in an unlabelled folder: the stage's fingerprint is the same, its
+    # checkpoint's training samples are not, and every rerun was refused until it was deleted.
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k in range(7):
+        Image.fromarray(np.full((32, 32, 3), 30 * k, dtype=np.uint8)).save(folder / f"f{k}.png")
+    (folder / "f6.png").rename(tmp_path / "f6.png")  # kept back for the rerun
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "train.epochs": 2, "run.baseline": "false", "run.compare": "false", "run.export": "false",
+        "data.unlabelled": f"[{{folder: {folder}}}]"})
+    save = loop.save_checkpoint
+
+    def student_dies_after_its_first_checkpoint(accelerator, run_dir, state):
+        save(accelerator, run_dir, state)
+        if Path(run_dir).name == "student":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", student_dies_after_its_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(recipe)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    (tmp_path / "f6.png").rename(folder / "f6.png")
+    assert statuses(run_pipeline(recipe)) == {"teacher": "up to date", "student": "trained"}
