@@ -21,7 +21,7 @@ from distill.config import Recipe
 from distill.data.splits import parse_split
 from distill.models import model_identity, stage_model
 from distill.run_folder import cache_dir
-from distill.stage_weights import trained_weights
+from distill.stage_weights import trained_weights, weights_digest
 
 
 def keys_for(section: BaseModel, stage: str) -> dict[str, Any]:
@@ -46,6 +46,11 @@ def stage_inputs(recipe: Recipe, stage: str, *, teacher_module: bool = False) ->
         "loss": keys_for(recipe.loss, reads),
         "model": {**keys_for(model, reads), **_weights(model, reads)},
     }
+    # Class names are labels for ids: a rename changes no training, only a class map that names
+    # classes (the distilled student's teacher.class_map). Their count stays (a folder layout's).
+    names = inputs["data"].get("class_names")
+    if names is not None and not (distilling and recipe.teacher is not None and recipe.teacher.class_map):
+        inputs["data"]["class_names"] = f"{len(names)} classes"
     # Keys whose bytes are elsewhere, added only when used, so that other runs keep their digest.
     lists = _split_lists(inputs["data"])
     if lists:
@@ -58,7 +63,7 @@ def stage_inputs(recipe: Recipe, stage: str, *, teacher_module: bool = False) ->
         assert recipe.teacher is not None
         teacher = keys_for(recipe.teacher, "student")
         inputs["teacher"] = {**teacher, **_weights(recipe.teacher, "student"),
-                             "weights": file_digest(trained_weights(recipe, "teacher"))}
+                             "weights": weights_digest(trained_weights(recipe, "teacher"))}
         if recipe.teacher.mode == "cache":
             manifest = cache_dir(recipe) / "manifest.json"
             inputs["cache"] = {**keys_for(recipe.cache, "student"),

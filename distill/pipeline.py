@@ -24,7 +24,7 @@ from rich.table import Table
 
 from distill._checkpoint import CheckpointMismatch
 from distill._io import atomic_write_text, file_digest
-from distill.config import Recipe
+from distill.config import Recipe, changes_output
 from distill.data import DataError
 from distill.launch import TrainingError, is_launch_main
 from distill.models import ModelError
@@ -32,7 +32,7 @@ from distill.fingerprint import digest, stage_inputs
 from distill.preflight import InputError, check_inputs
 from distill.progress import console
 from distill.run_folder import PROGRESS_FILE, StageFiles, cache_dir, stage_dir, stage_files
-from distill.stage_weights import trained_weights
+from distill.stage_weights import trained_weights, weights_digest
 from distill.training import check_models, check_schedule, train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")
@@ -60,14 +60,18 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     weights = {name: file_digest(stage_files(recipe, name).best)
                for name in reads if stage_files(recipe, name).best.is_file()}
     if stage == "compare" and recipe.teacher is not None:
-        weights["teacher"] = file_digest(trained_weights(recipe, "teacher"))
+        weights["teacher"] = weights_digest(trained_weights(recipe, "teacher"))
     if recipe.eval.checkpoint is not None:
         weights["eval.checkpoint"] = file_digest(recipe.eval.checkpoint)
     # With an INT8 export the comparison scores the export's ONNX students too.
     reads_export = stage == "export" or "onnx_int8" in recipe.export.formats
     sections = ("data", "eval", "export") if reads_export else ("data", "eval")
-    return digest({"weights": weights, "mixed_precision": recipe.train.mixed_precision,
-                    **{k: getattr(recipe, k).model_dump(mode="json") for k in sections}})
+    parts = {"weights": weights, "mixed_precision": recipe.train.mixed_precision,
+             **{k: getattr(recipe, k).model_dump(mode="json") for k in sections}}
+    if stage == "compare" and recipe.teacher is not None:  # how the teacher is run and read
+        parts["teacher"] = recipe.teacher.model_dump(mode="json", include={
+            name for name, field in type(recipe.teacher).model_fields.items() if changes_output(field)})
+    return digest(parts)
 
 
 def planned_stages(recipe: Recipe) -> list[str]:

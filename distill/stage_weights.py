@@ -3,9 +3,12 @@ teacher trained elsewhere (a local folder, a file, or a hub id downloaded once).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
+from distill._io import file_digest
 from distill.models import ModelError, stage_model
 from distill.run_folder import stage_files
 
@@ -22,11 +25,26 @@ def external_weights(source: str, path: Path) -> Path:
             raise ModelError(f"teacher.path '{path}' is not an ONNX file (tried '{path.absolute()}')")
         return path
     folder = path if path.is_dir() else hub_folder(str(path))
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        if (folder / name).is_file():  # (the index of sharded weights stands for them)
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):
+        if (folder / name).is_file():  # (the index of sharded weights: weights_digest reads its shards)
             return folder / name
     what = "smp save_pretrained" if source == "smp_hub" else "Hugging Face model"
     raise ModelError(f"teacher.path '{path}' is not a {what} folder (no model.safetensors)")
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a weights file, as fingerprints record it; for the index of sharded weights,
+    of the index and every shard it names (new shards under the same index are other weights)."""
+    path = Path(path)
+    if not path.name.endswith(".index.json"):
+        return file_digest(path)
+    try:
+        shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
+        parts = [file_digest(path), *(file_digest(path.parent / shard) for shard in shards)]
+    except (OSError, ValueError, AttributeError) as error:
+        raise ModelError(f"sharded weights '{path}' cannot be read whole: {error}") from None
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def is_hub_id(repo_id: str) -> bool:

@@ -461,6 +461,7 @@ def _train_one_epoch(run: _Run, state: dict, epoch: int, progress, steps_bar) ->
             accelerator.backward(parts["loss"] * (cfg.grad_accum_steps / group))
             if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                 accelerator.clip_grad_norm_([p for m in run.trained for p in m.parameters()], cfg.max_grad_norm)
+            step_lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses (logged below)
             run.optimizer.step()
             if accelerator.sync_gradients:
                 run.scheduler.step()
@@ -477,7 +478,7 @@ def _train_one_epoch(run: _Run, state: dict, epoch: int, progress, steps_bar) ->
             record = {
                 "epoch": epoch + 1,  # counted from 1, as the console counts
                 "step": state["step"],
-                "lr": run.scheduler.get_last_lr()[0],
+                "lr": step_lr,
                 "images_per_s": window_images / max(elapsed, 1e-9),
                 **{k: float(accelerator.reduce(v.detach(), "mean")) for k, v in parts.items()},
             }

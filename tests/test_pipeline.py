@@ -159,3 +159,52 @@ def test_a_killed_stage_whose_inputs_changed_outside_the_recipe_starts_anew(tmp_
     monkeypatch.setattr(loop, "save_checkpoint", save)
     (tmp_path / "f6.png").rename(folder / "f6.png")
     assert statuses(run_pipeline(recipe)) == {"teacher": "up to date", "student": "trained"}
+
+
+def test_how_a_teacher_is_read_redoes_the_student_and_the_comparison_not_the_teacher(tmp_path):
+    # teacher.input_size, bgr and class_map shape the wrapper around the model; training the
+    # teacher never reads them (a run retrained it for each).
+    from distill.pipeline import stage_fingerprint
+
+    recipe = tiny_recipe(tmp_path, teacher=True)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "best.safetensors").write_bytes(b"weights")  # the student reads their hash
+    for override in ({"teacher.input_size": "[24, 24]"}, {"teacher.bgr": "true"},
+                     {"teacher.class_map": "{0: 0, 1: 1, 2: 2, 3: 3}"}):
+        changed = tiny_recipe(tmp_path, teacher=True, **override)
+        assert stage_fingerprint(changed, "teacher") == stage_fingerprint(recipe, "teacher"), override
+        for stage in ("student", "compare"):
+            assert stage_fingerprint(changed, stage) != stage_fingerprint(recipe, stage), (override, stage)
+
+
+def test_renaming_classes_redoes_no_training_unless_a_class_map_names_them(tmp_path):
+    from distill.pipeline import stage_fingerprint
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "best.safetensors").write_bytes(b"weights")
+    names = ["background", "circle_stripes", "square_dots", "triangle_solid"]
+    recipe = tiny_recipe(tmp_path, teacher=True, **{"data.class_names": str(names)})
+    renamed = tiny_recipe(tmp_path, teacher=True, **{"data.class_names": str(["bg", "a", "b", "c"])})
+    for stage in ("teacher", "baseline", "student"):
+        assert stage_fingerprint(renamed, stage) == stage_fingerprint(recipe, stage), stage
+    assert stage_fingerprint(renamed, "compare") != stage_fingerprint(recipe, "compare")  # its tables name them
+
+
+def test_new_shards_of_a_sharded_teacher_are_other_weights(tmp_path):
+    import json
+
+    from distill.pipeline import stage_fingerprint
+
+    folder = tmp_path / "hf_teacher"  # as a Hugging Face download of sharded weights looks
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    shards = [f"model-0000{k}-of-00002.safetensors" for k in (1, 2)]
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
+    for shard in shards:
+        (folder / shard).write_bytes(b"old weights")
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.source": "transformers", "teacher.path": str(folder), "teacher.factory": "null",
+        "teacher.factory_kwargs": "{}"})
+    before = stage_fingerprint(recipe, "student")
+    (folder / shards[1]).write_bytes(b"fine-tuned weights")  # the index is the same
+    assert stage_fingerprint(recipe, "student") != before

@@ -117,6 +117,24 @@ def test_scheduler_warms_up_then_decays_to_zero(tmp_path):
     assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
 
 
+def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    # It was read after the scheduler stepped: the next step's rate, and 0 for the last step.
+    import json
+
+    recipe = tiny_recipe(tmp_path, **{"train.warmup_steps": 4, "train.epochs": 1, "train.log_every_steps": 1})
+    train(recipe, "student")
+    logged = [r["lr"] for r in map(json.loads, (tmp_path / "student" / "metrics.jsonl").read_text().splitlines())
+              if "lr" in r]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.train.lr)
+    scheduler = build_scheduler(optimizer, recipe, total_steps=len(logged))
+    used = []
+    for _ in logged:  # an independent run of the same schedule
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert logged == pytest.approx(used) and logged[0] == pytest.approx(recipe.train.lr / 4) and logged[-1] > 0
+
+
 def test_fp16_on_cpu_is_refused(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("fp16 is valid on a GPU")

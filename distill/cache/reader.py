@@ -24,10 +24,9 @@ from distill.cache.store import (
     read_manifest,
     split_folder,
 )
-from distill._io import file_digest
 from distill.config import changes_output
 from distill.run_folder import cache_dir
-from distill.stage_weights import trained_weights
+from distill.stage_weights import trained_weights, weights_digest
 
 if TYPE_CHECKING:
     from distill.config import Recipe
@@ -101,7 +100,7 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
     ids = list(ids) if ids is not None else _split_ids(recipe, split)
     fingerprint = {
         "layout_version": LAYOUT_VERSION,
-        "teacher_checkpoint_sha256": file_digest(trained_weights(recipe, "teacher")),
+        "teacher_checkpoint_sha256": weights_digest(trained_weights(recipe, "teacher")),
         # The keys whose metadata says they change the teacher's outputs (the weights enter by
         # their digest above; the normalization below).
         "teacher_model": teacher.model_dump(

@@ -20,6 +20,9 @@ from distill.data.splits import parse_split
 
 # Keys that change every stage's result and the model's output for an image (a store's too).
 MODEL_OUTPUT = shapes_output(EVERY_STAGE)
+# How a teacher's outputs are read (its wrapper), not how distill trains it: the distilled student
+# and a store of its targets change, a teacher trained here does not.
+TEACHER_OUTPUT = shapes_output(DISTILLED)
 
 
 def positive_size(key: str, value: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -71,15 +74,15 @@ class TeacherConfig(ModelConfig):
         None, description="transformers / smp_hub: a model folder or a hub id; onnx: the .onnx file", json_schema_extra=MODEL_OUTPUT
     )
     class_names: list[str] | None = Field(
-        None, description="the teacher's own classes, when they are not the dataset's (for class_map)", json_schema_extra=MODEL_OUTPUT
+        None, description="the teacher's own classes, when they are not the dataset's (for class_map)", json_schema_extra=TEACHER_OUTPUT
     )
     class_map: dict[str | int, str | int] | None = Field(
         None, description="teacher class -> student class (names or ids); several onto one sum "
-        "their probabilities, unmapped ones are dropped and the rest renormalized", json_schema_extra=MODEL_OUTPUT
+        "their probabilities, unmapped ones are dropped and the rest renormalized", json_schema_extra=TEACHER_OUTPUT
     )
-    bgr: bool = Field(False, description="the teacher takes BGR images (channels reversed)", json_schema_extra=MODEL_OUTPUT)
+    bgr: bool = Field(False, description="the teacher takes BGR images (channels reversed)", json_schema_extra=TEACHER_OUTPUT)
     input_size: tuple[int, int] | None = Field(
-        None, description="(height, width) the teacher runs at (images resized to it); default: the batch's", json_schema_extra=MODEL_OUTPUT
+        None, description="(height, width) the teacher runs at (images resized to it); default: the batch's", json_schema_extra=TEACHER_OUTPUT
     )
     # The teacher's weights enter a fingerprint by their sha256, not by this path.
     checkpoint: Path | None = Field(None, description="weights to load (.safetensors or .pt)",
