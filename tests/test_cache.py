@@ -372,7 +372,7 @@ def test_sigkill_mid_write_then_rerun_resumes_and_equals_an_uninterrupted_store(
     def flags() -> np.ndarray:
         try:
             return np.load(flags_file)
-        except (OSError, ValueError):  # not created yet, or its header not yet written
+        except (OSError, ValueError, EOFError):  # not created yet, or its header not yet written
             return np.zeros(24, np.uint8)
 
     with (tmp_path / "killed.log").open("w") as log:

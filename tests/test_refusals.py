@@ -495,7 +495,8 @@ def test_the_advice_for_a_student_without_weights_works_for_every_command_that_g
         assert "the student has no weights" in err and "or pass checkpoint=PATH" in err, command
         # Following it: the file is looked for (compare said `unknown key 'checkpoint'`).
         assert main([command, str(recipe), f"checkpoint={tmp_path / 'w.safetensors'}"]) == 2
-        assert f"eval.checkpoint '{tmp_path / 'w.safetensors'}' does not exist" in capfd.readouterr().err, command
+        err = " ".join(capfd.readouterr().err.split())
+        assert f"eval.checkpoint '{tmp_path / 'w.safetensors'}' does not exist" in err, command
 
 
 def test_a_resumed_run_drops_the_reports_of_the_weights_it_rewrites(tmp_path, monkeypatch):
