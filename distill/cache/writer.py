@@ -88,6 +88,7 @@ def _write_split(recipe: Recipe, split: str, dataset: Any, folder: Path, teacher
     batches = [list(range(start, min(start + batch_size, count)))
                for start in range(0, count, batch_size)]
     todo = [rows for rows in batches if not bool(np.all(written[rows[0] : rows[-1] + 1]))]
+    stored = int(np.count_nonzero(written))  # before the barrier: another process may then write
     accelerator.wait_for_everyone()  # everyone has read the flags before anyone writes them
     mine = todo[accelerator.process_index :: accelerator.num_processes]
     loader = torch.utils.data.DataLoader(
@@ -96,10 +97,9 @@ def _write_split(recipe: Recipe, split: str, dataset: Any, folder: Path, teacher
     size = store_ops.fingerprint_stored_size(fingerprint)
     label = f"cache {split}"
     if main:
-        report(f"{label}: {state}, {int(np.count_nonzero(written))}/{count} samples stored, "
-               f"{accelerator.num_processes} process(es)")
+        report(f"{label}: {state}, {stored}/{count} samples stored, {accelerator.num_processes} process(es)")
     with make_progress(enabled=main) as progress:
-        task = progress.add_task(label, total=count, completed=int(np.count_nonzero(written)),
+        task = progress.add_task(label, total=count, completed=stored,
                                  info=str(split_folder(folder, split)))
         loaded = iter(loader)
         # As many turns on every process (the last may have no batch): each ends with the check
