@@ -223,6 +223,8 @@ def _interrupted(args: argparse.Namespace, interrupt: KeyboardInterrupt | None =
     if args.command == "train" and resume_folder is not None:
         overrides = [o for o in overrides if not o.startswith("train.resume=")]
         overrides.append(f"train.resume={resume_folder}")
+    elif args.command == "train" and any(o.startswith("train.resume=") for o in overrides):
+        advice = "the checkpoint it resumes from is untouched: resume it again with `{command}`"
     elif args.command == "train":
         restored = getattr(interrupt, "earlier_run_restored", False)
         advice = ("it had saved no checkpoint yet, so there is nothing to resume"

@@ -45,7 +45,7 @@ from distill.run_folder import StageFiles, compare_dir, ensure_writable_folder, 
 from distill.stage_weights import baseline_weights, trained_weights
 from distill.teacher import scoring_teacher
 from distill.teacher.sources import OnnxTeacher
-from distill.launch import make_accelerator
+from distill.launch import is_launch_main, make_accelerator
 
 IGNORE_COLOUR = (255, 255, 255)
 MAX_BARS = 30  # classes shown in the IoU bar chart
@@ -86,11 +86,14 @@ def _baseline_is_current(recipe: Recipe, weights: Path) -> bool:
         return True
     try:
         trained = flat_config(stage_inputs(load_recipe(saved), "baseline"))
-    except (RecipeError, OSError, ValueError):
-        trained = {}
+    except (RecipeError, OSError, ValueError) as error:  # e.g. written by another distill version
+        if is_launch_main():
+            console.print(f"[yellow]{saved} cannot be read ({str(error).splitlines()[0]}): the baseline "
+                          "beside it is compared without knowing what trained it")
+        return True
     wanted = flat_config(stage_inputs(recipe, "baseline"))
     differ = [key for key in sorted(set(trained) | set(wanted)) if trained.get(key) != wanted.get(key)]
-    if differ:
+    if differ and is_launch_main():
         shown = "; ".join(f"{key}: {trained.get(key)!r} there, {wanted.get(key)!r} here" for key in differ[:3])
         console.print(f"[yellow]{weights} was trained from other settings ({shown}"
                       f"{f'; {len(differ) - 3} more' if len(differ) > 3 else ''}): the baseline is not "

@@ -112,7 +112,8 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
         if stage in TRAINING_STAGES:
             try:
                 check_schedule(recipe, stage, processes)  # type: ignore[arg-type]
-                check_models(recipe, stage)  # type: ignore[arg-type]
+                if not _up_to_date(recipe, stage):  # (a given teacher is loaded to be checked)
+                    check_models(recipe, stage)  # type: ignore[arg-type]
             except (DataError, ModelError, TrainingError) as error:
                 raise type(error)(f"the {stage} stage: {error}") from None
     main = is_launch_main()
@@ -130,8 +131,8 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
             continue
         folder = stage_dir(recipe, stage)
         fingerprint = stage_fingerprint(recipe, stage)
-        done = _read_done(StageFiles(folder).done)
-        if done.get("fingerprint") == fingerprint and done.get("weights") == _weights_digest(folder):
+        if _up_to_date(recipe, stage, fingerprint):
+            done = _read_done(StageFiles(folder).done)
             outcomes.append(StageOutcome(stage, "up to date", 0.0, done.get("best_miou"), folder))
             continue
         if stage in TRAINING_STAGES:
@@ -160,6 +161,20 @@ def _read_done(path: Path) -> dict:
         return {}
 
 
+def _up_to_date(recipe: Recipe, stage: str, fingerprint: str | None = None) -> bool:
+    """Whether ``done.json`` records this stage as made from the same inputs, with the weights
+    now in its folder (a stage whose inputs are not there yet, a teacher to train, is not)."""
+    folder = stage_dir(recipe, stage)
+    done = _read_done(StageFiles(folder).done)
+    if not done:
+        return False
+    try:
+        fingerprint = fingerprint or stage_fingerprint(recipe, stage)
+    except ModelError:  # e.g. the teacher's weights, which an earlier stage writes
+        return False
+    return done.get("fingerprint") == fingerprint and done.get("weights") == _weights_digest(folder)
+
+
 def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tuple[str, float]:
     folder = stage_dir(recipe, stage)
     latest = StageFiles(folder).latest
@@ -176,8 +191,9 @@ def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tu
         if not resumable:
             raise
         changed = str(error).split("\n  - ")[1:2]
-        console.print(f"[yellow]the {stage} stage's checkpoint was made from other inputs "
-                      f"({changed[0] if changed else 'see above'}): it trains from the start")
+        if main:
+            console.print(f"[yellow]the {stage} stage's checkpoint was made from other inputs "
+                          f"({changed[0] if changed else 'see above'}): it trains from the start")
         stage_recipe.train.resume, resumable = None, False
         result = train(stage_recipe, stage, fingerprint=fingerprint)  # type: ignore[arg-type]
     return ("resumed" if resumable else "trained"), result.best_miou

@@ -37,7 +37,7 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
     from distill.models.weights import check_weights_file
     from distill.models.pretrained import is_local, locate
     from distill.run_folder import cache_dir, compare_dir, ensure_writable_folder, export_dir, stage_dir
-    from distill.stage_weights import PATH_SOURCES, trained_weights
+    from distill.stage_weights import PATH_SOURCES, external_weights, trained_weights
 
     problems: list[str] = []
     errors: list[Exception] = []
@@ -80,27 +80,14 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
             attempt(lambda spec=spec: locate(spec.encoder_weights))
         if spec.checkpoint is not None:  # found and readable; read whole when the model is built
             attempt(lambda spec=spec: check_weights_file(spec.checkpoint))
-        if getattr(spec, "source", None) in PATH_SOURCES and spec.path is not None:
-            attempt(lambda spec=spec: _check_teacher_path(spec.source, str(spec.path)))
+        if getattr(spec, "source", None) in PATH_SOURCES and spec.path is not None:  # nothing downloaded
+            attempt(lambda spec=spec: external_weights(spec.source, Path(str(spec.path)), download=False))
     if stage == "student" and recipe.distills and needs_teacher_weights and recipe.teacher.checkpoint is None:
         attempt(lambda: trained_weights(recipe, "teacher"))
     if len(errors) == 1:
         raise errors[0]  # one problem keeps its own type (DataError, ModelError...)
     if problems:
         raise InputError(f"{len(problems)} problems with the inputs:\n  - " + "\n  - ".join(problems))
-
-
-def _check_teacher_path(source: str, path: str) -> None:
-    """A teacher given by a path: an ONNX file that exists; a model folder, or a hub id
-    (downloaded when the teacher is loaded: nothing is fetched here)."""
-    from distill.models import ModelError
-    from distill.stage_weights import hub_folder, is_hub_id
-
-    if source == "onnx":
-        if not Path(path).is_file():
-            raise ModelError(f"teacher.path '{path}' does not exist or is not a file (teacher.source onnx)")
-    elif not Path(path).is_dir() and not is_hub_id(path):
-        hub_folder(path)  # its refusal of what is neither a folder nor a hub id
 
 
 def _not_a_checkpoint(path: Path) -> None:

@@ -17,13 +17,16 @@ from distill.run_folder import stage_files
 PATH_SOURCES = ("transformers", "smp_hub", "onnx")
 
 
-def external_weights(source: str, path: Path) -> Path:
+def external_weights(source: str, path: Path, *, download: bool = True) -> Path | None:
     """The weights file of a teacher given by ``teacher.path`` (what fingerprints hash); a hub
-    id is downloaded (once, into the Hugging Face cache) and its folder's weights used."""
+    id is downloaded (once, into the Hugging Face cache) and its folder's weights used, or, with
+    ``download=False`` (checking the inputs), left for later: None."""
     if source == "onnx":
         if not path.is_file():
             raise ModelError(f"teacher.path '{path}' is not an ONNX file (tried '{path.absolute()}')")
         return path
+    if not download and not path.is_dir() and is_hub_id(str(path)):
+        return None
     folder = path if path.is_dir() else hub_folder(str(path))
     for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json"):
@@ -100,7 +103,9 @@ def trained_weights(recipe: Any, stage: str) -> Path:
     """
     teacher = recipe.teacher if stage == "teacher" else None
     if teacher is not None and teacher.source in PATH_SOURCES:
-        return external_weights(teacher.source, Path(str(teacher.path)))
+        weights = external_weights(teacher.source, Path(str(teacher.path)))
+        assert weights is not None  # downloaded when it is a hub id
+        return weights
     given = {"teacher": teacher.checkpoint if teacher is not None else None,
              "student": recipe.eval.checkpoint}.get(stage)
     if given is not None:

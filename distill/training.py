@@ -211,7 +211,7 @@ def train(
         except KeyboardInterrupt:
             if recipe.train.resume is None:  # a fresh run has written nothing yet: nothing to resume
                 raise StoppedBeforeCheckpoint(False) from None
-            raise
+            raise StoppedWithCheckpoint(str(recipe.train.resume)) from None  # untouched: resume it again
         cfg = recipe.train
         try:
             with make_progress(enabled=run.main) as progress:
@@ -509,7 +509,6 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
             _drop_earlier_run(run)
             if run.main:
                 run.files.drop_reports_of(run.files.best)
-            if run.main:
                 atomic_write_text(run.files.best_record, json.dumps(
                     {"epoch": epoch + 1, "step": state["step"], "miou": scores.miou}, indent=2))
         summary = f"val mIoU {100 * scores.miou:.1f} (best {100 * state['best_miou']:.1f})"

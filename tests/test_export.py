@@ -533,3 +533,13 @@ def test_a_graph_that_serves_one_size_only_fails_the_parity_check(tmp_path):
     with pytest.raises(ExportError, match=r"the ONNX graph fails on a batch of 2 35x37 images .*: it serves "
                                           r"one size only; set data.resize and export.fixed_size: true"):
         check_parity(model, images, onnx_path=tmp_path / "s.onnx", reloaded=None)
+
+
+def test_wrapping_a_model_for_export_leaves_its_weights_and_mode_as_they_were():
+    from distill.export.student import PaddedSegmenter
+
+    model = tiny(4, width=6).train()  # batch norm in training mode: a forward would move its statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    PaddedSegmenter(model)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

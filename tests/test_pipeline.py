@@ -208,3 +208,20 @@ def test_new_shards_of_a_sharded_teacher_are_other_weights(tmp_path):
     before = stage_fingerprint(recipe, "student")
     (folder / shards[1]).write_bytes(b"fine-tuned weights")  # the index is the same
     assert stage_fingerprint(recipe, "student") != before
+
+
+def test_a_run_that_is_up_to_date_does_not_load_a_given_teacher_to_check_it(tmp_path, monkeypatch):
+    import distill.training
+    from helpers import onnx_teacher
+
+    onnx_teacher(tmp_path / "teacher.onnx")
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.source": "onnx", "teacher.path": str(tmp_path / "teacher.onnx"), "teacher.factory": "null",
+        "teacher.factory_kwargs": "{}", "teacher.class_map": "{0: 0, 1: 1, 2: 2, 3: 3}", "train.epochs": 1,
+        "run.compare": "false", "run.export": "false"})
+    run_pipeline(recipe)
+    loads = []
+    real = distill.training.load_teacher
+    monkeypatch.setattr(distill.training, "load_teacher", lambda *a, **k: loads.append(1) or real(*a, **k))
+    assert set(statuses(run_pipeline(recipe)).values()) == {"up to date"}
+    assert not loads  # a multi-GB teacher was loaded on every rerun, on every process

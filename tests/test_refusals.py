@@ -223,7 +223,7 @@ def test_ctrl_c_prints_the_command_that_resumes_exactly_this_run(tmp_path, monke
 
 
 @pytest.mark.parametrize("where", ["check_inputs", "_set_up"])
-def test_ctrl_c_before_a_run_began_repeats_the_command_as_given(tmp_path, monkeypatch, capfd, where):
+def test_ctrl_c_before_a_resumed_run_began_repeats_its_train_resume(tmp_path, monkeypatch, capfd, where):
     import distill.training
 
     def stopped(*args, **kwargs):
@@ -237,9 +237,10 @@ def test_ctrl_c_before_a_run_began_repeats_the_command_as_given(tmp_path, monkey
     resume = f"train.resume={tmp_path / 'run' / 'baseline'}"
     assert main(["train", str(recipe), "--stage", "baseline", "train.epochs=4", f"output_dir={elsewhere}", resume]) == 130
     said = " ".join("".join(capfd.readouterr()).split())
-    # The user's own train.resume, not one of a folder that holds no checkpoint.
-    assert "nothing to resume: start it again with" in said
-    command = said.split("start it again with `")[1].split("`")[0]
+    # The user's own train.resume, whose checkpoint is untouched; not one of a folder that holds
+    # no checkpoint, and not "nothing to resume".
+    assert "nothing to resume" not in said and ("resume it again with `" in said or "resume this run with `" in said)
+    command = said.split("with `")[1].split("`")[0]
     assert resume in shlex.split(command) and f"train.resume={elsewhere}" not in command
 
 
@@ -459,7 +460,7 @@ def test_a_missing_teacher_path_is_found_before_any_stage_runs(tmp_path, capfd):
     capfd.readouterr()
     missing = tmp_path / "nope.onnx"
     for source, path, message in [
-        ("onnx", missing, f"teacher.path '{missing}' does not exist or is not a file (teacher.source onnx)"),
+        ("onnx", missing, f"teacher.path '{missing}' is not an ONNX file (tried '{missing}')"),
         ("transformers", tmp_path / "no_folder", "is not a model folder (tried"),
     ]:  # with a changed learning rate, the baseline would be retrained first
         assert main(["run", str(recipe), f"teacher.source={source}", f"teacher.path={path}", "train.lr=0.02"]) == 2

@@ -31,7 +31,9 @@ from distill.data.splits import file_safe
 logger = logging.getLogger("distill.cache")
 
 FORMAT = "distill-logit-cache"
-LAYOUT_VERSION = 1
+# Raised whenever what a store holds for the same fingerprint changes, so that stores written by
+# an earlier distill are rewritten, not replayed.
+LAYOUT_VERSION = 2
 MANIFEST = "manifest.json"
 Layout = Literal["topk", "dense"]
 Dtype = Literal["fp16", "int8"]
@@ -389,7 +391,7 @@ def _set_entry(rest_temperature: float, folder: Path, split: str, fingerprint: d
         "fingerprint": fingerprint,
         "complete": complete,
         "info": {
-            "downsample": "area (average pooling)",
+            "downsample": "area (average pooling); bilinear where the teacher's map is coarser",
             "rest_temperature": rest_temperature if fingerprint["layout"] == "topk" else None,
             "stored_size": list(fingerprint_stored_size(fingerprint)),
         },

@@ -124,8 +124,8 @@ class DataConfig(Section):
     @classmethod
     def _one_in_k(cls, value: float) -> float:
         step = max(1, round(1 / value))
-        # 1/k to 3 decimal places (0.333 for 1/3): every k-th image is what is used either way.
-        if abs(value * step - 1) > 1e-3:
+        # 1/k to 3 decimal places (0.333 for 1/3, 0.167 for 1/6): every k-th image is used either way.
+        if abs(value - 1 / step) > 5e-4:
             raise ValueError(f"{value} is not 1/k for a whole k (every k-th image keeps its mask): "
                              f"use e.g. {1 / step:.4g} (1/{step})")
         return value

@@ -70,14 +70,19 @@ class PaddedSegmenter(nn.Module):
 
 @torch.no_grad()
 def _coarse_output(model: nn.Module, multiple: int) -> bool:
-    """Whether ``model``'s map is smaller than its input (one forward of a small blank image)."""
+    """Whether ``model``'s map is smaller than its input (one forward of a small blank image, in
+    eval mode: batch norm statistics stay as they are)."""
     side = 2 * max(multiple, 16)
     parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device, dtype = (parameter.device, parameter.dtype) if parameter is not None else ("cpu", torch.float32)
+    was_training = model.training
+    model.eval()
     try:
-        return tuple(model(torch.zeros(1, 3, side, side, device=device)).shape[-2:]) != (side, side)
-    except Exception:  # noqa: BLE001  (a model that cannot run: the exporter names its error)
+        return tuple(model(torch.zeros(1, 3, side, side, device=device, dtype=dtype)).shape[-2:]) != (side, side)
+    except Exception:  # noqa: BLE001  (a model that cannot run at all: the exporter names its error)
         return False
+    finally:
+        model.train(was_training)
 
 
 def json_text(value: Any) -> str:
@@ -283,9 +288,11 @@ def check_parity(reference: nn.Module, images: list[torch.Tensor], *, onnx_path:
                 outputs["onnx"] = torch.from_numpy(session.run(None, {"image": image.numpy()})[0])
             except Exception as error:  # noqa: BLE001  (onnxruntime's own error types)
                 size = "x".join(str(n) for n in image.shape[-2:])
+                message = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                advice = (": it serves one size only; set data.resize and export.fixed_size: true"
+                          if any(image is e for e in extra) else "")
                 raise ExportError(f"the ONNX graph fails on a batch of {image.shape[0]} {size} images "
-                                  f"({str(error).strip().splitlines()[0][:200]}): it serves one size "
-                                  "only; set data.resize and export.fixed_size: true") from None
+                                  f"({message}){advice}") from None
         if reloaded is not None and image.shape[0] == 1:
             outputs["safetensors"] = forward_padded(reloaded, image)
         for name, got in outputs.items():

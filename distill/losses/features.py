@@ -210,8 +210,8 @@ def _on_teacher_cells(student: Tensor, student_cell: tuple[float, float], studen
         axes.append(2 * in_student / student.shape[-2 + axis] - 1)  # grid_sample's align_corners=False
     grid_y, grid_x = torch.meshgrid(axes[0], axes[1], indexing="ij")
     grid = torch.stack((grid_x, grid_y), dim=-1).expand(student.shape[0], -1, -1, -1)
-    return F.grid_sample(student, grid.to(student.dtype), mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    # In fp32: bf16 coordinates would be off by a fraction of a cell on wide maps.
+    return F.grid_sample(student.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _any_in_cells(valid: Tensor, cells: Sequence[int], teacher_cell: tuple[float, float],
@@ -221,9 +221,10 @@ def _any_in_cells(valid: Tensor, cells: Sequence[int], teacher_cell: tuple[float
     for axis in (0, 1):
         pixels = counts.shape[1 + axis]
         per_cell = teacher_cell[axis] * pixels / teacher_size[axis]  # mask pixels per cell
-        j = torch.arange(cells[axis], device=valid.device, dtype=torch.float64)
+        j = torch.arange(cells[axis], dtype=torch.float64)  # on the CPU: MPS has no float64
         start = torch.floor(j * per_cell).long().clamp(max=pixels - 1)
         end = torch.maximum(torch.ceil((j + 1) * per_cell).long().clamp(max=pixels), start + 1)
+        start, end = start.to(valid.device), end.to(valid.device)
         summed = F.pad(counts.cumsum(1 + axis), (0, 0, 1, 0) if axis == 0 else (1, 0))
         counts = summed.index_select(1 + axis, end) - summed.index_select(1 + axis, start)
     return counts > 0

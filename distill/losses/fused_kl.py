@@ -92,6 +92,8 @@ def fused_kd_forward(
     n_total, n_classes, *spatial = student.shape
     cd = compute_dtype(student, teacher)
     resize = list(teacher.shape[2:]) != spatial
+    if chunk_size is None and student.device.type != "cpu":
+        chunk_size = n_total  # a GPU's kernels want the whole batch
     if chunk_size is None:
         per_sample = n_classes * math.prod(spatial)
         chunk_size = _CACHED_ELEMENTS // per_sample if per_sample <= _CACHED_ELEMENTS else n_total
