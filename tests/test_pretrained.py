@@ -92,6 +92,55 @@ def test_file_of_another_encoder_names_missing_keys(tmp_path):
         build_model(spec.model_copy(update={"encoder_weights": str(tmp_path / "none.pth")}), 3)
 
 
+def test_weights_of_a_deeper_model_are_refused_not_cut_short(tmp_path):
+    import timm
+
+    path = tmp_path / "resnet34.safetensors"  # a classifier's file: its fc.* is not the encoder's
+    save_file(timm.create_model("resnet34").state_dict(), str(path))
+    spec = ModelConfig(arch="FPN", encoder="resnet18", encoder_weights=str(path))
+    with pytest.raises(ModelError, match=r"keys the encoder does not have \(a deeper model\?\): layer1\.2\."):
+        build_model(spec, num_classes=3)
+    own = tmp_path / "resnet18.safetensors"
+    save_file(timm.create_model("resnet18").state_dict(), str(own))  # fc.* left aside
+    build_model(spec.model_copy(update={"encoder_weights": str(own)}), num_classes=3)
+
+
+def test_training_checkpoints_and_ddp_files_give_their_weights(tmp_path):
+    spec = ModelConfig(arch="FPN", encoder="resnet18")
+    model = build_model(spec, num_classes=3)
+    whole = tmp_path / "whole.pth"  # a whole smp model, saved under DDP, inside a training checkpoint
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, whole)
+    again = build_model(spec.model_copy(update={"encoder_weights": str(whole)}), num_classes=3)
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(again.encoder.state_dict()[key], value), key
+
+
+def test_a_folder_named_like_a_hub_tag_leaves_the_tag_a_tag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imagenet").mkdir()
+    assert pretrained.locate("imagenet").kind == "hub"
+
+
+def test_pad_multiple_is_a_multiple_of_every_stride():
+    from distill.models import pad_multiple
+
+    class Patch14(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = torch.nn.Module()
+            self.encoder.output_stride = 14  # a DINOv2 ViT: sides divisible by 14
+
+    assert pad_multiple(Patch14()) == 224
+
+
+@needs_packages
+def test_lite_weights_are_refused_for_timms_other_efficientnet_lite():
+    # Same shapes, other padding and batch-norm eps: they loaded and computed other features.
+    spec = ModelConfig(arch="FPN", encoder="tu-efficientnet_lite0", encoder_weights=str(pretrained.locate(LITE0).path))
+    with pytest.raises(ModelError, match="fit timm's tf_efficientnet_liteN, not 'efficientnet_lite0'"):
+        build_model(spec, num_classes=3)
+
+
 def test_fingerprint_holds_the_weights_hash_not_the_path(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.zeros(2)}, str(path))

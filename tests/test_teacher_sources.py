@@ -12,7 +12,7 @@ from distill.cache import load_cached_teacher, write_cache
 from distill.data import build_dataset, collate_batch
 from distill.models import ModelError
 from distill.teacher import load_teacher
-from distill.teacher.sources import apply_class_map, class_map_matrix
+from distill.teacher.sources import OnnxTeacher, apply_class_map, class_map_matrix
 from distill.training import train
 from helpers import onnx_teacher, tiny_recipe
 
@@ -284,3 +284,66 @@ def test_compare_counts_an_onnx_teachers_weights_and_leaves_its_gflops_unknown(t
     # kept beside them with its running statistics: within a few percent.
     assert size["gflops"] is None
     assert 0.9 < size["parameters"] / count_parameters(model) < 1.1
+
+
+def test_a_torchvision_checkpoint_of_another_class_count_is_named(tmp_path):
+    import torchvision
+
+    model = torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None,
+                                         num_classes=21)
+    weights = tmp_path / "lraspp21.pt"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, weights)  # saved under DDP
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.source": "torchvision", "teacher.arch": "lraspp_mobilenet_v3_large",
+        "teacher.checkpoint": str(weights)})
+    with pytest.raises(ModelError, match=r"does not fit torchvision's lraspp_mobilenet_v3_large with 4 classes "
+                                         r"\(.*\): set teacher.class_names"):  # a RuntimeError traceback
+        load_teacher(recipe, 4)
+    names = [f"c{k}" for k in range(21)]
+    mapped = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.source": "torchvision", "teacher.arch": "lraspp_mobilenet_v3_large",
+        "teacher.checkpoint": str(weights), "teacher.class_names": json.dumps(names),
+        "teacher.class_map": "{c0: 0, c1: 1, c2: 2, c3: 3}"})
+    assert load_teacher(mapped, 4)(_batch(mapped)).shape[1] == 4
+
+
+def test_an_onnx_teacher_of_half_precision_takes_and_gives_floats(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.full((4, 3, 1, 1), 0.5, np.float16), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 4, "H", "W"])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "fp16.onnx")
+    teacher = OnnxTeacher(tmp_path / "fp16.onnx")
+    images = torch.rand(2, 3, 8, 8)
+    out = teacher(images)  # onnxruntime refused float32 input
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, images.sum(1, keepdim=True).expand(-1, 4, -1, -1) * 0.5, atol=2e-3, rtol=2e-3)
+
+
+def test_a_processor_that_does_not_normalise_and_flips_channels_is_followed(tmp_path):
+    # MobileViT's processor keeps image_mean/std in its config but never normalises, and hands
+    # the model BGR: the teacher got [-1, 1] RGB.
+    from transformers import MobileViTConfig, MobileViTForSemanticSegmentation, MobileViTImageProcessor
+
+    from distill.teacher.sources import load_source
+
+    config = MobileViTConfig(num_labels=3, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
+                             image_size=64, aspp_out_channels=16, id2label={0: "a", 1: "b", 2: "c"},
+                             label2id={"a": 0, "b": 1, "c": 2}, architectures=["MobileViTForSemanticSegmentation"])
+    torch.manual_seed(0)
+    hf = MobileViTForSemanticSegmentation(config).eval()
+    hf.save_pretrained(tmp_path / "mvit")
+    MobileViTImageProcessor().save_pretrained(tmp_path / "mvit")
+    spec = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "transformers",
+                                                         "teacher.path": str(tmp_path / "mvit")}).teacher
+    model, names, norm = load_source(spec, 3, None)
+    assert names == ["a", "b", "c"] and norm == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), hf(pixel_values=images.flip(1)).logits)

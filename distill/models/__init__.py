@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -181,14 +182,15 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def pad_multiple(model: nn.Module) -> int:
-    """The multiple a model's input sides are padded to: 32, or its smp encoder's
-    ``output_stride`` (what smp's own ``check_input_shape`` asks) where that is larger.
+    """The multiple a model's input sides are padded to: 32, or a multiple of 32 that its smp
+    encoder's ``output_stride`` (what smp's own ``check_input_shape`` asks) divides.
 
     Not less than 32 even for a dilated encoder (DeepLabV3+'s reports 16), so that one image is
     padded, and so scored, alike whatever the encoder's dilation.
     """
     stride = getattr(getattr(model, "encoder", None), "output_stride", None)
-    return max(32, stride) if isinstance(stride, int) and stride > 0 else 32
+    # The least common multiple: a patch-14 ViT needs sides divisible by 14, 32 by itself does not.
+    return math.lcm(32, stride) if isinstance(stride, int) and stride > 0 else 32
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:

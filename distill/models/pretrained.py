@@ -56,7 +56,8 @@ def is_local(value: str | None) -> bool:
 
 
 def _looks_like_path(value: str) -> bool:
-    return "/" in value or "\\" in value or value.endswith(WEIGHT_SUFFIXES) or Path(value).exists()
+    # A file of that name, not a folder: `imagenet` stays a hub tag beside a folder called imagenet.
+    return "/" in value or "\\" in value or value.endswith(WEIGHT_SUFFIXES) or Path(value).is_file()
 
 
 def locate(value: str) -> WeightsSource:
@@ -101,9 +102,11 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if state and all(k.startswith("module.") for k in state):  # saved under DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
     if any(k.startswith("encoder.") for k in state):  # a whole smp model: its encoder part
         state = {k: v for k, v in state.items() if k.startswith("encoder.")}
-    for prefix in ("module.", "encoder.", "model."):  # DDP, a whole smp model, smp's timm bridge
+    for prefix in ("encoder.", "model."):  # a whole smp model, smp's timm bridge
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
@@ -123,9 +126,12 @@ def convert_efficientnet_lite(state: dict[str, torch.Tensor], timm_name: str) ->
     """
     import timm
 
-    if not timm.is_model(timm_name):
-        raise PretrainedWeightsError(f"EfficientNet-Lite weights need a timm EfficientNet-Lite encoder, "
-                                     f"not '{timm_name}'")
+    if not timm.is_model(timm_name) or not timm_name.startswith("tf_efficientnet_lite"):
+        # timm's efficientnet_liteN has the same shapes but pads and normalises otherwise: the
+        # weights would load and compute other features.
+        raise PretrainedWeightsError(
+            f"EfficientNet-Lite weights (TensorFlow 'same' padding, BatchNorm eps 1e-3) fit timm's "
+            f"tf_efficientnet_liteN, not '{timm_name}': set encoder: tu-tf_efficientnet_lite0 (1, 2...)")
     reference = timm.create_model(timm_name, pretrained=False).state_dict()
     target_keys = [k for k in reference if not k.endswith("num_batches_tracked")]
     source_keys = [k for k in state if not k.endswith("num_batches_tracked")]
@@ -175,12 +181,20 @@ def load_encoder_weights(model: nn.Module, encoder: str, value: str) -> int:
                if name not in state and not key.endswith("num_batches_tracked")]
     mis_shaped = [f"{name} {tuple(state[name].shape)} vs {tuple(expected[key].shape)}"
                   for key, name in wanted.items() if name in state and state[name].shape != expected[key].shape]
-    if missing or mis_shaped:
+    # Keys the encoder lacks under one of its own modules (layer1.2.* in a resnet18): weights of
+    # a deeper model. Others (a classifier head: fc.*, conv_head.*) are not the encoder's, nor
+    # are the stages an encoder cut short by encoder_depth leaves out.
+    modules = {name.split(".")[0] for name in wanted.values()}
+    whole = getattr(target, "_depth", 5) >= 5
+    extra = sorted(k for k in set(state) - set(wanted.values()) if whole and k.split(".")[0] in modules)
+    if missing or mis_shaped or extra:
         problems = []
         if missing:
             problems.append(f"{len(missing)} encoder keys missing: {', '.join(missing[:5])}")
         if mis_shaped:
             problems.append(f"{len(mis_shaped)} of other shapes: {'; '.join(mis_shaped[:3])}")
+        if extra:
+            problems.append(f"{len(extra)} keys the encoder does not have (a deeper model?): {', '.join(extra[:5])}")
         raise PretrainedWeightsError(f"encoder_weights '{value}' do not fit encoder '{encoder}': "
                                      + "; ".join(problems))
     loaded = {key: state[name] for key, name in wanted.items() if name in state}

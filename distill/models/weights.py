@@ -47,8 +47,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             first = f"not a torch checkpoint ({first})"  # a text file, truncated bytes...
         raise ModelError(f"checkpoint '{path}' could not be loaded safely (weights_only=True): "
                          f"{first}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    # A training checkpoint wraps the weights beside its epoch, optimizer...: under one of the
+    # keys the common trainers use (Lightning and mmcv `state_dict`, torchvision's references
+    # and timm `model`, EMA weights `state_dict_ema`/`model_ema` are not the trained model).
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"checkpoint '{path}' does not hold a state dict of tensors")
     return state

@@ -46,6 +46,9 @@ class OnnxTeacher(nn.Module):
             raise ModelError(f"teacher.path '{path}': input {inputs[0].shape} and output "
                              f"{outputs[0].shape} are not [N, 3, H, W] and [N, C, h, w]")
         self.input_name = inputs[0].name
+        # The graph's own input type (a half-precision export takes float16): images are cast to
+        # it, and its logits read back as float32.
+        self.input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
         self.path = Path(path)
 
     def parameter_count(self) -> int:
@@ -56,9 +59,9 @@ class OnnxTeacher(nn.Module):
         return sum(int(np.prod(tensor.dims)) for tensor in graph.initializer)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        array = images.detach().float().cpu().numpy()
+        array = images.detach().float().cpu().numpy().astype(self.input_dtype, copy=False)
         (logits,) = self.session.run([self.session.get_outputs()[0].name], {self.input_name: array})[:1]
-        return torch.from_numpy(np.ascontiguousarray(logits)).to(images.device)
+        return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).to(images.device)
 
 
 class _HFLogits(nn.Module):
@@ -119,14 +122,28 @@ def _transformers_teacher(path: str) -> tuple[nn.Module, list[str], tuple | None
                          f"({', '.join(archs) or 'no architectures listed'}): distill needs a "
                          "semantic (per-pixel) or universal (mask-query) segmentation model")
     norm = None
-    preprocessor = folder / "preprocessor_config.json"
-    if preprocessor.is_file():
-        import json
-
-        settings = json.loads(preprocessor.read_text())
-        if "image_mean" in settings and "image_std" in settings:
-            norm = (tuple(settings["image_mean"]), tuple(settings["image_std"]))
+    if (folder / "preprocessor_config.json").is_file():
+        # The processor itself says what it does: some keep image_mean/std in their config but
+        # never normalise (MobileViT's, which also hands the model BGR).
+        processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
+        if not getattr(processor, "do_normalize", False):
+            norm = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # [0, 1] as it is
+        elif getattr(processor, "image_mean", None) is not None and getattr(processor, "image_std", None) is not None:
+            norm = (tuple(processor.image_mean), tuple(processor.image_std))
+        if getattr(processor, "do_flip_channel_order", False):
+            model = _ChannelsReversed(model)
     return model, names, norm
+
+
+class _ChannelsReversed(nn.Module):
+    """A model whose processor reverses the channels (RGB -> BGR) before it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.flip(1))
 
 
 def load_source(spec: Any, num_classes: int, weights: Path | None
@@ -154,7 +171,14 @@ def load_source(spec: Any, num_classes: int, weights: Path | None
             names = ", ".join(torchvision.models.list_models(torchvision.models.segmentation))
             raise ModelError(f"teacher.arch '{spec.arch}' is not a torchvision segmentation "
                              f"builder ({names}): {error}") from None
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved under DDP
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # tensors of other shapes: another class count
+            first = str(error).strip().splitlines()
+            raise ModelError(f"teacher.checkpoint '{weights}' does not fit torchvision's {spec.arch} with "
+                             f"{num_classes} classes ({' '.join(first[1:3]).strip()[:300]}): set "
+                             "teacher.class_names to the teacher's own classes") from None
         if missing or unexpected:
             raise ModelError(f"teacher.checkpoint '{weights}' does not fit torchvision's "
                              f"{spec.arch} with {num_classes} classes: missing {missing[:5]}, "
