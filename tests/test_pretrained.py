@@ -198,3 +198,14 @@ def test_a_tta_view_lines_up_with_the_image_at_any_size(height, width, scale):
     column = (out[0, 0] - out[0, 1])[height // 2] * 100
     inner = slice(3, width - 3)  # bilinear resizing clamps at the border
     assert torch.allclose(column[inner], torch.arange(width, dtype=torch.float32)[inner], atol=2e-3)
+
+
+def test_smps_own_efficientnet_encoder_takes_its_own_weights(tmp_path):
+    # Its keys (_conv_stem, _blocks.*) are lukemelas's layout, which was taken for Lite weights.
+    spec = ModelConfig(arch="FPN", encoder="efficientnet-b0")
+    model = build_model(spec, num_classes=3)
+    path = tmp_path / "b0.safetensors"
+    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(path))
+    again = build_model(spec.model_copy(update={"encoder_weights": str(path)}), num_classes=3)
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(again.encoder.state_dict()[key], value), key

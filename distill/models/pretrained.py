@@ -166,17 +166,20 @@ def load_encoder_weights(model: nn.Module, encoder: str, value: str) -> int:
             f"encoder_weights '{value}' holds the weights of tu-{source.fits}; the recipe's encoder "
             f"is '{encoder}' (set encoder: tu-{source.fits})")
     state = _strip_prefixes(_read(source.path))  # type: ignore[arg-type]
-    if _is_efficientnet_lite_layout(state):
-        if timm_name is None:
-            raise PretrainedWeightsError(f"encoder_weights '{value}' are EfficientNet-Lite weights; "
-                                         f"they fit a timm encoder such as tu-tf_efficientnet_lite0, "
-                                         f"not '{encoder}'")
-        state = convert_efficientnet_lite(state, timm_name)
     target = model.encoder
     expected = target.state_dict()
     # smp's timm bridge keeps the timm model under `model.`; the file holds timm's own keys.
     bridge = "model." if timm_name is not None and all(k.startswith("model.") for k in expected) else ""
     wanted = {key: key[len(bridge):] for key in expected}
+    own_keys = all(name in state for name in wanted.values() if not name.endswith("num_batches_tracked"))
+    # lukemelas's layout is also smp's own efficientnet-bN encoders': converted only when the
+    # encoder does not already hold those keys.
+    if _is_efficientnet_lite_layout(state) and not own_keys:
+        if timm_name is None:
+            raise PretrainedWeightsError(f"encoder_weights '{value}' are EfficientNet-Lite weights; "
+                                         f"they fit a timm encoder such as tu-tf_efficientnet_lite0, "
+                                         f"not '{encoder}'")
+        state = convert_efficientnet_lite(state, timm_name)
     missing = [key for key, name in wanted.items()
                if name not in state and not key.endswith("num_batches_tracked")]
     mis_shaped = [f"{name} {tuple(state[name].shape)} vs {tuple(expected[key].shape)}"
