@@ -209,3 +209,21 @@ def test_smps_own_efficientnet_encoder_takes_its_own_weights(tmp_path):
     again = build_model(spec.model_copy(update={"encoder_weights": str(path)}), num_classes=3)
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(again.encoder.state_dict()[key], value), key
+
+
+@needs_packages
+def test_lite_weights_resaved_sorted_headless_or_fine_tuned_still_convert(tmp_path):
+    import timm
+
+    state = torch.load(pretrained.locate(LITE0).path, map_location="cpu", weights_only=True)
+    whole = pretrained.convert_efficientnet_lite(state, "tf_efficientnet_lite0")
+    variants = {
+        "sorted": dict(sorted(state.items())),  # as a safetensors file keeps them
+        "headless": {k: v for k, v in state.items() if not k.startswith("_fc.")},
+        "ten classes": {**state, "_fc.weight": torch.zeros(10, 1280), "_fc.bias": torch.zeros(10)},
+    }
+    body = [k for k in timm.create_model("tf_efficientnet_lite0").state_dict()
+            if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")]
+    for name, variant in variants.items():
+        converted = pretrained.convert_efficientnet_lite(variant, "tf_efficientnet_lite0")
+        assert all(torch.equal(converted[k], whole[k]) for k in body), name

@@ -116,6 +116,20 @@ def _is_efficientnet_lite_layout(state: dict[str, torch.Tensor]) -> bool:
     return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
 
 
+_TOP = {"_conv_stem": 0, "_bn0": 1, "_blocks": 2, "_conv_head": 3, "_bn1": 4}
+_IN_BLOCK = {"_expand_conv": 0, "_bn0": 1, "_depthwise_conv": 2, "_bn1": 3, "_project_conv": 4, "_bn2": 5}
+_PARAMETER = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3}
+
+
+def _lukemelas_order(key: str) -> tuple:
+    """Where ``key`` comes in lukemelas's EfficientNet module order (a safetensors file sorts
+    its keys by name)."""
+    parts = key.split(".")
+    if parts[0] == "_blocks":
+        return (_TOP["_blocks"], int(parts[1]), _IN_BLOCK.get(parts[2], 9), _PARAMETER.get(parts[-1], 9))
+    return (_TOP.get(parts[0], 9), 0, 0, _PARAMETER.get(parts[-1], 9))
+
+
 def convert_efficientnet_lite(state: dict[str, torch.Tensor], timm_name: str) -> dict[str, torch.Tensor]:
     """lukemelas/EfficientNet-PyTorch keys -> timm ``tf_efficientnet_liteN`` keys.
 
@@ -133,8 +147,11 @@ def convert_efficientnet_lite(state: dict[str, torch.Tensor], timm_name: str) ->
             f"EfficientNet-Lite weights (TensorFlow 'same' padding, BatchNorm eps 1e-3) fit timm's "
             f"tf_efficientnet_liteN, not '{timm_name}': set encoder: tu-tf_efficientnet_lite0 (1, 2...)")
     reference = timm.create_model(timm_name, pretrained=False).state_dict()
-    target_keys = [k for k in reference if not k.endswith("num_batches_tracked")]
-    source_keys = [k for k in state if not k.endswith("num_batches_tracked")]
+    # The classifier is paired by name, below, when it fits: the encoder never uses it, and a file
+    # may have a fine-tuned one of other classes, or none.
+    target_keys = [k for k in reference if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")]
+    source_keys = sorted((k for k in state if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")),
+                         key=_lukemelas_order)  # the modules' order, whatever order the file keeps
     if len(source_keys) != len(target_keys):
         raise PretrainedWeightsError(
             f"EfficientNet-Lite weights with {len(source_keys)} tensors do not fit timm's "
@@ -146,6 +163,10 @@ def convert_efficientnet_lite(state: dict[str, torch.Tensor], timm_name: str) ->
                 f"EfficientNet-Lite weights do not fit timm's '{timm_name}': '{source}' "
                 f"{tuple(state[source].shape)} vs '{target}' {tuple(reference[target].shape)}")
         converted[target] = state[source]
+    for name in ("weight", "bias"):  # the ImageNet classifier too, when the file has it whole
+        head = state.get(f"_fc.{name}")
+        if head is not None and f"classifier.{name}" in reference and head.shape == reference[f"classifier.{name}"].shape:
+            converted[f"classifier.{name}"] = head
     return converted
 
 
