@@ -19,12 +19,12 @@ from torch import Tensor
 # temporaries are 1/C of the logits. Below it the loop's per-op overhead dominates and the
 # vectorised _kd_chunk_dense is used (its chunk-sized temporaries are tiny at that size).
 _LOOP_MIN_PIXELS = 16384
-# With chunk_size None on a CPU, samples go a few at a time when their logits fit this many
-# elements (4 MB in fp32, within a CPU's caches): every op of the per-class loop re-reads the
-# chunk, so a chunk that stays in cache is faster, most of all for channels_last logits, copied
-# to a contiguous scratch chunk first. A sample larger than that goes with the whole batch:
-# smaller ops would only add overhead. `bench/throughput.py` times the step's KD term.
-_CACHED_ELEMENTS = 1 << 20
+# With chunk_size None, samples go a few at a time when their logits fit this many elements (8 MB
+# in fp32, within a CPU's last-level cache): every op of the per-class loop re-reads the chunk, so
+# a chunk that stays in cache is faster, most of all for channels_last logits, copied to a
+# contiguous scratch chunk first. A sample larger than that goes with the whole batch: smaller
+# ops would only add overhead. `bench/throughput.py` measures the step; `bench/kd_loss.py` both.
+_CACHED_ELEMENTS = 1 << 21
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
