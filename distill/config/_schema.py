@@ -203,7 +203,7 @@ class LossConfig(Section):
     )
     class_weights: list[float] | None = Field(None, description="CE weight per class", json_schema_extra=EVERY_STAGE)
     chunk_size: int | None = Field(
-        None, ge=1, description="KD loss computed this many samples at a time (less memory); null: on a CPU as many as fit its cache, else the whole batch", json_schema_extra=RUN_ONLY
+        None, ge=1, description="KD loss computed this many samples at a time (less memory)", json_schema_extra=RUN_ONLY
     )
     pseudo_label_weight: float = Field(
         0.0, ge=0.0, description="CE on the teacher's confident top class at unlabelled pixels "

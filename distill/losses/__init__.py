@@ -106,8 +106,7 @@ def kd_loss(
         target: Optional ``[N, H, W]`` (or ``[N]``) labels; pixels equal to ``ignore_index``
             (void) are not distilled. ``None`` distils every pixel.
         chunk_size: Samples per step, bounding the temporaries (resized teacher, fp32 copies of
-            half-precision logits). ``None``: on a CPU as many as fit its cache (about 2M logits),
-            the whole batch when one sample is larger; on a GPU the whole batch.
+            half-precision logits). ``None``: the whole batch at once.
 
     Returns: scalar loss (fp32; fp64 for fp64 inputs); 0 with zero gradient if nothing is valid.
     Raises: ValueError on bad temperature/chunk_size or class, batch or target-shape mismatch.

@@ -19,12 +19,6 @@ from torch import Tensor
 # temporaries are 1/C of the logits. Below it the loop's per-op overhead dominates and the
 # vectorised _kd_chunk_dense is used (its chunk-sized temporaries are tiny at that size).
 _LOOP_MIN_PIXELS = 16384
-# With chunk_size None, samples go a few at a time when their logits fit this many elements (8 MB
-# in fp32, within a CPU's last-level cache): every op of the per-class loop re-reads the chunk, so
-# a chunk that stays in cache is faster, most of all for channels_last logits, copied to a
-# contiguous scratch chunk first. A sample larger than that goes with the whole batch: smaller
-# ops would only add overhead. `bench/throughput.py` measures the step; `bench/kd_loss.py` both.
-_CACHED_ELEMENTS = 1 << 21
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -92,12 +86,7 @@ def fused_kd_forward(
     n_total, n_classes, *spatial = student.shape
     cd = compute_dtype(student, teacher)
     resize = list(teacher.shape[2:]) != spatial
-    if chunk_size is None and student.device.type != "cpu":
-        chunk_size = n_total  # a GPU's kernels want the whole batch
-    if chunk_size is None:
-        per_sample = n_classes * math.prod(spatial)
-        chunk_size = _CACHED_ELEMENTS // per_sample if per_sample <= _CACHED_ELEMENTS else n_total
-    step = max(1, min(chunk_size, n_total))
+    step = max(1, n_total if chunk_size is None else min(chunk_size, n_total))
     # Tensor arithmetic (no .item()) keeps this free of host syncs on GPU; clamp avoids 0/0.
     n_pixels = float(n_total * math.prod(spatial))
     num_valid = student.new_tensor(n_pixels, dtype=cd) if valid is None else valid.sum().to(cd)
