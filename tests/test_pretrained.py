@@ -57,14 +57,18 @@ def test_package_fills_the_encoder_of_an_smp_model(capsys):
 
 
 @needs_packages
-def test_local_file_of_the_encoders_own_keys_round_trips(tmp_path):
-    spec = ModelConfig(arch="FPN", encoder="tu-tf_efficientnet_lite0", encoder_weights=LITE0)
+def assert_encoder_file_round_trips(spec: ModelConfig, path) -> None:
+    """The encoder's own state, saved to ``path`` and given as encoder_weights, comes back whole."""
     source = build_model(spec, num_classes=3)
-    path = tmp_path / "encoder.safetensors"
     save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, str(path))
     again = build_model(spec.model_copy(update={"encoder_weights": str(path)}), num_classes=3)
     for key, value in source.encoder.state_dict().items():
         assert torch.equal(again.encoder.state_dict()[key], value), key
+
+
+def test_local_file_of_the_encoders_own_keys_round_trips(tmp_path):
+    spec = ModelConfig(arch="FPN", encoder="tu-tf_efficientnet_lite0", encoder_weights=LITE0)
+    assert_encoder_file_round_trips(spec, tmp_path / "encoder.safetensors")
 
 
 @needs_packages
@@ -202,13 +206,7 @@ def test_a_tta_view_lines_up_with_the_image_at_any_size(height, width, scale):
 
 def test_smps_own_efficientnet_encoder_takes_its_own_weights(tmp_path):
     # Its keys (_conv_stem, _blocks.*) are lukemelas's layout, which was taken for Lite weights.
-    spec = ModelConfig(arch="FPN", encoder="efficientnet-b0")
-    model = build_model(spec, num_classes=3)
-    path = tmp_path / "b0.safetensors"
-    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(path))
-    again = build_model(spec.model_copy(update={"encoder_weights": str(path)}), num_classes=3)
-    for key, value in model.encoder.state_dict().items():
-        assert torch.equal(again.encoder.state_dict()[key], value), key
+    assert_encoder_file_round_trips(ModelConfig(arch="FPN", encoder="efficientnet-b0"), tmp_path / "b0.safetensors")
 
 
 @needs_packages
