@@ -11,7 +11,7 @@ import torch
 from distill.cache import load_cached_teacher, write_cache
 from distill.data import build_dataset, collate_batch
 from distill.models import ModelError
-from distill.teacher import load_teacher
+from distill.teacher import load_teacher, teacher_from_recipe
 from distill.teacher.sources import OnnxTeacher, apply_class_map, class_map_matrix
 from distill.training import train
 from helpers import onnx_teacher, tiny_recipe
@@ -336,14 +336,15 @@ def test_a_processor_that_does_not_normalise_and_flips_channels_is_followed(tmp_
     config = MobileViTConfig(num_labels=3, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
                              image_size=64, aspp_out_channels=16, id2label={0: "a", 1: "b", 2: "c"},
                              label2id={"a": 0, "b": 1, "c": 2}, architectures=["MobileViTForSemanticSegmentation"])
-    torch.manual_seed(0)
-    hf = MobileViTForSemanticSegmentation(config).eval()
-    hf.save_pretrained(tmp_path / "mvit")
+    MobileViTForSemanticSegmentation(config).save_pretrained(tmp_path / "mvit")
     MobileViTImageProcessor().save_pretrained(tmp_path / "mvit")
-    spec = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "transformers",
-                                                         "teacher.path": str(tmp_path / "mvit")}).teacher
-    model, names, norm = load_source(spec, 3, None)
-    assert names == ["a", "b", "c"] and norm == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    images = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(images), hf(pixel_values=images.flip(1)).logits)
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "transformers",
+                                                           "teacher.path": str(tmp_path / "mvit")})
+    _, names, expects = load_source(recipe.teacher, 3, None)
+    assert names == ["a", "b", "c"] and expects == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), True)
+    # The teacher distill builds from it flips the channels and takes the image back to [0, 1].
+    teacher = teacher_from_recipe(recipe, 3, temperature=1.0)
+    assert teacher.bgr
+    images = torch.rand(1, 3, 8, 8)
+    raw = images * torch.tensor(recipe.data.std).view(1, 3, 1, 1) + torch.tensor(recipe.data.mean).view(1, 3, 1, 1)
+    torch.testing.assert_close(images * teacher._scale + teacher._shift, raw)

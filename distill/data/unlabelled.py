@@ -29,7 +29,8 @@ class FolderImages:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise DataError(f"unlabelled folder '{self.folder}' does not exist or is not a folder")
-        self.paths = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        # Under the folder's whole path: ids name it (see sample_id).
+        self.paths = sorted(p for p in self.folder.resolve().rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise DataError(f"unlabelled folder '{self.folder}' holds no image "
                             f"({', '.join(IMAGE_SUFFIXES)})")
@@ -40,7 +41,7 @@ class FolderImages:
     def sample_id(self, index: int) -> str:
         # The whole path: two folders may hold the same file names, and a store of the teacher's
         # targets is keyed by these ids (and made stale by a change of folder).
-        return f"unlabelled/{self.paths[index].resolve().as_posix()}"
+        return f"unlabelled/{self.paths[index].as_posix()}"
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(self.paths[index])

@@ -179,7 +179,7 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
     weights = trained_weights(recipe, "teacher")
     student_names = dataset_info(recipe.data).class_names
     teacher_classes = len(spec.class_names) if spec.class_names else num_classes
-    model, source_names, source_norm = load_source(spec, teacher_classes, weights)
+    model, source_names, expects = load_source(spec, teacher_classes, weights)
     matrix = None
     if spec.class_map is not None:
         names = spec.class_names or source_names or [str(k) for k in range(_output_classes(model, spec))]
@@ -188,13 +188,13 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
         model,
         data_mean=recipe.data.mean,
         data_std=recipe.data.std,
-        teacher_mean=spec.mean or (source_norm[0] if source_norm else None),
-        teacher_std=spec.std or (source_norm[1] if source_norm else None),
+        teacher_mean=spec.mean or (expects.mean if expects else None),
+        teacher_std=spec.std or (expects.std if expects else None),
         channels_last=recipe.train.channels_last and spec.source != "onnx",
         compile=spec.compile,
         class_map=matrix,
         temperature=temperature,
-        bgr=spec.bgr,
+        bgr=spec.bgr or (expects.bgr if expects else False),
         input_size=spec.input_size,
         tta_scales=spec.tta_scales,
         tta_flip=spec.tta_flip,

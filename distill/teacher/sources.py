@@ -8,7 +8,7 @@ classes, and those classes' names when the source records them. :mod:`distill.te
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -121,35 +121,31 @@ def _transformers_teacher(path: str) -> tuple[nn.Module, list[str], tuple | None
         raise ModelError(f"teacher.path '{path}' holds a {config.model_type} model for another task "
                          f"({', '.join(archs) or 'no architectures listed'}): distill needs a "
                          "semantic (per-pixel) or universal (mask-query) segmentation model")
-    norm = None
+    expects = None
     if (folder / "preprocessor_config.json").is_file():
         # The processor itself says what it does: some keep image_mean/std in their config but
         # never normalise (MobileViT's, which also hands the model BGR).
         processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
         if not getattr(processor, "do_normalize", False):
-            norm = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # [0, 1] as it is
-        elif getattr(processor, "image_mean", None) is not None and getattr(processor, "image_std", None) is not None:
-            norm = (tuple(processor.image_mean), tuple(processor.image_std))
-        if getattr(processor, "do_flip_channel_order", False):
-            model = _ChannelsReversed(model)
-    return model, names, norm
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # [0, 1] as it is
+        expects = SourceInput(None if mean is None else tuple(mean), None if std is None else tuple(std),
+                              bool(getattr(processor, "do_flip_channel_order", False)))
+    return model, names, expects
 
 
-class _ChannelsReversed(nn.Module):
-    """A model whose processor reverses the channels (RGB -> BGR) before it."""
+class SourceInput(NamedTuple):
+    """The input a teacher's own files say it takes (a transformers image processor)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.flip(1))
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    bgr: bool  # the processor hands the model BGR
 
 
 def load_source(spec: Any, num_classes: int, weights: Path | None
-                ) -> tuple[nn.Module, list[str] | None, tuple | None]:
-    """The teacher of ``spec`` (a ``TeacherConfig``), its class names and its own normalization
-    ``(mean, std)`` where the source records them.
+                ) -> tuple[nn.Module, list[str] | None, SourceInput | None]:
+    """The teacher of ``spec`` (a ``TeacherConfig``), its class names and the input it takes
+    (normalization, channel order) where the source records them.
 
     ``num_classes`` is the teacher's own class count: ``len(teacher.class_names)`` when given,
     else the dataset's.
