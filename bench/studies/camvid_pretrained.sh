@@ -159,6 +159,18 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     --results bench/studies/results/camvid_pretrained_r8_target_quarter.json "${TARGET[@]}" \
     data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=20 train.checkpoint_every_epochs=20
 
+# Ninth round: function matching with a streamed teacher (Beyer et al. 2022), every 4th mask and
+# the deployment frames: the Lite2 runs on every batch the student sees, CutMix on half its
+# images (pictures no model trained on), scales 0.5-2 and colour jitter 0.4, at the scale it
+# was trained at (teacher.input_size=[288,384]: the 192x256 crop enlarged 1.5x, as 360x480 is to
+# 240x320); the baseline on the same mixed batches and schedule. First seed.
+STREAM=(--teacher-checkpoint "$TEACHER" --teacher-name streamed --teacher-override "teacher.input_size=[288,384]"
+        --teacher-override teacher.tta_flip=false --teacher-override "teacher.tta_scales=[1.0]")
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/target_quarter" "${STREAM[@]}" \
+    --seeds "$FIRST" --arms baseline/cutmix+fm,stream/kl_T1_w1_correct+cutmix+fm --baseline baseline/cutmix+fm \
+    --reference baseline/cutmix+fm --results bench/studies/results/camvid_pretrained_r9_target_quarter_fm.json \
+    "${TARGET[@]}" data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=20 train.checkpoint_every_epochs=20
+
 # The CWD student in INT8: mIoU through onnxruntime on the held-out frames (export's parity.json),
 # with the recipe's graph for 240x320 only (export.fixed_size) and with a graph for any size; then
 # latency of both against FP32 at 240x320 on 2 threads (idle cores).
