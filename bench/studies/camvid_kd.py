@@ -95,7 +95,9 @@ SETTINGS: dict[str, list[str]] = {
     "fm": ["data.scale_range=[0.5,2.0]", "data.color_jitter=0.4"],
     # CutMix on half the training images (README, Mixed batches): a streamed teacher is run on
     # images no model trained on; ``baseline/cutmix`` is the baseline on the same mixed batches.
-    "cutmix": ["data.cutmix=0.5"],
+    # A recipe of a cached teacher is refused with CutMix, its baseline stage too: the teacher
+    # streams, in one view (its store's test-time augmentation does not apply to a streamed one).
+    "cutmix": ["data.cutmix=0.5", "teacher.mode=stream", "teacher.tta_flip=false", "teacher.tta_scales=[1.0]"],
     # With data.labelled_fraction: distil on the kept masks alone (the other images unused).
     "labelled_only": ["data.unlabelled_ratio=0"],
     # Feature terms beside the logits' (streamed arms only): FitNets hint and CWD on the deepest
