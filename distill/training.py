@@ -448,6 +448,7 @@ def _train_one_epoch(run: _Run, state: dict, epoch: int, progress, steps_bar) ->
         module.train()
     progress.reset(steps_bar, total=len(loader))
     window_start, window_images = time.perf_counter(), 0
+    group_sums, group_size = {}, 0  # the loss parts of the optimizer step's micro-batches
     for number, batch in enumerate(loader):
         if run.recipe.data.cutmix > 0:  # on the device batch; the streamed teacher sees it mixed
             batch = cutmix(batch, run.recipe.data.cutmix,
@@ -466,10 +467,15 @@ def _train_one_epoch(run: _Run, state: dict, epoch: int, progress, steps_bar) ->
             if accelerator.sync_gradients:
                 run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
+        group_sums = {k: group_sums.get(k, 0.0) + v.detach() for k, v in parts.items()}
+        group_size += 1
         window_images += batch["image"].shape[0] * accelerator.num_processes
         progress.advance(steps_bar)
         if not accelerator.sync_gradients:
             continue
+        # The step's loss is the mean of its micro-batches' (what the gradient is of), not the last's.
+        step_parts = {k: v / group_size for k, v in group_sums.items()}
+        group_sums, group_size = {}, 0
         state["step"] += 1
         if not run.started:
             _start_writing(run, state)
@@ -480,7 +486,7 @@ def _train_one_epoch(run: _Run, state: dict, epoch: int, progress, steps_bar) ->
                 "step": state["step"],
                 "lr": step_lr,
                 "images_per_s": window_images / max(elapsed, 1e-9),
-                **{k: float(accelerator.reduce(v.detach(), "mean")) for k, v in parts.items()},
+                **{k: float(accelerator.reduce(v, "mean")) for k, v in step_parts.items()},
             }
             _log(accelerator, run.log_path, record)
             progress.update(steps_bar, info=_format(record))

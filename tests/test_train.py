@@ -167,6 +167,25 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
 
 
+def test_gradient_accumulation_logs_the_mean_of_the_steps_micro_batches(tmp_path, monkeypatch):
+    import distill.training
+
+    real, seen = distill.training.distillation_step, []
+
+    def recorded(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        seen.append(float(parts["ce"]))
+        return parts
+
+    monkeypatch.setattr(distill.training, "distillation_step", recorded)
+    result = train(tiny_recipe(tmp_path, **{"train.epochs": 1, "train.grad_accum_steps": 2,
+                                            "train.log_every_steps": 1}), "student")
+    logged = [json.loads(line)["ce"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"ce"' in line]
+    assert len(seen) == 6 and seen[0] != seen[1]  # micro-batches of different losses
+    assert logged == pytest.approx([(seen[i] + seen[i + 1]) / 2 for i in (0, 2, 4)], rel=1e-6)
+
+
 def test_split_smaller_than_a_batch_is_a_clear_error(tmp_path):
     from distill.data import DataError
 
