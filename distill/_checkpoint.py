@@ -63,11 +63,7 @@ def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object
     refusing one made from other settings (the schedule would silently go wrong)."""
     if not folder.is_dir():
         raise TrainingError(not_a_checkpoint_folder(folder))
-    files = StageFiles(folder)
-    for candidate in (files.latest, files.checkpoints / ".previous"):  # a kill between two renames
-        if candidate.is_dir():
-            folder = candidate
-            break
+    folder = StageFiles(folder).resumable_checkpoint() or folder  # a stage folder, or a checkpoint
     progress_file = folder / PROGRESS_FILE
     if not progress_file.is_file():
         raise TrainingError(f"train.resume '{folder}' holds no progress.json: not a distill checkpoint")

@@ -177,11 +177,11 @@ def _up_to_date(recipe: Recipe, stage: str, fingerprint: str | None = None) -> b
 
 def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tuple[str, float]:
     folder = stage_dir(recipe, stage)
-    latest = StageFiles(folder).latest
-    progress = _read_done(latest / PROGRESS_FILE)
+    checkpoint = StageFiles(folder).resumable_checkpoint()
+    progress = _read_done(checkpoint / PROGRESS_FILE) if checkpoint else {}
     resumable = progress.get("fingerprint") == fingerprint
     stage_recipe = recipe.model_copy(deep=True)
-    stage_recipe.train.resume = latest if resumable else None
+    stage_recipe.train.resume = checkpoint if resumable else None
     # A fresh start drops what an older run of other inputs left, once its first step has run.
     try:
         result = train(stage_recipe, stage, fingerprint=fingerprint)  # type: ignore[arg-type]

@@ -78,6 +78,14 @@ class StageFiles:
     def latest(self) -> Path:
         return self.checkpoints / "latest"
 
+    def resumable_checkpoint(self) -> Path | None:
+        """``latest/``, or the checkpoint a kill between its two swap renames left in
+        ``.previous/``; None when the folder holds neither."""
+        for candidate in (self.latest, self.checkpoints / ".previous"):
+            if candidate.is_dir():
+                return candidate
+        return None
+
     def eval_reports(self) -> tuple[Path, ...]:
         """``distill eval``'s reports of this folder's weights, one per split."""
         return tuple(sorted(self.folder.glob("eval_*.json")))

@@ -69,6 +69,25 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert progress["epoch"] == 2 and progress["step"] == 12
 
 
+def test_stage_killed_between_the_checkpoint_swaps_resumes_from_the_previous_one(tmp_path, monkeypatch):
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 2, "run.export": "false"})
+    save = loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(recipe)
+    checkpoints = tmp_path / "student" / "checkpoints"
+    (checkpoints / "latest").rename(checkpoints / ".previous")  # killed between the two renames
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    assert statuses(run_pipeline(recipe)) == {"student": "resumed"}
+    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]  # one run, continued
+
+
 def test_cache_mode_runs_end_to_end(tmp_path):
     recipe = tiny_recipe(tmp_path, teacher=True, **CACHED, **{"train.epochs": 1, "run.baseline": "false",
                                                             "run.export": "false"})
