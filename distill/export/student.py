@@ -259,11 +259,15 @@ def _ort_session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def other_size(image: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``image`` resized to a size that is not a multiple of the stride, twice in a batch: a
-    graph for any size must serve it (one traced for a single size would fail or differ)."""
-    height, width = image.shape[-2:]
-    size = (max(multiple, height * 3 // 4) + 3, max(multiple, width * 3 // 4) + 5)
+def other_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """A size near three quarters of ``height`` x ``width`` that is not a multiple of the stride."""
+    return max(multiple, height * 3 // 4) + 3, max(multiple, width * 3 // 4) + 5
+
+
+def at_other_size(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``image`` resized to :func:`other_size`, twice in a batch: a graph for any size must
+    serve it (one traced for a single size would fail or differ)."""
+    size = other_size(*image.shape[-2:], multiple)
     resized = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
     return torch.cat([resized, resized.flip(-1)])
 
@@ -274,12 +278,12 @@ def check_parity(reference: nn.Module, images: list[torch.Tensor], *, onnx_path:
     """Max abs logit difference and argmax agreement of each runtime against ``reference``.
 
     The ONNX graph is compared with the module it was traced from (the pad and crop included),
-    on ``images`` and, unless ``fixed_size``, on a batch of two at another size (:func:`other_size`).
+    on ``images`` and, unless ``fixed_size``, on a batch of two at another size (:func:`at_other_size`).
     """
     session = _ort_session(onnx_path) if onnx_path is not None else None
     graph = PaddedSegmenter(reference, fixed_size).eval()
     totals: dict[str, dict[str, float]] = {}
-    extra = [] if session is None or fixed_size else [other_size(images[0], graph.multiple)]
+    extra = [] if session is None or fixed_size else [at_other_size(images[0], graph.multiple)]
     for image in [*images, *extra]:
         # What each runtime is compared with: the traced module, or the evaluation's forward.
         expected = {"onnx": lambda: graph(image), "safetensors": lambda: forward_padded(reference, image)}
@@ -412,7 +416,7 @@ def _write_export(recipe: Recipe, model: nn.Module, spec: ModelConfig, info: Dat
         atol = recipe.export.atol
         sizes = sorted({tuple(image.shape[-2:]) for image in images})
         other = (None if "onnx" not in formats or recipe.export.fixed_size
-                 else list(other_size(images[0], pad_multiple(model)).shape[-2:]))
+                 else list(other_size(*images[0].shape[-2:], pad_multiple(model))))
         shown = ", ".join(f"{h}x{w}" for h, w in sizes) + (f"; ONNX also 2 at {other[0]}x{other[1]}" if other else "")
         console.print(parity_table(results, atol, f"export parity vs eager student ({len(images)} "
                                                   f"{recipe.data.val_split} images, {shown})"))
