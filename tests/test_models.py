@@ -84,8 +84,25 @@ def test_pickle_carrying_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with path.open("wb") as handle:
         pickle.dump({"weight": _Exploit()}, handle)
-    with pytest.raises(ModelError, match="could not be loaded safely"):
+    with pytest.raises(ModelError, match=r"evil.pt' could not be loaded safely \(weights_only=True\): it "
+                                         r"holds Python objects besides its weights, and loading it could run code") as caught:
         read_state_dict(path)
+    assert "\x1b" not in str(caught.value)  # none of torch's terminal colours
+
+
+def test_torchvision_reference_checkpoint_with_its_arguments_is_read(tmp_path):
+    # torchvision's references/segmentation/train.py saves {"model", "optimizer", "epoch", "args"},
+    # "args" an argparse.Namespace: plain data, read without allowing code.
+    import argparse
+
+    weights = {"classifier.weight": torch.randn(3, 4)}
+    torch.save({"model": weights, "epoch": 29, "args": argparse.Namespace(lr=0.02, model="fcn_resnet50")},
+               tmp_path / "model_29.pth")
+    assert torch.equal(read_state_dict(tmp_path / "model_29.pth")["classifier.weight"], weights["classifier.weight"])
+    torch.save({"model": weights, "args": _Exploit}, tmp_path / "other.pth")  # any other object: named
+    with pytest.raises(ModelError, match=r"other.pth' could not be loaded safely .* it holds a Python object "
+                                         r"\(test_models._Exploit\) besides its weights"):
+        read_state_dict(tmp_path / "other.pth")
 
 
 def test_checkpoints_that_are_not_weights_are_named(tmp_path):

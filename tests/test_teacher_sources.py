@@ -58,6 +58,9 @@ def test_class_map_errors_name_the_class():
         class_map_matrix({"t0": 7}, ["t0", "t1"], STUDENT)
     with pytest.raises(ModelError, match="maps no teacher class onto the student's square_dots, triangle_solid"):
         class_map_matrix({"t0": 0, "t1": 1}, ["t0", "t1"], STUDENT)
+    # One teacher class by its name and its id: its probability would count in two student classes.
+    with pytest.raises(ModelError, match=r"maps the teacher's class 't1' twice \(keys 't1' and 1\)"):
+        class_map_matrix({"t0": 0, "t1": 1, 1: 2, "t2": 3}, ["t0", "t1", "t2"], STUDENT)
 
 
 def _batch(recipe, count=2):
@@ -348,3 +351,86 @@ def test_a_processor_that_does_not_normalise_and_flips_channels_is_followed(tmp_
     images = torch.rand(1, 3, 8, 8)
     raw = images * torch.tensor(recipe.data.std).view(1, 3, 1, 1) + torch.tensor(recipe.data.mean).view(1, 3, 1, 1)
     torch.testing.assert_close(images * teacher._scale + teacher._shift, raw)
+
+
+def test_a_processor_of_0_255_statistics_without_rescaling_and_scalar_ones_are_followed(tmp_path):
+    # mmseg-style statistics on 0-255 pixels (do_rescale false), and one number for every channel:
+    # the model must see (255 * image - mean) / std and (image - 0.5) / 0.5 of distill's [0, 1] images.
+    pytest.importorskip("transformers")
+    from transformers import SegformerImageProcessor
+
+    from distill.teacher.sources import load_source
+
+    _tiny_segformer(tmp_path / "seg", ["a", "b"])
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "transformers",
+                                                           "teacher.path": str(tmp_path / "seg")})
+    image = torch.rand(1, 3, 4, 4)
+    mean, std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    for processor, want in [
+        (SegformerImageProcessor(do_rescale=False, image_mean=mean, image_std=std),
+         (255 * image - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)),
+        (SegformerImageProcessor(image_mean=0.5, image_std=0.5), (image - 0.5) / 0.5),
+    ]:
+        processor.save_pretrained(tmp_path / "seg")
+        _, _, expects = load_source(recipe.teacher, 2, None)
+        got = (image - torch.tensor(expects.mean).view(1, 3, 1, 1)) / torch.tensor(expects.std).view(1, 3, 1, 1)
+        torch.testing.assert_close(got, want)
+
+
+def _export_onnx(model, path, size, dynamic):
+    torch.onnx.export(model.eval(), torch.randn(1, 3, *size), str(path), input_names=["image"],
+                      output_names=["logits"], opset_version=18, dynamo=False,
+                      dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}}
+                      if dynamic else None)
+
+
+def test_onnx_teacher_of_one_fixed_size_and_batch_runs_at_that_size(tmp_path):
+    # torchvision-style export: [1, 3, 40, 40] fixed. It is neither padded to a stride (40 -> 64)
+    # nor given a batch of several at once, and a recipe without its size is refused by name.
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    model = smp.create_model("FPN", encoder_name="tu-mobilenetv3_small_050", encoder_weights=None, classes=4).eval()
+    path = tmp_path / "fixed.onnx"
+    _export_onnx(torch.nn.Sequential(torch.nn.ZeroPad2d((0, 24, 0, 24)), model), path, (40, 40), dynamic=False)
+    common = {"teacher.source": "onnx", "teacher.path": str(path), "data.resize": "[32, 32]"}
+    with pytest.raises(ModelError, match=r"fixed.onnx' takes 40x40 images only: set teacher.input_size: \[40, 40\]"):
+        load_teacher(tiny_recipe(tmp_path / "a", teacher=True, **common), 4)
+    recipe = tiny_recipe(tmp_path / "b", teacher=True, **common, **{"teacher.input_size": "[40, 40]"})
+    batch = _batch(recipe, 3)
+    images = torch.nn.functional.interpolate(batch["image"], size=(40, 40), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        want = model(torch.nn.functional.pad(images, (0, 24, 0, 24)))
+    torch.testing.assert_close(load_teacher(recipe, 4)(batch), want, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_teacher_of_labels_and_class_names_of_another_count_are_refused(tmp_path):
+    class Argmax(torch.nn.Module):
+        def forward(self, images):
+            return images.sum(1, keepdim=True).round().long()  # [N, 1, H, W] labels, as with_argmax
+
+    _export_onnx(Argmax(), tmp_path / "labels.onnx", (32, 32), dynamic=True)
+    recipe = tiny_recipe(tmp_path / "a", teacher=True, **{"teacher.source": "onnx", "teacher.path": str(tmp_path / "labels.onnx")})
+    with pytest.raises(ModelError, match=r"labels.onnx' outputs tensor\(int64\) .*not per-class scores"):
+        load_teacher(recipe, 4)
+    onnx_teacher(tmp_path / "four.onnx")  # 4 classes
+    recipe = tiny_recipe(tmp_path / "b", teacher=True, **{
+        "teacher.source": "onnx", "teacher.path": str(tmp_path / "four.onnx"),
+        "teacher.class_names": "[a, b, c, d, e]", "teacher.class_map": "{a: 0, b: 1, c: 2, d: 3, e: 3}"})
+    with pytest.raises(ModelError, match="teacher.class_names lists 5 classes, but the teacher .*four.onnx' predicts 4"):
+        load_teacher(recipe, 4)
+
+
+def test_oneformer_is_refused_by_name(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "oneformer"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "oneformer",
+                                                    "architectures": ["OneFormerForUniversalSegmentation"]}))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))  # refused before it is read
+    assert transformers.AutoConfig.from_pretrained(str(folder)).model_type == "oneformer"
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "transformers", "teacher.path": str(folder)})
+    with pytest.raises(ModelError, match="is a OneFormer model, which distill does not run"):
+        load_teacher(recipe, 4)

@@ -101,10 +101,10 @@ class TeacherConfig(ModelConfig):
         False, description="torch.compile the streamed teacher (compiles on the first batches)", json_schema_extra=RUN_ONLY
     )
     mean: tuple[float, float, float] | None = Field(
-        None, description="normalization the teacher was trained with, if not data.mean", json_schema_extra=DISTILLED
+        None, description="normalization the teacher was trained with, if not data.mean: RGB order, pixels in [0, 1] (a BGR teacher's mean is given in RGB too; 0-255 statistics divided by 255)", json_schema_extra=DISTILLED
     )
     std: tuple[float, float, float] | None = Field(
-        None, description="normalization the teacher was trained with, if not data.std", json_schema_extra=DISTILLED
+        None, description="normalization the teacher was trained with, if not data.std: RGB order, pixels in [0, 1]", json_schema_extra=DISTILLED
     )
 
     @field_validator("tta_scales")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -39,10 +40,24 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as error:
             raise ModelError(f"checkpoint '{path}' is not a readable safetensors file: {error}") from None
+    import argparse
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # torchvision's reference scripts save their argparse.Namespace beside the weights:
+        # plain data, allowed without allowing code.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # includes the UnpicklingError raised for pickles carrying code
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch's message carries terminal colours
+        if text.startswith("Weights only load failed"):  # torch's advice runs to a page
+            unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f"a Python object ({unsupported.group(1)})" if unsupported else "Python objects"
+            raise ModelError(
+                f"checkpoint '{path}' could not be loaded safely (weights_only=True): it holds {what} "
+                "besides its weights, and loading it could run code. If you trust the file, save "
+                "its state dict alone (torch.save(torch.load(path, weights_only=False)['model'], "
+                "'weights.pth'), or the key that holds it) and give that file") from None
+        first = text.splitlines()[0] if text else type(error).__name__
         if "weights_only" not in first and "Unpickl" not in type(error).__name__:
             first = f"not a torch checkpoint ({first})"  # a text file, truncated bytes...
         raise ModelError(f"checkpoint '{path}' could not be loaded safely (weights_only=True): "

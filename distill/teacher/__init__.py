@@ -180,6 +180,20 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
     student_names = dataset_info(recipe.data).class_names
     teacher_classes = len(spec.class_names) if spec.class_names else num_classes
     model, source_names, expects = load_source(spec, teacher_classes, weights)
+    fixed = getattr(model, "fixed_size", None)  # an ONNX graph exported for one size
+    if fixed is not None and (spec.input_size is None or tuple(spec.input_size) != fixed
+                              or list(spec.tta_scales) != [1.0]):
+        raise ModelError(f"teacher.path '{spec.path}' takes {fixed[0]}x{fixed[1]} images only: set "
+                         f"teacher.input_size: [{fixed[0]}, {fixed[1]}]"
+                         + ("" if list(spec.tta_scales) == [1.0] else " and teacher.tta_scales: [1.0]"))
+    if spec.class_names and spec.source in ("transformers", "onnx", "smp_hub"):
+        # Sources whose class count is their own: names of another count would fail at the
+        # first batch (or map the wrong classes).
+        predicts = (len(source_names) if source_names else getattr(model, "classes", None)
+                    or _output_classes(model, spec))
+        if predicts != len(spec.class_names):
+            raise ModelError(f"teacher.class_names lists {len(spec.class_names)} classes, but the teacher "
+                             f"'{spec.path}' predicts {predicts}: give its own classes, in its order")
     matrix = None
     if spec.class_map is not None:
         names = spec.class_names or source_names or [str(k) for k in range(_output_classes(model, spec))]
@@ -203,7 +217,7 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
 
 def _output_classes(model: nn.Module, spec: object) -> int:
     """The teacher's class count, from one small forward pass (sources that do not record it)."""
-    size = getattr(spec, "input_size", None) or (64, 64)
+    size = getattr(spec, "input_size", None) or getattr(model, "fixed_size", None) or (64, 64)
     try:
         with torch.no_grad():
             return int(forward_padded(model.eval(), torch.zeros(1, 3, *size)).shape[1])

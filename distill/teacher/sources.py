@@ -45,11 +45,23 @@ class OnnxTeacher(nn.Module):
         if len(inputs[0].shape) != 4 or inputs[0].shape[1] not in (3, "3") or len(outputs[0].shape) != 4:
             raise ModelError(f"teacher.path '{path}': input {inputs[0].shape} and output "
                              f"{outputs[0].shape} are not [N, 3, H, W] and [N, C, h, w]")
+        if not outputs[0].type.startswith("tensor(float") or outputs[0].shape[1] in (1, "1"):
+            raise ModelError(f"teacher.path '{path}' outputs {outputs[0].type} {outputs[0].shape}: not "
+                             "per-class scores (a graph exported with its argmax, as mmdeploy's "
+                             "with_argmax or PaddleSeg's default, gives labels): export the logits")
         self.input_name = inputs[0].name
         # The graph's own input type (a half-precision export takes float16): images are cast to
         # it, and its logits read back as float32.
         self.input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
         self.path = Path(path)
+        # A graph exported for one size (torchvision's at 520x520...) takes that size only: it
+        # is not padded to a stride (teacher.input_size must say the size), and a batch fixed
+        # at one image is run image by image.
+        batch, _, height, width = inputs[0].shape
+        self.fixed_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
+        self.pads_itself = self.fixed_size is not None
+        self.one_at_a_time = batch == 1
+        self.classes = outputs[0].shape[1] if isinstance(outputs[0].shape[1], int) else None
 
     def parameter_count(self) -> int:
         """The graph's weights (initializers): onnxruntime's model has no torch parameters."""
@@ -59,8 +71,17 @@ class OnnxTeacher(nn.Module):
         return sum(int(np.prod(tensor.dims)) for tensor in graph.initializer)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.fixed_size is not None and tuple(images.shape[-2:]) != self.fixed_size:
+            raise ModelError(f"teacher.path '{self.path}' takes {self.fixed_size[0]}x{self.fixed_size[1]} "
+                             f"images only, not {images.shape[-2]}x{images.shape[-1]}: set "
+                             f"teacher.input_size: [{self.fixed_size[0]}, {self.fixed_size[1]}]")
         array = images.detach().float().cpu().numpy().astype(self.input_dtype, copy=False)
-        (logits,) = self.session.run([self.session.get_outputs()[0].name], {self.input_name: array})[:1]
+        name = self.session.get_outputs()[0].name
+        if self.one_at_a_time and len(array) > 1:
+            logits = np.concatenate([self.session.run([name], {self.input_name: array[i : i + 1]})[0]
+                                     for i in range(len(array))])
+        else:
+            (logits,) = self.session.run([name], {self.input_name: array})[:1]
         return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).to(images.device)
 
 
@@ -112,6 +133,10 @@ def _transformers_teacher(path: str) -> tuple[nn.Module, list[str], tuple | None
     config = transformers.AutoConfig.from_pretrained(str(folder))
     names = [config.id2label[k] for k in sorted(config.id2label)] if getattr(config, "id2label", None) else []
     archs = list(getattr(config, "architectures", None) or [])
+    if config.model_type == "oneformer":  # its forward needs task tokens beside the images
+        raise ModelError(f"teacher.path '{path}' is a OneFormer model, which distill does not run (its "
+                         "forward takes a task prompt): use a Mask2Former, MaskFormer or semantic "
+                         "segmentation model")
     if any("UniversalSegmentation" in a for a in archs) or config.model_type in ("mask2former", "maskformer"):
         model: nn.Module = MaskQueryTeacher(
             transformers.AutoModelForUniversalSegmentation.from_pretrained(str(folder)))
@@ -128,10 +153,23 @@ def _transformers_teacher(path: str) -> tuple[nn.Module, list[str], tuple | None
         processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
         mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
         if not getattr(processor, "do_normalize", False):
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # [0, 1] as it is
-        expects = SourceInput(None if mean is None else tuple(mean), None if std is None else tuple(std),
+            mean, std = 0.0, 1.0  # the rescaled pixels as they are
+        # The model sees (pixel * rescale - mean) / std for 0-255 pixels; distill's images are in
+        # [0, 1], so that is (image - mean / g) / (std / g) with g = 255 * rescale: 1 for the
+        # usual rescale_factor 1/255, 255 for a processor that normalizes 0-255 pixels itself.
+        gain = 255.0 * (float(getattr(processor, "rescale_factor", 1 / 255))
+                        if getattr(processor, "do_rescale", True) else 1.0)
+        expects = SourceInput(_per_channel(mean, gain), _per_channel(std, gain),
                               bool(getattr(processor, "do_flip_channel_order", False)))
     return model, names, expects
+
+
+def _per_channel(value: Any, gain: float) -> tuple[float, ...] | None:
+    """A processor's mean or std (one number or one per channel) divided by ``gain``, per channel."""
+    if value is None:
+        return None
+    values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+    return tuple(v / gain for v in values)
 
 
 class SourceInput(NamedTuple):
@@ -214,8 +252,14 @@ def class_map_matrix(class_map: dict[Any, Any], teacher_names: list[str], studen
                              f"{', '.join(names)}")
         return names.index(key)
 
+    row_keys: dict[int, Any] = {}
     for key, value in class_map.items():
-        matrix[index(key, teacher_names, "teacher"), index(value, student_names, "student")] = 1.0
+        row = index(key, teacher_names, "teacher")
+        if row in row_keys:  # its probability would be counted twice, in two student classes
+            raise ModelError(f"teacher.class_map maps the teacher's class '{teacher_names[row]}' twice "
+                             f"(keys {row_keys[row]!r} and {key!r}): a teacher class goes to one student class")
+        row_keys[row] = key
+        matrix[row, index(value, student_names, "student")] = 1.0
     unmapped = [student_names[s] for s in range(len(student_names)) if not bool(matrix[:, s].any())]
     if unmapped:
         raise ModelError(f"teacher.class_map maps no teacher class onto the student's "
