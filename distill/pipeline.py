@@ -108,6 +108,7 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     # Every stage's own refusals too, before the first one (re)trains anything: a refusal of the
     # students must not come after the teacher was redone.
     processes = int(os.environ.get("WORLD_SIZE", "1"))
+    _recover_killed_runs(recipe, [s for s in stages if s in TRAINING_STAGES])
     for stage in stages:
         if stage in TRAINING_STAGES:
             try:
@@ -152,6 +153,30 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     if main:
         console.print(summary_table(outcomes))
     return outcomes
+
+
+def _recover_killed_runs(recipe: Recipe, stages: list[str]) -> None:
+    """Give back the finished run that a run killed before its first weights set aside, so that
+    a stage it had finished is up to date again (and compare and export find its weights).
+
+    The main process does it under each folder's lock; no Accelerator (and so no barrier)
+    exists yet, so the others wait until the folders show no such leftovers.
+    """
+    from distill.run_folder import exclusive_folder
+
+    leftovers = [stage_files(recipe, stage) for stage in stages if stage_files(recipe, stage).killed_run_left()]
+    if not leftovers:
+        return
+    if is_launch_main():
+        for files in leftovers:
+            with exclusive_folder(files.folder):
+                if files.recover_killed_run():
+                    console.print(f"[yellow]{files.folder}: a run killed before its first weights had set "
+                                  "the last finished run aside; it is back in place")
+        return
+    deadline = time.monotonic() + 120
+    while any(files.killed_run_left() for files in leftovers) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _read_done(path: Path) -> dict:

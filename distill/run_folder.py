@@ -147,6 +147,19 @@ class StageFiles:
         os.replace(self.set_aside, self._moving)
         self._finish_interrupted_move()
 
+    def killed_run_left(self) -> bool:
+        """A run from the start was killed before its first weights: the last finished run is
+        still set aside, and the folder holds only the killed run's first records."""
+        return self.set_aside.is_dir() and not (self.best.exists() or self.last.exists())
+
+    def recover_killed_run(self) -> bool:
+        """Put the last finished run back after such a kill (call it holding the folder's lock:
+        a run alive before its first weights looks the same); returns whether it did."""
+        if not self.killed_run_left():
+            return False
+        self.restore_set_aside()
+        return True
+
     def drop_set_aside(self) -> None:
         """This run has written weights: the earlier one is gone for good."""
         shutil.rmtree(self.set_aside, ignore_errors=True)

@@ -113,9 +113,15 @@ def trained_weights(recipe: Any, stage: str) -> Path:
             key = "teacher.checkpoint" if stage == "teacher" else "eval.checkpoint"
             raise ModelError(f"{key} '{given}' does not exist or is not a file")
         return Path(given)
-    best = stage_files(recipe, stage).best
+    files = stage_files(recipe, stage)
+    best = files.best
     if not best.is_file():
         flag = "" if stage == "student" else f" --stage {stage}"
+        if files.killed_run_left():
+            raise ModelError(
+                f"the {stage} has no weights in {files.folder}: a run killed before its first weights "
+                f"set the last finished run aside in {files.set_aside}; `distill run RECIPE` puts it "
+                f"back (`distill train RECIPE{flag}` too, then trains anew)")
         raise ModelError(
             f"the {stage} has no weights: {best} does not exist. Train it first with "
             f"`distill train RECIPE{flag}` (or `distill run RECIPE`)"

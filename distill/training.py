@@ -204,6 +204,9 @@ def train(
     set_seed(recipe.train.seed)
     # One writer per stage folder, from before its first write to the end of the run.
     with exclusive_folder(run_dir, accelerator):
+        if accelerator.is_main_process:  # a run killed before its first weights hid the last one
+            StageFiles(run_dir).recover_killed_run()
+        accelerator.wait_for_everyone()
         try:
             run = _set_up(recipe, stage, run_dir, accelerator, teacher=teacher, student=student,
                           train_dataset=train_dataset, val_dataset=val_dataset)

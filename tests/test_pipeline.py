@@ -7,6 +7,7 @@ import pytest
 
 import distill.training as loop
 from distill.pipeline import planned_stages, run_pipeline
+from distill.run_folder import StageFiles
 from helpers import tiny_recipe
 
 pytestmark = pytest.mark.slow
@@ -86,6 +87,26 @@ def test_stage_killed_between_the_checkpoint_swaps_resumes_from_the_previous_one
     assert statuses(run_pipeline(recipe)) == {"student": "resumed"}
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]  # one run, continued
+
+
+def test_a_finished_stage_hidden_by_a_run_killed_before_its_weights_comes_back_up_to_date(tmp_path):
+    from distill.evaluation import evaluate_checkpoint
+    from distill.models import ModelError
+
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 1, "run.export": "false"})
+    assert statuses(run_pipeline(recipe)) == {"student": "trained"}
+    files = StageFiles(tmp_path / "student")
+    weights = files.best.read_bytes()
+    # What a fresh run (another lr) killed by SIGKILL after its first step leaves: the finished
+    # run set aside, the killed run's first records in its place, no weights.
+    files.set_aside_earlier_run()
+    files.metrics.write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ModelError, match=r"a run killed before its first weights set the last finished run "
+                                         r"aside in .*\.previous_run; `distill run RECIPE` puts it back"):
+        evaluate_checkpoint(recipe, "student")
+    assert statuses(run_pipeline(recipe)) == {"student": "up to date"}  # it was retrained from scratch
+    assert files.best.read_bytes() == weights and not files.set_aside.exists()
+    assert '"loss": 1.0' not in files.metrics.read_text()
 
 
 def test_cache_mode_runs_end_to_end(tmp_path):
