@@ -78,7 +78,9 @@ def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object
         accelerator.load_state(str(folder))
     except (RuntimeError, KeyError, ValueError) as error:  # load_state_dict of another model
         first = str(error).strip().splitlines()
-        raise TrainingError(f"train.resume '{folder}' holds weights of another model: "
+        # A CheckpointMismatch too: the model's code changed under the same settings (a factory
+        # edited, a library renaming parameters), so `distill run` starts the stage anew.
+        raise CheckpointMismatch(f"train.resume '{folder}' holds weights of another model: "
                             f"{' '.join(first[:2])[:400]}") from None
     return progress
 

@@ -215,10 +215,11 @@ def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tu
         # unlabelled folder, the number of processes): nothing was written; start the stage anew.
         if not resumable:
             raise
-        changed = str(error).split("\n  - ")[1:2]
+        lines = str(error).split("\n  - ")
+        why = lines[1] if len(lines) > 1 else lines[0].split("' ", 1)[-1][:300]  # after train.resume 'PATH'
         if main:
             console.print(f"[yellow]the {stage} stage's checkpoint was made from other inputs "
-                          f"({changed[0] if changed else 'see above'}): it trains from the start")
+                          f"({why}): it trains from the start")
         stage_recipe.train.resume, resumable = None, False
         result = train(stage_recipe, stage, fingerprint=fingerprint)  # type: ignore[arg-type]
     return ("resumed" if resumable else "trained"), result.best_miou

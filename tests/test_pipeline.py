@@ -109,6 +109,30 @@ def test_a_finished_stage_hidden_by_a_run_killed_before_its_weights_comes_back_u
     assert '"loss": 1.0' not in files.metrics.read_text()
 
 
+def test_stage_whose_checkpoint_no_longer_fits_its_model_trains_anew(tmp_path, monkeypatch, capfd):
+    # The factory's code changed between the kill and the rerun (its name and arguments did
+    # not): the checkpoint cannot be loaded, and `distill run` cannot be given train.resume.
+    import helpers
+
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 2, "run.export": "false"})
+    save = loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(recipe)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    monkeypatch.setattr(helpers, "tiny", lambda num_classes: helpers.TinySegmenter(num_classes, 6))
+    assert statuses(run_pipeline(recipe)) == {"student": "trained"}
+    printed = capfd.readouterr()
+    printed = " ".join((printed.out + printed.err).split())
+    assert "checkpoint was made from other inputs (train.resume" not in printed
+    assert "checkpoint was made from other inputs (holds weights of another model: " in printed
+
+
 def test_cache_mode_runs_end_to_end(tmp_path):
     recipe = tiny_recipe(tmp_path, teacher=True, **CACHED, **{"train.epochs": 1, "run.baseline": "false",
                                                             "run.export": "false"})
