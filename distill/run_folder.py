@@ -101,7 +101,13 @@ class StageFiles:
     def run_records(self) -> tuple[Path, ...]:
         """What a run from the start replaces: an earlier run's weights and records (its
         evaluation reports among them)."""
-        return (self.metrics, self.best, self.best_record, self.last, self.done, *self.eval_reports())
+        return (self.metrics, self.best, self.best_record, self.last, self.done, self.tracker_logs,
+                *self.eval_reports())
+
+    @property
+    def tracker_logs(self) -> Path:
+        """Where Accelerate's file trackers (TensorBoard) log: ``distill-<stage>/``."""
+        return self.folder / f"distill-{self.folder.name}"
 
     @property
     def set_aside(self) -> Path:

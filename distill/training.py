@@ -417,8 +417,18 @@ def _start_writing(run: _Run, state: dict) -> None:
     weights of its own), so that the folder never mixes two runs.
     """
     run.started = True
+    if run.main and not run.resumes_own_run:
+        # The earlier run's checkpoint goes too: resumed after this run stops before its own
+        # first one, it would bring back that run's epoch, step and best score without its
+        # weights; and its tracker logs, before this run's trackers open theirs. Set aside, not
+        # deleted, until this run writes weights of its own: bad data read after the first step
+        # (a later batch, the validation split) must not cost the earlier run (see train()).
+        run.files.set_aside_earlier_run()
     if run.recipe.train.trackers:
-        run.accelerator.init_trackers(f"distill-{run.stage}",
+        # A resumed run logs again from the step after its checkpoint: TensorBoard drops what
+        # the stopped run logged from there, so no step has two values.
+        purge = {"tensorboard": {"purge_step": state["step"]}} if run.resumes_own_run else {}
+        run.accelerator.init_trackers(run.files.tracker_logs.name, init_kwargs=purge,
                                       config=flat_config(json.loads(run.recipe.model_dump_json())))
     if not run.main:
         return
@@ -430,12 +440,6 @@ def _start_writing(run: _Run, state: dict) -> None:
                     if line.endswith("\n") and json.loads(line)["step"] < state["step"]]
             atomic_write_text(run.log_path, "".join(kept))
     else:
-        # The earlier run's checkpoint goes too: resumed after this run stops before its own
-        # first one, it would bring back that run's epoch, step and best score without its
-        # weights. Set aside, not deleted, until this run writes weights of its own: bad data
-        # read after the first step (a later batch, the validation split) must not cost the
-        # earlier run (see train()).
-        run.files.set_aside_earlier_run()
         atomic_write_text(run.log_path, "")
     save_resolved_recipe(run.recipe, run.dir)
 

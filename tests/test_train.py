@@ -159,6 +159,47 @@ def test_tensorboard_tracker_writes_events(tmp_path):
     assert {"loss", "ce", "lr", "val_miou"} <= set(accumulator.Tags()["scalars"])
 
 
+def _tensorboard_scalars(folder, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for run in sorted({p.parent for p in folder.rglob("events.out.tfevents.*")}):
+        accumulator = EventAccumulator(str(run))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values += [(e.step, round(e.value, 6)) for e in accumulator.Scalars(tag)]
+    return sorted(values)
+
+
+def test_tensorboard_logs_hold_one_run_after_a_rerun_and_a_resume(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    import distill.training
+
+    common = {"train.epochs": 2, "train.trackers": "[tensorboard]", "train.log_every_steps": 1}
+    train(tiny_recipe(tmp_path, **common), "student")
+    result = train(tiny_recipe(tmp_path, **common, **{"train.lr": 0.05}), "student")  # a new run, same folder
+    logged = [(r["step"], round(r["lr"], 6)) for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
+              if "lr" in r]
+    assert _tensorboard_scalars(result.run_dir, "lr") == logged  # not the first run's 12 values too
+    # Stopped at the end of its second epoch (steps 7-12 logged, the checkpoint still the first
+    # epoch's), then resumed: steps 7-12 are logged again, and each step is there once.
+    real = distill.training._validate_and_checkpoint
+
+    def stop_after_the_first(run, state, epoch, *args):
+        if epoch == 1:
+            raise RuntimeError("stopped")
+        real(run, state, epoch, *args)
+
+    monkeypatch.setattr(distill.training, "_validate_and_checkpoint", stop_after_the_first)
+    with pytest.raises(RuntimeError, match="stopped"):
+        train(tiny_recipe(tmp_path / "b", **common), "student")
+    monkeypatch.setattr(distill.training, "_validate_and_checkpoint", real)
+    run_dir = tmp_path / "b" / "student"
+    train(tiny_recipe(tmp_path / "b", **common, **{"train.resume": str(run_dir)}), "student")
+    steps = [step for step, _ in _tensorboard_scalars(run_dir, "lr")]
+    assert steps == list(range(1, 13))
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     result = train(tiny_recipe(tmp_path, **{"train.epochs": 1, "train.grad_accum_steps": 2,
                                             "train.log_every_steps": 1}), "student")
