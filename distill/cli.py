@@ -106,8 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     from distill.launch import end_launched_process, in_process_group
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        stop_on_sigterm()
     try:
         code = _run_command(args, expected)
+    except SystemExit as stopped:  # SIGTERM from the launcher: the clean-up has run
+        if not in_process_group():
+            raise
+        code = stopped.code if isinstance(stopped.code, int) else 1
     except BaseException:
         if not in_process_group():
             raise
@@ -118,6 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line's process, not a caller's
         _ignore_late_interrupts()
     return code
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit(143)``, so that clean-up code runs.
+
+    When one launched process fails, torch's launcher stops the others with SIGTERM. Python
+    ends on SIGTERM without unwinding, so a run into a finished run's folder would leave that
+    run set aside in ``.previous_run`` and hidden. As an exception, the stop unwinds like any
+    other error: the earlier run is put back and the locks are released.
+    """
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _input_errors() -> tuple[type[Exception], ...]:

@@ -141,7 +141,9 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
         else:
             status, best_miou = "done", _report_stage(recipe, stage, main)
         seconds = time.perf_counter() - start
-        if main and stage in TRAINING_STAGES and _weights_digest(folder) is None:
+        # Decided alike on every process (each has best_miou), so that none goes on alone.
+        no_best = best_miou is None or not best_miou >= 0
+        if stage in TRAINING_STAGES and (no_best or (main and _weights_digest(folder) is None)):
             raise TrainingError(f"the {stage} stage ended without {StageFiles(folder).best}: "
                                 "not recorded as done (no validation scored a finite mIoU?)")
         if main:

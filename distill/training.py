@@ -648,10 +648,12 @@ def _share_of_global_mean(accelerator: Accelerator) -> Callable[[torch.Tensor], 
 def _check_finite(parts: dict[str, torch.Tensor], step: int, batch: dict, accelerator: Accelerator) -> None:
     # Reduced over processes so that every rank stops together (a rank that raised alone would
     # leave the others waiting in the gradient all-reduce).
-    finite = torch.isfinite(parts["loss"].detach()).float()
+    # A count of failing processes: Accelerate's reduce knows "sum", "mean" and "max" only (any
+    # other word sums), so a "min" of finite flags let one process's NaN through.
+    failing = (~torch.isfinite(parts["loss"].detach())).float()
     if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite, "min")
-    if finite.item():
+        failing = accelerator.reduce(failing, "sum")
+    if not failing.item():
         return
     values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
     raise TrainingError(

@@ -135,6 +135,8 @@ def test_pad_multiple_is_a_multiple_of_every_stride():
             self.encoder.output_stride = 14  # a DINOv2 ViT: sides divisible by 14
 
     assert pad_multiple(Patch14()) == 224
+    # Wrapped for several processes (Accelerate's prepare: DDP; DataParallel alike), not 32.
+    assert pad_multiple(torch.nn.DataParallel(Patch14())) == 224
 
 
 @needs_packages

@@ -93,6 +93,36 @@ def test_bad_data_met_after_the_first_step_gives_the_earlier_run_back(tmp_path, 
     assert not (tmp_path / "run" / "student" / ".previous_run").exists()
 
 
+def test_sigterm_from_the_launcher_gives_the_earlier_run_back(tmp_path, monkeypatch):
+    # torch's launcher stops a failed process's peers with SIGTERM: with distill's handler (the
+    # CLI installs it in launched processes) the stop unwinds like an error, and a fresh run
+    # stopped before its first weights puts the finished run back instead of hiding it.
+    import signal
+
+    import distill.training
+    from distill.cli import stop_on_sigterm
+
+    recipe = write_recipe(tmp_path)
+    assert main(["train", str(recipe)]) == 0
+    before = snapshot(tmp_path / "run")
+    real = distill.training._validate_and_checkpoint
+
+    def terminated(*args, **kwargs):  # after the first steps, before the first weights
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(distill.training, "_validate_and_checkpoint", terminated)
+    default = signal.getsignal(signal.SIGTERM)
+    stop_on_sigterm()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", str(recipe), "train.lr=0.02"])
+    finally:
+        signal.signal(signal.SIGTERM, default)
+    monkeypatch.setattr(distill.training, "_validate_and_checkpoint", real)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert snapshot(tmp_path / "run") == before
+
+
 def test_a_run_killed_before_its_first_weights_keeps_the_finished_run_aside(tmp_path):
     from distill.run_folder import StageFiles
 

@@ -64,6 +64,25 @@ def test_non_finite_loss_stops_with_step_parts_and_indices(tmp_path):
         train(recipe, "student")
 
 
+def test_a_non_finite_loss_on_another_process_stops_this_one():
+    # Process 0's loss is finite, process 1's NaN. Reductions as Accelerate's: "max" takes the
+    # maximum, every other word sums ("mean" then divides), so there is no "min".
+    from distill.training import _check_finite
+
+    class TwoProcesses:
+        num_processes, process_index = 2, 0
+
+        def reduce(self, tensor, reduction):
+            # The other process's flag says the opposite of this one's, whichever way it is written.
+            other = 1 - tensor
+            total = torch.maximum(tensor, other) if reduction == "max" else tensor + other
+            return total / 2 if reduction == "mean" else total
+
+    parts = {"loss": torch.tensor(0.5), "ce": torch.tensor(0.5)}
+    with pytest.raises(TrainingError, match=r"non-finite loss at optimizer step 3 \(loss=0.5, ce=0.5 on process 0\)"):
+        _check_finite(parts, 3, {"index": torch.tensor([0, 1])}, TwoProcesses())
+
+
 def test_distillation_uses_a_frozen_teacher_and_saves_only_the_student(tmp_path):
     recipe = tiny_recipe(tmp_path, teacher=True)
     teacher_run = train(recipe, "teacher")

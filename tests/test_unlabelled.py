@@ -93,6 +93,23 @@ def test_mixed_batches_hold_the_ratio_take_the_baselines_steps_and_follow_the_ep
     assert list(sampler) == epochs[1] != epochs[0]
 
 
+def test_mixed_batches_take_the_baselines_steps_under_several_processes():
+    # 12 labelled images in batches of 4: 3 batches, so 1 round of 2 processes and a partial one.
+    # The baseline's loader drops the partial round; Accelerate padded the mixed one instead.
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    class Epoch:
+        epoch = 0
+
+    mixed = MixedBatchSampler(list(range(12)), list(range(100, 106)), batch_size=4, ratio=0.5, seed=0, dataset=Epoch)
+    plain = BatchSampler(range(12), batch_size=4, drop_last=True)
+    for rank in (0, 1):
+        shards = [BatchSamplerShard(s, num_processes=2, process_index=rank) for s in (mixed, plain)]
+        assert [len(shard) for shard in shards] == [1, 1]
+        assert len(list(shards[0])) == 1
+
+
 def test_kd_covers_unlabelled_pixels_and_the_ce_only_labelled_ones():
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)

@@ -80,6 +80,11 @@ class MixedBatchSampler(Sampler[list[int]]):
     same batches.
     """
 
+    # Whole batches only, as the baseline's loader: Accelerate then drops the last partial round
+    # of batches under several processes, where it would pad it with batches from the start (the
+    # student would take more steps per epoch than its baseline, and see repeats).
+    drop_last = True
+
     def __init__(self, labelled: Sequence[int], unlabelled: Sequence[int], batch_size: int,
                  ratio: float, seed: int, dataset: Any) -> None:
         self.labelled, self.unlabelled = list(labelled), list(unlabelled)

@@ -172,7 +172,8 @@ def _ce_denominator(target: Tensor, ignore_index: int, class_weights: Tensor | N
     valid = target != ignore_index
     if class_weights is None:
         return valid.sum()
-    return (class_weights[target.long().masked_fill(~valid, 0)] * valid).sum()
+    weights = torch.as_tensor(class_weights).to(target.device)  # on the batch's device, as ce_loss's
+    return (weights[target.long().masked_fill(~valid, 0)] * valid).sum()
 
 
 def cwd_loss(

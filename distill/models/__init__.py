@@ -188,6 +188,8 @@ def pad_multiple(model: nn.Module) -> int:
     Not less than 32 even for a dilated encoder (DeepLabV3+'s reports 16), so that one image is
     padded, and so scored, alike whatever the encoder's dilation.
     """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module  # prepared for several processes: the wrapper has no encoder
     stride = getattr(getattr(model, "encoder", None), "output_stride", None)
     # The least common multiple: a patch-14 ViT needs sides divisible by 14, 32 by itself does not.
     return math.lcm(32, stride) if isinstance(stride, int) and stride > 0 else 32
