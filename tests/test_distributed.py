@@ -144,8 +144,9 @@ def test_launcher_mismatch_is_detected(tmp_path, monkeypatch):
 
 def test_two_process_distillation_on_mixed_batches(tmp_path):
     # Half the masks, the rest and 8 synthetic images unlabelled: mixed batches of 4 (2 labelled,
-    # 2 unlabelled); 12 labelled images make a baseline's 3 batches, 2 steps over 2 processes.
-    recipe = tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 1, "data.labelled_fraction": 0.5,
+    # 2 unlabelled); 12 labelled images make a baseline's 3 batches, 1 step per epoch over 2
+    # processes (the partial round dropped, as the baseline's), so 2 steps in 2 epochs.
+    recipe = tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 2, "data.labelled_fraction": 0.5,
                                                      "data.unlabelled": "[{synthetic: 8}]"})
     steps = distil_in_two_processes(recipe, tmp_path)
     assert [r["step"] for r in steps] == [2]
