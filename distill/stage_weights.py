@@ -17,6 +17,13 @@ from distill.run_folder import stage_files
 PATH_SOURCES = ("transformers", "smp_hub", "onnx")
 
 
+_FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+# Beside a model folder's weights, the files that decide what the teacher computes from them:
+# its classes and architecture, and the normalization and channel order of its input.
+_FOLDER_SETTINGS = ("config.json", "preprocessor_config.json")
+
+
 def external_weights(source: str, path: Path, *, download: bool = True) -> Path | None:
     """The weights file of a teacher given by ``teacher.path`` (what fingerprints hash); a hub
     id is downloaded (once, into the Hugging Face cache) and its folder's weights used, or, with
@@ -28,8 +35,7 @@ def external_weights(source: str, path: Path, *, download: bool = True) -> Path 
     if not download and not path.is_dir() and is_hub_id(str(path)):
         return None
     folder = path if path.is_dir() else hub_folder(str(path))
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json"):
+    for name in _FOLDER_WEIGHTS:
         if (folder / name).is_file():  # (the index of sharded weights: weights_digest reads its shards)
             return folder / name
     what = "smp save_pretrained" if source == "smp_hub" else "Hugging Face model"
@@ -38,16 +44,20 @@ def external_weights(source: str, path: Path, *, download: bool = True) -> Path 
 
 def weights_digest(path: Path) -> str:
     """SHA-256 of a weights file, as fingerprints record it; for the index of sharded weights,
-    of the index and every shard it names (new shards under the same index are other weights)."""
+    of the index and every shard it names (new shards under the same index are other weights);
+    for a model folder's weights, with its ``config.json`` and ``preprocessor_config.json``."""
     path = Path(path)
-    if not path.name.endswith(".index.json"):
-        return file_digest(path)
-    try:
-        shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
-        parts = [file_digest(path), *(file_digest(path.parent / shard) for shard in shards)]
-    except (OSError, ValueError, AttributeError) as error:
-        raise ModelError(f"sharded weights '{path}' cannot be read whole: {error}") from None
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    parts = [file_digest(path)]
+    if path.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
+            parts += [file_digest(path.parent / shard) for shard in shards]
+        except (OSError, ValueError, AttributeError) as error:
+            raise ModelError(f"sharded weights '{path}' cannot be read whole: {error}") from None
+    if path.name in _FOLDER_WEIGHTS:
+        parts += [f"{name} {file_digest(path.parent / name)}" for name in _FOLDER_SETTINGS
+                  if (path.parent / name).is_file()]
+    return parts[0] if len(parts) == 1 else hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def is_hub_id(repo_id: str) -> bool:

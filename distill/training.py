@@ -296,6 +296,11 @@ def _set_up(recipe: Recipe, stage: Stage, run_dir: Path, accelerator: Accelerato
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     if features is not None:  # prepared (DDP, device) and so in save_state's checkpoint too
         features = accelerator.prepare(features)
+    if accelerator.num_processes > 1:
+        # Each replica its own dropout and drop-path masks: under one seed every process drew the
+        # same. The data order (the sampler's seed, taken in prepare) and augmentation
+        # ((seed, epoch, index)) do not use this generator; save_state keeps it per process.
+        torch.manual_seed(cfg.seed + accelerator.process_index)
     if teacher is not None:
         criterion = DistillLoss.from_config(recipe.loss, ignore_index=info.ignore_index, features=features)
     else:  # plain training: CE at weight 1 (the recipe's weights are the distillation's balance)

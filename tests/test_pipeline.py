@@ -272,6 +272,11 @@ def test_new_shards_of_a_sharded_teacher_are_other_weights(tmp_path):
     before = stage_fingerprint(recipe, "student")
     (folder / shards[1]).write_bytes(b"fine-tuned weights")  # the index is the same
     assert stage_fingerprint(recipe, "student") != before
+    # Its processor (the input's normalization, channel order) and config (its classes) too.
+    for name, text in (("preprocessor_config.json", '{"do_normalize": false}'), ("config.json", '{"id2label": {}}')):
+        before = stage_fingerprint(recipe, "student")
+        (folder / name).write_text(text)
+        assert stage_fingerprint(recipe, "student") != before, name
 
 
 def test_a_run_that_is_up_to_date_does_not_load_a_given_teacher_to_check_it(tmp_path, monkeypatch):
