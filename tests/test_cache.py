@@ -352,8 +352,14 @@ def test_interrupted_write_is_detected_and_resumed(tmp_path, monkeypatch):
     assert store_files(cache_module.cache_dir(recipe)) == store_files(cache_module.cache_dir(fresh))
     assert open_store(recipe, "val").num_samples == 13
     calls.clear()
-    write_cache(recipe)  # complete: nothing rewritten
-    assert not calls
+    before = store_files(cache_module.cache_dir(recipe))
+
+    def not_needed(*args, **kwargs):
+        raise AssertionError("the teacher was loaded for a store that is up to date")
+
+    monkeypatch.setattr("distill.teacher.load_teacher", not_needed)
+    write_cache(recipe)  # complete: nothing rewritten, and no teacher loaded to find that out
+    assert not calls and store_files(cache_module.cache_dir(recipe)) == before
 
 
 @pytest.mark.slow

@@ -351,18 +351,32 @@ def check_store_folder(folder: Path, splits: Sequence[str]) -> None:
                              "(set cache.dir to a new or empty folder); nothing was changed")
 
 
+def split_state(folder: Path, split: str, fingerprint: dict[str, Any]) -> str | None:
+    """What the store holds of ``split`` for ``fingerprint``, read only: ``"up to date"``,
+    ``"resumed"`` (an interrupted write of it), or None (nothing of it, or of other inputs)."""
+    manifest = read_manifest(folder) or {}
+    if manifest.get("layout_version") not in (None, LAYOUT_VERSION):
+        return None  # another layout version: every split is rewritten
+    entry = manifest.get("splits", {}).get(split)
+    files = _split_files(fingerprint, split_folder(folder, split))
+    if entry is None or entry.get("fingerprint") != fingerprint or files.problems():
+        return None
+    complete = entry.get("complete") and bool(np.all(np.load(files.folder / "written.npy")))
+    return "up to date" if complete else "resumed"
+
+
 def _prepare_split(rest_temperature: float, split: str, folder: Path, fingerprint: dict[str, Any],
                    ids: list[str]) -> str:
     """Main process: make the split's folder ready to (re)write; returns what it found."""
     split_dir = split_folder(folder, split)
+    state = split_state(folder, split, fingerprint)
+    if state is not None:
+        return state
     manifest = read_manifest(folder) or {}
     if manifest.get("layout_version") not in (None, LAYOUT_VERSION):
-        manifest = {}  # another layout version: every split is rewritten
+        manifest = {}
     entry = manifest.get("splits", {}).get(split)
     files = _split_files(fingerprint, split_dir)
-    if entry is not None and entry.get("fingerprint") == fingerprint and not files.problems():
-        complete = entry.get("complete") and bool(np.all(np.load(files.folder / "written.npy")))
-        return "up to date" if complete else "resumed"
     state = "rewritten" if entry is not None else "new"
     if entry is not None:
         logger.warning("rewriting split '%s' of the logit cache '%s': %s", split, folder,

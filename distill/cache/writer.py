@@ -51,16 +51,29 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     # not cost a complete store of the splits before it.
     datasets = {split: cache_dataset(stream, split) for split in (splits or stream.cache.splits)}
     store_ops.check_store_folder(folder, list(datasets))
+    fingerprints = {split: expected_fingerprint(stream, split, ids=_ids(dataset), num_classes=info.num_classes)
+                    for split, dataset in datasets.items()}
+    if all(store_ops.split_state(folder, split, fingerprints[split]) == "up to date" for split in datasets):
+        # Nothing to write: the teacher (a large model can take a while to load) is not loaded.
+        if accelerator.is_main_process:
+            from distill.progress import report
+
+            report(f"logit cache {folder}: {', '.join(datasets)} up to date")
+        return folder
     teacher = load_teacher(stream, info.num_classes).to(accelerator.device)
     with exclusive_folder(folder, accelerator):  # one writer per store
         for split, dataset in datasets.items():
-            _write_split(stream, split, dataset, folder, teacher, accelerator, info.num_classes)
+            _write_split(stream, split, dataset, fingerprints[split], folder, teacher, accelerator)
         accelerator.wait_for_everyone()
     return folder
 
 
-def _write_split(recipe: Recipe, split: str, dataset: Any, folder: Path, teacher: nn.Module,
-                 accelerator: Any, num_classes: int) -> None:
+def _ids(dataset: Any) -> list[str]:
+    return [dataset.sample_id(i) for i in range(len(dataset))]
+
+
+def _write_split(recipe: Recipe, split: str, dataset: Any, fingerprint: dict[str, Any], folder: Path,
+                 teacher: nn.Module, accelerator: Any) -> None:
     """Write (or resume, or skip) one split; every process calls it.
 
     An error on one process (an unreadable image, non-finite logits, a full disk) is shared with
@@ -72,8 +85,7 @@ def _write_split(recipe: Recipe, split: str, dataset: Any, folder: Path, teacher
     from distill.progress import make_progress, report
 
     main = accelerator.is_main_process
-    ids = [dataset.sample_id(i) for i in range(len(dataset))]
-    fingerprint = expected_fingerprint(recipe, split, ids=ids, num_classes=num_classes)
+    ids = _ids(dataset)
     state, error = "", None
     if main:
         try:
