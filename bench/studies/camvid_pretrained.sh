@@ -171,6 +171,15 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     --reference baseline/cutmix+fm --results bench/studies/results/camvid_pretrained_r9_target_quarter_fm.json \
     "${TARGET[@]}" data.labelled_fraction=0.25 train.epochs=80 train.eval_every_epochs=20 train.checkpoint_every_epochs=20
 
+# Tenth round: patience (Beyer et al.: distillation gains with the schedule's length, CE alone
+# saturates): every 4th mask and the deployment frames, the recipe's cached loss and its baseline
+# both at twice the steps (160 epochs of the 92 masks). First seed.
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/target_quarter" "${TEACHER_FULLRES[@]}" \
+    --cache-dir "$OUT/target/cache" --seeds "$FIRST" --arms baseline/epochs160,cache/kl_T1_w1_correct+epochs160 \
+    --baseline baseline/epochs160 --reference baseline/epochs160 \
+    --results bench/studies/results/camvid_pretrained_r10_target_quarter_long.json "${TARGET[@]}" \
+    data.labelled_fraction=0.25 train.eval_every_epochs=40 train.checkpoint_every_epochs=40
+
 # The CWD student in INT8: mIoU through onnxruntime on the held-out frames (export's parity.json),
 # with the recipe's graph for 240x320 only (export.fixed_size) and with a graph for any size; then
 # latency of both against FP32 at 240x320 on 2 threads (idle cores).
