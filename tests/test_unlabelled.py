@@ -93,6 +93,12 @@ def test_mixed_batches_hold_the_ratio_take_the_baselines_steps_and_follow_the_ep
     assert list(sampler) == epochs[1] != epochs[0]
 
 
+def test_the_unlabelled_share_of_a_batch_rounds_halves_up():
+    counts = {size: MixedBatchSampler(list(range(8)), [100], batch_size=size, ratio=0.5, seed=0,
+                                      dataset=None).per_batch_unlabelled for size in (3, 5, 7)}
+    assert counts == {3: 2, 5: 3, 7: 4}  # round() gave 2, 2 and 4
+
+
 def test_mixed_batches_take_the_baselines_steps_under_several_processes():
     # 12 labelled images in batches of 4: 3 batches, so 1 round of 2 processes and a partial one.
     # The baseline's loader drops the partial round; Accelerate padded the mixed one instead.

@@ -9,6 +9,8 @@ teaches every pixel of an unlabelled image, the labels only where they exist.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,7 @@ class WithoutMasks:
 
 class MixedBatchSampler(Sampler[list[int]]):
     """Batches of ``batch_size`` with a fixed share of unlabelled samples
-    (``round(ratio * batch_size)``, at least one of each kind).
+    (``ratio * batch_size`` rounded half up, at least one of each kind).
 
     An epoch has as many batches as plain training over the labelled samples would
     (``len(labelled) // batch_size``), so a distilled student and its baseline take the same
@@ -94,7 +96,8 @@ class MixedBatchSampler(Sampler[list[int]]):
         if len(self.labelled) < batch_size:
             raise DataError(f"{len(self.labelled)} labelled images do not fill one batch of "
                             f"data.batch_size {batch_size}: an epoch would have no step")
-        self.per_batch_unlabelled = min(batch_size - 1, max(1, round(ratio * batch_size)))
+        # Half up (Python's round() takes halves to the even number: 2.5 -> 2 but 1.5 -> 2).
+        self.per_batch_unlabelled = min(batch_size - 1, max(1, math.floor(ratio * batch_size + 0.5)))
         self.per_batch_labelled = batch_size - self.per_batch_unlabelled
         self.batch_size, self.seed, self.dataset = batch_size, seed, dataset
 
