@@ -76,8 +76,13 @@ def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object
                             "same ones, or start a fresh run:\n  - " + "\n  - ".join(changed))
     try:
         accelerator.load_state(str(folder))
+    except torch.cuda.OutOfMemoryError:
+        raise  # the device, not the checkpoint: resuming later must still find it
     except (RuntimeError, KeyError, ValueError) as error:  # load_state_dict of another model
         first = str(error).strip().splitlines()
+        if not isinstance(error, KeyError) and "loading state_dict" not in str(error):
+            # A damaged file (a truncated zip...), not another model: not for a fresh start.
+            raise TrainingError(f"train.resume '{folder}' cannot be read: {' '.join(first[:2])[:400]}") from None
         # A CheckpointMismatch too: the model's code changed under the same settings (a factory
         # edited, a library renaming parameters), so `distill run` starts the stage anew.
         raise CheckpointMismatch(f"train.resume '{folder}' holds weights of another model: "

@@ -21,7 +21,7 @@ from distill.config import Recipe
 from distill.data.splits import parse_split
 from distill.models import model_identity, stage_model
 from distill.run_folder import cache_dir
-from distill.stage_weights import trained_weights, weights_digest
+from distill.stage_weights import teacher_digest
 
 
 def keys_for(section: BaseModel, stage: str) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def stage_inputs(recipe: Recipe, stage: str, *, teacher_module: bool = False) ->
         assert recipe.teacher is not None
         teacher = keys_for(recipe.teacher, "student")
         inputs["teacher"] = {**teacher, **_weights(recipe.teacher, "student"),
-                             "weights": weights_digest(trained_weights(recipe, "teacher"))}
+                             "weights": teacher_digest(recipe)}
         if recipe.teacher.mode == "cache":
             manifest = cache_dir(recipe) / "manifest.json"
             inputs["cache"] = {**keys_for(recipe.cache, "student"),

@@ -32,7 +32,7 @@ from distill.fingerprint import digest, stage_inputs
 from distill.preflight import InputError, check_inputs
 from distill.progress import console
 from distill.run_folder import PROGRESS_FILE, StageFiles, cache_dir, stage_dir, stage_files
-from distill.stage_weights import trained_weights, weights_digest
+from distill.stage_weights import teacher_digest
 from distill.training import check_models, check_schedule, train
 
 TRAINING_STAGES = ("teacher", "baseline", "student")
@@ -60,7 +60,7 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     weights = {name: file_digest(stage_files(recipe, name).best)
                for name in reads if stage_files(recipe, name).best.is_file()}
     if stage == "compare" and recipe.teacher is not None:
-        weights["teacher"] = weights_digest(trained_weights(recipe, "teacher"))
+        weights["teacher"] = teacher_digest(recipe)
     if recipe.eval.checkpoint is not None:
         weights["eval.checkpoint"] = file_digest(recipe.eval.checkpoint)
     # With an INT8 export the comparison scores the export's ONNX students too.
@@ -177,7 +177,7 @@ def _recover_killed_runs(recipe: Recipe, stages: list[str]) -> None:
                                   "the last finished run aside; it is back in place")
         return
     deadline = time.monotonic() + 120
-    while any(files.killed_run_left() for files in leftovers) and time.monotonic() < deadline:
+    while not all(files.settled() for files in leftovers) and time.monotonic() < deadline:
         time.sleep(0.2)
 
 

@@ -158,6 +158,11 @@ class StageFiles:
         still set aside, and the folder holds only the killed run's first records."""
         return self.set_aside.is_dir() and not (self.best.exists() or self.last.exists())
 
+    def settled(self) -> bool:
+        """No killed run's leftovers, and no files on their way back (:meth:`recover_killed_run`
+        moves them one by one): what processes other than the one recovering wait for."""
+        return not (self.killed_run_left() or self._moving.exists())
+
     def recover_killed_run(self) -> bool:
         """Put the last finished run back after such a kill (call it holding the folder's lock:
         a run alive before its first weights looks the same); returns whether it did."""

@@ -42,10 +42,19 @@ def external_weights(source: str, path: Path, *, download: bool = True) -> Path 
     raise ModelError(f"teacher.path '{path}' is not a {what} folder (no model.safetensors)")
 
 
-def weights_digest(path: Path) -> str:
-    """SHA-256 of a weights file, as fingerprints record it; for the index of sharded weights,
-    of the index and every shard it names (new shards under the same index are other weights);
-    for a model folder's weights, with its ``config.json`` and ``preprocessor_config.json``."""
+def teacher_digest(recipe: Any) -> str:
+    """What fingerprints record of the teacher's weights (:func:`weights_digest`); for a teacher
+    that ``teacher.path`` gives as a model folder, with the folder's ``config.json`` and
+    ``preprocessor_config.json``, which decide what it computes from them (its classes, its
+    input's normalization and channel order)."""
+    path = trained_weights(recipe, "teacher")
+    return weights_digest(path, folder_settings=recipe.teacher.source in PATH_SOURCES)
+
+
+def weights_digest(path: Path, *, folder_settings: bool = False) -> str:
+    """SHA-256 of a weights file; for the index of sharded weights, of the index and every shard
+    it names (new shards under the same index are other weights); with ``folder_settings``,
+    also of the model folder's settings files beside it (:func:`teacher_digest`)."""
     path = Path(path)
     parts = [file_digest(path)]
     if path.name.endswith(".index.json"):
@@ -54,7 +63,7 @@ def weights_digest(path: Path) -> str:
             parts += [file_digest(path.parent / shard) for shard in shards]
         except (OSError, ValueError, AttributeError) as error:
             raise ModelError(f"sharded weights '{path}' cannot be read whole: {error}") from None
-    if path.name in _FOLDER_WEIGHTS:
+    if folder_settings and path.name in _FOLDER_WEIGHTS:
         parts += [f"{name} {file_digest(path.parent / name)}" for name in _FOLDER_SETTINGS
                   if (path.parent / name).is_file()]
     return parts[0] if len(parts) == 1 else hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -277,6 +277,18 @@ def test_new_shards_of_a_sharded_teacher_are_other_weights(tmp_path):
         before = stage_fingerprint(recipe, "student")
         (folder / name).write_text(text)
         assert stage_fingerprint(recipe, "student") != before, name
+    # Not for a checkpoint file that happens to be named so, beside a config of something else.
+    from safetensors.torch import save_file
+
+    from helpers import TinySegmenter
+
+    other = tmp_path / "checkpoints"
+    other.mkdir()
+    save_file(TinySegmenter(4, 12).state_dict(), str(other / "model.safetensors"))
+    recipe = tiny_recipe(tmp_path / "run2", teacher=True, **{"teacher.checkpoint": str(other / "model.safetensors")})
+    before = stage_fingerprint(recipe, "student")
+    (other / "config.json").write_text('{"notes": "of another tool"}')
+    assert stage_fingerprint(recipe, "student") == before
 
 
 def test_a_run_that_is_up_to_date_does_not_load_a_given_teacher_to_check_it(tmp_path, monkeypatch):

@@ -413,6 +413,14 @@ def test_onnx_teacher_of_labels_and_class_names_of_another_count_are_refused(tmp
     recipe = tiny_recipe(tmp_path / "a", teacher=True, **{"teacher.source": "onnx", "teacher.path": str(tmp_path / "labels.onnx")})
     with pytest.raises(ModelError, match=r"labels.onnx' outputs tensor\(int64\) .*not per-class scores"):
         load_teacher(recipe, 4)
+    class DoubleScores(torch.nn.Module):  # float64 scores are scores: read back as float32
+        def forward(self, images):
+            return torch.cat([images, images[:, :1]], 1).double()
+
+    _export_onnx(DoubleScores(), tmp_path / "double.onnx", (32, 32), dynamic=True)
+    recipe = tiny_recipe(tmp_path / "c", teacher=True, **{"teacher.source": "onnx", "teacher.path": str(tmp_path / "double.onnx")})
+    batch = _batch(recipe)
+    torch.testing.assert_close(load_teacher(recipe, 4)(batch), DoubleScores()(batch["image"]).float())
     onnx_teacher(tmp_path / "four.onnx")  # 4 classes
     recipe = tiny_recipe(tmp_path / "b", teacher=True, **{
         "teacher.source": "onnx", "teacher.path": str(tmp_path / "four.onnx"),

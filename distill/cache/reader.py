@@ -26,7 +26,7 @@ from distill.cache.store import (
 )
 from distill.config import changes_output
 from distill.run_folder import cache_dir
-from distill.stage_weights import trained_weights, weights_digest
+from distill.stage_weights import teacher_digest
 
 if TYPE_CHECKING:
     from distill.config import Recipe
@@ -100,7 +100,7 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
     ids = list(ids) if ids is not None else _split_ids(recipe, split)
     fingerprint = {
         "layout_version": LAYOUT_VERSION,
-        "teacher_checkpoint_sha256": weights_digest(trained_weights(recipe, "teacher")),
+        "teacher_checkpoint_sha256": teacher_digest(recipe),
         # The keys whose metadata says they change the teacher's outputs (the weights enter by
         # their digest above; the normalization below).
         "teacher_model": teacher.model_dump(

@@ -53,7 +53,13 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     store_ops.check_store_folder(folder, list(datasets))
     fingerprints = {split: expected_fingerprint(stream, split, ids=_ids(dataset), num_classes=info.num_classes)
                     for split, dataset in datasets.items()}
-    if all(store_ops.split_state(folder, split, fingerprints[split]) == "up to date" for split in datasets):
+    up_to_date = accelerator.is_main_process and all(
+        store_ops.split_state(folder, split, fingerprints[split]) == "up to date" for split in datasets)
+    if accelerator.num_processes > 1:  # one answer for all: a process going on alone would hang
+        from accelerate.utils import broadcast_object_list
+
+        [up_to_date] = broadcast_object_list([up_to_date])
+    if up_to_date:
         # Nothing to write: the teacher (a large model can take a while to load) is not loaded.
         if accelerator.is_main_process:
             from distill.progress import report

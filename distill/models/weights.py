@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -45,7 +46,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         # torchvision's reference scripts save their argparse.Namespace beside the weights:
         # plain data, allowed without allowing code.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # (safe_globals is torch 2.5's; on 2.4 such a file is refused as holding an object)
+        allowed = getattr(torch.serialization, "safe_globals", None)
+        with allowed([argparse.Namespace]) if allowed else contextlib.nullcontext():
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # includes the UnpicklingError raised for pickles carrying code
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch's message carries terminal colours

@@ -188,10 +188,10 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
                          + ("" if list(spec.tta_scales) == [1.0] else " and teacher.tta_scales: [1.0]"))
     if spec.class_names and spec.source in ("transformers", "onnx", "smp_hub"):
         # Sources whose class count is their own: names of another count would fail at the
-        # first batch (or map the wrong classes).
-        predicts = (len(source_names) if source_names else getattr(model, "classes", None)
-                    or _output_classes(model, spec))
-        if predicts != len(spec.class_names):
+        # first batch (or map the wrong classes). Read from the model where it says it, never
+        # found by a forward pass here (a large teacher at its input size is costly to probe).
+        predicts = len(source_names) if source_names else _recorded_classes(model)
+        if predicts is not None and predicts != len(spec.class_names):
             raise ModelError(f"teacher.class_names lists {len(spec.class_names)} classes, but the teacher "
                              f"'{spec.path}' predicts {predicts}: give its own classes, in its order")
     matrix = None
@@ -213,6 +213,16 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
         tta_scales=spec.tta_scales,
         tta_flip=spec.tta_flip,
     )
+
+
+def _recorded_classes(model: nn.Module) -> int | None:
+    """The class count a model records: an ONNX graph's static output channels, an smp model's
+    head; None where only running it would tell."""
+    head = getattr(model, "segmentation_head", None)
+    first = head[0] if isinstance(head, nn.Sequential) and len(head) else None
+    if isinstance(first, nn.Conv2d):
+        return first.out_channels
+    return getattr(model, "classes", None)
 
 
 def _output_classes(model: nn.Module, spec: object) -> int:

@@ -28,6 +28,10 @@ class _OutDict(nn.Module):
         return self.model(images)["out"]
 
 
+# Score outputs an ONNX teacher may have (read back as float32); anything else is labels.
+_FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+
+
 class OnnxTeacher(nn.Module):
     """An ONNX segmentation model (mmsegmentation, Paddle, TensorFlow exports...) run by
     onnxruntime on the CPU: ``[N, 3, H, W]`` float32 in, ``[N, C, h, w]`` logits out."""
@@ -45,14 +49,14 @@ class OnnxTeacher(nn.Module):
         if len(inputs[0].shape) != 4 or inputs[0].shape[1] not in (3, "3") or len(outputs[0].shape) != 4:
             raise ModelError(f"teacher.path '{path}': input {inputs[0].shape} and output "
                              f"{outputs[0].shape} are not [N, 3, H, W] and [N, C, h, w]")
-        if not outputs[0].type.startswith("tensor(float") or outputs[0].shape[1] in (1, "1"):
+        if outputs[0].type not in _FLOAT_TYPES or outputs[0].shape[1] in (1, "1"):
             raise ModelError(f"teacher.path '{path}' outputs {outputs[0].type} {outputs[0].shape}: not "
                              "per-class scores (a graph exported with its argmax, as mmdeploy's "
                              "with_argmax or PaddleSeg's default, gives labels): export the logits")
         self.input_name = inputs[0].name
         # The graph's own input type (a half-precision export takes float16): images are cast to
         # it, and its logits read back as float32.
-        self.input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        self.input_dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(inputs[0].type, np.float32)
         self.path = Path(path)
         # A graph exported for one size (torchvision's at 520x520...) takes that size only: it
         # is not padded to a stride (teacher.input_size must say the size), and a batch fixed
