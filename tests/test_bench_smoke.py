@@ -372,7 +372,9 @@ def test_camvid_kd_gains_are_measured_from_the_named_baseline(capsys):
     assert row["gains"] == [pytest.approx(0.03)] and row["gap_recovered"] == [pytest.approx(0.375)]
     assert arms["baseline"]["summary"]["gains"] == [pytest.approx(-0.02)]
     assert "gains" not in arms["baseline/cutmix"]["summary"]
-    assert camvid_kd._arm_overrides("baseline/cutmix", [], []) == ["data.cutmix=0.5"]
+    # The baseline streams its (unused) teacher too: a recipe of a cached one refuses CutMix.
+    assert camvid_kd._arm_overrides("baseline/cutmix", [], []) == [
+        "data.cutmix=0.5", "teacher.mode=stream", "teacher.tta_flip=false", "teacher.tta_scales=[1.0]"]
 
 
 def test_heldout_gains_pairs_each_arm_with_its_own_baseline_once(tmp_path):
