@@ -77,13 +77,6 @@ def distil_in_two_processes(recipe, tmp_path) -> list[dict]:
     return [r for r in records if "loss" in r]
 
 
-def test_two_process_distillation_keeps_parameters_identical(tmp_path):
-    steps = distil_in_two_processes(tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 1}), tmp_path)
-    # 24 images, 4 per process and 2 processes: 3 optimizer steps, each one logged once.
-    assert [r["step"] for r in steps] == [2, 3]
-    assert all(r["kd"] > 0 for r in steps)
-
-
 def test_two_process_training_matches_one_process_at_the_same_global_batch(tmp_path):
     # Batch 2 on each of 2 processes vs batch 4 on one, same seed: the seedable sampler gives the
     # same shuffled order (process p takes the p-th half of each global batch) and augmentation
@@ -158,10 +151,12 @@ def test_two_process_feature_distillation(tmp_path):
     # them together, and the hooks read the features under the DDP wrapper.
     from test_features import smp_recipe
 
+    # (distil_in_two_processes checks that both processes end with the same parameters.)
     recipe = smp_recipe(tmp_path, **{"loss.feature": "{kind: cwd, pairs: [[-1, -1], [decoder, decoder]]}"})
     steps = distil_in_two_processes(recipe, tmp_path)
+    # 24 images, 4 per process and 2 processes: 3 optimizer steps, each one logged once.
     assert [r["step"] for r in steps] == [2, 3]
-    assert all(r["feature"] > 0 for r in steps)
+    assert all(r["feature"] > 0 and r["kd"] > 0 for r in steps)
     adapters = load_file(str(tmp_path / "student" / "checkpoints" / "latest" / "model_1.safetensors"))
     assert "adapters.1.0.weight" in adapters
 
