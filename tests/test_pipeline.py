@@ -52,8 +52,8 @@ def test_rerun_skips_what_is_done_and_redoes_what_changed(tmp_path):
                                               "student": "trained", "compare": "done", "export": "done"}
 
 
-def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    recipe = tiny_recipe(tmp_path, **{"train.epochs": 2, "run.export": "false"})
+def killed_after_its_first_checkpoint(recipe, monkeypatch) -> None:
+    """``distill run`` of ``recipe`` stopped right after its stage's first checkpoint."""
     save = loop.save_checkpoint
 
     def save_then_die(*args, **kwargs):
@@ -64,6 +64,11 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(recipe)
     monkeypatch.setattr(loop, "save_checkpoint", save)
+
+
+def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 2, "run.export": "false"})
+    killed_after_its_first_checkpoint(recipe, monkeypatch)
     outcome = run_pipeline(recipe)
     assert statuses(outcome) == {"student": "resumed"}
     progress = json.loads((tmp_path / "student" / "checkpoints" / "latest" / "progress.json").read_text())
@@ -72,18 +77,9 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 def test_stage_killed_between_the_checkpoint_swaps_resumes_from_the_previous_one(tmp_path, monkeypatch):
     recipe = tiny_recipe(tmp_path, **{"train.epochs": 2, "run.export": "false"})
-    save = loop.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(recipe)
+    killed_after_its_first_checkpoint(recipe, monkeypatch)
     checkpoints = tmp_path / "student" / "checkpoints"
     (checkpoints / "latest").rename(checkpoints / ".previous")  # killed between the two renames
-    monkeypatch.setattr(loop, "save_checkpoint", save)
     assert statuses(run_pipeline(recipe)) == {"student": "resumed"}
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]  # one run, continued
@@ -115,16 +111,7 @@ def test_stage_whose_checkpoint_no_longer_fits_its_model_trains_anew(tmp_path, m
     import helpers
 
     recipe = tiny_recipe(tmp_path, **{"train.epochs": 2, "run.export": "false"})
-    save = loop.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(recipe)
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    killed_after_its_first_checkpoint(recipe, monkeypatch)
     monkeypatch.setattr(helpers, "tiny", lambda num_classes: helpers.TinySegmenter(num_classes, 6))
     assert statuses(run_pipeline(recipe)) == {"student": "trained"}
     printed = capfd.readouterr()
