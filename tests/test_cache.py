@@ -323,6 +323,36 @@ def test_truncated_array_is_detected_and_rewritten(written):
 
 
 # ------------------------------------------------------------------------------- resume
+def test_a_topk_split_resumed_or_kept_at_another_temperature_keeps_its_fit(tmp_path, monkeypatch):
+    # Plain logits stay valid across temperatures, but a top-k tail is fitted at one: a store
+    # begun at T=2, interrupted, then finished under T=4 (with a second split, new) must hold
+    # T=2 tails throughout and say so, not a mix recorded as T=4.
+    tail = {"cache.layout": "topk", "cache.topk": 2, "cache.splits": "[train]"}
+    recipe = recipe_for(tmp_path / "a", **tail, **{"loss.temperature": 2.0})
+    real, calls = ops.compress, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "compress", failing)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(recipe)
+    monkeypatch.setattr(ops, "compress", real)
+    hotter = recipe_for(tmp_path / "a", **{**tail, "cache.splits": "[train, val]"}, **{"loss.temperature": 4.0})
+    write_cache(hotter)
+    straight = recipe_for(tmp_path / "b", **tail, **{"loss.temperature": 2.0})
+    write_cache(straight)
+    train_files = {k: v for k, v in store_files(cache_module.cache_dir(recipe)).items() if k.startswith("train")}
+    straight_files = {k: v for k, v in store_files(cache_module.cache_dir(straight)).items() if k.startswith("train")}
+    assert train_files == straight_files  # every row fitted at T=2
+    manifest = json.loads((cache_module.cache_dir(recipe) / "manifest.json").read_text())
+    assert {split: entry["info"]["rest_temperature"] for split, entry in manifest["splits"].items()} == {
+        "train": 2.0, "val": 4.0}
+
+
 def test_interrupted_write_is_detected_and_resumed(tmp_path, monkeypatch):
     recipe = recipe_for(tmp_path / "a", **{"cache.splits": "[train, val]"})
     real, calls = ops.compress, []

@@ -99,6 +99,11 @@ def _write_split(recipe: Recipe, split: str, dataset: Any, fingerprint: dict[str
         except Exception as caught:
             error = caught
     _stop_together(accelerator, error)  # also the barrier: the files exist before anyone opens them
+    # A top-k tail is fitted at the temperature the split was begun at (the manifest says which):
+    # a split resumed, or found up to date, under another loss.temperature keeps one fit and
+    # its record (the reader warns when it serves another temperature).
+    entry = (store_ops.read_manifest(folder) or {}).get("splits", {}).get(split, {})
+    fit_temperature = entry.get("info", {}).get("rest_temperature") or recipe.loss.temperature
     files = _split_files(fingerprint, split_folder(folder, split))
     arrays = files.open("r+")
     written = arrays.pop("written")
@@ -138,7 +143,7 @@ def _write_split(recipe: Recipe, split: str, dataset: Any, fingerprint: dict[str
                         raise CacheError(f"the teacher produced non-finite logits for a batch of {bad}")
                     maps = store_ops.downsample(logits.float(), size)
                     packed = store_ops.compress(maps, fingerprint["layout"], fingerprint["dtype"],
-                                                 fingerprint["topk"], recipe.loss.temperature)
+                                                 fingerprint["topk"], fit_temperature)
                     missing = written[rows] == 0  # a resumed batch keeps the samples already stored
                     for name, tensor in packed.items():
                         values = tensor.cpu().numpy().astype(arrays[name].dtype, copy=False)
@@ -163,7 +168,7 @@ def _write_split(recipe: Recipe, split: str, dataset: Any, fingerprint: dict[str
                                + ("; ".join(problems) or f"{int(np.count_nonzero(flags == 0))} "
                                   "samples missing"))
         else:
-            _set_entry(recipe.loss.temperature, folder, split, fingerprint, complete=True)
+            _set_entry(fit_temperature, folder, split, fingerprint, complete=True)
             report(f"{label}: {count} samples stored in {split_folder(folder, split)}")
     _stop_together(accelerator, error)
 
