@@ -22,7 +22,7 @@ from distill.config import Recipe, atomic_write_text
 from distill.launch import is_launch_main, make_accelerator
 from distill.data import build_loader, dataset_info, loader_for_dataset
 from distill.metrics import SegmentationScores, per_sample_confusion, scores_from_confusion
-from distill.models import Stage, build_model, run_padded, stage_model
+from distill.models import STAGES, ModelError, Stage, build_model, check_class_count, run_padded, stage_model
 from distill.progress import console, track
 from distill.run_folder import ensure_writable_folder, stage_dir
 from distill.stage_weights import checkpoint_to_score
@@ -47,8 +47,11 @@ def evaluate(
         dataset: a dataset of your own in place of the split (see
             :func:`distill.data.loader_for_dataset`).
     """
+    if stage not in STAGES:
+        raise ModelError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
     accelerator = make_accelerator(recipe)
     info = dataset_info(recipe.data)
+    built = model is None
     if model is None and stage == "teacher":
         model = scoring_teacher(recipe, info.num_classes, checkpoint_to_score(recipe, stage))
     elif model is None:
@@ -60,10 +63,20 @@ def evaluate(
     else:
         loader = build_loader(recipe.data, recipe.eval_split, train=False, seed=recipe.train.seed,
                               label_resolution=recipe.eval.resolution == "label")
-    model, loader = accelerator.prepare(model, loader)
-    return evaluate_model(model, loader, accelerator, num_classes=info.num_classes,
-                          ignore_index=info.ignore_index,
-                          progress_label=f"eval {stage} on {recipe.eval_split}")
+    given = model is not None and not built
+    if given:
+        check_class_count(model, info.num_classes, "the model given to evaluate()")
+    device = next((p.device for p in model.parameters()), None)
+    prepared, loader = accelerator.prepare(model, loader)
+    try:
+        return evaluate_model(prepared, loader, accelerator, num_classes=info.num_classes,
+                              ignore_index=info.ignore_index,
+                              progress_label=f"eval {stage} on {recipe.eval_split}")
+    finally:
+        if given:  # the caller's model as it came: no autocast wrapper on its forward, its device
+            accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+            if device is not None:
+                model.to(device)
 
 
 def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:

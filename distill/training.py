@@ -17,10 +17,11 @@ Each stage folder holds ``recipe.yaml`` (resolved), ``metrics.jsonl``, ``best.sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from distill.launch import TrainingError, make_accelerator
 from distill.losses import DistillLoss
 from distill.evaluation import evaluate_model
 from distill.losses.features import FeatureDistillation, FeatureError
-from distill.models import Stage, build_model, forward_padded, stage_model
+from distill.models import STAGES, Stage, build_model, check_class_count, forward_padded, stage_model
 from distill.preflight import check_inputs
 from distill.progress import console, make_progress, report
 from distill.run_folder import StageFiles, exclusive_folder, stage_dir
@@ -181,6 +182,8 @@ def train(
         fingerprint: what the stage is made from (see ``distill.pipeline``), stored with each
             checkpoint so that ``distill run`` resumes only a checkpoint of the same inputs.
     """
+    if stage not in STAGES:  # it names the stage folder, and only "student" distils
+        raise TrainingError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
     if teacher is not None and stage != "student":
         raise TrainingError(f"a teacher module distils into the student; stage '{stage}' trains alone")
     source = recipe.teacher.source if stage == "teacher" and recipe.teacher is not None else "smp"
@@ -203,7 +206,7 @@ def train(
     accelerator = make_accelerator(recipe, run_dir)
     set_seed(recipe.train.seed)
     # One writer per stage folder, from before its first write to the end of the run.
-    with exclusive_folder(run_dir, accelerator):
+    with exclusive_folder(run_dir, accelerator), _given_back(teacher):
         if accelerator.is_main_process:  # a run killed before its first weights hid the last one
             StageFiles(run_dir).recover_killed_run()
         accelerator.wait_for_everyone()
@@ -241,8 +244,28 @@ def train(
         # of `distill run` in this process still needs. The CLI closes the group once, at exit.
         for tracker in accelerator.trackers:
             tracker.finish()
+        # Without Accelerate's autocast wrapper of forward: a model of the caller's is theirs again.
         return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"],
-                           accelerator.unwrap_model(run.model))
+                           accelerator.unwrap_model(run.model, keep_fp32_wrapper=False))
+
+
+@contextlib.contextmanager
+def _given_back(module: torch.nn.Module | None) -> Iterator[None]:
+    """A teacher module of the caller's is frozen, put in eval mode and moved to the device for
+    the run; afterwards its mode, ``requires_grad`` flags and device are as the caller left them."""
+    if module is None or isinstance(module, Teacher):  # a Teacher is distill's own wrapper
+        yield
+        return
+    training, grads = module.training, [p.requires_grad for p in module.parameters()]
+    device = next((p.device for p in module.parameters()), None)
+    try:
+        yield
+    finally:
+        module.train(training)
+        for parameter, flag in zip(module.parameters(), grads):
+            parameter.requires_grad_(flag)
+        if device is not None:
+            module.to(device)
 
 
 def stage_recipe(recipe: Recipe, stage: Stage) -> Recipe:
@@ -261,6 +284,10 @@ def _set_up(recipe: Recipe, stage: Stage, run_dir: Path, accelerator: Accelerato
     cfg = recipe.train
     info = dataset_info(recipe.data)
     caller_teacher = teacher is not None
+    if student is not None:
+        check_class_count(student, info.num_classes, "the student given to train()")
+    if caller_teacher and not isinstance(teacher, Teacher):
+        check_class_count(teacher, info.num_classes, "the teacher given to train()")
     model = student if student is not None else build_model(stage_model(recipe, stage), info.num_classes)
     if accelerator.num_processes > 1:
         _freeze_unreached(model)
@@ -584,6 +611,11 @@ def distillation_step(
     with accelerator.autocast():
         teacher_logits = teacher(batch) if teacher is not None else None
         student_logits = forward_padded(student, images)  # any crop size, not only multiples of 32
+        if student_logits.shape[-2:] != images.shape[-2:]:
+            # A map coarser than its input (SegFormer without its upsampling): taken to the
+            # labels' pixels, as evaluation scores it and as such models' own training does.
+            student_logits = torch.nn.functional.interpolate(
+                student_logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
         share = _share_of_global_mean(accelerator) if accelerator.num_processes > 1 else None
         size = tuple(images.shape[-2:])
         teacher_size = getattr(teacher, "input_size", None) or size

@@ -51,3 +51,80 @@ def test_readme_python_example_runs_as_written(tmp_path):
     metrics = (run / "student" / "metrics.jsonl").read_text().splitlines()
     assert any('"kd": ' in line and '"kd": 0.0' not in line for line in metrics)  # it distilled
     assert (run / "export" / "student.onnx").stat().st_size > 0
+
+
+def test_modules_of_the_callers_come_back_as_they_were(tmp_path):
+    # A teacher in train mode with trainable weights is frozen for the run only; evaluate() under
+    # bf16 autocast leaves no Accelerate wrapper on the model's forward (its fp32 output changed).
+    from helpers import tiny_recipe
+
+    torch.manual_seed(0)
+    teacher = TinySegmenter(4, width=12).train()
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 1, "train.max_steps": 2, "model": "null",
+                                      "student": "{factory: 'helpers:tiny'}", "loss.kd_weight": 1.0})
+    result = distill.train(recipe, teacher=teacher)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    student = result.model.eval()
+    image = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        before = student(image)
+    distill.evaluate(recipe.model_copy(update={"train": recipe.train.model_copy(update={"mixed_precision": "bf16"})}),
+                     model=student)
+    assert "forward" not in vars(student)  # no instance forward left behind
+    with torch.no_grad():
+        assert torch.equal(student(image), before)
+
+
+def test_arguments_that_do_not_fit_are_named(tmp_path):
+    from distill.losses import DistillLoss, kd_loss
+    from distill.models import ModelError
+    from distill.teacher import Teacher
+    from distill.training import TrainingError
+    from helpers import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 1})
+
+    class Dict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = TinySegmenter(4)
+
+        def forward(self, images):
+            return {"out": self.inner(images)}
+
+    with pytest.raises(ModelError, match=r"Dict returned a dict, not logits \[N, C, H, W\]: .*output\['out'\]"):
+        distill.train(recipe, "student", teacher=Dict())
+    with pytest.raises(ModelError, match="the student given to train\\(\\) predicts 6 classes, the dataset has 4"):
+        distill.train(recipe, "baseline", student=TinySegmenter(6))
+    with pytest.raises(ModelError, match="the model given to evaluate\\(\\) predicts 3 classes, the dataset has 4"):
+        distill.evaluate(recipe, model=TinySegmenter(3))
+    with pytest.raises(TrainingError, match="stage 'studnet' is not one of teacher, baseline, student"):
+        distill.train(recipe, "studnet")
+    assert not (tmp_path / "studnet").exists()
+    with pytest.raises(TypeError, match=r"a Teacher is called on a batch dict \{'image': images\}, not a Tensor"):
+        Teacher(TinySegmenter(4))(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="tta_scales must be one or more scales > 0"):
+        Teacher(TinySegmenter(4), tta_scales=[])
+    with pytest.raises(TypeError, match=r"overrides must be a list .* pass \['train.epochs=3'\]"):
+        distill.recipe_from_dict({"data": {"dataset": "synthetic"}}, "train.epochs=3")
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got True"):
+        kd_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), temperature=True)
+    with pytest.raises(ValueError, match=r"pseudo_label_threshold must be in \(0, 1\], got 5.0"):
+        DistillLoss(pseudo_label_threshold=5.0)
+
+
+def test_a_student_whose_map_is_coarser_than_its_input_trains(tmp_path):
+    # SegFormer without its upsampling predicts at 1/4: its logits are taken to the labels' pixels.
+    from helpers import tiny_recipe
+
+    class Quarter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = TinySegmenter(4)
+
+        def forward(self, images):
+            return torch.nn.functional.avg_pool2d(self.inner(images), 4)
+
+    recipe = tiny_recipe(tmp_path, teacher=True, **{"train.epochs": 1, "train.max_steps": 2})
+    result = distill.train(recipe, "student", student=Quarter(), teacher=TinySegmenter(4))
+    assert result.steps == 2 and 0 <= result.best_miou <= 1

@@ -54,6 +54,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
     Values are parsed as YAML scalars/lists, so ``3`` is an int, ``[1, 2]`` a list, ``null`` None.
     """
+    if isinstance(items, str):  # its characters would be taken for overrides, one by one
+        raise TypeError(f"overrides must be a list of 'key=value' strings, got the string {items!r}: "
+                        f"pass [{items!r}]")
     parsed: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")

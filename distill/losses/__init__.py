@@ -35,7 +35,7 @@ _PIXELS = ("labelled", "teacher_correct")
 
 # --------------------------------------------------------------------------- checks and helpers
 def _check_number(name: str, value: Any, *, allow_zero: bool) -> float:
-    ok = isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
@@ -304,6 +304,8 @@ class DistillLoss(torch.nn.Module):
         self.pseudo_label_weight = _check_number("pseudo_label_weight", pseudo_label_weight, allow_zero=True)
         self.pseudo_label_threshold = _check_number("pseudo_label_threshold", pseudo_label_threshold,
                                                     allow_zero=False)
+        if self.pseudo_label_threshold > 1:  # a probability: above 1 no pixel would ever pass
+            raise ValueError(f"pseudo_label_threshold must be in (0, 1], got {pseudo_label_threshold!r}")
         self.ce_weight = _check_number("ce_weight", ce_weight, allow_zero=True)
         self.kd_weight = _check_number("kd_weight", kd_weight, allow_zero=True)
         if self.ce_weight == 0 and self.kd_weight == 0:

@@ -234,12 +234,38 @@ def run_padded(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tu
     height, width = images.shape[-2:]
     multiple = pad_multiple(model)
     if (height % multiple == 0 and width % multiple == 0) or getattr(model, "pads_itself", False):
-        return model(images), (height, width)
+        return _logits_of(model, model(images)), (height, width)
     padded, _, _ = pad_to_multiple(images, multiple)
-    return model(padded), (padded.shape[-2], padded.shape[-1])
+    return _logits_of(model, model(padded)), (padded.shape[-2], padded.shape[-1])
+
+
+def _logits_of(model: nn.Module, output: object) -> torch.Tensor:
+    """``output`` if it is the logits tensor distill expects; else a ModelError naming the model."""
+    if isinstance(output, torch.Tensor) and output.ndim == 4:
+        return output
+    got = f"a {output.ndim}-d tensor" if isinstance(output, torch.Tensor) else f"a {type(output).__name__}"
+    raise ModelError(f"{type(model).__name__} returned {got}, not logits [N, C, H, W]: wrap it so that it "
+                     "returns them (torchvision's models: output['out']; transformers': output.logits)")
+
+
+def check_class_count(model: nn.Module, num_classes: int, what: str) -> None:
+    """Refuse a model of the caller's whose logits have another class count than the dataset's
+    (it would train or be scored without complaint, or fail deep in the loss). One small forward
+    pass, in eval mode and without gradients; the model's mode is restored."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            logits = forward_padded(model.eval(), torch.zeros(1, 3, 64, 64, device=device))
+    finally:
+        model.train(training)
+    if logits.shape[1] != num_classes:
+        raise ModelError(f"{what} predicts {logits.shape[1]} classes, the dataset has {num_classes} "
+                         "(data.class_names, or data.synthetic.num_classes)")
 
 
 Stage = Literal["teacher", "baseline", "student"]
+STAGES: tuple[Stage, ...] = ("teacher", "baseline", "student")
 
 
 def stage_model(recipe: Any, stage: Stage) -> ModelConfig:

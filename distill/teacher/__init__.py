@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 
 class Teacher(nn.Module):
-    """A frozen segmentation model serving logits for a batch.
+    """A frozen segmentation model serving logits for a batch: ``teacher({"image": images})``
+    (distill's batch dict, as the training loop hands it; :class:`ImagesTeacher` takes images).
 
     Frozen means: no parameter requires grad, the model stays in eval mode even when a parent
     module calls ``.train()``, and the forward runs under ``torch.no_grad()``. It is moved to the
@@ -70,6 +71,10 @@ class Teacher(nn.Module):
         tta_flip: bool = False,
     ) -> None:
         super().__init__()
+        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        if not tta_scales or any(not scale > 0 for scale in tta_scales):
+            raise ValueError(f"tta_scales must be one or more scales > 0, got {list(tta_scales)!r}")
         self.tta_scales, self.tta_flip = tuple(tta_scales), tta_flip
         self.model = model
         self.temperature, self.bgr = temperature, bgr
@@ -96,6 +101,9 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits for ``batch["image"]``; run it under the recipe's autocast for mixed precision."""
+        if not isinstance(batch, dict):
+            raise TypeError(f"a Teacher is called on a batch dict {{'image': images}}, not a "
+                            f"{type(batch).__name__} (distill.teacher.ImagesTeacher takes images)")
         images = batch["image"]
         if self._scale is not None:
             images = images * self._scale + self._shift
