@@ -169,13 +169,15 @@ def train(
 
     Nothing in the stage folder changes until the first optimizer step has run: a run refused
     for its settings, its data, its weights or a checkpoint it cannot resume leaves the folder
-    (a finished run's included) as it was.
+    (a finished run's included) as it was. Python's, numpy's and torch's random generators are
+    seeded with ``train.seed`` (Accelerate's ``set_seed``), so that a run can be repeated.
 
     Args:
         recipe: the settings (:func:`load_recipe`, :func:`recipe_from_dict`).
         stage: ``teacher``, ``baseline`` (the student, CE only) or ``student``.
         teacher: a model of your own to distil from (normalised images -> logits), in place of
-            the recipe's ``teacher`` section; it is frozen and run on every batch.
+            the recipe's ``teacher`` section; it is frozen and run on every batch (its mode,
+            ``requires_grad`` flags and device are given back afterwards).
         student: the model to train, in place of the recipe's ``student`` (or ``model``).
         train_dataset, val_dataset: datasets in place of ``data.train_split``/``val_split``;
             items are ``(image, mask)`` pairs or dicts (see :func:`distill.data.loader_for_dataset`).
