@@ -65,7 +65,7 @@ def evaluate(
                               label_resolution=recipe.eval.resolution == "label")
     given = model is not None and not built
     if given:
-        check_class_count(model, info.num_classes, "the model given to evaluate()")
+        check_class_count(model, info.num_classes, "the model given to evaluate()", recipe.data.resize)
     device = next((p.device for p in model.parameters()), None)
     prepared, loader = accelerator.prepare(model, loader)
     try:

@@ -248,15 +248,21 @@ def _logits_of(model: nn.Module, output: object) -> torch.Tensor:
                      "returns them (torchvision's models: output['out']; transformers': output.logits)")
 
 
-def check_class_count(model: nn.Module, num_classes: int, what: str) -> None:
+def check_class_count(model: nn.Module, num_classes: int, what: str,
+                      size: tuple[int, int] | None = None) -> None:
     """Refuse a model of the caller's whose logits have another class count than the dataset's
-    (it would train or be scored without complaint, or fail deep in the loss). One small forward
-    pass, in eval mode and without gradients; the model's mode is restored."""
+    (it would train or be scored without complaint, or fail deep in the loss). One forward pass
+    of one image of ``size`` (default 64x64), in eval mode and without gradients; the model's mode
+    is restored. A model that cannot run it is left to the run, which says why."""
     training = model.training
     try:
         with torch.no_grad():
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            logits = forward_padded(model.eval(), torch.zeros(1, 3, 64, 64, device=device))
+            logits = forward_padded(model.eval(), torch.zeros(1, 3, *(size or (64, 64)), device=device))
+    except ModelError:
+        raise  # its output is not logits: said by name
+    except Exception:  # noqa: BLE001  (a model of one input size, a device it cannot run on...)
+        return
     finally:
         model.train(training)
     if logits.shape[1] != num_classes:
