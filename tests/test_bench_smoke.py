@@ -377,6 +377,25 @@ def test_camvid_kd_gains_are_measured_from_the_named_baseline(capsys):
         "data.cutmix=0.5", "teacher.mode=stream", "teacher.tta_flip=false", "teacher.tta_scales=[1.0]"]
 
 
+def test_camvid_kd_shares_of_the_gap_need_a_gap_and_seeds_their_baseline(capsys):
+    camvid_kd = _bench_module("camvid_kd")
+
+    def run(miou: float) -> dict:
+        return {"final_miou": miou, "seconds_per_epoch": 1.0}
+
+    # A teacher below both baselines: the gains are real, there is no gap to take a share of.
+    arms = {"baseline": {"0": run(0.32), "1": run(0.34)}, "cache/kl": {"0": run(0.34), "1": run(0.36)}}
+    camvid_kd._summary(arms, 0.30, [0, 1])
+    row = arms["cache/kl"]["summary"]
+    assert row["gap_recovered"] == [None, None] and row["mean_gap_recovered"] is None
+    assert row["beats_baseline_every_seed"] is True
+    # A seed the baseline did not run: not counted as beaten.
+    arms = {"baseline": {"0": run(0.31)}, "cache/kl": {"0": run(0.33), "1": run(0.20)}}
+    camvid_kd._summary(arms, 0.40, [0, 1])
+    assert arms["cache/kl"]["summary"]["beats_baseline_every_seed"] is False
+    assert arms["cache/kl"]["summary"]["paired_seeds"] == 1
+
+
 def test_heldout_gains_pairs_each_arm_with_its_own_baseline_once(tmp_path):
     def result(baseline_arm: str | None, teacher: float, arms: dict) -> dict:
         stored = {"teacher": {"final_miou": teacher},

@@ -137,7 +137,8 @@ def _eval(recipe: Path, out: Path, stage: str, checkpoint: Path, overrides: list
     command = [sys.executable, "-m", "distill", "eval", str(recipe), "--stage", stage,
                f"checkpoint={checkpoint}", f"output_dir={out}", *overrides]
     _run(command, out / f"eval_{stage}.log")
-    return json.loads(next((out / stage).glob("eval_*.json")).read_text())
+    # The report this command wrote: the folder may hold others (other splits, other weights).
+    return json.loads(max((out / stage).glob("eval_*.json"), key=lambda p: p.stat().st_mtime_ns).read_text())
 
 
 def _recipe_digest(recipe: Path) -> str:
@@ -200,6 +201,12 @@ def _arm_overrides(arm: str, cached: list[str], streamed: list[str]) -> list[str
     return [*streamed, *LOGITS_ONLY, *extra]
 
 
+def gap_share(gain: float, gap: float) -> float | None:
+    """``gain`` as a share of the teacher/baseline ``gap``; None when the teacher is not above
+    the baseline (there is no gap to recover, and a ratio's sign would say the opposite)."""
+    return gain / gap if gap > 0 else None
+
+
 def _summary(arms: dict, teacher: float, seeds: list[int], baseline_arm: str = "baseline") -> None:
     """Per arm: each seed's mIoU and gain over that seed's baseline, the gap recovered."""
     baseline = arms.get(baseline_arm, {})
@@ -210,18 +217,21 @@ def _summary(arms: dict, teacher: float, seeds: list[int], baseline_arm: str = "
         row = {"mean_miou": sum(finals) / len(finals)}
         gains = recovered = []
         if name != baseline_arm and baseline:
+            # Over the seeds both arms ran: a seed without its baseline says nothing of a gain.
             paired = [s for s in seeds if str(s) in runs and str(s) in baseline]
             gains = [runs[str(s)]["final_miou"] - baseline[str(s)]["final_miou"] for s in paired]
-            recovered = [g / (teacher - baseline[str(s)]["final_miou"]) for g, s in zip(gains, paired)]
-            row.update(gains=gains, gap_recovered=recovered,
-                       mean_gap_recovered=sum(recovered) / len(recovered) if recovered else None,
-                       beats_baseline_every_seed=bool(gains) and min(gains) > 0)
+            recovered = [gap_share(g, teacher - baseline[str(s)]["final_miou"]) for g, s in zip(gains, paired)]
+            shares = [r for r in recovered if r is not None]
+            row.update(gains=gains, gap_recovered=recovered, paired_seeds=len(paired),
+                       mean_gap_recovered=sum(shares) / len(shares) if shares else None,
+                       beats_baseline_every_seed=bool(gains) and len(paired) == len(finals) and min(gains) > 0)
+            recovered = shares
         runs["summary"] = row
         epoch = [runs[str(s)]["seconds_per_epoch"] for s in seeds if str(s) in runs]
         print(f"| {name} | {', '.join(map(_pct, finals))} | {_pct(row['mean_miou'])} | "
               f"{', '.join(f'{100 * g:+.1f}' for g in gains)} | "
               f"{'' if not recovered else f'{100 * sum(recovered) / len(recovered):.0f}%'} | "
-              f"{'' if not gains else ('yes' if min(gains) > 0 else 'no')} | "
+              f"{'' if not gains else ('yes' if row['beats_baseline_every_seed'] else 'no')} | "
               f"{sum(epoch) / len(epoch):.1f} |")
 
 

@@ -48,7 +48,7 @@ def paired_gains(result: dict) -> list[dict]:
             base = baseline[seed]["final_miou"]
             rows.append({"arm": arm, "seed": int(seed), "teacher": teacher, "baseline": base,
                          "distilled": run["final_miou"], "gain": run["final_miou"] - base,
-                         "gap_share": (run["final_miou"] - base) / (teacher - base)})
+                         "gap_share": (run["final_miou"] - base) / (teacher - base) if teacher > base else None})
     return rows
 
 
@@ -85,18 +85,21 @@ def main() -> None:
     print(markdown_table(
         ["file", "arm", "seed", "teacher", "baseline", "distilled", "gain", "share of the gap"],
         [[p["file"], p["arm"], p["seed"], f"{100 * p['teacher']:.1f}", f"{100 * p['baseline']:.1f}",
-          f"{100 * p['distilled']:.1f}", f"{100 * p['gain']:+.1f}", f"{100 * p['gap_share']:.0f}%"]
+          f"{100 * p['distilled']:.1f}", f"{100 * p['gain']:+.1f}",
+          "no gap" if p["gap_share"] is None else f"{100 * p['gap_share']:.0f}%"]
          for p in pairs]))
     gains = [p["gain"] for p in pairs]
     summary = {"pairs": len(gains), "mean_gain": statistics.mean(gains),
                "stdev_gain": statistics.stdev(gains) if len(gains) > 1 else None,
-               "mean_gap_share": statistics.mean(p["gap_share"] for p in pairs),
+               # Over the pairs whose teacher is above their baseline (a share of no gap is none).
+               "mean_gap_share": statistics.mean(shares) if (shares := [p["gap_share"] for p in pairs
+                                                                        if p["gap_share"] is not None]) else None,
                "pairs_above_baseline": sum(g > 0 for g in gains),
                "baseline_seed_spreads": sorted(spreads.values())}
     spread = "" if summary["stdev_gain"] is None else f", standard deviation {100 * summary['stdev_gain']:.1f}"
     print(f"\n{len(gains)} pairs: mean gain {100 * summary['mean_gain']:+.2f} points{spread}; "
-          f"mean share of the gap {100 * summary['mean_gap_share']:.0f}%; "
-          f"above the baseline in {summary['pairs_above_baseline']} of {len(gains)}")
+          + ("" if summary["mean_gap_share"] is None else f"mean share of the gap {100 * summary['mean_gap_share']:.0f}%; ")
+          + f"above the baseline in {summary['pairs_above_baseline']} of {len(gains)}")
     if spreads:
         print(f"seeds 0 and 1 of one baseline ended {100 * min(spreads.values()):.1f}-"
               f"{100 * max(spreads.values()):.1f} points apart ({len(spreads)} baselines)")
