@@ -58,6 +58,10 @@ def test_compare_writes_json_and_png_with_every_number(trained, report):
     deltas = [r["student_minus_teacher"] for r in on_disk["per_class"] if r["student_minus_teacher"] is not None]
     assert deltas == sorted(deltas)  # worst first
     assert all("baseline" in row for row in on_disk["per_class"])
+    scored = {name: on_disk["models"][name]["miou"] for name in ("teacher", "student", "baseline")}
+    gain, gap = scored["student"] - scored["baseline"], scored["teacher"] - scored["baseline"]
+    assert on_disk["distillation"] == pytest.approx(
+        {"gain": gain, "gap": gap, "gap_recovered": gain / gap if gap > 0 else None})
     assert (out / "recipe.yaml").is_file()
 
     png = Image.open(out / "compare.png")
