@@ -287,10 +287,8 @@ def _set_up(recipe: Recipe, stage: Stage, run_dir: Path, accelerator: Accelerato
     info = dataset_info(recipe.data)
     caller_teacher = teacher is not None
     size = recipe.data.crop_size or recipe.data.resize  # what the models will see
-    if student is not None:
+    if student is not None:  # (a teacher of another count is refused by the loss, naming both)
         check_class_count(student, info.num_classes, "the student given to train()", size)
-    if caller_teacher and not isinstance(teacher, Teacher):
-        check_class_count(teacher, info.num_classes, "the teacher given to train()", size)
     model = student if student is not None else build_model(stage_model(recipe, stage), info.num_classes)
     if accelerator.num_processes > 1:
         _freeze_unreached(model)
