@@ -63,20 +63,19 @@ def evaluate(
     else:
         loader = build_loader(recipe.data, recipe.eval_split, train=False, seed=recipe.train.seed,
                               label_resolution=recipe.eval.resolution == "label")
-    given = model is not None and not built
-    if given:
+    if not built:
         check_class_count(model, info.num_classes, "the model given to evaluate()", recipe.data.resize)
+    # The model is only moved, not prepared: scoring needs no DDP wrapper, evaluate_model runs
+    # under the recipe's autocast itself, and a model of the caller's keeps its own forward.
     device = next((p.device for p in model.parameters()), None)
-    prepared, loader = accelerator.prepare(model, loader)
+    loader = accelerator.prepare(loader)
     try:
-        return evaluate_model(prepared, loader, accelerator, num_classes=info.num_classes,
+        return evaluate_model(model.to(accelerator.device), loader, accelerator, num_classes=info.num_classes,
                               ignore_index=info.ignore_index,
                               progress_label=f"eval {stage} on {recipe.eval_split}")
     finally:
-        if given:  # the caller's model as it came: no autocast wrapper on its forward, its device
-            accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
-            if device is not None:
-                model.to(device)
+        if not built and device is not None:  # the caller's model back where it was
+            model.to(device)
 
 
 def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[SegmentationScores, Path]:

@@ -242,13 +242,26 @@ def train(
                     raise StoppedWithCheckpoint(str(run.dir)) from None
                 raise StoppedBeforeCheckpoint(restored) from None
             raise
+        finally:
+            if run.features is not None:  # the hooks on the student's and teacher's layers go
+                accelerator.unwrap_model(run.features).remove_hooks()
         # Not accelerator.end_training(): it also destroys the process group, which the next stage
         # of `distill run` in this process still needs. The CLI closes the group once, at exit.
         for tracker in accelerator.trackers:
             tracker.finish()
-        # Without Accelerate's autocast wrapper of forward: a model of the caller's is theirs again.
         return TrainResult(run_dir, state["best_miou"], state["last_miou"], state["step"],
-                           accelerator.unwrap_model(run.model, keep_fp32_wrapper=False))
+                           _released(accelerator, run.model))
+
+
+def _released(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The trained module as a plain one: no DDP wrapper, no autocast wrapper on its forward and
+    no mark of having been prepared (a later ``train(student=...)`` would skip preparing it)."""
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    forward = vars(model).get("forward")
+    if getattr(forward, "__func__", None) is type(model).forward:
+        del model.forward  # the class's own, bound again by unwrap_model
+    vars(model).pop("_is_accelerate_prepared", None)
+    return model
 
 
 @contextlib.contextmanager
@@ -260,6 +273,7 @@ def _given_back(module: torch.nn.Module | None) -> Iterator[None]:
         return
     training, grads = module.training, [p.requires_grad for p in module.parameters()]
     device = next((p.device for p in module.parameters()), None)
+    contiguous = all(p.is_contiguous() for p in module.parameters())  # train.channels_last converts it
     try:
         yield
     finally:
@@ -268,6 +282,8 @@ def _given_back(module: torch.nn.Module | None) -> Iterator[None]:
             parameter.requires_grad_(flag)
         if device is not None:
             module.to(device)
+        if contiguous:
+            module.to(memory_format=torch.contiguous_format)
 
 
 def stage_recipe(recipe: Recipe, stage: Stage) -> Recipe:

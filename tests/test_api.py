@@ -54,25 +54,28 @@ def test_readme_python_example_runs_as_written(tmp_path):
 
 
 def test_modules_of_the_callers_come_back_as_they_were(tmp_path):
-    # A teacher in train mode with trainable weights is frozen for the run only; evaluate() under
-    # bf16 autocast leaves no Accelerate wrapper on the model's forward (its fp32 output changed).
+    # A teacher in train mode with trainable, contiguous weights is frozen (and made channels_last)
+    # for the run only; under bf16 neither train() nor evaluate() leaves Accelerate's autocast
+    # wrapper or its prepared mark on a module of the caller's (its fp32 output would change, and
+    # a second train(student=...) would skip preparing it).
     from helpers import tiny_recipe
 
     torch.manual_seed(0)
     teacher = TinySegmenter(4, width=12).train()
     recipe = tiny_recipe(tmp_path, **{"train.epochs": 1, "train.max_steps": 2, "model": "null",
-                                      "student": "{factory: 'helpers:tiny'}", "loss.kd_weight": 1.0})
-    result = distill.train(recipe, teacher=teacher)
-    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
-    student = result.model.eval()
-    image = torch.rand(1, 3, 32, 32)
-    with torch.no_grad():
-        before = student(image)
-    distill.evaluate(recipe.model_copy(update={"train": recipe.train.model_copy(update={"mixed_precision": "bf16"})}),
-                     model=student)
-    assert "forward" not in vars(student)  # no instance forward left behind
-    with torch.no_grad():
-        assert torch.equal(student(image), before)
+                                      "student": "{factory: 'helpers:tiny'}", "loss.kd_weight": 1.0,
+                                      "train.mixed_precision": "bf16", "train.channels_last": "true"})
+    result = distill.train(recipe, teacher=teacher, student=TinySegmenter(4))
+    assert teacher.training and all(p.requires_grad and p.is_contiguous() for p in teacher.parameters())
+    fresh = TinySegmenter(4).eval()
+    for model in (result.model.eval(), fresh):
+        image = torch.rand(1, 3, 32, 32)
+        with torch.no_grad():
+            before = model(image)
+        distill.evaluate(recipe, model=model)
+        assert not {"forward", "_original_forward", "_is_accelerate_prepared"} & set(vars(model))
+        with torch.no_grad():
+            assert torch.equal(model(image), before)
 
 
 def test_arguments_that_do_not_fit_are_named(tmp_path):

@@ -34,7 +34,9 @@ _PIXELS = ("labelled", "teacher_correct")
 
 
 # --------------------------------------------------------------------------- checks and helpers
-def _check_number(name: str, value: Any, *, allow_zero: bool) -> float:
+def check_number(name: str, value: Any, *, allow_zero: bool) -> float:
+    """``value`` as a float if it is a finite real number (not a bool), > 0 (or >= 0 with
+    ``allow_zero``); else a ValueError naming ``name``."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -111,7 +113,7 @@ def kd_loss(
     Returns: scalar loss (fp32; fp64 for fp64 inputs); 0 with zero gradient if nothing is valid.
     Raises: ValueError on bad temperature/chunk_size or class, batch or target-shape mismatch.
     """
-    temperature = _check_number("temperature", temperature, allow_zero=False)
+    temperature = check_number("temperature", temperature, allow_zero=False)
     _check_chunk(chunk_size)
     _check_pair(student_logits, teacher_logits)
     valid = _valid_mask(student_logits, target, ignore_index)
@@ -131,7 +133,7 @@ def kd_loss_reference(
     ``T^2 * masked_mean(F.kl_div(log_softmax(s/T), softmax(t/T), reduction='none').sum(1))``;
     the naive baseline for tests and the benchmark. Inputs are upcast and resized like kd_loss.
     """
-    temperature = _check_number("temperature", temperature, allow_zero=False)
+    temperature = check_number("temperature", temperature, allow_zero=False)
     s, t = _prepare(student_logits, teacher_logits)
     valid = _valid_mask(student_logits, target, ignore_index)
     log_ps = F.log_softmax(s / temperature, dim=1)
@@ -187,7 +189,7 @@ def cwd_loss(
     positions are left out of every channel's softmax, so only labelled pixels are distilled.
     Teacher detached and resized like :func:`kd_loss`.
     """
-    temperature = _check_number("temperature", temperature, allow_zero=False)
+    temperature = check_number("temperature", temperature, allow_zero=False)
     if student_logits.ndim < 3:
         raise ValueError(f"cwd_loss needs [N, C, H, W] logits, got {tuple(student_logits.shape)}")
     s, t = _prepare(student_logits, teacher_logits)
@@ -234,7 +236,7 @@ def dist_loss(
     the gradient. Same arguments as :func:`kd_loss` (without ``chunk_size``); 0 with zero
     gradient when fewer than 2 pixels are labelled.
     """
-    temperature = _check_number("temperature", temperature, allow_zero=False)
+    temperature = check_number("temperature", temperature, allow_zero=False)
     resize = _check_pair(student_logits, teacher_logits)
     valid = _valid_mask(student_logits, target, ignore_index)
     teacher = teacher_logits.detach()
@@ -251,7 +253,7 @@ def dist_loss_reference(
     target: Tensor | None = None, ignore_index: int = 255,
 ) -> Tensor:
     """:func:`dist_loss` taped by autograd: the readable definition, and the tests' reference."""
-    temperature = _check_number("temperature", temperature, allow_zero=False)
+    temperature = check_number("temperature", temperature, allow_zero=False)
     s, t = _prepare(student_logits, teacher_logits)
     valid = _valid_mask(student_logits, target, ignore_index)
     if valid is None:
@@ -300,17 +302,17 @@ class DistillLoss(torch.nn.Module):
         # A plain attribute, not a submodule: the adapters are trained and checkpointed as the
         # training loop prepares them, never as part of the loss.
         self.__dict__["features"] = features
-        self.feature_weight = _check_number("feature_weight", feature_weight, allow_zero=True)
-        self.pseudo_label_weight = _check_number("pseudo_label_weight", pseudo_label_weight, allow_zero=True)
-        self.pseudo_label_threshold = _check_number("pseudo_label_threshold", pseudo_label_threshold,
+        self.feature_weight = check_number("feature_weight", feature_weight, allow_zero=True)
+        self.pseudo_label_weight = check_number("pseudo_label_weight", pseudo_label_weight, allow_zero=True)
+        self.pseudo_label_threshold = check_number("pseudo_label_threshold", pseudo_label_threshold,
                                                     allow_zero=False)
         if self.pseudo_label_threshold > 1:  # a probability: above 1 no pixel would ever pass
             raise ValueError(f"pseudo_label_threshold must be in (0, 1], got {pseudo_label_threshold!r}")
-        self.ce_weight = _check_number("ce_weight", ce_weight, allow_zero=True)
-        self.kd_weight = _check_number("kd_weight", kd_weight, allow_zero=True)
+        self.ce_weight = check_number("ce_weight", ce_weight, allow_zero=True)
+        self.kd_weight = check_number("kd_weight", kd_weight, allow_zero=True)
         if self.ce_weight == 0 and self.kd_weight == 0:
             raise ValueError("ce_weight and kd_weight are both 0: the loss would be constant")
-        self.temperature = _check_number("temperature", temperature, allow_zero=False)
+        self.temperature = check_number("temperature", temperature, allow_zero=False)
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
         if kd_pixels not in _PIXELS:

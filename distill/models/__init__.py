@@ -254,6 +254,8 @@ def check_class_count(model: nn.Module, num_classes: int, what: str,
     (it would train or be scored without complaint, or fail deep in the loss). One forward pass
     of one image of ``size`` (default 64x64), in eval mode and without gradients; the model's mode
     is restored. A model that cannot run it is left to the run, which says why."""
+    if hasattr(model, "_orig_mod"):  # compiled: a probe would compile it once more
+        return
     training = model.training
     try:
         with torch.no_grad():

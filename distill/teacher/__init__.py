@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from distill.teacher.sources import apply_class_map, class_map_matrix, load_source
+from distill.losses import check_number
 from distill.models import ModelError, forward_padded
 from distill.stage_weights import trained_weights
 
@@ -71,8 +72,7 @@ class Teacher(nn.Module):
         tta_flip: bool = False,
     ) -> None:
         super().__init__()
-        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        temperature = check_number("temperature", temperature, allow_zero=False)
         if not tta_scales or any(not scale > 0 for scale in tta_scales):
             raise ValueError(f"tta_scales must be one or more scales > 0, got {list(tta_scales)!r}")
         self.tta_scales, self.tta_flip = tuple(tta_scales), tta_flip
