@@ -323,12 +323,8 @@ def test_truncated_array_is_detected_and_rewritten(written):
 
 
 # ------------------------------------------------------------------------------- resume
-def test_a_topk_split_resumed_or_kept_at_another_temperature_keeps_its_fit(tmp_path, monkeypatch):
-    # Plain logits stay valid across temperatures, but a top-k tail is fitted at one: a store
-    # begun at T=2, interrupted, then finished under T=4 (with a second split, new) must hold
-    # T=2 tails throughout and say so, not a mix recorded as T=4.
-    tail = {"cache.layout": "topk", "cache.topk": 2, "cache.splits": "[train]"}
-    recipe = recipe_for(tmp_path / "a", **tail, **{"loss.temperature": 2.0})
+def killed_at_the_third_batch(recipe, monkeypatch) -> None:
+    """``write_cache(recipe)`` stopped as it compresses its third batch (two are stored)."""
     real, calls = ops.compress, []
 
     def failing(*args, **kwargs):
@@ -341,6 +337,15 @@ def test_a_topk_split_resumed_or_kept_at_another_temperature_keeps_its_fit(tmp_p
     with pytest.raises(KeyboardInterrupt):
         write_cache(recipe)
     monkeypatch.setattr(ops, "compress", real)
+
+
+def test_a_topk_split_resumed_or_kept_at_another_temperature_keeps_its_fit(tmp_path, monkeypatch):
+    # Plain logits stay valid across temperatures, but a top-k tail is fitted at one: a store
+    # begun at T=2, interrupted, then finished under T=4 (with a second split, new) must hold
+    # T=2 tails throughout and say so, not a mix recorded as T=4.
+    tail = {"cache.layout": "topk", "cache.topk": 2, "cache.splits": "[train]"}
+    recipe = recipe_for(tmp_path / "a", **tail, **{"loss.temperature": 2.0})
+    killed_at_the_third_batch(recipe, monkeypatch)
     hotter = recipe_for(tmp_path / "a", **{**tail, "cache.splits": "[train, val]"}, **{"loss.temperature": 4.0})
     write_cache(hotter)
     straight = recipe_for(tmp_path / "b", **tail, **{"loss.temperature": 2.0})
@@ -356,19 +361,9 @@ def test_a_topk_split_resumed_or_kept_at_another_temperature_keeps_its_fit(tmp_p
 def test_interrupted_write_is_detected_and_resumed(tmp_path, monkeypatch):
     recipe = recipe_for(tmp_path / "a", **{"cache.splits": "[train, val]"})
     real, calls = ops.compress, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "compress", failing)
-    with pytest.raises(KeyboardInterrupt):
-        write_cache(recipe)
+    killed_at_the_third_batch(recipe, monkeypatch)
     with pytest.raises(CacheError, match=r"incomplete \(14 of 24 samples missing\).*Rerun `distill cache"):
         open_store(recipe)
-    calls.clear()
 
     def counting(*args, **kwargs):
         calls.append(1)
