@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
