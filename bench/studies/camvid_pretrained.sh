@@ -173,9 +173,9 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
 
 # Tenth round: patience (Beyer et al.: distillation gains with the schedule's length, CE alone
 # saturates): every 4th mask and the deployment frames, the recipe's cached loss and its baseline
-# both at twice the steps (160 epochs of the 92 masks). First seed.
+# both at twice the steps (160 epochs of the 92 masks), every seed of SEEDS (docs/results.md: 0,1).
 $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/target_quarter" "${TEACHER_FULLRES[@]}" \
-    --cache-dir "$OUT/target/cache" --seeds "$FIRST" --arms baseline/epochs160,cache/kl_T1_w1_correct+epochs160 \
+    --cache-dir "$OUT/target/cache" --seeds "$SEEDS" --arms baseline/epochs160,cache/kl_T1_w1_correct+epochs160 \
     --baseline baseline/epochs160 --reference baseline/epochs160 \
     --results bench/studies/results/camvid_pretrained_r10_target_quarter_long.json "${TARGET[@]}" \
     data.labelled_fraction=0.25 train.eval_every_epochs=40 train.checkpoint_every_epochs=40
