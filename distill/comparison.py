@@ -42,7 +42,7 @@ from distill.export.predict import CONFIG_NAME
 from distill.progress import console
 from distill.export.quantize import OnnxSegmenter
 from distill.run_folder import StageFiles, compare_dir, ensure_writable_folder, exclusive_folder, export_dir
-from distill.stage_weights import baseline_weights, trained_weights, weights_digest
+from distill.stage_weights import baseline_weights, trained_weights, weights_digest, weights_files
 from distill.teacher import scoring_teacher
 from distill.teacher.sources import OnnxTeacher
 from distill.launch import is_launch_main, make_accelerator
@@ -278,7 +278,8 @@ def _measure_and_write(recipe: Recipe, split: str, info: DatasetInfo, models: di
     for name, model in models.items():
         report["models"][name].update(
             **_size(model, models["student"], image), latency_ms=latency[name],
-            checkpoint_bytes=_weights_bytes(checkpoints[name]), checkpoint_sha256=weights_digest(checkpoints[name]))
+            checkpoint_bytes=sum(f.stat().st_size for f in weights_files(checkpoints[name])),
+            checkpoint_sha256=weights_digest(checkpoints[name]))
     metrics = ("miou", "pixel_accuracy", "parameters", "gflops", "checkpoint_bytes", "latency_ms")
     teacher = report["models"]["teacher"]
     report["ratios"] = {f"{name}/teacher": {m: _ratio(report["models"][name][m], teacher[m]) for m in metrics}
@@ -394,14 +395,6 @@ def summary_table(report: dict[str, Any]) -> Table:
     notes.append(f"mIoU at {scale} resolution")
     table.caption = "\n".join(notes)
     return table
-
-
-def _weights_bytes(path: Path) -> int:
-    """A weights file's size; for the index of sharded weights, the index's and its shards'."""
-    if not path.name.endswith(".index.json"):
-        return path.stat().st_size
-    shards = set(json.loads(path.read_text()).get("weight_map", {}).values())
-    return path.stat().st_size + sum((path.parent / shard).stat().st_size for shard in shards)
 
 
 def per_class_table(report: dict[str, Any]) -> Table:

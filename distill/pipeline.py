@@ -27,7 +27,7 @@ from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe, changes_output
 from distill.data import DataError
 from distill.launch import TrainingError, is_launch_main
-from distill.models import ModelError
+from distill.models import STAGES, ModelError
 from distill.fingerprint import digest, stage_inputs
 from distill.preflight import InputError, check_inputs
 from distill.progress import console
@@ -35,7 +35,7 @@ from distill.run_folder import PROGRESS_FILE, StageFiles, cache_dir, stage_dir, 
 from distill.stage_weights import teacher_digest
 from distill.training import check_models, check_schedule, train
 
-TRAINING_STAGES = ("teacher", "baseline", "student")
+TRAINING_STAGES = STAGES
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _recover_killed_runs(recipe: Recipe, stages: list[str]) -> None:
     """
     from distill.run_folder import exclusive_folder
 
-    leftovers = [stage_files(recipe, stage) for stage in stages if stage_files(recipe, stage).killed_run_left()]
+    leftovers = [files for files in (stage_files(recipe, stage) for stage in stages) if files.killed_run_left()]
     if not leftovers:
         return
     if is_launch_main():

@@ -51,18 +51,28 @@ def teacher_digest(recipe: Any) -> str:
     return weights_digest(path, folder_settings=recipe.teacher.source in PATH_SOURCES)
 
 
+def weights_files(path: Path) -> list[Path]:
+    """The files a weights file stands for: itself, and for the index of sharded weights every
+    shard it names too."""
+    path = Path(path)
+    if not path.name.endswith(".index.json"):
+        return [path]
+    try:
+        shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
+    except (OSError, ValueError, AttributeError) as error:
+        raise ModelError(f"sharded weights '{path}' cannot be read whole: {error}") from None
+    return [path, *(path.parent / shard for shard in shards)]
+
+
 def weights_digest(path: Path, *, folder_settings: bool = False) -> str:
     """SHA-256 of a weights file; for the index of sharded weights, of the index and every shard
     it names (new shards under the same index are other weights); with ``folder_settings``,
     also of the model folder's settings files beside it (:func:`teacher_digest`)."""
     path = Path(path)
-    parts = [file_digest(path)]
-    if path.name.endswith(".index.json"):
-        try:
-            shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
-            parts += [file_digest(path.parent / shard) for shard in shards]
-        except (OSError, ValueError, AttributeError) as error:
-            raise ModelError(f"sharded weights '{path}' cannot be read whole: {error}") from None
+    try:
+        parts = [file_digest(file) for file in weights_files(path)]
+    except OSError as error:  # a shard the index names is missing
+        raise ModelError(f"sharded weights '{path}' cannot be read whole: {error}") from None
     if folder_settings and path.name in _FOLDER_WEIGHTS:
         parts += [f"{name} {file_digest(path.parent / name)}" for name in _FOLDER_SETTINGS
                   if (path.parent / name).is_file()]

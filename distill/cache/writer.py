@@ -51,8 +51,9 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     # not cost a complete store of the splits before it.
     datasets = {split: cache_dataset(stream, split) for split in (splits or stream.cache.splits)}
     store_ops.check_store_folder(folder, list(datasets))
-    fingerprints = {split: expected_fingerprint(stream, split, ids=_ids(dataset), num_classes=info.num_classes)
-                    for split, dataset in datasets.items()}
+    ids = {split: [dataset.sample_id(i) for i in range(len(dataset))] for split, dataset in datasets.items()}
+    fingerprints = {split: expected_fingerprint(stream, split, ids=ids[split], num_classes=info.num_classes)
+                    for split in datasets}
     up_to_date = accelerator.is_main_process and all(
         store_ops.split_state(folder, split, fingerprints[split]) == "up to date" for split in datasets)
     if accelerator.num_processes > 1:  # one answer for all: a process going on alone would hang
@@ -69,29 +70,25 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     teacher = load_teacher(stream, info.num_classes).to(accelerator.device)
     with exclusive_folder(folder, accelerator):  # one writer per store
         for split, dataset in datasets.items():
-            _write_split(stream, split, dataset, fingerprints[split], folder, teacher, accelerator)
+            _write_split(stream, split, dataset, ids[split], fingerprints[split], folder, teacher, accelerator)
         accelerator.wait_for_everyone()
     return folder
 
 
-def _ids(dataset: Any) -> list[str]:
-    return [dataset.sample_id(i) for i in range(len(dataset))]
-
-
-def _write_split(recipe: Recipe, split: str, dataset: Any, fingerprint: dict[str, Any], folder: Path,
-                 teacher: nn.Module, accelerator: Any) -> None:
+def _write_split(recipe: Recipe, split: str, dataset: Any, ids: list[str], fingerprint: dict[str, Any],
+                 folder: Path, teacher: nn.Module, accelerator: Any) -> None:
     """Write (or resume, or skip) one split; every process calls it.
 
     An error on one process (an unreadable image, non-finite logits, a full disk) is shared with
     the others at the next check (:func:`_stop_together`) instead of leaving them in a
     collective it will never join: every process then stops with that error. ``dataset``: the
-    split's every image, with or without its mask (:func:`cache_dataset`).
+    split's every image, with or without its mask (:func:`cache_dataset`); ``ids`` their sample
+    ids, which ``fingerprint`` was made from.
     """
     from distill.data import collate_batch
     from distill.progress import make_progress, report
 
     main = accelerator.is_main_process
-    ids = _ids(dataset)
     state, error = "", None
     if main:
         try:

@@ -248,12 +248,29 @@ def _logits_of(model: nn.Module, output: object) -> torch.Tensor:
                      "returns them (torchvision's models: output['out']; transformers': output.logits)")
 
 
+def recorded_classes(model: nn.Module) -> int | None:
+    """The class count a model records: an ONNX graph's static output channels, an smp model's
+    head; None where only running it would tell."""
+    head = getattr(model, "segmentation_head", None)
+    first = head[0] if isinstance(head, nn.Sequential) and len(head) else None
+    if isinstance(first, nn.Conv2d):
+        return first.out_channels
+    return getattr(model, "classes", None)
+
+
 def check_class_count(model: nn.Module, num_classes: int, what: str,
                       size: tuple[int, int] | None = None) -> None:
     """Refuse a model of the caller's whose logits have another class count than the dataset's
-    (it would train or be scored without complaint, or fail deep in the loss). One forward pass
-    of one image of ``size`` (default 64x64), in eval mode and without gradients; the model's mode
-    is restored. A model that cannot run it is left to the run, which says why."""
+    (it would train or be scored without complaint, or fail deep in the loss): the count it
+    records, else one forward pass of one image of ``size`` (default 64x64), in eval mode and
+    without gradients, the model's mode restored. A model that cannot run it is left to the run,
+    which says why."""
+    predicts = recorded_classes(model)
+    if predicts is not None:
+        if predicts != num_classes:
+            raise ModelError(f"{what} predicts {predicts} classes, the dataset has {num_classes} "
+                             "(data.class_names, or data.synthetic.num_classes)")
+        return
     if hasattr(model, "_orig_mod"):  # compiled: a probe would compile it once more
         return
     training = model.training

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from distill.teacher.sources import apply_class_map, class_map_matrix, load_source
-from distill.models import ModelError, forward_padded
+from distill.models import ModelError, forward_padded, recorded_classes
 from distill.stage_weights import trained_weights
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
         # Sources whose class count is their own: names of another count would fail at the
         # first batch (or map the wrong classes). Read from the model where it says it, never
         # found by a forward pass here (a large teacher at its input size is costly to probe).
-        predicts = len(source_names) if source_names else _recorded_classes(model)
+        predicts = len(source_names) if source_names else recorded_classes(model)
         if predicts is not None and predicts != len(spec.class_names):
             raise ModelError(f"teacher.class_names lists {len(spec.class_names)} classes, but the teacher "
                              f"'{spec.path}' predicts {predicts}: give its own classes, in its order")
@@ -226,16 +226,6 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
         tta_scales=spec.tta_scales,
         tta_flip=spec.tta_flip,
     )
-
-
-def _recorded_classes(model: nn.Module) -> int | None:
-    """The class count a model records: an ONNX graph's static output channels, an smp model's
-    head; None where only running it would tell."""
-    head = getattr(model, "segmentation_head", None)
-    first = head[0] if isinstance(head, nn.Sequential) and len(head) else None
-    if isinstance(first, nn.Conv2d):
-        return first.out_channels
-    return getattr(model, "classes", None)
 
 
 def _output_classes(model: nn.Module, spec: object) -> int:
