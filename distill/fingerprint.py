@@ -51,6 +51,11 @@ def stage_inputs(recipe: Recipe, stage: str, *, teacher_module: bool = False) ->
     names = inputs["data"].get("class_names")
     if names is not None and not (distilling and recipe.teacher is not None and recipe.teacher.class_map):
         inputs["data"]["class_names"] = f"{len(names)} classes"
+    # A key added to data.unlabelled's entries counts only where set, so that other runs keep
+    # their digest (as the keys below).
+    for source in inputs["data"].get("unlabelled") or []:
+        if source.get("repeat") == 1:
+            del source["repeat"]
     # Keys whose bytes are elsewhere, added only when used, so that other runs keep their digest.
     lists = _split_lists(inputs["data"])
     if lists:

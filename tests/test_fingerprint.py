@@ -48,6 +48,15 @@ def test_a_key_changes_the_fingerprints_of_the_stages_it_names(override, changed
     assert {stage for stage in before if before[stage] != after[stage]} == changed
 
 
+def test_an_unlabelled_sources_repeat_counts_only_where_set():
+    plain = {"data.unlabelled": "[{synthetic: 4}]"}
+    # Left at 1, the key is not in the inputs: runs made before it existed keep their digest.
+    recipe = tiny_recipe("/tmp/unused-run", teacher=True, **{"teacher.checkpoint": __file__, **plain})
+    assert stage_inputs(recipe, "student")["data"]["unlabelled"] == [{"split": None, "folder": None, "synthetic": 4}]
+    before, after = fingerprints(**plain), fingerprints(**{"data.unlabelled": "[{synthetic: 4, repeat: 3}]"})
+    assert {stage for stage in before if before[stage] != after[stage]} == {"student"}
+
+
 def test_the_teachers_weights_enter_by_their_bytes_not_their_path(tmp_path):
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     first.write_bytes(b"same"), second.write_bytes(b"same")

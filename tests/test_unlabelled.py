@@ -93,6 +93,24 @@ def test_mixed_batches_hold_the_ratio_take_the_baselines_steps_and_follow_the_ep
     assert list(sampler) == epochs[1] != epochs[0]
 
 
+def test_a_repeated_source_is_drawn_that_many_times_per_pass():
+    # 6 masks kept of 12, the other 6 frames once each and 2 generated images 3 times each:
+    # 12 unlabelled draws a pass, one per batch of 2, 3 batches an epoch: 4 epochs a pass.
+    cfg = data(labelled_fraction=0.5, unlabelled=[{"synthetic": 2, "repeat": 3}], batch_size=2)
+    loader = build_loader(cfg, "train", train=True, unlabelled=True)
+    ids = []
+    for epoch in range(4):
+        loader.dataset.set_epoch(epoch)
+        ids += [loader.dataset.sample_id(k) for batch in loader.batch_sampler for k in batch[1:]]
+    counts = {sample: ids.count(sample) for sample in set(ids)}
+    assert len(ids) == 12 and len(counts) == 8 and len(loader.dataset) == 6 + 6 + 2  # stored once each
+    assert {s: n for s, n in counts.items() if "unlabelled/synthetic/unlabelled" in s} == {
+        "unlabelled/synthetic/unlabelled/000000": 3, "unlabelled/synthetic/unlabelled/000001": 3}
+    assert all(n == 1 for s, n in counts.items() if "synthetic/train" in s)
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        data(unlabelled=[{"synthetic": 2, "repeat": 0}])
+
+
 def test_the_unlabelled_share_of_a_batch_rounds_halves_up():
     counts = {size: MixedBatchSampler(list(range(8)), [100], batch_size=size, ratio=0.5, seed=0,
                                       dataset=None).per_batch_unlabelled for size in (3, 5, 7)}

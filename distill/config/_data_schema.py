@@ -46,6 +46,10 @@ class UnlabelledSource(Section):
     synthetic: int | None = Field(
         None, ge=1, description="this many more images of the built-in generator (another stream)"
     )
+    repeat: int = Field(
+        1, ge=1, description="each of these images is drawn this many times as often as one of "
+        "repeat 1 (weights footage of the scenes the student will run on above the rest)"
+    )
 
     _split_syntax = field_validator("split")(optional_split)
 

@@ -27,6 +27,7 @@ from distill.data.splits import (
     Subset,
     first_samples,
     is_labelled,
+    repeat,
     parse_split,
     select,
     without_samples,
@@ -253,7 +254,7 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
         return source if step == 1 else Subset(rows)
     extra: list[Any] = []
     if step > 1:
-        extra.append(Subset([(source, k) for k in range(len(source)) if k % step]))
+        extra.append((Subset([(source, k) for k in range(len(source)) if k % step]), 1))
     # A split given as unlabelled never brings back a validation sample (that would leak the
     # scenes validation measures) nor a training one (it is there already).
     taken = {source.sample_id(k) for k in range(len(source))}
@@ -267,17 +268,17 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
             if not kept:
                 raise DataError(f"data.unlabelled split '{entry.split}' holds only training or "
                                 f"validation images ({len(part)}): nothing to add")
-            extra.append(Subset(kept))
+            extra.append((Subset(kept), entry.repeat))
         elif entry.folder is not None:
-            extra.append(FolderImages(entry.folder))
+            extra.append((FolderImages(entry.folder, entry.repeat), entry.repeat))
         else:
             synthetic = data.synthetic.model_copy(update={"num_val": entry.synthetic})
-            extra.append(SyntheticShapes(synthetic, "unlabelled"))  # a stream of its own
+            extra.append((SyntheticShapes(synthetic, "unlabelled"), entry.repeat))  # a stream of its own
     if not extra:
         return source
-    for part in extra:
-        part = first_samples(part, data.max_samples)
-        unlabelled = part if isinstance(part, FolderImages) else WithoutMasks(part)
+    for part, times in extra:
+        unlabelled = part if isinstance(part, FolderImages) else WithoutMasks(part, times)
+        unlabelled = first_samples(unlabelled, data.max_samples)
         rows += [(unlabelled, k) for k in range(len(unlabelled))]
     return Subset(rows)
 
@@ -347,8 +348,8 @@ def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0,
     collate = functools.partial(collate_batch, ignore_index=data.ignore_index)
     flags = [is_labelled(dataset.source, k) for k in range(len(dataset))] if unlabelled and train else []
     if flags and not all(flags):
-        sampler = MixedBatchSampler([k for k, f in enumerate(flags) if f],
-                                    [k for k, f in enumerate(flags) if not f], batch_size,
+        drawn = [k for k, f in enumerate(flags) if not f for _ in range(repeat(dataset.source, k))]
+        sampler = MixedBatchSampler([k for k, f in enumerate(flags) if f], drawn, batch_size,
                                     data.unlabelled_ratio, seed, dataset)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=data.num_workers,
                           pin_memory=torch.cuda.is_available(), collate_fn=collate,

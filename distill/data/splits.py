@@ -203,9 +203,19 @@ class Subset:
         """False for an image without a mask (see :mod:`distill.data.unlabelled`)."""
         return is_labelled(*self.rows[index])
 
+    def repeat(self, index: int) -> int:
+        """How many times sample ``index`` is drawn per pass (``data.unlabelled[].repeat``)."""
+        return repeat(*self.rows[index])
+
 
 def is_labelled(source: Any, index: int) -> bool:
     """Whether sample ``index`` of ``source`` has a real mask."""
     if hasattr(source, "is_labelled"):
         return source.is_labelled(index)
     return getattr(source, "labelled", True)
+
+
+def repeat(source: Any, index: int) -> int:
+    """How many times sample ``index`` of ``source`` is drawn per pass of the mixed batches."""
+    count = getattr(source, "repeat", 1)
+    return count(index) if callable(count) else count

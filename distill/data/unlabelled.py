@@ -23,12 +23,13 @@ from distill.data.files import IMAGE_SUFFIXES, DataError, read_image
 
 
 class FolderImages:
-    """Every image under ``folder`` (sub-folders included), sorted; no masks."""
+    """Every image under ``folder`` (sub-folders included), sorted; no masks. Each is drawn
+    ``repeat`` times per pass of the mixed batches (:class:`MixedBatchSampler`)."""
 
     labelled = False
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, repeat: int = 1) -> None:
+        self.folder, self.repeat = Path(folder), repeat
         if not self.folder.is_dir():
             raise DataError(f"unlabelled folder '{self.folder}' does not exist or is not a folder")
         # Under the folder's whole path: ids name it (see sample_id).
@@ -51,12 +52,13 @@ class FolderImages:
 
 
 class WithoutMasks:
-    """A labelled source (a layout's split, the synthetic generator) with its masks ignored."""
+    """A labelled source (a layout's split, the synthetic generator) with its masks ignored,
+    each image drawn ``repeat`` times per pass of the mixed batches."""
 
     labelled = False
 
-    def __init__(self, source: Any) -> None:
-        self.source = source
+    def __init__(self, source: Any, repeat: int = 1) -> None:
+        self.source, self.repeat = source, repeat
 
     def __len__(self) -> int:
         return len(self.source)
@@ -77,7 +79,8 @@ class MixedBatchSampler(Sampler[list[int]]):
     (``len(labelled) // batch_size``), so a distilled student and its baseline take the same
     optimizer steps per epoch and the same schedule compares them at equal cost. Each kind is
     drawn from its own permutation, continuing across epochs in order: every labelled sample is
-    seen before any repeats, and likewise every unlabelled one. The order is a pure function of
+    seen before any repeats, and likewise every unlabelled one (an index listed ``r`` times in
+    ``unlabelled`` is drawn ``r`` times per pass: ``data.unlabelled[].repeat``). The order is a pure function of
     ``seed`` and the epoch the dataset is set to (``dataset.epoch``), so a resumed run sees the
     same batches.
     """
