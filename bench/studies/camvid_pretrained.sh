@@ -180,6 +180,17 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     --results bench/studies/results/camvid_pretrained_r10_target_quarter_long.json "${TARGET[@]}" \
     data.labelled_fraction=0.25 train.eval_every_epochs=40 train.checkpoint_every_epochs=40
 
+# Eleventh round: the deployment frames drawn more often. In the eighth and tenth rounds the 45
+# frames are 45 of the 320 images without masks (a fourteenth of the unlabelled draws); here each
+# is drawn 6 times per pass (data.unlabelled[].repeat: half the unlabelled draws), the rest as the
+# tenth round (160 epochs of every 4th mask), with its own baselines.
+TARGET_REPEAT=("${TARGET[@]:0:3}" "data.unlabelled=[{split: 'train+val:list=$SPL/camvid_0006R0_first45.txt', repeat: 6}]")
+$PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/target_quarter_repeat" "${TEACHER_FULLRES[@]}" \
+    --cache-dir "$OUT/target/cache" --seeds "$SEEDS" --arms cache/kl_T1_w1_correct+epochs160,baseline/epochs160 \
+    --baseline baseline/epochs160 --reference baseline/epochs160 \
+    --results bench/studies/results/camvid_pretrained_r11_target_quarter_repeat.json "${TARGET_REPEAT[@]}" \
+    data.labelled_fraction=0.25 train.eval_every_epochs=40 train.checkpoint_every_epochs=40
+
 # The CWD student in INT8: mIoU through onnxruntime on the held-out frames (export's parity.json),
 # with the recipe's graph for 240x320 only (export.fixed_size) and with a graph for any size; then
 # latency of both against FP32 at 240x320 on 2 threads (idle cores).
