@@ -449,11 +449,22 @@ def _initial_state(run: _Run, fingerprint: str | None) -> dict:
             # Nothing would be trained or written: the folder would not hold what is reported.
             raise TrainingError(f"train.resume '{cfg.resume}' is a finished run (step {state['step']} "
                                 f"of {run.total_steps}): nothing is left to train into {run.dir}")
-        if not run.resumes_own_run:  # this folder's best weights are those it will write
+        if not run.resumes_own_run or _best_after(run.files.best_record, state["step"]):
+            # This folder's best weights are those it will write: another run's, or those the
+            # stopped run wrote after its checkpoint (a trajectory the replay may not retrace),
+            # which replaced the best the checkpoint's score belongs to (dropped in _start_writing).
             state["best_miou"] = -1.0
         if run.main:
             console.print(f"resumed from {cfg.resume} at epoch {state['epoch']}, step {state['step']}")
     return state
+
+
+def _best_after(record: Path, step: int) -> bool:
+    """Whether ``best.json`` says the best weights were written after optimizer step ``step``."""
+    try:
+        return int(json.loads(record.read_text())["step"]) > step
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _start_writing(run: _Run, state: dict) -> None:
@@ -484,6 +495,10 @@ def _start_writing(run: _Run, state: dict) -> None:
     _warn_about_padding(run.recipe)
     run.dir.mkdir(parents=True, exist_ok=True)
     if run.resumes_own_run:
+        if _best_after(run.files.best_record, state["step"]):
+            for path in (run.files.best, run.files.best_record):
+                path.unlink(missing_ok=True)
+            run.files.drop_reports_of(run.files.best)
         if run.log_path.is_file():
             kept = [line for line in run.log_path.read_text().splitlines(keepends=True)
                     if line.endswith("\n") and json.loads(line)["step"] < state["step"]]

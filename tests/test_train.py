@@ -58,6 +58,35 @@ def test_resume_continues_to_the_same_final_state(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_best_weights_written_after_the_resumed_checkpoint_are_replaced(tmp_path, monkeypatch):
+    # The stopped run's best came after its checkpoint (its step says so) and beat the score the
+    # checkpoint remembers: the replay may not retrace that trajectory, so the resumed run picks
+    # its best afresh rather than keep weights its own metrics never show.
+    import distill.training as loop
+
+    save = loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_recipe(tmp_path), "student")
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    folder = tmp_path / "student"
+    checkpoint = folder / "checkpoints" / "latest"
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    (checkpoint / "progress.json").write_text(json.dumps({**progress, "best_miou": 1.0}))
+    (folder / "best.json").write_text(json.dumps({"epoch": 2, "step": progress["step"] + 3, "miou": 1.0}))
+    future = (folder / "best.safetensors").read_bytes() + b" "
+    (folder / "best.safetensors").write_bytes(future)
+    resumed = train(tiny_recipe(tmp_path, **{"train.resume": str(checkpoint)}), "student")
+    record = json.loads((folder / "best.json").read_text())
+    assert (folder / "best.safetensors").read_bytes() != future
+    assert record["step"] == resumed.steps and record["miou"] == resumed.best_miou == resumed.final_miou
+
+
 def test_non_finite_loss_stops_with_step_parts_and_indices(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"model.factory": "helpers:nan_model"})
     with pytest.raises(TrainingError, match=r"non-finite loss at optimizer step 1 \(loss=nan, ce=nan, kd=0 on process 0\); batch sample indices \[\d+, \d+, \d+, \d+\]"):
