@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "distill"
 # Lowest first; a module may import only modules of its own layer or below.
 LAYERS = [
-    ["_io", "_compat", "_malloc", "_lazy", "progress", "data.splits", "data.transforms", "data.mixing",
+    ["_io", "_checks", "_compat", "_malloc", "_lazy", "progress", "data.splits", "data.transforms", "data.mixing",
      "losses.saved_gradient", "losses.fused_kl", "losses.fused_dist", "export.predict"],
     ["data.files"], ["data.layouts"], ["data.synthetic", "data.unlabelled"], ["data.labels"],
     ["config._base"], ["config._data_schema"], ["config._schema"], ["config"],

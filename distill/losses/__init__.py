@@ -9,8 +9,6 @@ the softmax, so the student is distilled at its own resolution.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -18,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill._checks import check_number
 from distill.losses.fused_dist import fused_dist_forward
 from distill.losses.fused_kl import compute_dtype as _compute_dtype
 from distill.losses.fused_kl import fused_kd_forward
@@ -34,16 +33,6 @@ _PIXELS = ("labelled", "teacher_correct")
 
 
 # --------------------------------------------------------------------------- checks and helpers
-def check_number(name: str, value: Any, *, allow_zero: bool) -> float:
-    """``value`` as a float if it is a finite real number (not a bool), > 0 (or >= 0 with
-    ``allow_zero``); else a ValueError naming ``name``."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
 def _check_chunk(chunk_size: Any) -> None:
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

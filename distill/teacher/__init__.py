@@ -6,8 +6,6 @@ come from (a streamed forward pass here, a logit cache later) never branches the
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from distill._checks import check_number
 from distill.teacher.sources import apply_class_map, class_map_matrix, load_source
 from distill.models import ModelError, forward_padded, recorded_classes
 from distill.stage_weights import trained_weights
@@ -73,11 +72,8 @@ class Teacher(nn.Module):
         tta_flip: bool = False,
     ) -> None:
         super().__init__()
-        # As the losses check theirs (distill.losses sits above this module): inf or NaN would
-        # give NaN targets through a class map or test-time views.
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-                or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        # inf or NaN would give NaN targets through a class map or test-time views.
+        temperature = check_number("temperature", temperature, allow_zero=False)
         if not tta_scales or any(not scale > 0 for scale in tta_scales):
             raise ValueError(f"tta_scales must be one or more scales > 0, got {list(tta_scales)!r}")
         self.tta_scales, self.tta_flip = tuple(tta_scales), tta_flip
