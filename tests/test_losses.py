@@ -394,6 +394,32 @@ def test_cwd_leaves_void_pixels_out(temperature):
     assert torch.autograd.gradcheck(lambda a: cwd_loss(a, t, temperature=temperature, target=y), (x,))
 
 
+def test_cwd_leaves_void_pixels_out_of_a_one_hot_teacher_too():
+    # A teacher of +-1e4 logits (one-hot, a class map of hard labels) at T=1: the void fill must
+    # sit below its real logits, or void positions share the spatial softmax.
+    s, _, y = make(shape=(2, 3, 5, 6), ignore=0.3)
+    hard = torch.randint(0, 2, y.shape, generator=torch.Generator().manual_seed(1))  # class 2 nowhere
+    t = torch.full_like(s, -1e4).scatter_(1, hard.unsqueeze(1), 1e4)
+    assert cwd_loss(s, t, temperature=1.0, target=y).item() == pytest.approx(np_cwd_masked(s, t, 1.0, y), rel=1e-9)
+
+
+@pytest.mark.parametrize("loss_fn", ["kd", "dist"])
+def test_fused_gradients_survive_an_fp16_loss_scaler(loss_fn):
+    # fp16 mixed precision: logits in fp16, the loss scaled by GradScaler's initial 65536 (inf in
+    # fp16), and a per-pixel gradient divided by many pixels (below fp16's smallest numbers).
+    s, t, y = make(shape=(2, 5, 96, 128), ignore=0.1)
+    x = s.half().requires_grad_(True)
+    fn = (lambda a, b: kd_loss(a, b, temperature=2.0, target=y)) if loss_fn == "kd" else \
+        (lambda a, b: dist_loss(a, b, temperature=1.0, target=y))
+    ref = (lambda a, b: kd_loss_reference(a, b, temperature=2.0, target=y)) if loss_fn == "kd" else \
+        (lambda a, b: dist_loss_reference(a, b, temperature=1.0, target=y))
+    (fn(x, t.float()) * 65536.0).backward()
+    _, exact = grad_of(lambda a: ref(a, t) * 65536.0, x.detach().double())
+    assert x.grad.dtype == torch.float16 and bool(torch.isfinite(x.grad).all())
+    assert float((x.grad.double() - exact).norm() / exact.norm()) < 2e-3
+    assert float((x.grad == 0).double().mean()) <= float((exact == 0).double().mean()) + 1e-3
+
+
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_dist_matches_numpy(temperature):
     s, t, y = make(shape=(2, 4, 5, 6))

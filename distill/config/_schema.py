@@ -240,7 +240,10 @@ class TrainConfig(Section):
     )
     poly_power: float = Field(0.9, gt=0.0, description="exponent of the poly schedule", json_schema_extra=EVERY_STAGE)
     warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer steps", json_schema_extra=EVERY_STAGE)
-    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step", json_schema_extra=EVERY_STAGE)
+    grad_accum_steps: int = Field(
+        1, ge=1, description="micro-batches per optimizer step; each one's loss, a mean over its own "
+        "labelled pixels, counts equally (a micro-batch with much void weighs more than in one batch "
+        "of them all, as in most trainers)", json_schema_extra=EVERY_STAGE)
     max_grad_norm: float | None = Field(None, gt=0.0, description="gradient clipping (none: off)", json_schema_extra=EVERY_STAGE)
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="autocast for student and teacher; fp16 needs a GPU", json_schema_extra=EVERY_STAGE

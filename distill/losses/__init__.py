@@ -188,7 +188,8 @@ def cwd_loss(
         # A large finite fill, not -inf: exp() gives an exact 0 without the NaN that -inf - -inf
         # would put into the KL of an all-void sample (whose uniform rows then give KL 0).
         void = valid.flatten(1).logical_not().unsqueeze(1)
-        s, t = s.masked_fill(void, -1e4), t.masked_fill(void, -1e4)
+        fill = torch.finfo(s.dtype).min / 4  # below any logit / T, even a one-hot teacher's
+        s, t = s.masked_fill(void, fill), t.masked_fill(void, fill)
     log_ps = F.log_softmax(s, dim=-1)
     log_pt = F.log_softmax(t, dim=-1)
     kl = F.kl_div(log_ps, log_pt, reduction="sum", log_target=True)

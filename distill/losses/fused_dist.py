@@ -161,9 +161,9 @@ def fused_dist_forward(
     k1_c, k2_c = (k1_c / n_classes).view(class_shape), (-k2_c / n_classes).view(class_shape)
     mean_u, mean_v = mean_u.to(cd).view(class_shape), mean_v.to(cd).view(class_shape)
     scale = -temperature * active  # -T^2 from the loss, 1/T from the softmax
-    # The gradient in the logits' own layout and dtype (a channels_last model's logits are
-    # channels_last), written sweep by sweep while in cache, so backward converts nothing.
-    grad = torch.empty_like(student)
+    # The gradient in the logits' own layout (a channels_last model's logits are channels_last),
+    # written sweep by sweep while in cache; in the compute dtype (LossWithSavedGradient.backward).
+    grad = torch.empty_like(student, dtype=cd)
     for sl, u, v in zip(sweeps, us, vs):
         centred = v - uniform
         g = centred * k1_i[sl]

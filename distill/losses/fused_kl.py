@@ -93,11 +93,12 @@ def fused_kd_forward(
     inv_valid = 1.0 / num_valid.clamp_min(1)
     grad_scale = inv_valid * temperature  # d(T^2 * mean KL)/ds = T (p_s - p_t) / num_valid
 
-    grad = torch.empty_like(student) if need_grad else None
-    # Compute straight into the saved gradient, unless it needs another dtype or layout: the
-    # per-class loop reads a channels_last tensor's classes with a stride of C (1.7x slower at
-    # CamVid's size), so such logits go through a contiguous scratch chunk and are copied back.
-    direct = grad is not None and student.dtype == cd and student.is_contiguous()
+    # In the compute dtype, not the logits' (see LossWithSavedGradient.backward).
+    grad = torch.empty_like(student, dtype=cd) if need_grad else None
+    # Compute straight into the saved gradient, unless it needs another layout: the per-class
+    # loop reads a channels_last tensor's classes with a stride of C (1.7x slower at CamVid's
+    # size), so such logits go through a contiguous scratch chunk and are copied back.
+    direct = grad is not None and student.is_contiguous()
     scratch = None if direct else student.new_empty((step, n_classes, *spatial), dtype=cd)
     total = torch.zeros((), dtype=cd, device=student.device)
     for start in range(0, n_total, step):

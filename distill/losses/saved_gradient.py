@@ -27,6 +27,7 @@ class LossWithSavedGradient(torch.autograd.Function):
             loss, grad = kernel(student, teacher, *args)
         ctx.others = 1 + len(args)  # teacher and args: no gradient
         ctx.has_grad = grad is not None
+        ctx.dtype = student.dtype
         if grad is not None:
             ctx.save_for_backward(grad)
         return loss
@@ -40,6 +41,9 @@ class LossWithSavedGradient(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # The upstream grad is usually exactly 1 (kd_weight 1): hand over the saved tensor, no
         # copy. Otherwise scale out of place, so a retain_graph backward sees it unchanged.
+        # The saved gradient is in the kernel's precision (fp32 for half logits) and scaled there:
+        # in fp16, a loss scaler's 65536 is inf and a gradient divided by a frame's pixel count
+        # underflows; only the result is rounded to the logits' dtype.
         if not bool(grad_loss == 1):
             grad = grad * grad_loss.to(grad.dtype)
-        return None, grad, *none
+        return None, grad.to(ctx.dtype), *none
