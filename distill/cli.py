@@ -247,9 +247,10 @@ def _interrupted(args: argparse.Namespace, interrupt: KeyboardInterrupt | None =
         advice = "the checkpoint it resumes from is untouched: resume it again with `{command}`"
     elif args.command == "train":
         restored = getattr(interrupt, "earlier_run_restored", False)
-        advice = ("it had saved no checkpoint yet, so there is nothing to resume"
-                  + ("; the folder's earlier run is back as it was" if restored else "")
-                  + ": start it again with `{command}`")
+        advice = ("it had not been validated yet, so the folder's earlier run is back as it was "
+                  "and there is nothing to resume" if restored else
+                  "it had saved no checkpoint yet, so there is nothing to resume")
+        advice += ": start it again with `{command}`"
     command = shlex.join(words + overrides)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         command += " (under the same `accelerate launch` options, with -m distill)"

@@ -158,7 +158,7 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
 
 
 def _recover_killed_runs(recipe: Recipe, stages: list[str]) -> None:
-    """Give back the finished run that a run killed before its first weights set aside, so that
+    """Give back the finished run that a run killed before its first validation set aside, so that
     a stage it had finished is up to date again (and compare and export find its weights).
 
     The main process does it under each folder's lock; no Accelerator (and so no barrier)
@@ -173,7 +173,7 @@ def _recover_killed_runs(recipe: Recipe, stages: list[str]) -> None:
         for files in leftovers:
             with exclusive_folder(files.folder):
                 if files.recover_killed_run():
-                    console.print(f"[yellow]{files.folder}: a run killed before its first weights had set "
+                    console.print(f"[yellow]{files.folder}: a run killed before its first validation had set "
                                   "the last finished run aside; it is back in place")
         return
     deadline = time.monotonic() + 120

@@ -123,9 +123,9 @@ class StageFiles:
         """Move an earlier run's weights, records, recipe and checkpoints into :attr:`set_aside`.
 
         A run from the start calls this at its first write and :meth:`drop_set_aside` once it has
-        written weights: bad data met in between (a mask read in a later batch, the validation
+        written weights and been validated: bad data met in between (a mask read in a later batch, the validation
         split) puts the earlier run back (:meth:`restore_set_aside`) as it was. A folder already
-        holding a set-aside run belongs to a run killed before its first weights: what was set
+        holding a set-aside run belongs to a run killed before its first validation: what was set
         aside is still the last finished run, and the killed run's records are dropped. Files
         move through one folder renamed whole, so a kill between two moves loses nothing.
         """
@@ -154,9 +154,25 @@ class StageFiles:
         self._finish_interrupted_move()
 
     def killed_run_left(self) -> bool:
-        """A run from the start was killed before its first weights: the last finished run is
-        still set aside, and the folder holds only the killed run's first records."""
-        return self.set_aside.is_dir() and not (self.best.exists() or self.last.exists())
+        """A run from the start was killed before it was validated once: the last finished run
+        is still set aside, and the folder holds only the killed run's first records (and
+        perhaps a checkpoint and ``last.safetensors``, which alone do not replace a finished run)."""
+        return self.set_aside.is_dir() and not self.best.exists()
+
+    def writer(self) -> str | None:
+        """Who holds this folder's lock (:func:`exclusive_folder`), or None when no run does."""
+        lock_file = self.folder.parent / f".{self.folder.name}.lock"
+        if not lock_file.exists():
+            return None
+        probe = FileLock(lock_file, timeout=0)
+        try:
+            probe.acquire()
+            probe.release()
+        except Timeout:
+            return _holder(lock_file.with_name(lock_file.name + ".json"))
+        except OSError:  # a lock that cannot be taken here (read-only): no writer known
+            return None
+        return None
 
     def settled(self) -> bool:
         """No killed run's leftovers, and no files on their way back (:meth:`recover_killed_run`
@@ -165,7 +181,7 @@ class StageFiles:
 
     def recover_killed_run(self) -> bool:
         """Put the last finished run back after such a kill (call it holding the folder's lock:
-        a run alive before its first weights looks the same); returns whether it did."""
+        a run alive before its first validation looks the same); returns whether it did."""
         if not self.killed_run_left():
             return False
         self.restore_set_aside()

@@ -120,8 +120,12 @@ def checkpoint_to_score(recipe: Any, stage: str) -> Path:
 
 def baseline_weights(recipe: Any) -> Path | None:
     """The baseline's best weights when it was trained, else None (compare's optional row)."""
-    best = stage_files(recipe, "baseline").best
-    return best if best.is_file() else None
+    files = stage_files(recipe, "baseline")
+    if files.best.is_file():
+        return files.best
+    if files.set_aside.is_dir():  # trained, but set aside by a run killed or under way: said
+        return trained_weights(recipe, "baseline")
+    return None
 
 
 def trained_weights(recipe: Any, stage: str) -> Path:
@@ -146,9 +150,13 @@ def trained_weights(recipe: Any, stage: str) -> Path:
     best = files.best
     if not best.is_file():
         flag = "" if stage == "student" else f" --stage {stage}"
+        writer = files.writer()
+        if writer is not None:
+            raise ModelError(f"the {stage} has no weights in {files.folder} yet: a run is training it now "
+                             f"({writer}); wait for its first validation")
         if files.killed_run_left():
             raise ModelError(
-                f"the {stage} has no weights in {files.folder}: a run killed before its first weights "
+                f"the {stage} has no weights in {files.folder}: a run killed before its first validation "
                 f"set the last finished run aside in {files.set_aside}; `distill run RECIPE` puts it "
                 f"back (`distill train RECIPE{flag}` too, then trains anew)")
         raise ModelError(

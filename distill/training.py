@@ -126,6 +126,7 @@ class _Run:
     total_steps: int
     teacher_module: bool  # the caller's own teacher, not the recipe's
     started: bool = False  # has the run written its folder yet (see _start_writing)
+    validated: bool = False  # has it read the validation split once (see _drop_earlier_run)
     checkpointed: bool = False  # has it saved a checkpoint that train.resume can continue
 
     @property
@@ -144,15 +145,19 @@ class _Run:
     def resumes_own_run(self) -> bool:
         """``train.resume`` is this stage folder's own checkpoint, whose records it continues (a
         checkpoint from elsewhere starts this folder's records anew)."""
-        resume = self.recipe.train.resume
-        if resume is None:
-            return False
-        here, there = self.dir.resolve(), Path(resume).resolve()
-        return there == here or here in there.parents
+        return _resumes_folder(self.recipe.train.resume, self.dir)
 
     @property
     def log_path(self) -> Path:
         return self.files.metrics
+
+
+def _resumes_folder(resume: Path | str | None, folder: Path) -> bool:
+    """Whether ``train.resume`` is ``folder`` or a checkpoint inside it."""
+    if resume is None:
+        return False
+    here, there = folder.resolve(), Path(resume).resolve()
+    return there == here or here in there.parents
 
 
 def train(
@@ -209,7 +214,9 @@ def train(
     set_seed(recipe.train.seed)
     # One writer per stage folder, from before its first write to the end of the run.
     with exclusive_folder(run_dir, accelerator), _given_back(teacher):
-        if accelerator.is_main_process:  # a run killed before its first weights hid the last one
+        # A run killed before its first validation hid the last finished one; unless this run
+        # resumes that killed run's own checkpoint, the finished one comes back.
+        if accelerator.is_main_process and not _resumes_folder(recipe.train.resume, run_dir):
             StageFiles(run_dir).recover_killed_run()
         accelerator.wait_for_everyone()
         try:
@@ -233,12 +240,12 @@ def train(
                     progress.advance(bars[0])
         except BaseException as error:
             restored = False
-            if run.main and not run.resumes_own_run:  # no weights of its own yet: the earlier run returns
+            if run.main and not run.resumes_own_run:  # not validated yet: the earlier run returns
                 restored = run.files.set_aside.is_dir()
                 run.files.restore_set_aside()
             if isinstance(error, KeyboardInterrupt):
                 # Whether there is a checkpoint of this run to resume decides the CLI's advice.
-                if run.resumes_own_run or run.checkpointed:
+                if run.resumes_own_run or (run.checkpointed and not restored):
                     raise StoppedWithCheckpoint(str(run.dir)) from None
                 raise StoppedBeforeCheckpoint(restored) from None
             raise
@@ -580,6 +587,7 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
         state["last_miou"] = scores.miou
         _log(accelerator, run.log_path, {"epoch": epoch + 1, "step": state["step"], "val_miou": scores.miou,
                                          "val_pixel_accuracy": scores.pixel_accuracy})
+        run.validated = True
         if scores.miou > state["best_miou"]:
             state["best_miou"] = scores.miou
             save_weights(accelerator, unwrapped, run.files.best)
@@ -601,8 +609,10 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
 
 
 def _drop_earlier_run(run: _Run) -> None:
-    """Once this run has written weights, the earlier run it set aside is gone for good."""
-    if run.main:
+    """Once this run has written weights and read every split, the earlier run it set aside is
+    gone for good: bad data in the validation split, met after a checkpoint when
+    ``eval_every_epochs`` is the larger, still gives the earlier run back."""
+    if run.main and run.validated:
         run.files.drop_set_aside()
 
 

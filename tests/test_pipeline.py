@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import distill.training as loop
+from distill import train
 from distill.pipeline import planned_stages, run_pipeline
 from distill.run_folder import StageFiles
 from helpers import tiny_recipe
@@ -97,12 +98,31 @@ def test_a_finished_stage_hidden_by_a_run_killed_before_its_weights_comes_back_u
     # run set aside, the killed run's first records in its place, no weights.
     files.set_aside_earlier_run()
     files.metrics.write_text('{"step": 1, "loss": 1.0}\n')
-    with pytest.raises(ModelError, match=r"a run killed before its first weights set the last finished run "
+    with pytest.raises(ModelError, match=r"a run killed before its first validation set the last finished run "
                                          r"aside in .*\.previous_run; `distill run RECIPE` puts it back"):
         evaluate_checkpoint(recipe, "student")
     assert statuses(run_pipeline(recipe)) == {"student": "up to date"}  # it was retrained from scratch
     assert files.best.read_bytes() == weights and not files.set_aside.exists()
     assert '"loss": 1.0' not in files.metrics.read_text()
+
+
+def test_a_baseline_hidden_by_a_killed_run_or_a_live_one_is_said_not_left_out(tmp_path):
+    from distill.models import ModelError
+    from distill.run_folder import exclusive_folder
+    from distill.stage_weights import baseline_weights, trained_weights
+
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 1})
+    train(recipe, "baseline")
+    files = StageFiles(tmp_path / "baseline")
+    assert baseline_weights(recipe) == files.best
+    files.set_aside_earlier_run()  # a fresh run's first write: killed there, or still running
+    # compare's baseline row: not silently left out of compare.json (it was)
+    with pytest.raises(ModelError, match=r"a run killed before its first validation set the last finished"):
+        baseline_weights(recipe)
+    with exclusive_folder(files.folder):  # a run alive: not called killed
+        with pytest.raises(ModelError, match=r"no weights in .*baseline yet: a run is training it now "
+                                             r"\(pid \d+ on .*\); wait for its first validation"):
+            trained_weights(recipe, "baseline")
 
 
 def test_stage_whose_checkpoint_no_longer_fits_its_model_trains_anew(tmp_path, monkeypatch, capfd):

@@ -96,7 +96,7 @@ def test_bad_data_met_after_the_first_step_gives_the_earlier_run_back(tmp_path, 
 def test_sigterm_from_the_launcher_gives_the_earlier_run_back(tmp_path, monkeypatch):
     # torch's launcher stops a failed process's peers with SIGTERM: with distill's handler (the
     # CLI installs it in launched processes) the stop unwinds like an error, and a fresh run
-    # stopped before its first weights puts the finished run back instead of hiding it.
+    # stopped before its first validation puts the finished run back instead of hiding it.
     import signal
 
     import distill.training
@@ -422,7 +422,7 @@ def test_a_fresh_run_stopped_before_its_first_weights_gives_the_earlier_run_back
     # Nothing of the stopped run to resume (train.resume would name the earlier, finished run).
     captured = capfd.readouterr()
     said = " ".join((captured.out + captured.err).split())
-    assert "it had saved no checkpoint yet, so there is nothing to resume; the folder's earlier run is back" in said
+    assert "it had not been validated yet, so the folder's earlier run is back as it was and there is nothing to resume" in said
     assert f"start it again with `distill train {recipe} --stage student train.lr=0.02`" in said
     assert "train.resume" not in said
     import pickle
@@ -431,6 +431,25 @@ def test_a_fresh_run_stopped_before_its_first_weights_gives_the_earlier_run_back
 
     again = pickle.loads(pickle.dumps(StoppedBeforeCheckpoint(True)))  # process pools pickle it
     assert isinstance(again, KeyboardInterrupt) and again.earlier_run_restored is True
+
+
+def test_bad_validation_data_met_after_a_checkpoint_gives_the_earlier_run_back(tmp_path, monkeypatch, capfd):
+    # Validation every 2nd epoch, a checkpoint every epoch: the refused run checkpoints (and
+    # writes last.safetensors) before it first reads the validation split.
+    import distill.training
+    from distill.data import DataError
+
+    recipe = write_recipe(tmp_path)
+    assert main(["train", str(recipe)]) == 0
+    before = snapshot(tmp_path / "run")
+
+    def bad_mask(*args, **kwargs):
+        raise DataError("mask 'val/000003.png' has label values [7]")
+
+    monkeypatch.setattr(distill.training, "evaluate_model", bad_mask)
+    assert main(["train", str(recipe), "train.lr=0.02", "train.eval_every_epochs=2"]) == 2
+    assert snapshot(tmp_path / "run") == before
+    assert "label values [7]" in " ".join(capfd.readouterr().err.split())
 
 
 def test_ctrl_c_during_set_up_of_a_fresh_run_offers_no_resume(tmp_path, monkeypatch, capfd):
