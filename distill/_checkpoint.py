@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from accelerate import Accelerator
 from safetensors.torch import save
 
@@ -58,6 +59,17 @@ class CheckpointMismatch(TrainingError):
     """``train.resume`` names a checkpoint made from other inputs (settings, data, processes)."""
 
 
+class CheckpointUnreadable(TrainingError):
+    """``train.resume`` names a checkpoint whose files cannot be read (truncated, damaged)."""
+
+    def __init__(self, folder: Path, reason: str) -> None:
+        super().__init__(f"train.resume '{folder}' cannot be read: {reason}")
+        self.folder, self.reason = folder, reason
+
+    def __reduce__(self):  # pickled by process pools: rebuilt from its two fields
+        return type(self), (self.folder, self.reason)
+
+
 def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object]) -> dict:
     """Load a ``save_state`` folder (or a stage folder's latest checkpoint) and its progress,
     refusing one made from other settings (the schedule would silently go wrong)."""
@@ -78,11 +90,13 @@ def resume_from(accelerator: Accelerator, folder: Path, inputs: dict[str, object
         accelerator.load_state(str(folder))
     except torch.cuda.OutOfMemoryError:
         raise  # the device, not the checkpoint: resuming later must still find it
+    except SafetensorError as error:  # a truncated or damaged weights file
+        raise CheckpointUnreadable(folder, str(error)[:400]) from None
     except (RuntimeError, KeyError, ValueError) as error:  # load_state_dict of another model
         first = str(error).strip().splitlines()
         if not isinstance(error, KeyError) and "loading state_dict" not in str(error):
             # A damaged file (a truncated zip...), not another model: not for a fresh start.
-            raise TrainingError(f"train.resume '{folder}' cannot be read: {' '.join(first[:2])[:400]}") from None
+            raise CheckpointUnreadable(folder, ' '.join(first[:2])[:400]) from None
         # A CheckpointMismatch too: the model's code changed under the same settings (a factory
         # edited, a library renaming parameters), so `distill run` starts the stage anew.
         raise CheckpointMismatch(f"train.resume '{folder}' holds weights of another model: "

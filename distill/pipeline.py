@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from distill._checkpoint import CheckpointMismatch
+from distill._checkpoint import CheckpointMismatch, CheckpointUnreadable
 from distill._io import atomic_write_text, file_digest
 from distill.config import Recipe, changes_output
 from distill.data import DataError
@@ -117,6 +117,10 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
                     check_models(recipe, stage)  # type: ignore[arg-type]
             except (DataError, ModelError, TrainingError) as error:
                 raise type(error)(f"the {stage} stage: {error}") from None
+        elif stage == "cache":  # cache.dir onto a folder of other files: before the teacher is redone
+            from distill.cache.store import check_store_folder
+
+            check_store_folder(cache_dir(recipe), recipe.cache.splits)
     main = is_launch_main()
     outcomes = []
     for stage in stages:
@@ -224,6 +228,13 @@ def _train_stage(recipe: Recipe, stage: str, fingerprint: str, main: bool) -> tu
                           f"({why}): it trains from the start")
         stage_recipe.train.resume, resumable = None, False
         result = train(stage_recipe, stage, fingerprint=fingerprint)  # type: ignore[arg-type]
+    except CheckpointUnreadable as error:
+        # Damaged files are not retrained over unasked (a disk or network share may come back);
+        # `distill run` takes no train.resume, so say what to delete.
+        if not resumable:
+            raise
+        raise TrainingError(f"the {stage} stage's checkpoint '{error.folder}' cannot be read ({error.reason}): "
+                            "restore it, or delete it and `distill run` trains the stage from the start") from None
     return ("resumed" if resumable else "trained"), result.best_miou
 
 

@@ -67,7 +67,10 @@ def test_parse_overrides_rejects_words_without_value():
          r"cache.topk 7 is larger than the dataset's 6 classes"),
         ({"model": {}}, ["loss.class_weights=[1, 2]"], r"loss.class_weights has 2 values but the dataset has 6 classes"),
         ({"student": {}, "teacher": {"mean": [0.5, 0.5, 0.5]}}, [], r"teacher.mean/teacher.std describe an external teacher checkpoint"),
-        ({"model": {}}, ["train.epochs.sub=1"], r"'train.epochs': input should be a valid integer"),
+        ({"model": {}}, ["train.epochs.sub=1"], r"'train.epochs' \(from override\): input should be a valid integer"),
+        # A section or a list set whole by an override: the error inside it names the override too.
+        ({"model": {}}, ["train={epochs: -1}"], r"'train.epochs' \(from override\): input should be greater than"),
+        ({"model": {}}, ["export.formats=[bogus]"], r"'export.formats.0' \(from override\): input should be"),
     ],
 )
 def test_bad_input_names_the_key(tmp_path, tree, overrides, message):
@@ -271,7 +274,7 @@ def test_recipes_read_as_their_authors_mean(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     # One mistake, one line, the user's key: not `pairs.0.1.int` and `pairs.0.1.literal['decoder']`.
     (["loss.feature.pairs=[[1, decodr]]"],
-     "'loss.feature.pairs.0.1': input should be a valid integer, unable to parse string as an integer; "
+     "'loss.feature.pairs.0.1' (from override): input should be a valid integer, unable to parse string as an integer; "
      "or input should be 'decoder' (got 'decodr')"),
     (["teacher_train={epochs: true}"], "teacher_train: 'epochs' is True, a boolean, not a number\n"),
     # The suggested value is accepted (0.3333 was refused with the same advice).

@@ -125,6 +125,22 @@ def test_a_baseline_hidden_by_a_killed_run_or_a_live_one_is_said_not_left_out(tm
             trained_weights(recipe, "baseline")
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_a_damaged_checkpoint_says_what_distill_run_needs(tmp_path, monkeypatch, suffix):
+    from distill.launch import TrainingError
+
+    recipe = tiny_recipe(tmp_path, **{"train.epochs": 2, "run.export": "false"})
+    killed_after_its_first_checkpoint(recipe, monkeypatch)
+    latest = tmp_path / "student" / "checkpoints" / "latest"
+    damaged = next(p for p in sorted(latest.iterdir()) if p.suffix == suffix)  # weights, optimizer
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    # Not `train.resume`, which distill run refuses, and not retrained over unasked.
+    with pytest.raises(TrainingError, match=r"the student stage's checkpoint '.*latest' cannot be read \(.*\): "
+                                            r"restore it, or delete it and `distill run` trains the stage"):
+        run_pipeline(recipe)
+    assert damaged.stat().st_size == 100
+
+
 def test_stage_whose_checkpoint_no_longer_fits_its_model_trains_anew(tmp_path, monkeypatch, capfd):
     # The factory's code changed between the kill and the rerun (its name and arguments did
     # not): the checkpoint cannot be loaded, and `distill run` cannot be given train.resume.
@@ -150,6 +166,21 @@ def test_cache_mode_runs_end_to_end(tmp_path):
     assert all(r["kd"] > 0 for r in records if "loss" in r)
     # Run again: every stage, the store among them, is up to date (the notebook says so).
     assert set(statuses(run_pipeline(recipe)).values()) == {"up to date"}
+
+
+def test_a_store_folder_of_other_files_is_refused_before_the_teacher_is_redone(tmp_path):
+    from distill.cache import CacheError
+
+    recipe = tiny_recipe(tmp_path, teacher=True, **CACHED, **{"train.epochs": 1, "run.baseline": "false",
+                                                            "run.export": "false"})
+    run_pipeline(recipe)
+    (tmp_path / "cache" / "train" / "notes.txt").write_text("mine")
+    teacher = {p.name: p.read_bytes() for p in (tmp_path / "teacher").iterdir() if p.is_file()}
+    changed = tiny_recipe(tmp_path, teacher=True, **CACHED, **{"train.epochs": 1, "run.baseline": "false",
+                                                             "run.export": "false", "teacher_train.lr": 0.02})
+    with pytest.raises(CacheError, match=r"train' holds 'notes.txt', which a logit store never writes"):
+        run_pipeline(changed)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "teacher").iterdir() if p.is_file()} == teacher
 
 
 def test_weights_retrained_outside_run_make_later_stages_stale(tmp_path):

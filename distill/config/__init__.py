@@ -125,7 +125,12 @@ def _sections_with_key(key: str) -> list[str]:
 def _describe(error: dict[str, Any], origins: dict[str, str]) -> str:
     loc = tuple(str(p) for p in error["loc"] if not str(p).startswith("function-"))
     dotted = ".".join(loc)
-    origin = origins.get(dotted, "")
+    # Where the value came from: the key itself, the override that set a whole section or list
+    # around it (`train={epochs: -1}`, `format=bogus` for `export.formats.0`), or one inside it
+    # (`train.epochs.sub=1` made `train.epochs` a mapping).
+    around = [".".join(loc[:k]) for k in range(len(loc), 0, -1)]
+    inside = [key for key in origins if key.startswith(dotted + ".")]
+    origin = next((origins[key] for key in (*around, *inside) if key in origins), "")
     if error["type"] == "extra_forbidden":
         owner = _model_at(loc[:-1])
         valid = sorted(owner.model_fields) if owner is not None else []
