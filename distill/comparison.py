@@ -315,12 +315,15 @@ def _measure_and_write(recipe: Recipe, split: str, info: DatasetInfo, models: di
     console.print(summary_table(report))
     console.print(per_class_table(report))
     examples = example_predictions(dataset, models, num_examples, device)
+    # Everything made before the first file is replaced: a stop (or a failure) while rendering
+    # leaves the earlier report whole, never a picture of one split beside the numbers of another.
+    png_bytes, text = render_png(report, info, examples), json_text(report)
     # `distill run` calls the folder up to date while its done.json holds the fingerprint it
     # wrote: a report written outside it (another split, other settings) is not that one.
     StageFiles(out).done.unlink(missing_ok=True)
-    atomic_write_bytes(png, render_png(report, info, examples))
+    atomic_write_bytes(png, png_bytes)
     save_resolved_recipe(recipe, out)
-    atomic_write_text(json_path, json_text(report))
+    atomic_write_text(json_path, text)
     console.print(f"wrote {json_path} and {png}")
 
 

@@ -90,19 +90,24 @@ class StageFiles:
         """``distill eval``'s reports of this folder's weights, one per split."""
         return tuple(sorted(self.folder.glob("eval_*.json")))
 
+    def reports_of(self, weights: Path) -> tuple[Path, ...]:
+        """The reports that scored ``weights`` (this folder's best or last file); reports of
+        checkpoints from elsewhere (``eval_<split>@<name>-<hash>.json``) are not this run's."""
+        if weights == self.best:
+            return tuple(p for p in self.eval_reports() if "@" not in p.name)
+        return tuple(sorted(self.folder.glob(f"eval_*@{weights.stem}.json")))
+
     def drop_reports_of(self, weights: Path) -> None:
         """Delete the reports that scored ``weights`` (this folder's best or last file), which
         were just rewritten: a resumed run's new best must not sit beside the old one's scores."""
-        reports = (tuple(p for p in self.eval_reports() if "@" not in p.name) if weights == self.best
-                   else tuple(self.folder.glob(f"eval_*@{weights.stem}.json")))
-        for report in reports:
+        for report in self.reports_of(weights):
             report.unlink(missing_ok=True)
 
     def run_records(self) -> tuple[Path, ...]:
         """What a run from the start replaces: an earlier run's weights and records (its
         evaluation reports among them)."""
         return (self.metrics, self.best, self.best_record, self.last, self.done, self.tracker_logs,
-                *self.eval_reports())
+                *self.reports_of(self.best), *self.reports_of(self.last))
 
     @property
     def tracker_logs(self) -> Path:

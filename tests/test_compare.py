@@ -204,3 +204,20 @@ def test_example_predictions_of_a_coarse_model_come_at_the_masks_size(trained):
     expected = torch.nn.functional.interpolate(Coarse()(image), size=image.shape[-2:], mode="bilinear").argmax(1)[0]
     assert example["predictions"]["coarse"].shape == example["mask"].shape
     assert (example["predictions"]["coarse"] == expected.numpy()).all()
+
+
+def test_a_compare_stopped_while_rendering_leaves_the_earlier_report_whole(trained, report, monkeypatch):
+    import distill.comparison
+
+    out = Path(trained.output_dir) / "compare"
+    (out / "done.json").write_text("{}")  # as `distill run` leaves it
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.comparison, "render_png", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        compare(trained, split="train", **FAST)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (out / "done.json").unlink()

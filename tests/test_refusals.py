@@ -549,6 +549,22 @@ def test_the_advice_for_a_student_without_weights_works_for_every_command_that_g
         assert f"eval.checkpoint '{tmp_path / 'w.safetensors'}' does not exist" in err, command
 
 
+def test_a_new_run_keeps_the_reports_of_weights_from_elsewhere(tmp_path):
+    recipe = write_recipe(tmp_path, **{"train.epochs": 1})
+    assert main(["train", str(recipe)]) == 0
+    folder = tmp_path / "run" / "student"
+    outside = tmp_path / "elsewhere" / "candidate.safetensors"
+    outside.parent.mkdir()
+    outside.write_bytes((folder / "best.safetensors").read_bytes())
+    assert main(["eval", str(recipe)]) == 0
+    assert main(["eval", str(recipe), f"checkpoint={outside}"]) == 0
+    theirs = [p.name for p in folder.glob("eval_*@candidate-*.json")]
+    assert len(theirs) == 1
+    assert main(["train", str(recipe), "train.lr=0.02"]) == 0
+    # The report of this folder's best weights went with them; that of another file stays.
+    assert sorted(p.name for p in folder.glob("eval_*.json")) == theirs
+
+
 def test_a_resumed_run_drops_the_reports_of_the_weights_it_rewrites(tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path, **{"train.epochs": 3, "train.lr": 0.05})
     stop_in_the_second_epoch(monkeypatch)
