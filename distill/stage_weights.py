@@ -52,9 +52,11 @@ def teacher_digest(recipe: Any) -> str:
 
 
 def weights_files(path: Path) -> list[Path]:
-    """The files a weights file stands for: itself, and for the index of sharded weights every
-    shard it names too."""
+    """The files a weights file stands for: itself, for the index of sharded weights every
+    shard it names too, and for an ONNX graph the files its external data is in."""
     path = Path(path)
+    if path.suffix == ".onnx":
+        return [path, *_onnx_external_files(path)]
     if not path.name.endswith(".index.json"):
         return [path]
     try:
@@ -64,6 +66,21 @@ def weights_files(path: Path) -> list[Path]:
     return [path, *(path.parent / shard for shard in shards)]
 
 
+def _onnx_external_files(path: Path) -> list[Path]:
+    """The files beside an ONNX graph that hold its initializers (external data: large models,
+    and torch's dynamo exporter by default); new weights may leave the graph file unchanged."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as error:  # onnx raises DecodeError, ValueError...: the file is not a graph
+        raise ModelError(f"teacher.path '{path}' cannot be read as an ONNX graph: {error}") from None
+    locations = {entry.value for tensor in graph.initializer
+                 if tensor.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in tensor.external_data if entry.key == "location"}
+    return [path.parent / location for location in sorted(locations)]
+
+
 def weights_digest(path: Path, *, folder_settings: bool = False) -> str:
     """SHA-256 of a weights file; for the index of sharded weights, of the index and every shard
     it names (new shards under the same index are other weights); with ``folder_settings``,
@@ -71,8 +88,8 @@ def weights_digest(path: Path, *, folder_settings: bool = False) -> str:
     path = Path(path)
     try:
         parts = [file_digest(file) for file in weights_files(path)]
-    except OSError as error:  # a shard the index names is missing
-        raise ModelError(f"sharded weights '{path}' cannot be read whole: {error}") from None
+    except OSError as error:  # a shard the index names, or an ONNX graph's data file, is missing
+        raise ModelError(f"weights '{path}' cannot be read whole: {error}") from None
     if folder_settings and path.name in _FOLDER_WEIGHTS:
         parts += [f"{name} {file_digest(path.parent / name)}" for name in _FOLDER_SETTINGS
                   if (path.parent / name).is_file()]

@@ -442,3 +442,24 @@ def test_oneformer_is_refused_by_name(tmp_path):
     recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "transformers", "teacher.path": str(folder)})
     with pytest.raises(ModelError, match="is a OneFormer model, which distill does not run"):
         load_teacher(recipe, 4)
+
+
+def test_an_onnx_teacher_with_external_data_is_hashed_with_its_weights(tmp_path):
+    # Large graphs (and torch's dynamo exporter) keep the weights in a file beside the graph:
+    # new weights under the same graph must make the store and the student stale.
+    import onnx
+
+    from distill.stage_weights import teacher_digest
+
+    graph = tmp_path / "teacher.onnx"
+    onnx_teacher(tmp_path / "plain.onnx")
+    model = onnx.load(str(tmp_path / "plain.onnx"))
+    onnx.save_model(model, str(graph), save_as_external_data=True, location="teacher.onnx.data", size_threshold=0)
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.source": "onnx", "teacher.path": str(graph)})
+    before, graph_bytes = teacher_digest(recipe), graph.read_bytes()
+    data = (tmp_path / "teacher.onnx.data").read_bytes()
+    (tmp_path / "teacher.onnx.data").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # other weights, same graph
+    assert graph.read_bytes() == graph_bytes and teacher_digest(recipe) != before
+    (tmp_path / "teacher.onnx.data").unlink()
+    with pytest.raises(ModelError, match=r"weights '.*teacher.onnx' cannot be read whole: .*teacher.onnx.data"):
+        teacher_digest(recipe)
