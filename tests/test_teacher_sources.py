@@ -151,6 +151,14 @@ def test_a_changed_class_map_makes_the_store_stale(tmp_path):
     swapped.teacher.class_map = {0: 0, 1: 2, 2: 1, 3: 3}
     with pytest.raises(CacheError, match="teacher_model"):
         open_store(swapped)
+    # A map by the student's names: the same map, the names reordered, is another map.
+    named = mapped.model_copy(deep=True)
+    named.data.class_names, named.teacher.class_map = ["a", "b", "c", "d"], {0: "a", 1: "b", 2: "c", 3: "d"}
+    write_cache(named)
+    reordered = named.model_copy(deep=True)
+    reordered.data.class_names = ["b", "a", "c", "d"]
+    with pytest.raises(CacheError, match="student_classes"):
+        open_store(reordered)
 
 
 def _tiny_segformer(folder, names, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):

@@ -109,6 +109,13 @@ def test_a_repeated_source_is_drawn_that_many_times_per_pass():
     assert all(n == 1 for s, n in counts.items() if "synthetic/train" in s)
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         data(unlabelled=[{"synthetic": 2, "repeat": 0}])
+    # Two generated sources: the next images of the stream, not the first ones again.
+    two = build_dataset(data(unlabelled=[{"synthetic": 2}, {"synthetic": 3, "repeat": 2}]), "train",
+                        train=False, unlabelled=True)
+    ids = [two.sample_id(k) for k in range(12, 17)]
+    assert ids == [f"unlabelled/synthetic/unlabelled/{k:06d}" for k in range(5)]
+    assert not np.array_equal(two[12]["image"].numpy(), two[14]["image"].numpy())
+    assert [two.source.repeat(k) for k in range(12, 17)] == [1, 1, 2, 2, 2]
 
 
 def test_the_unlabelled_share_of_a_batch_rounds_halves_up():

@@ -130,6 +130,8 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
     views = teacher.tta_flip or tuple(teacher.tta_scales) != (1.0,)
     if views or teacher.class_map is not None:
         fingerprint["temperature"] = recipe.loss.temperature
+    if teacher.class_map is not None:  # a map by name: the student's names say where each class goes
+        fingerprint["student_classes"] = list(dataset_info(data).class_names)
     if recipe.train.mixed_precision != "no":  # the teacher writes under the recipe's autocast
         fingerprint["mixed_precision"] = recipe.train.mixed_precision
     return fingerprint

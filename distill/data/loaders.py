@@ -261,6 +261,11 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
     if data.val_split != data.train_split:
         val = _select(data, _parse(data.val_split, "data.val_split"))
         taken |= {val.sample_id(k) for k in range(len(val))}
+    # Every `synthetic:` entry takes the next images of one stream of its own (not the same ones).
+    generated = sum(entry.synthetic or 0 for entry in data.unlabelled)
+    stream = (SyntheticShapes(data.synthetic.model_copy(update={"num_val": generated}), "unlabelled")
+              if generated else None)
+    offset = 0
     for entry in data.unlabelled:
         if entry.split is not None:
             part = _select(data, _parse(entry.split, "data.unlabelled split"))
@@ -272,8 +277,9 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
         elif entry.folder is not None:
             extra.append((FolderImages(entry.folder, entry.repeat), entry.repeat))
         else:
-            synthetic = data.synthetic.model_copy(update={"num_val": entry.synthetic})
-            extra.append((SyntheticShapes(synthetic, "unlabelled"), entry.repeat))  # a stream of its own
+            assert stream is not None and entry.synthetic is not None
+            extra.append((Subset([(stream, k) for k in range(offset, offset + entry.synthetic)]), entry.repeat))
+            offset += entry.synthetic
     if not extra:
         return source
     for part, times in extra:
