@@ -42,7 +42,8 @@ from distill.export.predict import CONFIG_NAME
 from distill.progress import console
 from distill.export.quantize import OnnxSegmenter
 from distill.run_folder import StageFiles, compare_dir, ensure_writable_folder, exclusive_folder, export_dir
-from distill.stage_weights import baseline_weights, trained_weights, weights_digest, weights_files
+from distill.stage_weights import (baseline_weights, check_normalization, trained_weights, weights_digest,
+                                   weights_files)
 from distill.teacher import scoring_teacher
 from distill.teacher.sources import OnnxTeacher
 from distill.launch import is_launch_main, make_accelerator
@@ -67,6 +68,8 @@ def _checkpoints(recipe: Recipe) -> dict[str, Path]:
     if recipe.teacher is None:
         raise CompareError("the recipe has no `teacher` section: compare needs a teacher and a student")
     found = {"teacher": trained_weights(recipe, "teacher"), "student": trained_weights(recipe, "student")}
+    for stage, weights in found.items():
+        check_normalization(recipe, weights, stage)
     baseline = baseline_weights(recipe)
     if baseline is not None and _baseline_is_current(recipe, baseline):
         found["baseline"] = baseline

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from distill.metrics import SegmentationScores, per_sample_confusion, scores_fro
 from distill.models import STAGES, ModelError, Stage, build_model, check_class_count, run_padded, stage_model
 from distill.progress import console, track
 from distill.run_folder import ensure_writable_folder, stage_dir
-from distill.stage_weights import checkpoint_to_score
+from distill.stage_weights import check_normalization, checkpoint_to_score
 from distill.teacher import scoring_teacher
 
 
@@ -83,6 +82,7 @@ def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[Segme
     (``eval_<split>@<file>.json`` for other weights than the stage's best: ``eval.checkpoint``, or
     a ``teacher.checkpoint`` outside the stage folder)."""
     checkpoint = checkpoint_to_score(recipe, stage)
+    check_normalization(recipe, checkpoint, stage)
     ensure_writable_folder(stage_dir(recipe, stage), "evaluation report")  # before the evaluation
     info = dataset_info(recipe.data)
     scores = evaluate(recipe, stage)
@@ -140,9 +140,9 @@ def _predict_at_label_size(logits: torch.Tensor, batch: dict, span: tuple[float,
     """Argmax of the logits at each mask's own size, in a tensor shaped like the padded masks.
 
     Each sample's logits are first cut to its frame (the batch pads smaller images at the
-    bottom/right): a map at 1/s (``span`` s) keeps the output pixels that reach into the frame,
-    upsampled to the input pixels they cover and cut at the frame's edge, so that neither the
-    padding nor a rounding stretches the prediction; then resized to the mask.
+    bottom/right): a map at 1/s (``span`` s) is upsampled whole to the padded input it covers
+    and cut at the frame's edge, so that neither the padding nor a rounding stretches the
+    prediction, exactly as the exported graph does; then resized to the mask.
     """
     mask = batch["mask"]
     sizes = batch.get("label_size", torch.tensor([mask.shape[-2:]] * mask.shape[0]))
@@ -156,11 +156,11 @@ def _predict_at_label_size(logits: torch.Tensor, batch: dict, span: tuple[float,
         first = row.start or 0
         h, w = (int(v) for v in frames[first])
         lh, lw = (int(v) for v in sizes[first])
-        cells = (math.ceil(h / span[0] - 1e-6), math.ceil(w / span[1] - 1e-6))
-        part = logits[row, :, : cells[0], : cells[1]]
-        if span != (1.0, 1.0):
-            covered = (round(cells[0] * span[0]), round(cells[1] * span[1]))
-            part = torch.nn.functional.interpolate(part.float(), size=covered, mode="bilinear",
+        if span == (1.0, 1.0):
+            part = logits[row, :, :h, :w]
+        else:  # as the exported graph and `distill predict` do (export.student.PaddedSegmenter)
+            covered = (round(logits.shape[-2] * span[0]), round(logits.shape[-1] * span[1]))
+            part = torch.nn.functional.interpolate(logits[row].float(), size=covered, mode="bilinear",
                                                    align_corners=False)[..., :h, :w]
         if part.shape[-2:] != (lh, lw):
             part = torch.nn.functional.interpolate(part.float(), size=(lh, lw), mode="bilinear",

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distill.models import ModelError
+
 
 def _valid_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     valid = target != ignore_index
@@ -23,10 +25,19 @@ def _valid_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> 
     return valid
 
 
+def _check_predictions(prediction: torch.Tensor, num_classes: int) -> None:
+    """A class id past the last would be counted in the next label's row (or sample's)."""
+    if prediction.numel() and int(prediction.max()) >= num_classes:
+        raise ModelError(f"the model predicts class {int(prediction.max())}, outside the dataset's "
+                         f"{num_classes} classes (0..{num_classes - 1}): its head has more outputs than "
+                         "the dataset has classes (data.class_names, or data.synthetic.num_classes)")
+
+
 def confusion_matrix(
     prediction: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
 ) -> torch.Tensor:
     """Confusion matrix ``[num_classes, num_classes]`` (rows: label, columns: prediction)."""
+    _check_predictions(prediction, num_classes)
     valid = _valid_labels(target, num_classes, ignore_index)
     codes = target[valid].long() * num_classes + prediction[valid].long()
     return torch.bincount(codes, minlength=num_classes**2).reshape(num_classes, num_classes)
@@ -42,6 +53,7 @@ def per_sample_confusion(
     full-resolution predictions, or a per-process sum that would count duplicates twice) keeps the
     multi-process result exactly equal to the single-process one.
     """
+    _check_predictions(prediction, num_classes)
     batch = target.shape[0]
     valid = _valid_labels(target, num_classes, ignore_index)
     sample = torch.arange(batch, device=target.device).view(batch, *([1] * (target.dim() - 1)))

@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from distill._io import file_digest
+from distill.config import RECIPE_FILE
 from distill.models import ModelError, stage_model
 from distill.run_folder import stage_files
 
@@ -182,3 +185,22 @@ def trained_weights(recipe: Any, stage: str) -> Path:
             + (", or set teacher.checkpoint" if stage == "teacher" else ", or pass checkpoint=PATH")
         )
     return best
+
+
+def check_normalization(recipe: Any, weights: Path, stage: str = "student") -> None:
+    """Refuse to score, compare or export weights trained on images normalized otherwise than
+    the recipe says (``data.mean``/``data.std``, read from the ``recipe.yaml`` beside them):
+    every pixel would be off, and the score or the exported model silently worse. Weights
+    without that record (from elsewhere) are taken as they are."""
+    saved = Path(weights).parent / RECIPE_FILE
+    try:
+        trained = (yaml.safe_load(saved.read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    teacher = recipe.teacher if stage == "teacher" else None
+    for key in ("mean", "std"):
+        then = trained.get(key)
+        now = list((getattr(teacher, key, None) if teacher is not None else None) or getattr(recipe.data, key))
+        if isinstance(then, list) and len(then) == len(now) and any(abs(a - b) > 1e-9 for a, b in zip(then, now)):
+            raise ModelError(f"'{weights}' was trained on images normalized with data.{key} {then} (its "
+                             f"{saved}), this recipe says {now}: set data.{key} to the trained values")

@@ -126,6 +126,21 @@ def test_parity_beyond_tolerance_fails_loudly_and_keeps_the_previous_export(tiny
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+def test_a_student_of_non_finite_logits_is_refused_not_passed(tmp_path):
+    # NaN compares false to anything: the parity's largest difference read 0 and "passed".
+    from safetensors.torch import load_file
+
+    recipe = tiny_recipe(tmp_path / "run", teacher=True)
+    path = _save_untrained_student(recipe)
+    weights = load_file(str(path))
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.ndim == 4)
+    weights[name].view(-1)[0] = float("inf")
+    save_file(weights, str(path))
+    with pytest.raises(ExportError, match=r"the eager student's logits are not finite \(NaN or inf\)"):
+        export_student(recipe, parity_images=1)
+    assert not (tmp_path / "run" / "export").exists()
+
+
 def test_onnx_accepts_any_height_width_and_batch(tiny_export):
     recipe, out = tiny_export
     session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
@@ -543,3 +558,20 @@ def test_wrapping_a_model_for_export_leaves_its_weights_and_mode_as_they_were():
     PaddedSegmenter(model)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_weights_trained_on_other_normalization_are_refused_by_eval_export_and_compare(tmp_path):
+    from distill.comparison import compare
+    from distill.evaluation import evaluate_checkpoint
+
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{"train.epochs": 1, "data.mean": "[0.2, 0.5, 0.7]"})
+    for stage in ("teacher", "student"):
+        train(recipe, stage)
+    now = tiny_recipe(tmp_path / "run", teacher=True, **{"train.epochs": 1})  # the default mean
+    message = r"best.safetensors' was trained on images normalized with data.mean \[0.2, 0.5, 0.7\]"
+    for call in (lambda: evaluate_checkpoint(now, "student"), lambda: export_student(now),
+                 lambda: compare(now, latency_runs=1, warmup_runs=0, num_examples=1)):
+        with pytest.raises(ModelError, match=message):
+            call()
+    assert not (tmp_path / "run" / "export").exists() and not (tmp_path / "run" / "compare").exists()
+    evaluate_checkpoint(recipe, "student")  # the trained normalization: scored

@@ -119,8 +119,8 @@ def test_images_of_different_sizes_with_a_strided_model_are_scored_one_by_one(tm
     from distill.config import DataConfig
     from distill.data import build_dataset, build_loader
     from distill.evaluation import evaluate_model
+    from distill.export.student import PaddedSegmenter
     from distill.launch import make_accelerator
-    from distill.models import forward_padded
     from helpers import tiny_recipe
 
     class HalfResolution(torch.nn.Module):
@@ -149,9 +149,9 @@ def test_images_of_different_sizes_with_a_strided_model_are_scored_one_by_one(tm
                             make_accelerator(tiny_recipe(tmp_path / "run")), num_classes=3, ignore_index=255)
     reference = MulticlassConfusionMatrix(num_classes=3, ignore_index=255)
     dataset = build_dataset(data, "val", train=False)
-    for k, (h, w) in enumerate(sizes):  # each image alone: no batch padding at all
+    for k, (h, w) in enumerate(sizes):  # each image alone, as the exported graph runs it
         with torch.no_grad():
-            logits = forward_padded(model, dataset[k]["image"][None])
+            logits = PaddedSegmenter(model)(dataset[k]["image"][None])
         logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         reference.update(logits.argmax(1), dataset[k]["mask"][None])
     assert torch.equal(scores.confusion, reference.compute())
@@ -202,3 +202,49 @@ def test_a_model_at_a_quarter_of_a_padded_input_is_scored_without_stretching(tmp
     reference.update(full[..., :50, :70].argmax(1), item["mask"][None])
     assert torch.equal(scores.confusion, reference.compute())
     assert (scores.confusion.sum(0) > 0).sum() >= 2  # more than one class predicted
+
+
+def test_a_coarse_model_is_scored_as_its_exported_graph_predicts():
+    # A map at 1/4 of a frame that is a multiple of 4, not of 32: the frame's last map cells sit
+    # beside padding. Scored as the graph `distill export` ships (PaddedSegmenter) predicts.
+    from distill.evaluation import _predictions
+    from distill.export.student import PaddedSegmenter
+
+    class Quarter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 5, 1))
+
+        def forward(self, images):
+            return self.body(images)
+
+    model = Quarter().eval()
+    images = torch.randn(2, 3, 52, 68, generator=torch.Generator().manual_seed(1))
+    batch = {"image": images, "mask": torch.zeros(2, 52, 68, dtype=torch.long)}
+    with torch.no_grad():
+        scored = _predictions(model, batch)
+        shipped = PaddedSegmenter(model)(images).argmax(1)
+    assert torch.equal(scored, shipped)
+
+
+def test_a_prediction_past_the_last_class_is_refused_not_counted_elsewhere():
+    from distill.metrics import confusion_matrix, per_sample_confusion
+    from distill.models import ModelError
+
+    target = torch.zeros(2, 3, 3, dtype=torch.long)
+    prediction = torch.full((2, 3, 3), 4)  # a 5-output head on 4 classes: it went to label 1's row
+    for count in (confusion_matrix, per_sample_confusion):
+        with pytest.raises(ModelError, match=r"predicts class 4, outside the dataset's 4 classes \(0..3\)"):
+            count(prediction, target, 4, 255)
+
+
+def test_a_compiled_models_class_count_is_checked_through_its_module():
+    from distill.models import ModelError, check_class_count
+
+    model = torch.nn.Conv2d(3, 5, 1)
+    compiled = torch.compile(model, backend="eager")  # not run: the probe uses the module inside
+    with pytest.raises(ModelError, match="the model predicts 5 classes, the dataset has 4"):
+        check_class_count(compiled, 4, "the model")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ from distill.export.predict import CONFIG_NAME, load_export_config
 from distill.progress import console
 from distill.export.quantize import QuantizationError, export_int8
 from distill.run_folder import ensure_writable_folder, exclusive_folder, export_dir
-from distill.stage_weights import trained_weights
+from distill.stage_weights import check_normalization, trained_weights
 
 FORMATS = ("onnx", "safetensors", "onnx_int8")
 FILES = {"onnx": "student.onnx", "safetensors": "student.safetensors",  # safetensors: factory students
@@ -304,8 +305,13 @@ def check_parity(reference: nn.Module, images: list[torch.Tensor], *, onnx_path:
             want = expected[name]()
             if got.shape != want.shape:
                 raise ExportError(f"{name} logits have shape {tuple(got.shape)}, eager {tuple(want.shape)}")
+            if not bool(torch.isfinite(want).all()):
+                raise ExportError("the eager student's logits are not finite (NaN or inf) on the parity "
+                                  f"images: its weights are broken, nothing to export ({name} compared)")
             entry = totals.setdefault(name, {"max_abs_diff": 0.0, "agree": 0.0, "pixels": 0.0})
-            entry["max_abs_diff"] = max(entry["max_abs_diff"], float((got - want).abs().max()))
+            difference = float((got - want).abs().max())
+            # NaN compares false to anything: max() and `<= atol` would both let it through.
+            entry["max_abs_diff"] = max(entry["max_abs_diff"], difference if difference == difference else math.inf)
             entry["agree"] += float((got.argmax(1) == want.argmax(1)).sum())
             entry["pixels"] += float(want[:, 0].numel())
     return {name: {"max_abs_diff": e["max_abs_diff"], "argmax_agreement": e["agree"] / e["pixels"]}
@@ -327,7 +333,8 @@ def int8_line(report: dict[str, Any]) -> str:
     """One line on the INT8 student: both mIoU figures, agreement, size, float operators."""
     floats = ", ".join(f"{op} x{n}" for op, n in report["float_ops"].items()) or "none"
     return (f"INT8 student: mIoU {100 * report['int8_miou']:.2f} vs FP32 {100 * report['fp32_miou']:.2f} "
-            f"on {report['split']} ({100 * report['miou_drop']:.2f} points lost), argmax agreement "
+            f"on {report['split']} ({abs(100 * report['miou_drop']):.2f} points "
+            f"{'lost' if report['miou_drop'] >= 0 else 'gained'}), argmax agreement "
             f"{100 * report['argmax_agreement']:.2f}%, {report['size_ratio']:.2f}x the FP32 file; "
             f"operators left in float: {floats}")
 
@@ -374,6 +381,7 @@ def export_student(recipe: Recipe, formats: list[str] | str | None = None, *,
     """
     formats = _parse_formats(formats, recipe)
     checkpoint = trained_weights(recipe, "student")
+    check_normalization(recipe, checkpoint)
     out = export_dir(recipe)
     ensure_writable_folder(out, "export", ExportError)
     info = dataset_info(recipe.data)

@@ -271,8 +271,7 @@ def check_class_count(model: nn.Module, num_classes: int, what: str,
             raise ModelError(f"{what} predicts {predicts} classes, the dataset has {num_classes} "
                              "(data.class_names, or data.synthetic.num_classes)")
         return
-    if hasattr(model, "_orig_mod"):  # compiled: a probe would compile it once more
-        return
+    model = getattr(model, "_orig_mod", model)  # compiled: its module, which a probe does not compile
     training = model.training
     try:
         with torch.no_grad():
