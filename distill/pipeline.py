@@ -108,7 +108,9 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     # Every stage's own refusals too, before the first one (re)trains anything: a refusal of the
     # students must not come after the teacher was redone.
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    _recover_killed_runs(recipe, [s for s in stages if s in TRAINING_STAGES])
+    # The baseline too when only compare reads it (run.baseline false): its weights must be there.
+    read = [s for s in TRAINING_STAGES if s in stages or (s == "baseline" and "compare" in stages)]
+    _recover_killed_runs(recipe, read)
     for stage in stages:
         if stage in TRAINING_STAGES:
             try:
@@ -161,6 +163,17 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     return outcomes
 
 
+def _resumable(recipe: Recipe, stage: str, files: StageFiles) -> bool:
+    """Whether ``files`` holds a checkpoint made from the stage's current inputs."""
+    checkpoint = files.resumable_checkpoint()
+    if checkpoint is None:
+        return False
+    try:
+        return _read_done(checkpoint / PROGRESS_FILE).get("fingerprint") == stage_fingerprint(recipe, stage)
+    except (DataError, ModelError, TrainingError, OSError):  # e.g. the teacher's weights are missing
+        return False
+
+
 def _recover_killed_runs(recipe: Recipe, stages: list[str]) -> None:
     """Give back the finished run that a run killed before its first validation set aside, so that
     a stage it had finished is up to date again (and compare and export find its weights).
@@ -170,7 +183,10 @@ def _recover_killed_runs(recipe: Recipe, stages: list[str]) -> None:
     """
     from distill.run_folder import exclusive_folder
 
-    leftovers = [files for files in (stage_files(recipe, stage) for stage in stages) if files.killed_run_left()]
+    # A killed run that checkpointed with the stage's inputs is resumed by _train_stage (and drops
+    # the finished run once validated); any other gives the finished run back.
+    leftovers = [files for stage, files in ((stage, stage_files(recipe, stage)) for stage in stages)
+                 if files.killed_run_left() and not _resumable(recipe, stage, files)]
     if not leftovers:
         return
     if is_launch_main():

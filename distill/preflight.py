@@ -37,7 +37,7 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
     from distill.models.weights import check_weights_file
     from distill.models.pretrained import is_local, locate
     from distill.run_folder import cache_dir, compare_dir, ensure_writable_folder, export_dir, stage_dir
-    from distill.stage_weights import PATH_SOURCES, external_weights, trained_weights
+    from distill.stage_weights import PATH_SOURCES, check_normalization, external_weights, trained_weights
 
     problems: list[str] = []
     errors: list[Exception] = []
@@ -84,6 +84,9 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
             attempt(lambda spec=spec: external_weights(spec.source, Path(str(spec.path)), download=False))
     if stage == "student" and recipe.distills and needs_teacher_weights and recipe.teacher.checkpoint is None:
         attempt(lambda: trained_weights(recipe, "teacher"))
+    if stage in ("student", None) and recipe.distills and recipe.teacher.checkpoint is not None:
+        # Before a student learns from a teacher fed otherwise normalized images than it knew.
+        attempt(lambda: check_normalization(recipe, Path(recipe.teacher.checkpoint), "teacher"))
     if len(errors) == 1:
         raise errors[0]  # one problem keeps its own type (DataError, ModelError...)
     if problems:

@@ -91,8 +91,7 @@ class StageFiles:
         return tuple(sorted(self.folder.glob("eval_*.json")))
 
     def reports_of(self, weights: Path) -> tuple[Path, ...]:
-        """The reports that scored ``weights`` (this folder's best or last file); reports of
-        checkpoints from elsewhere (``eval_<split>@<name>-<hash>.json``) are not this run's."""
+        """The reports that scored ``weights`` (this folder's best or last file)."""
         if weights == self.best:
             return tuple(p for p in self.eval_reports() if "@" not in p.name)
         return tuple(sorted(self.folder.glob(f"eval_*@{weights.stem}.json")))
@@ -107,7 +106,21 @@ class StageFiles:
         """What a run from the start replaces: an earlier run's weights and records (its
         evaluation reports among them)."""
         return (self.metrics, self.best, self.best_record, self.last, self.done, self.tracker_logs,
-                *self.reports_of(self.best), *self.reports_of(self.last))
+                *self.own_reports())
+
+    def own_reports(self) -> tuple[Path, ...]:
+        """The eval reports of weights inside this folder (best, last, a checkpoint's), which a
+        new run replaces; those of weights from elsewhere stay (their report names the file)."""
+        here = self.folder.resolve()
+        own = []
+        for report in self.eval_reports():
+            try:
+                scored = Path(json.loads(report.read_text())["checkpoint"]).resolve()
+            except (OSError, ValueError, KeyError, TypeError):
+                scored = None  # unreadable: named like this folder's own or not, as the name says
+            if "@" not in report.name or (scored is not None and here in scored.parents):
+                own.append(report)
+        return tuple(own)
 
     @property
     def tracker_logs(self) -> Path:
@@ -193,7 +206,7 @@ class StageFiles:
         return True
 
     def drop_set_aside(self) -> None:
-        """This run has written weights: the earlier one is gone for good."""
+        """This run has written weights and been validated: the earlier one is gone for good."""
         shutil.rmtree(self.set_aside, ignore_errors=True)
 
     def _finish_interrupted_move(self) -> None:

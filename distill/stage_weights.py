@@ -77,7 +77,7 @@ def _onnx_external_files(path: Path) -> list[Path]:
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as error:  # onnx raises DecodeError, ValueError...: the file is not a graph
-        raise ModelError(f"teacher.path '{path}' cannot be read as an ONNX graph: {error}") from None
+        raise ModelError(f"'{path}' cannot be read as an ONNX graph: {error}") from None
     locations = {entry.value for tensor in graph.initializer
                  if tensor.data_location == onnx.TensorProto.EXTERNAL
                  for entry in tensor.external_data if entry.key == "location"}
@@ -139,7 +139,9 @@ def checkpoint_to_score(recipe: Any, stage: str) -> Path:
 
 
 def baseline_weights(recipe: Any) -> Path | None:
-    """The baseline's best weights when it was trained, else None (compare's optional row)."""
+    """The baseline's best weights when it was trained, else None (compare's optional row); a
+    finished baseline set aside by a run killed or under way is not left out silently
+    (:func:`trained_weights` says which)."""
     files = stage_files(recipe, "baseline")
     if files.best.is_file():
         return files.best
@@ -202,5 +204,7 @@ def check_normalization(recipe: Any, weights: Path, stage: str = "student") -> N
         then = trained.get(key)
         now = list((getattr(teacher, key, None) if teacher is not None else None) or getattr(recipe.data, key))
         if isinstance(then, list) and len(then) == len(now) and any(abs(a - b) > 1e-9 for a, b in zip(then, now)):
+            # A teacher from elsewhere takes its own normalization; the data's is the student's.
+            setting = f"teacher.{key}" if teacher is not None and teacher.checkpoint is not None else f"data.{key}"
             raise ModelError(f"'{weights}' was trained on images normalized with data.{key} {then} (its "
-                             f"{saved}), this recipe says {now}: set data.{key} to the trained values")
+                             f"{saved}), this recipe gives it {now}: set {setting} to the trained values")

@@ -77,8 +77,10 @@ def build_scheduler(
 
 
 class StoppedBeforeCheckpoint(KeyboardInterrupt):
-    """Ctrl-C before a run from the start saved its first checkpoint: there is nothing of it to
-    resume. ``earlier_run_restored``: the folder's earlier run, set aside, is back as it was."""
+    """Ctrl-C before a run from the start saved its first checkpoint, or before its first
+    validation when it set an earlier run aside (then dropped with the earlier run's return):
+    there is nothing of it to resume. ``earlier_run_restored``: the folder's earlier run, set
+    aside, is back as it was."""
 
     def __init__(self, earlier_run_restored: bool = False) -> None:
         super().__init__(earlier_run_restored)  # in args too: the exception pickles whole

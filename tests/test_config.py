@@ -71,6 +71,7 @@ def test_parse_overrides_rejects_words_without_value():
         # A section or a list set whole by an override: the error inside it names the override too.
         ({"model": {}}, ["train={epochs: -1}"], r"'train.epochs' \(from override\): input should be greater than"),
         ({"model": {}}, ["export.formats=[bogus]"], r"'export.formats.0' \(from override\): input should be"),
+        ({"model": {}}, ["data={dataset: synthetic, resize: [32]}"], r"'data.resize' \(from override\): needs 2 values"),
     ],
 )
 def test_bad_input_names_the_key(tmp_path, tree, overrides, message):

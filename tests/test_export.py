@@ -575,3 +575,11 @@ def test_weights_trained_on_other_normalization_are_refused_by_eval_export_and_c
             call()
     assert not (tmp_path / "run" / "export").exists() and not (tmp_path / "run" / "compare").exists()
     evaluate_checkpoint(recipe, "student")  # the trained normalization: scored
+    # That teacher given to another recipe: refused before a student learns from it, naming the
+    # teacher's own key (the data's normalizes the student's inputs); with it, accepted.
+    other = {"teacher.checkpoint": str(tmp_path / "run" / "teacher" / "best.safetensors"), "train.epochs": 1}
+    given = tiny_recipe(tmp_path / "other", teacher=True, **other)
+    with pytest.raises(ModelError, match=r"this recipe gives it \[0.485, 0.456, 0.406\]: set teacher.mean"):
+        train(given, "student")
+    assert not (tmp_path / "other").exists()
+    train(tiny_recipe(tmp_path / "other", teacher=True, **other, **{"teacher.mean": "[0.2, 0.5, 0.7]"}), "student")

@@ -76,6 +76,32 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert progress["epoch"] == 2 and progress["step"] == 12
 
 
+def test_a_run_killed_after_its_checkpoint_before_its_first_validation_is_resumed(tmp_path, monkeypatch):
+    # A fresh run into a finished folder, killed (SIGKILL: no handler puts the finished run back)
+    # after its first checkpoint, before its first validation: the finished run is still set
+    # aside, and the killed run's checkpoint, of the stage's inputs, is resumed, not dropped.
+    settings = {"train.epochs": 2, "run.export": "false", "train.eval_every_epochs": 2}
+    run_pipeline(tiny_recipe(tmp_path, **settings))
+    changed = tiny_recipe(tmp_path, **settings, **{"train.lr": 0.02})
+    monkeypatch.setattr(StageFiles, "restore_set_aside", lambda self: None)
+    killed_after_its_first_checkpoint(changed, monkeypatch)
+    monkeypatch.undo()
+    files = StageFiles(tmp_path / "student")
+    assert files.killed_run_left() and files.resumable_checkpoint() is not None
+    assert statuses(run_pipeline(changed)) == {"student": "resumed"}
+    assert files.best.is_file() and not files.set_aside.exists()
+
+
+def test_a_baseline_that_only_compare_reads_is_given_back_after_a_kill(tmp_path):
+    settings = {"train.epochs": 1, "run.export": "false"}
+    recipe = tiny_recipe(tmp_path, teacher=True, **settings)
+    run_pipeline(recipe)
+    StageFiles(tmp_path / "baseline").set_aside_earlier_run()  # a fresh baseline run killed at once
+    (tmp_path / "compare" / "done.json").unlink()
+    outcome = statuses(run_pipeline(tiny_recipe(tmp_path, teacher=True, **settings, **{"run.baseline": "false"})))
+    assert outcome["compare"] == "done" and (tmp_path / "baseline" / "best.safetensors").is_file()
+
+
 def test_stage_killed_between_the_checkpoint_swaps_resumes_from_the_previous_one(tmp_path, monkeypatch):
     recipe = tiny_recipe(tmp_path, **{"train.epochs": 2, "run.export": "false"})
     killed_after_its_first_checkpoint(recipe, monkeypatch)

@@ -560,6 +560,9 @@ def test_a_new_run_keeps_the_reports_of_weights_from_elsewhere(tmp_path):
     assert main(["eval", str(recipe), f"checkpoint={outside}"]) == 0
     theirs = [p.name for p in folder.glob("eval_*@candidate-*.json")]
     assert len(theirs) == 1
+    # A report of this folder's own checkpoint goes with the run that made it.
+    assert main(["eval", str(recipe), f"checkpoint={folder / 'checkpoints' / 'latest' / 'model.safetensors'}"]) == 0
+    assert len(list(folder.glob("eval_*@model-*.json"))) == 1
     assert main(["train", str(recipe), "train.lr=0.02"]) == 0
     # The report of this folder's best weights went with them; that of another file stays.
     assert sorted(p.name for p in folder.glob("eval_*.json")) == theirs

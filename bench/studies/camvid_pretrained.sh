@@ -181,7 +181,7 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
     data.labelled_fraction=0.25 train.eval_every_epochs=40 train.checkpoint_every_epochs=40
 
 # Eleventh round: the deployment frames drawn more often. In the eighth and tenth rounds the 45
-# frames are 45 of the 320 images without masks (a fourteenth of the unlabelled draws); here each
+# frames are 45 of the 320 images without masks (a seventh of the unlabelled draws); here each
 # is drawn 6 times per pass (data.unlabelled[].repeat: half the unlabelled draws), the rest as the
 # tenth round (160 epochs of every 4th mask), with its own baselines.
 TARGET_REPEAT=("${TARGET[@]:0:3}" "data.unlabelled=[{split: 'train+val:list=$SPL/camvid_0006R0_first45.txt', repeat: 6}]")

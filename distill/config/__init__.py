@@ -122,15 +122,20 @@ def _sections_with_key(key: str) -> list[str]:
     return found
 
 
+def _origin(loc: tuple[str, ...], origins: dict[str, str]) -> str:
+    """Where the value at ``loc`` came from: the key itself, the override that set a whole
+    section or list around it (`train={epochs: -1}`, `format=bogus` for `export.formats.0`), or
+    one inside it (`train.epochs.sub=1` made `train.epochs` a mapping)."""
+    dotted = ".".join(loc)
+    around = [".".join(loc[:k]) for k in range(len(loc), 0, -1)]
+    inside = [key for key in origins if key.startswith(dotted + ".")]
+    return next((origins[key] for key in (*around, *inside) if key in origins), "")
+
+
 def _describe(error: dict[str, Any], origins: dict[str, str]) -> str:
     loc = tuple(str(p) for p in error["loc"] if not str(p).startswith("function-"))
     dotted = ".".join(loc)
-    # Where the value came from: the key itself, the override that set a whole section or list
-    # around it (`train={epochs: -1}`, `format=bogus` for `export.formats.0`), or one inside it
-    # (`train.epochs.sub=1` made `train.epochs` a mapping).
-    around = [".".join(loc[:k]) for k in range(len(loc), 0, -1)]
-    inside = [key for key in origins if key.startswith(dotted + ".")]
-    origin = next((origins[key] for key in (*around, *inside) if key in origins), "")
+    origin = _origin(loc, origins)
     if error["type"] == "extra_forbidden":
         owner = _model_at(loc[:-1])
         valid = sorted(owner.model_fields) if owner is not None else []
@@ -148,7 +153,7 @@ def _describe(error: dict[str, Any], origins: dict[str, str]) -> str:
         key = ".".join(loc[:-1])
         size = _tuple_size(loc[:-1])
         needed = f"{size} values" if size else "more values"
-        return f"'{key}'{origins.get(key, '')}: needs {needed}, got {error.get('input')!r}"
+        return f"'{key}'{_origin(loc[:-1], origins)}: needs {needed}, got {error.get('input')!r}"
     value = error.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict) else ""
     return f"'{dotted}'{origin}: {_plain(error['msg'])}{shown}"

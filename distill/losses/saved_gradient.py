@@ -39,11 +39,12 @@ class LossWithSavedGradient(torch.autograd.Function):
         if not ctx.has_grad:
             return None, None, *none
         (grad,) = ctx.saved_tensors
-        # The upstream grad is usually exactly 1 (kd_weight 1): hand over the saved tensor, no
-        # copy. Otherwise scale out of place, so a retain_graph backward sees it unchanged.
-        # The saved gradient is in the kernel's precision (fp32 for half logits) and scaled there:
-        # in fp16, a loss scaler's 65536 is inf and a gradient divided by a frame's pixel count
-        # underflows; only the result is rounded to the logits' dtype.
+        # The saved gradient is in the kernel's precision (fp32 for half logits: twice their
+        # memory) and scaled there: in fp16, a loss scaler's 65536 is inf and a gradient divided
+        # by a frame's pixel count underflows; only the result is rounded to the logits' dtype.
+        # The upstream grad is usually exactly 1 (kd_weight 1): fp32 logits then get the saved
+        # tensor itself, no copy. Otherwise scale out of place, so a retain_graph backward sees
+        # it unchanged.
         if not bool(grad_loss == 1):
             grad = grad * grad_loss.to(grad.dtype)
         return None, grad.to(ctx.dtype), *none
