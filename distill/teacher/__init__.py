@@ -110,9 +110,11 @@ class Teacher(nn.Module):
             images = images * self._scale + self._shift
         if self.bgr:
             images = images.flip(1)
+        # Antialiased, as PIL resizes the frames a model trains on (and cache.teacher_resize):
+        # plain bilinear downscaling aliases fine texture the teacher never saw so.
         if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
             images = torch.nn.functional.interpolate(images, size=self.input_size, mode="bilinear",
-                                                     align_corners=False)
+                                                     align_corners=False, antialias=True)
         if self.tta_scales == (1.0,) and not self.tta_flip:
             return self._logits(images)
         size = images.shape[-2:]
@@ -123,7 +125,7 @@ class Teacher(nn.Module):
             # while the output is floor(H * scale) pixels, shifting the view by up to a pixel.
             scaled = images if scale == 1.0 else torch.nn.functional.interpolate(
                 images, size=(max(1, round(size[0] * scale)), max(1, round(size[1] * scale))),
-                mode="bilinear", align_corners=False)
+                mode="bilinear", align_corners=False, antialias=True)
             for flip in (False, True) if self.tta_flip else (False,):
                 logits = self._logits(scaled.flip(-1) if flip else scaled)
                 logits = logits.flip(-1) if flip else logits
