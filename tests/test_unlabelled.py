@@ -63,6 +63,29 @@ def test_unlabelled_sources_folder_split_and_synthetic(tmp_path):
     assert ids[12:] == [f"unlabelled/synthetic/test/{k:06d}" for k in range(4)]
 
 
+def test_an_unlabelled_folder_never_brings_back_training_or_validation_images(tmp_path):
+    # Footage given as a folder that also holds the dataset's images (its root, say): the
+    # validation frames would be distilled on, the scenes validation measures leaking in.
+    for split, count in (("train", 4), ("val", 2)):
+        for folder in ("images", "masks"):
+            (tmp_path / folder / split).mkdir(parents=True)
+        for k in range(count):
+            Image.fromarray(np.full((8, 8, 3), 30 * k, np.uint8)).save(tmp_path / "images" / split / f"{k}.png")
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / split / f"{k}.png")
+    (tmp_path / "images" / "extra").mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((8, 8, 3), 99, np.uint8)).save(tmp_path / "images" / "extra" / f"e{k}.png")
+    def cfg(folder):
+        return DataConfig(dataset="folder", root=tmp_path, class_names=["a", "b"], num_workers=0,
+                          unlabelled=[{"folder": folder}])
+
+    dataset = build_dataset(cfg(tmp_path / "images"), "train", train=False, unlabelled=True)
+    ids = [dataset.sample_id(k) for k in range(len(dataset))]
+    assert len(ids) == 4 + 3 and all("/extra/" in i for i in ids[4:]) and ids[4].startswith("unlabelled//")
+    with pytest.raises(DataError, match=r"data.unlabelled folder '.*val' holds only training or validation images \(2\)"):
+        build_dataset(cfg(tmp_path / "images" / "val"), "train", train=False, unlabelled=True)
+
+
 def test_a_training_crop_pads_an_unlabelled_image_outside_the_kd_pixels():
     cfg = data(labelled_fraction=0.5, crop_size=(32, 32), scale_range=(1.0, 1.0))
     item = build_dataset(cfg, "train", train=True, unlabelled=True)[6]  # the first unlabelled, 24x24 in 32x32

@@ -42,7 +42,9 @@ class UnlabelledSource(Section):
     split: str | None = Field(
         None, description="a split (or selector) of data.dataset's layout, its masks ignored"
     )
-    folder: Path | None = Field(None, description="a folder of images (sub-folders included)")
+    folder: Path | None = Field(
+        None, description="a folder of images (sub-folders included); the dataset's training and "
+        "validation images in it are left out")
     synthetic: int | None = Field(
         None, ge=1, description="this many more images of the built-in generator (another stream)"
     )

@@ -26,6 +26,7 @@ from distill.data.splits import (
     SplitSelector,
     Subset,
     first_samples,
+    image_file,
     is_labelled,
     repeat,
     parse_split,
@@ -257,10 +258,13 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
         extra.append((Subset([(source, k) for k in range(len(source)) if k % step]), 1))
     # A split given as unlabelled never brings back a validation sample (that would leak the
     # scenes validation measures) nor a training one (it is there already).
-    taken = {source.sample_id(k) for k in range(len(source))}
+    held = [source]
     if data.val_split != data.train_split:
-        val = _select(data, _parse(data.val_split, "data.val_split"))
-        taken |= {val.sample_id(k) for k in range(len(val))}
+        held.append(_select(data, _parse(data.val_split, "data.val_split")))
+    taken = {part.sample_id(k) for part in held for k in range(len(part))}
+    # Likewise a folder's images that are those files (only looked up when a folder is given).
+    files = ({image_file(part, k) for part in held for k in range(len(part))} - {None}
+             if any(entry.folder is not None for entry in data.unlabelled) else set())
     # Every `synthetic:` entry takes the next images of one stream of its own (not the same ones).
     generated = sum(entry.synthetic or 0 for entry in data.unlabelled)
     stream = (SyntheticShapes(data.synthetic.model_copy(update={"num_val": generated}), "unlabelled")
@@ -275,7 +279,15 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
                                 f"validation images ({len(part)}): nothing to add")
             extra.append((Subset(kept), entry.repeat))
         elif entry.folder is not None:
-            extra.append((FolderImages(entry.folder, entry.repeat), entry.repeat))
+            folder = FolderImages(entry.folder, entry.repeat)
+            kept = [(folder, k) for k in range(len(folder)) if folder.paths[k] not in files]
+            if not kept:
+                raise DataError(f"data.unlabelled folder '{entry.folder}' holds only training or "
+                                f"validation images ({len(folder)}): nothing to add")
+            if len(kept) < len(folder):
+                logger.info("data.unlabelled folder %s: %d training or validation images left out",
+                             entry.folder, len(folder) - len(kept))
+            extra.append((folder if len(kept) == len(folder) else Subset(kept), entry.repeat))
         else:
             assert stream is not None and entry.synthetic is not None
             extra.append((Subset([(stream, k) for k in range(offset, offset + entry.synthetic)]), entry.repeat))
@@ -283,7 +295,9 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
     if not extra:
         return source
     for part, times in extra:
-        unlabelled = part if isinstance(part, FolderImages) else WithoutMasks(part, times)
+        folders_own = isinstance(part, FolderImages) or (
+            isinstance(part, Subset) and all(isinstance(row, FolderImages) for row, _ in part.rows))
+        unlabelled = part if folders_own else WithoutMasks(part, times)  # a folder's have no masks
         unlabelled = first_samples(unlabelled, data.max_samples)
         rows += [(unlabelled, k) for k in range(len(unlabelled))]
     return Subset(rows)

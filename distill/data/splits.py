@@ -215,6 +215,17 @@ def is_labelled(source: Any, index: int) -> bool:
     return getattr(source, "labelled", True)
 
 
+def image_file(source: Any, index: int) -> Path | None:
+    """The resolved path of sample ``index``'s image file, for sources that read files."""
+    if isinstance(source, Subset):
+        return image_file(*source.rows[index])
+    pairs = getattr(source, "pairs", None)  # a layout's (image, mask) files
+    if pairs is not None:
+        return Path(pairs[index][0]).resolve()
+    paths = getattr(source, "paths", None)  # a folder of images, already resolved
+    return paths[index] if paths is not None else None
+
+
 def repeat(source: Any, index: int) -> int:
     """How many times sample ``index`` of ``source`` is drawn per pass of the mixed batches."""
     count = getattr(source, "repeat", 1)
