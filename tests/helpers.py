@@ -104,3 +104,22 @@ def onnx_teacher(path: Path) -> torch.nn.Module:
                       output_names=["logits"], opset_version=18, dynamo=False,
                       dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}})
     return model
+
+
+def stopped_after_its_first_checkpoint(run, monkeypatch) -> None:
+    """Call ``run`` (a training or ``distill run``), stopped by Ctrl-C right after the first
+    checkpoint it saves."""
+    import pytest
+
+    import distill.training as loop
+
+    save = loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(loop, "save_checkpoint", save)

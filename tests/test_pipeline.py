@@ -9,7 +9,7 @@ import distill.training as loop
 from distill import train
 from distill.pipeline import planned_stages, run_pipeline
 from distill.run_folder import StageFiles
-from helpers import tiny_recipe
+from helpers import stopped_after_its_first_checkpoint, tiny_recipe
 
 pytestmark = pytest.mark.slow
 CACHED = {"teacher.mode": "cache", "data.resize": "[32, 32]"}
@@ -55,16 +55,7 @@ def test_rerun_skips_what_is_done_and_redoes_what_changed(tmp_path):
 
 def killed_after_its_first_checkpoint(recipe, monkeypatch) -> None:
     """``distill run`` of ``recipe`` stopped right after its stage's first checkpoint."""
-    save = loop.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(recipe)
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    stopped_after_its_first_checkpoint(lambda: run_pipeline(recipe), monkeypatch)
 
 
 def test_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):

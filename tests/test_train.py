@@ -11,7 +11,7 @@ from distill.config import recipe_to_yaml
 from distill.evaluation import evaluate_checkpoint
 from distill.teacher import Teacher
 from distill.training import TrainingError, build_scheduler, train
-from helpers import TinySegmenter, tiny_recipe
+from helpers import TinySegmenter, stopped_after_its_first_checkpoint, tiny_recipe
 
 
 def test_run_folder_holds_recipe_metrics_and_weights(tmp_path):
@@ -37,19 +37,7 @@ def test_run_folder_holds_recipe_metrics_and_weights(tmp_path):
 
 def test_resume_continues_to_the_same_final_state(tmp_path, monkeypatch):
     straight = train(tiny_recipe(tmp_path / "a"), "student")
-
-    import distill.training as loop
-
-    save = loop.save_checkpoint
-
-    def save_then_die(*args, **kwargs):  # the run "dies" right after its first checkpoint
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_recipe(tmp_path / "b"), "student")
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    stopped_after_its_first_checkpoint(lambda: train(tiny_recipe(tmp_path / "b"), "student"), monkeypatch)
     checkpoint = tmp_path / "b" / "student" / "checkpoints" / "latest"
     assert json.loads((checkpoint / "progress.json").read_text())["step"] == 6
     resumed = train(tiny_recipe(tmp_path / "b", **{"train.resume": str(checkpoint)}), "student")
@@ -62,18 +50,7 @@ def test_best_weights_written_after_the_resumed_checkpoint_are_replaced(tmp_path
     # The stopped run's best came after its checkpoint (its step says so) and beat the score the
     # checkpoint remembers: the replay may not retrace that trajectory, so the resumed run picks
     # its best afresh rather than keep weights its own metrics never show.
-    import distill.training as loop
-
-    save = loop.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_recipe(tmp_path), "student")
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    stopped_after_its_first_checkpoint(lambda: train(tiny_recipe(tmp_path), "student"), monkeypatch)
     folder = tmp_path / "student"
     checkpoint = folder / "checkpoints" / "latest"
     progress = json.loads((checkpoint / "progress.json").read_text())
