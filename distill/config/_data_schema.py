@@ -72,7 +72,9 @@ class DataConfig(Section):
     )
     root: Path | None = Field(None, description="dataset folder (not used by `synthetic`)", json_schema_extra=EVERY_STAGE)
     class_names: list[str] | None = Field(
-        None, description="required for `folder`; optional elsewhere to rename classes", json_schema_extra=EVERY_STAGE
+        None, description="required for `folder`; optional elsewhere to rename classes (a rename redoes only the "
+        "comparison, and the student when teacher.class_map names classes; another count redoes every stage)",
+        json_schema_extra=EVERY_STAGE
     )
     ignore_index: int = Field(255, ge=0, description="label value excluded from loss and metrics", json_schema_extra=EVERY_STAGE)
     train_split: str = Field(
