@@ -278,7 +278,12 @@ def test_eval_of_an_external_teacher_uses_its_normalization(tmp_path):
     assert not torch.equal(external, teacher_scores("c"))  # the mapping changed the predictions
 
 
-def test_compiled_teacher_matches_eager_and_keeps_its_keys():
+def test_compiled_teacher_matches_eager_and_keeps_its_keys(monkeypatch):
+    # Dynamo traces the teacher as under the default backend; aot_eager skips inductor's C++
+    # build of the kernels (a minute on 2 cores), which says nothing of distill.
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *args, **kwargs: compile_module(self, *args, **{**kwargs, "backend": "aot_eager"}))
     torch.manual_seed(0)
     model = TinySegmenter(4, 12)
     copy = TinySegmenter(4, 12)
