@@ -88,7 +88,7 @@ def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[Segme
     scores = evaluate(recipe, stage)
     out = stage_dir(recipe, stage) / f"eval_{file_safe(recipe.eval_split)}{_other_weights(recipe, stage, checkpoint)}.json"
     if is_launch_main():
-        report = {"stage": stage, "split": recipe.eval_split, "checkpoint": str(checkpoint),
+        report = {"stage": stage, "split": recipe.eval_split, "checkpoint": str(Path(checkpoint).resolve()),
                   "resolution": recipe.eval.resolution, **scores.as_dict(info.class_names)}
         atomic_write_text(out, json.dumps(report, indent=2))
         console.print(scores_table(scores, info.class_names, f"{stage} on {recipe.eval_split}"))

@@ -110,7 +110,7 @@ def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     # The baseline too when only compare reads it (run.baseline false): its weights must be there.
     read = [s for s in TRAINING_STAGES if s in stages or (s == "baseline" and "compare" in stages)]
-    _recover_killed_runs(recipe, read)
+    _recover_killed_runs(recipe, read, trained=[s for s in stages if s in TRAINING_STAGES])
     for stage in stages:
         if stage in TRAINING_STAGES:
             try:
@@ -174,7 +174,7 @@ def _resumable(recipe: Recipe, stage: str, files: StageFiles) -> bool:
         return False
 
 
-def _recover_killed_runs(recipe: Recipe, stages: list[str]) -> None:
+def _recover_killed_runs(recipe: Recipe, stages: list[str], trained: list[str]) -> None:
     """Give back the finished run that a run killed before its first validation set aside, so that
     a stage it had finished is up to date again (and compare and export find its weights).
 
@@ -183,10 +183,10 @@ def _recover_killed_runs(recipe: Recipe, stages: list[str]) -> None:
     """
     from distill.run_folder import exclusive_folder
 
-    # A killed run that checkpointed with the stage's inputs is resumed by _train_stage (and drops
-    # the finished run once validated); any other gives the finished run back.
+    # A killed run of a stage this run trains, checkpointed with the stage's inputs, is resumed by
+    # _train_stage (and drops the finished run once validated); any other gives the finished run back.
     leftovers = [files for stage, files in ((stage, stage_files(recipe, stage)) for stage in stages)
-                 if files.killed_run_left() and not _resumable(recipe, stage, files)]
+                 if files.killed_run_left() and not (stage in trained and _resumable(recipe, stage, files))]
     if not leftovers:
         return
     if is_launch_main():

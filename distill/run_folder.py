@@ -112,8 +112,10 @@ class StageFiles:
         """The eval reports of weights inside this folder (best, last, a checkpoint's), which a
         new run replaces; those of weights from elsewhere stay (their report names the file)."""
         here = self.folder.resolve()
-        own = []
+        own = list(dict.fromkeys((*self.reports_of(self.best), *self.reports_of(self.last))))
         for report in self.eval_reports():
+            if report in own:
+                continue
             try:
                 scored = Path(json.loads(report.read_text())["checkpoint"]).resolve()
             except (OSError, ValueError, KeyError, TypeError):

@@ -195,15 +195,21 @@ def check_normalization(recipe: Any, weights: Path, stage: str = "student") -> N
     every pixel would be off, and the score or the exported model silently worse. Weights
     without that record (from elsewhere) are taken as they are."""
     saved = Path(weights).parent / RECIPE_FILE
+    if Path(weights).name not in ("best.safetensors", "last.safetensors"):  # not a stage folder's
+        return
     try:
-        trained = (yaml.safe_load(saved.read_text()) or {}).get("data") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
+        tree = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return
+    trained = tree.get("data") if isinstance(tree, dict) else None
+    if not isinstance(trained, dict):  # another tool's file of that name
         return
     teacher = recipe.teacher if stage == "teacher" else None
     for key in ("mean", "std"):
         then = trained.get(key)
         now = list((getattr(teacher, key, None) if teacher is not None else None) or getattr(recipe.data, key))
-        if isinstance(then, list) and len(then) == len(now) and any(abs(a - b) > 1e-9 for a, b in zip(then, now)):
+        numbers = isinstance(then, list) and all(isinstance(v, (int, float)) for v in then)
+        if numbers and len(then) == len(now) and any(abs(a - b) > 1e-9 for a, b in zip(then, now)):
             # A teacher from elsewhere takes its own normalization; the data's is the student's.
             setting = f"teacher.{key}" if teacher is not None and teacher.checkpoint is not None else f"data.{key}"
             raise ModelError(f"'{weights}' was trained on images normalized with data.{key} {then} (its "

@@ -583,3 +583,11 @@ def test_weights_trained_on_other_normalization_are_refused_by_eval_export_and_c
         train(given, "student")
     assert not (tmp_path / "other").exists()
     train(tiny_recipe(tmp_path / "other", teacher=True, **other, **{"teacher.mean": "[0.2, 0.5, 0.7]"}), "student")
+    # Another tool's recipe.yaml beside weights is no record of how they were trained.
+    from distill.stage_weights import check_normalization
+
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "best.safetensors").write_bytes((tmp_path / "run" / "teacher" / "best.safetensors").read_bytes())
+    for text in ("data: coco\n", "data: {mean: [a, b, c]}\n", "[1, 2]\n"):
+        (tmp_path / "foreign" / "recipe.yaml").write_text(text)
+        check_normalization(now, tmp_path / "foreign" / "best.safetensors", "teacher")

@@ -87,7 +87,11 @@ def test_a_baseline_that_only_compare_reads_is_given_back_after_a_kill(tmp_path)
     settings = {"train.epochs": 1, "run.export": "false"}
     recipe = tiny_recipe(tmp_path, teacher=True, **settings)
     run_pipeline(recipe)
-    StageFiles(tmp_path / "baseline").set_aside_earlier_run()  # a fresh baseline run killed at once
+    baseline = StageFiles(tmp_path / "baseline")
+    checkpoint = baseline.resumable_checkpoint()
+    baseline.set_aside_earlier_run()  # a fresh baseline run killed after its first checkpoint
+    (checkpoint.parent).mkdir(parents=True)
+    (baseline.set_aside / "checkpoints").rename(checkpoint.parent)  # of the stage's own inputs
     (tmp_path / "compare" / "done.json").unlink()
     outcome = statuses(run_pipeline(tiny_recipe(tmp_path, teacher=True, **settings, **{"run.baseline": "false"})))
     assert outcome["compare"] == "done" and (tmp_path / "baseline" / "best.safetensors").is_file()

@@ -211,6 +211,9 @@ def test_the_teacher_sees_its_input_size_resized_as_pil_resizes_training_frames(
     for size in ((36, 48), (24, 40), (60, 80)):  # down, down unevenly, up
         seen = Teacher(_Identity(), input_size=size)({"image": images})
         assert torch.allclose(seen, _pil_resized(images, size), atol=1e-5), size
+    # Half-precision images on the CPU (no antialiased kernel there): resized in float32.
+    half = Teacher(_Identity(), input_size=(36, 48))({"image": images.bfloat16()})
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), _pil_resized(images, (36, 48)), atol=2e-2)
 
 
 class _Columns(torch.nn.Module):

@@ -69,8 +69,10 @@ def test_an_unlabelled_folder_never_brings_back_training_or_validation_images(tm
     for split, count in (("train", 4), ("val", 2)):
         for folder in ("images", "masks"):
             (tmp_path / folder / split).mkdir(parents=True)
-        for k in range(count):
-            Image.fromarray(np.full((8, 8, 3), 30 * k, np.uint8)).save(tmp_path / "images" / split / f"{k}.png")
+        for k in range(count):  # the dataset's images are links to files kept elsewhere
+            (tmp_path / "store").mkdir(exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 30 * k, np.uint8)).save(tmp_path / "store" / f"{split}{k}.png")
+            (tmp_path / "images" / split / f"{k}.png").symlink_to(tmp_path / "store" / f"{split}{k}.png")
             Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / split / f"{k}.png")
     (tmp_path / "images" / "extra").mkdir()
     for k in range(3):

@@ -280,7 +280,7 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
             extra.append((Subset(kept), entry.repeat))
         elif entry.folder is not None:
             folder = FolderImages(entry.folder, entry.repeat)
-            kept = [(folder, k) for k in range(len(folder)) if folder.paths[k] not in files]
+            kept = [(folder, k) for k in range(len(folder)) if folder.paths[k].resolve() not in files]
             if not kept:
                 raise DataError(f"data.unlabelled folder '{entry.folder}' holds only training or "
                                 f"validation images ({len(folder)}): nothing to add")

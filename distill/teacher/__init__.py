@@ -110,11 +110,8 @@ class Teacher(nn.Module):
             images = images * self._scale + self._shift
         if self.bgr:
             images = images.flip(1)
-        # Antialiased, as PIL resizes the frames a model trains on (and cache.teacher_resize):
-        # plain bilinear downscaling aliases fine texture the teacher never saw so.
         if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
-            images = torch.nn.functional.interpolate(images, size=self.input_size, mode="bilinear",
-                                                     align_corners=False, antialias=True)
+            images = _resized(images, self.input_size)
         if self.tta_scales == (1.0,) and not self.tta_flip:
             return self._logits(images)
         size = images.shape[-2:]
@@ -123,9 +120,8 @@ class Teacher(nn.Module):
         for scale in self.tta_scales:
             # To a whole size, by size: scale_factor would map coordinates by `scale` itself
             # while the output is floor(H * scale) pixels, shifting the view by up to a pixel.
-            scaled = images if scale == 1.0 else torch.nn.functional.interpolate(
-                images, size=(max(1, round(size[0] * scale)), max(1, round(size[1] * scale))),
-                mode="bilinear", align_corners=False, antialias=True)
+            scaled = images if scale == 1.0 else _resized(
+                images, (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))))
             for flip in (False, True) if self.tta_flip else (False,):
                 logits = self._logits(scaled.flip(-1) if flip else scaled)
                 logits = logits.flip(-1) if flip else logits
@@ -144,6 +140,16 @@ class Teacher(nn.Module):
         if self._class_map is not None:
             logits = apply_class_map(logits, self._class_map, self.temperature)
         return logits
+
+
+def _resized(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear, antialiased as PIL resizes the frames a model trains on (plain bilinear
+    downscaling aliases fine texture the teacher never saw so); in float32 on the CPU, which has
+    no antialiased kernel for half precision, and back in the images' dtype."""
+    upcast = images.device.type == "cpu" and images.dtype in (torch.float16, torch.bfloat16)
+    resized = torch.nn.functional.interpolate(images.float() if upcast else images, size=tuple(size),
+                                              mode="bilinear", align_corners=False, antialias=True)
+    return resized.to(images.dtype)
 
 
 def _renormalization(
