@@ -280,14 +280,15 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
             extra.append((Subset(kept), entry.repeat))
         elif entry.folder is not None:
             folder = FolderImages(entry.folder, entry.repeat)
-            kept = [(folder, k) for k in range(len(folder)) if folder.paths[k].resolve() not in files]
+            kept = [path for path in folder.paths if path.resolve() not in files]
             if not kept:
                 raise DataError(f"data.unlabelled folder '{entry.folder}' holds only training or "
                                 f"validation images ({len(folder)}): nothing to add")
             if len(kept) < len(folder):
                 logger.info("data.unlabelled folder %s: %d training or validation images left out",
-                             entry.folder, len(folder) - len(kept))
-            extra.append((folder if len(kept) == len(folder) else Subset(kept), entry.repeat))
+                            entry.folder, len(folder) - len(kept))
+                folder.paths = kept
+            extra.append((folder, entry.repeat))
         else:
             assert stream is not None and entry.synthetic is not None
             extra.append((Subset([(stream, k) for k in range(offset, offset + entry.synthetic)]), entry.repeat))
@@ -295,9 +296,7 @@ def _with_unlabelled(data: DataConfig, source: SampleSource, *, include: bool) -
     if not extra:
         return source
     for part, times in extra:
-        folders_own = isinstance(part, FolderImages) or (
-            isinstance(part, Subset) and all(isinstance(row, FolderImages) for row, _ in part.rows))
-        unlabelled = part if folders_own else WithoutMasks(part, times)  # a folder's have no masks
+        unlabelled = part if isinstance(part, FolderImages) else WithoutMasks(part, times)
         unlabelled = first_samples(unlabelled, data.max_samples)
         rows += [(unlabelled, k) for k in range(len(unlabelled))]
     return Subset(rows)

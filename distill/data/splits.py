@@ -222,8 +222,8 @@ def image_file(source: Any, index: int) -> Path | None:
     pairs = getattr(source, "pairs", None)  # a layout's (image, mask) files
     if pairs is not None:
         return Path(pairs[index][0]).resolve()
-    paths = getattr(source, "paths", None)  # a folder of images, already resolved
-    return paths[index] if paths is not None else None
+    paths = getattr(source, "paths", None)  # a folder of images
+    return paths[index].resolve() if paths is not None else None
 
 
 def repeat(source: Any, index: int) -> int:
