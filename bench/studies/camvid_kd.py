@@ -87,6 +87,7 @@ SETTINGS: dict[str, list[str]] = {
     "epochs40": ["train.epochs=40"],
     "epochs80": ["train.epochs=80"],
     "epochs160": ["train.epochs=160"],
+    "epochs320": ["train.epochs=320"],
     # Function matching (Beyer et al. 2022) as far as a cache allows: teacher and student agree on
     # widely rescaled crops (the store is replayed through the same geometry) under colour jitter
     # (the targets are the teacher's on the unjittered image); with ``epochs40`` or ``epochs160``
