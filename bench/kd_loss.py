@@ -60,7 +60,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _variants(cfg: dict[str, Any]) -> list[tuple[str, int | None]]:
-    return DIST_VARIANTS if cfg["loss"] == "dist" else KL_VARIANTS
+    every = DIST_VARIANTS if cfg["loss"] == "dist" else KL_VARIANTS
+    return [(name, chunk) for name, chunk in every if not cfg["variants"] or name in cfg["variants"]]
 
 
 def _current_rss_bytes() -> int:
@@ -271,12 +272,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loss", choices=["kl", "dist"], default="kl",
                         help="kl: kd_loss (pixel KL); dist: dist_loss (DIST)")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated rows to measure (default: all of the loss's); "
+                             "the reference is always measured, first: every ratio is to it")
     parser.add_argument("--channels-last", action="store_true",
                         help="student logits in channels_last memory (as a channels_last model gives)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/kd_loss.json"))
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    known = [name for name, _ in (DIST_VARIANTS if args.loss == "dist" else KL_VARIANTS)]
+    variants = {"reference", *filter(None, args.variants.split(","))} if args.variants else set()
+    if variants - set(known):
+        parser.error(f"--variants: no {', '.join(sorted(variants - set(known)))} for --loss {args.loss} "
+                     f"(its rows: {', '.join(known)})")
 
     cfg = {
         "shape": args.shape,
@@ -288,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ignore_fraction": args.ignore_fraction,
         "seed": args.seed,
         "loss": args.loss,
+        "variants": sorted(variants),
         "channels_last": args.channels_last,
     }
     load_before = os.getloadavg()[0]
