@@ -79,7 +79,7 @@ def _expand_shorthands(command: str, overrides: list[str]) -> list[str]:
     expanded = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        if sep and key == "format" and command == "export":
+        if sep and key == "format" and command == "export" and not value.lstrip().startswith("["):
             value = "[" + ", ".join(v.strip() for v in value.split(",") if v.strip()) + "]"
         expanded.append(f"{table[key]}={value}" if sep and key in table else item)
     return expanded
@@ -206,16 +206,21 @@ def _run_command(args: argparse.Namespace, expected: tuple[type[Exception], ...]
     except expected as error:
         # Only distill's own errors are the user's input: anything else is a bug and keeps its
         # traceback (exit 1), so that it is not mistaken for a bad recipe.
-        if os.environ.get("DISTILL_DEBUG"):
+        if _debug():
             raise
         _print_error(error)
         return 2
     except KeyboardInterrupt as interrupt:
-        if os.environ.get("DISTILL_DEBUG"):
+        if _debug():
             raise
         console.print(Text(_interrupted(args, interrupt)), highlight=False)
         return 130  # 128 + SIGINT, as shells report it
     return 0
+
+
+def _debug() -> bool:
+    """``DISTILL_DEBUG`` set to anything but empty, 0, false, no or off: tracebacks kept."""
+    return os.environ.get("DISTILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 # What a Ctrl-C leaves, per command: every file is written to a temporary name and renamed, and

@@ -96,9 +96,10 @@ def planned_stages(recipe: Recipe) -> list[str]:
 
 def run_pipeline(recipe: Recipe) -> list[StageOutcome]:
     """Run (or skip, or resume) each planned stage, then print a summary table."""
-    if recipe.train.resume is not None:
-        raise InputError("train.resume is for `distill train`: `distill run` resumes each stage from its "
-                         "own checkpoints (<output_dir>/<stage>/checkpoints/latest); leave it unset")
+    for key, resume in (("train.resume", recipe.train.resume), ("teacher_train.resume", recipe.teacher_train.get("resume"))):
+        if resume is not None:
+            raise InputError(f"{key} is for `distill train`: `distill run` resumes each stage from its "
+                             "own checkpoints (<output_dir>/<stage>/checkpoints/latest); leave it unset")
     if recipe.eval.checkpoint is not None:  # compare and export would score and ship that file
         raise InputError("eval.checkpoint is for `distill eval`, `compare` and `export` of other weights: "
                          "`distill run` scores and exports the student it trains; leave it unset")

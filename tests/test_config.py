@@ -107,12 +107,21 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert load_recipe(saved) == recipe
 
 
-def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+@pytest.mark.parametrize("debug", ["", "0", "false", "off"])
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys, monkeypatch, debug):
+    monkeypatch.setenv("DISTILL_DEBUG", debug)  # set, but to a "no"
     code = main(["recipe", str(write(tmp_path, {"model": {}})), "train.epoch=3"])
     err = capsys.readouterr().err
     assert code == 2
     assert "unknown key 'train.epoch'" in err and "train.epochs" in err
     assert "Traceback" not in err
+
+
+def test_export_format_shorthand_takes_a_list_too():
+    from distill.cli import _expand_shorthands
+
+    assert _expand_shorthands("export", ["format=onnx,safetensors"]) == ["export.formats=[onnx, safetensors]"]
+    assert _expand_shorthands("export", ["format=[onnx, onnx_int8]"]) == ["export.formats=[onnx, onnx_int8]"]
 
 
 def test_every_shipped_recipe_validates():
@@ -193,7 +202,22 @@ def test_a_bug_keeps_its_traceback_and_is_not_called_bad_input(tmp_path, monkeyp
     ("model: {}\ntrain:\n  epochs: 2\n  epochs: 3\n", [], r"key 'epochs' appears twice \(lines 3 and 4\)"),
     ("model: {}\n", ["train.epochs=true"], r"train: 'epochs' is True, a boolean, not a number"),
     ("model: {}\n", ["loss.temperature=.inf"], r"'loss.temperature' \(from override\): input should be a finite number"),
-    ("model: {}\n", ["output_dir="], r"output_dir is empty"),
+    ("model: {}\n", ["output_dir="], r"override 'output_dir=': the value is empty; give one$"),
+    ("model: {}\ncache: {dir: ' '}\n", [], r"cache: 'dir' is empty: give a path, or null for none"),
+    ("model: {}\n", ["cache.dir="], r"give one, or `cache.dir=null` for none"),
+    ("model: {}\n", ["model.encoder_weights="], r"give one, or `model.encoder_weights=null` for none"),
+    ("model: {}\n", ["train.epochs=3 #x"], r"YAML reads '#x' as a comment; quote the value"),
+    ("model: {}\n", ["train={epochs: 3, lr: 0.1, epochs: 5}"], r"key 'epochs' appears twice"),
+    ("model: {}\n", ["data.unlabelled[0].folder=x"], r"entries of a list cannot be set one by one; give the whole list, e\.g\. `data\.unlabelled="),
+    ("model: {}\n", ["data.unlabelled.0.repeat=2"], r"cannot be set one by one; give the whole list, e\.g\. `data\.unlabelled="),
+    ("model: {}\n", ["train.float=3"], r"unknown key 'train\.float' \(from override\)"),
+    ("model: {}\n", ["export.formats=[]"], r"'export.formats' \(from override\): list should have at least 1 item"),
+    ("model: {}\n", ["loss.class_weights=[-1,1,1,1]"], r"loss.class_weights: \[-1.0, 1.0, 1.0, 1.0\] must be >= 0"),
+    ("model: {}\n", ["loss.class_weights=[0,0,0,0]"], r"with at least one above 0"),
+    ("model: {}\n", ["train.seed=-1"], r"'train.seed' \(from override\): input should be greater than or equal to 0"),
+    ("student: {}\nteacher: {checkpoint: t.safetensors, std: [0.2, 0, 0.2]}\n", [], r"teacher.std \[0.2, 0.0, 0.2\] must be positive"),
+    ("student: {}\nteacher: {path: t.onnx}\n", [], r"teacher.path 't.onnx' is read by the sources transformers, smp_hub and onnx, not by 'smp'"),
+    ("student: {}\nteacher: {}\ndata: {unlabelled: [{folder: u}, {folder: u}]}\n", [], r"lists the folder 'u' twice; to draw its images more often, give it once with `repeat`"),
     ("model: {}\nbatch_size: 4\n", [], r"unknown key 'batch_size'; it is a key of a section: did you mean 'data.batch_size'"),
     ("model: {}\n", ["data.synthetic.size=[0,0]"], r"data.synthetic.size: \[0, 0\] must be at least 8 pixels"),
 ])
@@ -202,6 +226,29 @@ def test_silently_accepted_values_are_refused(tmp_path, text, overrides, message
     path.write_text(text)
     with pytest.raises(RecipeError, match=message):
         load_recipe(path, overrides)
+
+
+def test_a_yaml_alias_is_a_copy_an_override_changes_alone(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("teacher: &net {arch: Unet, encoder: resnet18}\nstudent: *net\n"
+                    "train: &schedule {epochs: 4}\nteacher_train: *schedule\n")
+    recipe = load_recipe(path, ["student.encoder=resnet34", "train.lr=0.1"])
+    assert (recipe.teacher.encoder, recipe.student.encoder) == ("resnet18", "resnet34")
+    assert recipe.teacher_train == {"epochs": 4} and recipe.train.lr == 0.1
+
+
+def test_a_path_or_text_override_is_taken_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: {}\n")
+    recipe = load_recipe(path, ["output_dir=runs/exp #2", "data.val_split=train:list=held out #1.txt",
+                                "cache.dir=~/stores/a", "train.resume=null"])
+    assert recipe.output_dir == Path("runs/exp #2") and recipe.data.val_split == "train:list=held out #1.txt"
+    assert recipe.cache.dir == tmp_path / "home" / "stores" / "a" and recipe.train.resume is None
+    assert load_recipe(path, ["output_dir=2024"]).output_dir == Path("2024")  # not the number 2024
+    assert load_recipe(path, ["output_dir='007'"]).output_dir == Path("007")  # quoted: YAML's string
+    path.write_text("model: {}\noutput_dir: 2024\n")
+    assert load_recipe(path).output_dir == Path("2024")
 
 
 def test_recipe_that_is_binary_or_a_folder(tmp_path):

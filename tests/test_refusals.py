@@ -315,6 +315,8 @@ def test_a_run_refused_by_a_later_stage_leaves_the_finished_run_byte_identical(t
     # train.resume names one checkpoint; distill run resumes each stage from its own.
     assert main(["run", str(recipe), f"train.resume={tmp_path / 'run' / 'student'}"]) == 2
     assert "train.resume is for `distill train`" in " ".join(capfd.readouterr().err.split())
+    assert main(["run", str(recipe), f"teacher_train.resume={tmp_path / 'run' / 'teacher'}"]) == 2
+    assert "teacher_train.resume is for `distill train`" in " ".join(capfd.readouterr().err.split())
     # Refusals that need the students' models built, with the teacher's schedule changed (it
     # would be retrained first); and eval.checkpoint, which compare and export would have used.
     for refused, message in [

@@ -52,7 +52,9 @@ __all__ = [
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ``["train.epochs=3", "data.root=/x"]`` into ``{"train.epochs": 3, ...}``.
 
-    Values are parsed as YAML scalars/lists, so ``3`` is an int, ``[1, 2]`` a list, ``null`` None.
+    Values are parsed as YAML scalars/lists, so ``3`` is an int, ``[1, 2]`` a list, ``null`` None;
+    the value of a path or text key is its text as written (``output_dir=2024``, ``runs/a #2``),
+    unless quoted or null.
     """
     if isinstance(items, str):  # its characters would be taken for overrides, one by one
         raise TypeError(f"overrides must be a list of 'key=value' strings, got the string {items!r}: "
@@ -62,11 +64,47 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise RecipeError(f"override '{item}' must look like `section.key=value`")
+        parts = tuple(key.split("."))
+        listed = next((k for k in range(1, len(parts)) if _is_list_key(parts[:k])), None)
+        if "[" in key or listed is not None:
+            whole = ".".join(parts[:listed]) if listed is not None else key.split("[", 1)[0]
+            raise RecipeError(f"override '{item}': the entries of a list cannot be set one by one; "
+                              f"give the whole list, e.g. `{whole}=[{{...}}, {{...}}]`")
+        if not raw.strip() and _is_text_key(parts):
+            optional = type(None) in get_args(_field_at(parts).annotation)
+            raise RecipeError(f"override '{item}': the value is empty; give one"
+                              + (f", or `{key}=null` for none" if optional else ""))
         try:
-            parsed[key] = _yaml_value(raw) if raw != "" else ""
+            parsed[key] = raw if _is_text_key(parts) and _plain_text(raw) else _yaml_value(raw, item)
         except yaml.YAMLError as error:
             raise RecipeError(f"override '{item}': value is not valid YAML ({error})") from None
     return parsed
+
+
+def _field_at(parts: tuple[str, ...]) -> Any:
+    """The pydantic field at a dotted key (None: no such key, or inside a free-form mapping)."""
+    owner = _model_at(parts[:-1])
+    return owner.model_fields.get(parts[-1]) if owner is not None else None
+
+
+def _is_list_key(parts: tuple[str, ...]) -> bool:
+    field = _field_at(parts)
+    return field is not None and any(get_origin(a) is list for a in (field.annotation, *get_args(field.annotation)))
+
+
+def _is_text_key(parts: tuple[str, ...]) -> bool:
+    """A key whose value is a path or free text (``str``/``Path``, or either ``| None``)."""
+    field = _field_at(parts)
+    if field is None:
+        return False
+    members = set(get_args(field.annotation) or (field.annotation,)) - {type(None)}
+    return bool(members) and members <= {str, Path}
+
+
+def _plain_text(raw: str) -> bool:
+    """Whether an override value is taken as written: not empty, quoted, YAML's null or a list or
+    mapping (refused as such, not taken for a folder named `[1, 2]`)."""
+    return raw.strip() != "" and raw[:1] not in "'\"[{" and raw not in ("null", "Null", "NULL", "~")
 
 
 def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -178,8 +216,6 @@ _Loader.add_implicit_resolver(  # appended to (after) PyYAML's own float and int
 )
 
 
-def _yaml_value(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
 
 
 class _UniqueKeyLoader(_Loader):
@@ -201,6 +237,23 @@ class _UniqueKeyLoader(_Loader):
                     f"{key_node.start_mark.line + 1}); YAML would silently keep the last", key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_value(text: str, item: str) -> Any:
+    """An override's value as YAML (a key given twice in a mapping refused), refusing text after
+    it that YAML would drop as a comment (`runs/exp #2` is not `runs/exp`)."""
+    if text == "":
+        return ""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        value = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    if node is not None and text[node.end_mark.index:].strip():
+        raise RecipeError(f"override '{item}': YAML reads '{text[node.end_mark.index:].strip()}' "
+                          f"as a comment; quote the value to keep it (`key=\"{text}\"`)")
+    return value
 
 
 def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
@@ -233,7 +286,7 @@ def recipe_from_dict(
     tree: dict[str, Any], overrides: list[str] | None = None, *, source: str = "<dict>"
 ) -> Recipe:
     """Validate a recipe given as a nested dict (plus overrides); see :func:`load_recipe`."""
-    tree = copy.deepcopy(tree)  # overrides must not leak into the caller's dict
+    tree = _copied(tree)  # overrides must not leak into the caller's dict
     origins: dict[str, str] = {}
     for key, value in parse_overrides(overrides or []).items():
         _apply_override(tree, key, value)
@@ -243,6 +296,17 @@ def recipe_from_dict(
     except ValidationError as error:
         problems = [_describe(e, origins) for e in _one_per_key(error.errors(include_url=False))]
         raise RecipeError(f"recipe '{source}':\n  - " + "\n  - ".join(problems)) from None
+
+
+def _copied(tree: Any) -> Any:
+    """A copy of a recipe's tree in which no two keys share a value: a YAML alias
+    (`student: *net`) is a second copy, so an override of one section leaves the other alone
+    (`copy.deepcopy` keeps shared objects shared)."""
+    if isinstance(tree, dict):
+        return {key: _copied(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_copied(value) for value in tree]
+    return copy.copy(tree)
 
 
 # pydantic names the member of a union that failed inside the location (`pairs.0.1.int`,
@@ -255,7 +319,10 @@ def _one_per_key(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (a value that fits no member of ``int | 'decoder'`` is one mistake, not two)."""
     merged: dict[tuple, dict[str, Any]] = {}
     for n, error in enumerate(errors):
-        loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and _UNION_MEMBER.match(p)))
+        # An unknown key is the user's own word, whatever it looks like (`train.float`).
+        kept = error["loc"][-1:] if error["type"] == "extra_forbidden" else ()
+        loc = tuple(p for p in error["loc"][:len(error["loc"]) - len(kept)]
+                    if not (isinstance(p, str) and _UNION_MEMBER.match(p))) + tuple(kept)
         error = {**error, "loc": loc}
         # Unknown keys and the validators' own messages stand alone; type errors of a key merge.
         key = (n,) if error["type"] in ("extra_forbidden", "value_error") else ("key", loc)

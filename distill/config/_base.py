@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -32,7 +34,31 @@ class Section(BaseModel):
                 if (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
                         and field is not None and _holds_numbers(field.annotation)):
                     raise ValueError(f"'{name}' is {list(value)!r}: a boolean is not a number")
+                if field is not None and _is_path(field.annotation):
+                    values = {**values, name: _path_value(name, value, field.annotation)}
         return values
+
+
+def _is_path(annotation: Any) -> bool:
+    return Path in (annotation, *get_args(annotation))
+
+
+def _path_value(name: str, value: Any, annotation: Any) -> Any:
+    """A path key's value: ``~`` expanded (no shell expands it inside `key=~/runs`), a number
+    taken as the folder name it is (`output_dir: 2024`), and an empty path (the working
+    directory, by accident: `cache.dir=`) refused."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        if not value.strip():
+            optional = type(None) in get_args(annotation)
+            raise ValueError(f"'{name}' is empty: give a path" + (", or null for none" if optional else "")
+                             + " (an empty path is the working directory)")
+        if value.startswith("~"):
+            value = os.path.expanduser(value)
+    return value
 
 
 def is_number(annotation: Any) -> bool:

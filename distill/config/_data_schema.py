@@ -26,7 +26,7 @@ class SyntheticConfig(Section):
             raise ValueError(f"{list(value)} must be at least 8 pixels on each side")
         return value
     num_classes: int = Field(6, ge=2, le=12, description="background + shape classes")
-    seed: int = Field(0, description="generator seed; the same seed gives the same images")
+    seed: int = Field(0, ge=0, lt=2**32, description="generator seed; the same seed gives the same images")
 
 
 def optional_split(value: str | None) -> str | None:
@@ -173,6 +173,13 @@ class DataConfig(Section):
                 raise ValueError(f"data.{key} {list(value)} must be positive")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"data.std {list(self.std)} must be positive")
+        sources = [(u.split, str(u.folder) if u.folder is not None else None) for u in self.unlabelled]
+        twice = next((n for n, source in enumerate(sources) if source != (None, None) and source in sources[:n]), None)
+        if twice is not None:  # each of its images would be drawn twice as often, unsaid
+            given = self.unlabelled[twice]
+            what = f"split '{given.split}'" if given.split is not None else f"folder '{given.folder}'"
+            raise ValueError(f"data.unlabelled lists the {what} twice; to draw its images more "
+                             "often, give it once with `repeat`")
         return self
 
 

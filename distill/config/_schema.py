@@ -126,6 +126,11 @@ class TeacherConfig(ModelConfig):
                              "trains learns the dataset's classes (set teacher.checkpoint or another source)")
         if self.source in ("transformers", "smp_hub", "onnx") and not self.path:
             raise ValueError(f"teacher.source '{self.source}' needs teacher.path")
+        if self.path and self.source not in ("transformers", "smp_hub", "onnx"):
+            raise ValueError(f"teacher.path '{self.path}' is read by the sources transformers, smp_hub "
+                             f"and onnx, not by '{self.source}': set teacher.source, or drop teacher.path")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"teacher.std {list(self.std)} must be positive")
         if self.source == "torchvision" and self.checkpoint is None:
             raise ValueError("teacher.source 'torchvision' needs teacher.checkpoint (its weights) "
                              "and the builder's name in teacher.arch, e.g. deeplabv3_resnet101")
@@ -202,6 +207,13 @@ class LossConfig(Section):
         "labelled", description="pixels the KD term sees: every labelled one, or only those the teacher gets right", json_schema_extra=DISTILLED
     )
     class_weights: list[float] | None = Field(None, description="CE weight per class", json_schema_extra=EVERY_STAGE)
+
+    @field_validator("class_weights")
+    @classmethod
+    def _weights_weigh(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (any(w < 0 for w in value) or not sum(value) > 0):
+            raise ValueError(f"{value} must be >= 0, with at least one above 0")
+        return value
     chunk_size: int | None = Field(
         None, ge=1, description="KD loss computed this many samples at a time (less memory)", json_schema_extra=RUN_ONLY
     )
@@ -252,7 +264,7 @@ class TrainConfig(Section):
     cpu_malloc_tuning: bool = Field(
         True, description="on CPU/Linux, keep freed memory in glibc's heap (faster steps, ~13% more RSS)", json_schema_extra=RUN_ONLY
     )
-    seed: int = Field(0, description="seeds weights, shuffling and augmentation", json_schema_extra=EVERY_STAGE)
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds weights, shuffling and augmentation", json_schema_extra=EVERY_STAGE)
     eval_every_epochs: int = Field(1, ge=1, description="val mIoU every N epochs (and at the end)", json_schema_extra=EVERY_STAGE)
     checkpoint_every_epochs: int = Field(1, ge=1, description="save_state every N epochs", json_schema_extra=RUN_ONLY)
     log_every_steps: int = Field(10, ge=1, description="metrics.jsonl line every N optimizer steps", json_schema_extra=RUN_ONLY)
@@ -293,7 +305,7 @@ class ExportConfig(Section):
     """Export of the student (``distill export``)."""
 
     formats: list[Literal["onnx", "safetensors", "onnx_int8"]] = Field(
-        default_factory=lambda: ["onnx", "safetensors"], description="what `distill export` writes; "
+        default_factory=lambda: ["onnx", "safetensors"], min_length=1, description="what `distill export` writes; "
         "onnx_int8 adds student_int8.onnx (static INT8, calibrated) beside student.onnx"
     )
     opset: int = Field(18, ge=13, description="ONNX opset")
