@@ -424,8 +424,8 @@ def check_models(recipe: Recipe, stage: Stage) -> None:
     if spec.source not in ("smp", "factory"):
         # A teacher given by a path (hub, transformers, ONNX, torchvision) is known only once
         # loaded: its class names and count come from the file. A cached run's cache stage loads
-        # it before any student trains; a streamed one would first meet it here, after the baseline.
-        if spec.mode == "stream" and (spec.class_map is not None or features):
+        # it before any student trains; a streamed one would first meet it after the baseline.
+        if spec.mode == "stream":
             teacher = load_teacher(recipe, info.num_classes)  # refuses a class map it does not fit
             if features:
                 feature_distillation(recipe, model, teacher, info.ignore_index)

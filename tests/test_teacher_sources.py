@@ -161,7 +161,7 @@ def test_a_changed_class_map_makes_the_store_stale(tmp_path):
         open_store(reordered)
 
 
-def _tiny_segformer(folder, names, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
+def _tiny_segformer(folder, names, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), dtype=torch.float32):
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
     torch.manual_seed(0)
@@ -169,7 +169,7 @@ def _tiny_segformer(folder, names, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
                              num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16,
                              id2label=dict(enumerate(names)), label2id={n: k for k, n in enumerate(names)})
     model = SegformerForSemanticSegmentation(config).eval()
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     SegformerImageProcessor(image_mean=list(mean), image_std=list(std)).save_pretrained(folder)
     return model
 
@@ -471,3 +471,44 @@ def test_an_onnx_teacher_with_external_data_is_hashed_with_its_weights(tmp_path)
     (tmp_path / "teacher.onnx.data").unlink()
     with pytest.raises(ModelError, match=r"weights '.*teacher.onnx' cannot be read whole: .*teacher.onnx.data"):
         teacher_digest(recipe)
+
+
+def test_a_teacher_of_another_class_count_without_a_class_map_is_refused_before_any_write(tmp_path):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    from distill.training import check_models
+
+    torch.manual_seed(0)
+    smp.create_model("FPN", encoder_name="tu-mobilenetv3_small_050", encoder_weights=None,
+                     classes=5).save_pretrained(tmp_path / "hub")
+    source = {"teacher.source": "smp_hub", "teacher.path": str(tmp_path / "hub"), "data.resize": "[32,32]"}
+    cached = tiny_recipe(tmp_path / "cached", teacher=True, **source, **{"teacher.mode": "cache", "cache.topk": 2})
+    # A dense store failed mid-write; a top-k one was written and its maps read back as 4 classes.
+    with pytest.raises(ModelError, match=r"teacher '.*hub' predicts 5 classes and the student 4: map the "
+                                         r"teacher's classes onto the student's with teacher.class_map"):
+        write_cache(cached)
+    assert not (tmp_path / "cached" / "cache" / "manifest.json").exists()
+    # Streamed: refused by the set-up checks `distill run` makes before its first stage.
+    streamed = tiny_recipe(tmp_path / "streamed", teacher=True, **source)
+    with pytest.raises(ModelError, match="predicts 5 classes and the student 4"):
+        check_models(streamed, "student")
+    mapped = tiny_recipe(tmp_path / "mapped", teacher=True, **source, **{"teacher.class_map": "{0: 0, 1: 1, 2: 2, 3: 3, 4: 3}"})
+    assert load_teacher(mapped, 4)(_batch(mapped)).shape[1] == 4
+
+
+def test_a_half_precision_upload_and_a_hub_folder_created_with_imagenet_weights_load_offline(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+    names = ["background", "circle_stripes", "square_dots", "triangle_solid"]
+    _tiny_segformer(tmp_path / "half", names, dtype=torch.float16)  # config.json: dtype float16
+    recipe = tiny_recipe(tmp_path / "a", teacher=True, **{"teacher.source": "transformers",
+                                                           "teacher.path": str(tmp_path / "half")})
+    logits = load_teacher(recipe, 4)(_batch(recipe))  # float16 weights met float32 images
+    assert logits.dtype == torch.float32 and bool(torch.isfinite(logits).all())
+    # save_pretrained of a model created with ImageNet weights records them in its config.
+    smp.create_model("FPN", encoder_name="tu-mobilenetv3_small_050", encoder_weights=None,
+                     classes=4).save_pretrained(tmp_path / "hub")
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({**config, "encoder_weights": "imagenet"}))
+    recipe = tiny_recipe(tmp_path / "b", teacher=True, **{"teacher.source": "smp_hub", "teacher.path": str(tmp_path / "hub")})
+    assert load_teacher(recipe, 4)(_batch(recipe)).shape[1] == 4

@@ -135,6 +135,9 @@ def _write_split(recipe: Recipe, split: str, dataset: Any, ids: list[str], finge
                     batch = next(loaded)
                     with accelerator.autocast():
                         logits = teacher(_to_device(batch, accelerator.device))
+                    if logits.shape[1] != fingerprint["num_classes"]:  # a count nothing recorded
+                        raise CacheError(f"the teacher gives {logits.shape[1]} classes per pixel and the "
+                                         f"student has {fingerprint['num_classes']}: map them with teacher.class_map")
                     if not bool(torch.isfinite(logits).all()):
                         bad = [ids[row] for row in rows]
                         raise CacheError(f"the teacher produced non-finite logits for a batch of {bad}")

@@ -211,6 +211,16 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
         if predicts is not None and predicts != len(spec.class_names):
             raise ModelError(f"teacher.class_names lists {len(spec.class_names)} classes, but the teacher "
                              f"'{spec.path}' predicts {predicts}: give its own classes, in its order")
+    if spec.class_map is None:
+        # Without a map the teacher's classes are the student's, one to one: another count would
+        # be cut to the first classes of a top-k store, or fail at the first batch.
+        predicts = len(spec.class_names) if spec.class_names else (
+            len(source_names) if source_names else recorded_classes(model))
+        if predicts is not None and predicts != num_classes:
+            named = f" '{spec.path}'" if spec.path else ""
+            raise ModelError(f"the teacher{named} predicts {predicts} classes and the student {num_classes}: "
+                             "map the teacher's classes onto the student's with teacher.class_map "
+                             "(docs/teachers.md)")
     matrix = None
     if spec.class_map is not None:
         names = spec.class_names or source_names or [str(k) for k in range(_output_classes(model, spec))]

@@ -143,9 +143,10 @@ def _transformers_teacher(path: str) -> tuple[nn.Module, list[str], tuple | None
                          "segmentation model")
     if any("UniversalSegmentation" in a for a in archs) or config.model_type in ("mask2former", "maskformer"):
         model: nn.Module = MaskQueryTeacher(
-            transformers.AutoModelForUniversalSegmentation.from_pretrained(str(folder)))
+            transformers.AutoModelForUniversalSegmentation.from_pretrained(str(folder), dtype=torch.float32))
     elif any("SemanticSegmentation" in a for a in archs):
-        model = _HFLogits(transformers.AutoModelForSemanticSegmentation.from_pretrained(str(folder)))
+        # float32 whatever dtype the upload was saved in (mixed precision is the recipe's autocast).
+        model = _HFLogits(transformers.AutoModelForSemanticSegmentation.from_pretrained(str(folder), dtype=torch.float32))
     else:
         raise ModelError(f"teacher.path '{path}' holds a {config.model_type} model for another task "
                          f"({', '.join(archs) or 'no architectures listed'}): distill needs a "
@@ -228,7 +229,10 @@ def load_source(spec: Any, num_classes: int, weights: Path | None
         from distill.stage_weights import hub_folder
 
         path = Path(str(spec.path))
-        return smp.from_pretrained(str(path if path.is_dir() else hub_folder(str(spec.path)))), None, None
+        # Every weight is in the folder: an `encoder_weights: imagenet` its config recorded at
+        # creation must not send smp to the network for weights it then overwrites.
+        folder = path if path.is_dir() else hub_folder(str(spec.path))
+        return smp.from_pretrained(str(folder), encoder_weights=None), None, None
     if source == "onnx":
         return OnnxTeacher(Path(str(spec.path))), None, None
     raise ModelError(f"teacher.source '{source}' is not supported")
