@@ -129,6 +129,7 @@ class _Run:
     teacher_module: bool  # the caller's own teacher, not the recipe's
     started: bool = False  # has the run written its folder yet (see _start_writing)
     validated: bool = False  # has it read the validation split once (see _drop_earlier_run)
+    val_given: bool = False  # a val_dataset of the caller's, not data.val_split
     checkpointed: bool = False  # has it saved a checkpoint that train.resume can continue
 
     @property
@@ -366,7 +367,7 @@ def _set_up(recipe: Recipe, stage: Stage, run_dir: Path, accelerator: Accelerato
     accelerator.register_for_checkpointing(scheduler)
     return _Run(recipe, stage, run_dir, accelerator, model, teacher, features, criterion, optimizer,
                 scheduler, train_loader, val_loader, info.num_classes, info.ignore_index, total_steps,
-                teacher_module=caller_teacher)
+                teacher_module=caller_teacher, val_given=val_dataset is not None)
 
 
 def schedule_steps(recipe: Recipe, batches: int, images: int, num_processes: int) -> int:
@@ -586,6 +587,10 @@ def _validate_and_checkpoint(run: _Run, state: dict, epoch: int, progress, epoch
     if state["epoch"] % cfg.eval_every_epochs == 0 or last_epoch:
         scores = evaluate_model(run.model, run.val_loader, accelerator,
                                 num_classes=run.num_classes, ignore_index=run.ignore_index)
+        if not math.isfinite(scores.miou):  # before any weights are written or the earlier run dropped
+            which = "the val_dataset given" if run.val_given else f"data.val_split '{run.recipe.data.val_split}'"
+            raise TrainingError(f"{which} has no labelled pixel (every mask is data.ignore_index "
+                                f"{run.ignore_index}): its mIoU is undefined, so no weights can be scored")
         state["last_miou"] = scores.miou
         _log(accelerator, run.log_path, {"epoch": epoch + 1, "step": state["step"], "val_miou": scores.miou,
                                          "val_pixel_accuracy": scores.pixel_accuracy})

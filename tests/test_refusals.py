@@ -91,6 +91,14 @@ def test_bad_data_met_after_the_first_step_gives_the_earlier_run_back(tmp_path, 
     assert "3.png' has label values [9]" in " ".join(capfd.readouterr().err.split())
     assert snapshot(tmp_path / "run") == before
     assert not (tmp_path / "run" / "student" / ".previous_run").exists()
+    # Masks all void: an mIoU of nothing (it ended "done" at -100, without best weights, and
+    # dropped the finished run).
+    for i in range(4):
+        Image.fromarray(np.full((32, 32), 255, dtype=np.uint8)).save(root / "masks" / "val" / f"{i}.png")
+    assert main(["train", str(recipe), "train.lr=0.02"]) == 2
+    assert ("data.val_split 'val' has no labelled pixel (every mask is data.ignore_index 255): its mIoU "
+            "is undefined") in " ".join(capfd.readouterr().err.split())
+    assert snapshot(tmp_path / "run") == before
 
 
 def test_sigterm_from_the_launcher_gives_the_earlier_run_back(tmp_path, monkeypatch):

@@ -118,6 +118,18 @@ def test_mixed_batches_hold_the_ratio_take_the_baselines_steps_and_follow_the_ep
     assert list(sampler) == epochs[1] != epochs[0]
 
 
+@pytest.mark.parametrize("unlabelled", [False, True])
+def test_starting_an_epoch_leaves_torchs_global_generator_alone(unlabelled):
+    # A resumed process restores the global generator at a checkpoint; an iterator that drew its
+    # workers' seed from it would shift every dropout mask after that point.
+    recipe = tiny_recipe("unused", teacher=True, **{"data.labelled_fraction": 0.25, "data.synthetic.num_train": 16})
+    loader = build_loader(recipe.data, recipe.data.train_split, train=True, unlabelled=unlabelled)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    iter(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_repeated_source_is_drawn_that_many_times_per_pass():
     # 6 masks kept of 12, the other 6 frames once each and 2 generated images 3 times each:
     # 12 unlabelled draws a pass, one per batch of 2, 3 batches an epoch: 4 epochs a pass.

@@ -370,8 +370,12 @@ def build_loader(data: DataConfig, split: str, *, train: bool, seed: int = 0,
         drawn = [k for k, f in enumerate(flags) if not f for _ in range(repeat(dataset.source, k))]
         sampler = MixedBatchSampler([k for k, f in enumerate(flags) if f], drawn, batch_size,
                                     data.unlabelled_ratio, seed, dataset)
+        # A generator of its own, as the plain loader's: without one, each iterator draws its
+        # workers' base seed from torch's global generator, which a resumed process restores
+        # at another point than the straight run reached it (other dropout masks after a resume).
         return DataLoader(dataset, batch_sampler=sampler, num_workers=data.num_workers,
                           pin_memory=torch.cuda.is_available(), collate_fn=collate,
+                          generator=torch.Generator().manual_seed(seed),
                           persistent_workers=data.num_workers > 0)
     if train and len(dataset) < batch_size:
         kept = (f" with masks (data.labelled_fraction {data.labelled_fraction:g}: one mask in "
