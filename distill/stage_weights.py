@@ -211,6 +211,10 @@ def check_normalization(recipe: Any, weights: Path, stage: str = "student") -> N
         numbers = isinstance(then, list) and all(isinstance(v, (int, float)) for v in then)
         if numbers and len(then) == len(now) and any(abs(a - b) > 1e-9 for a, b in zip(then, now)):
             # A teacher from elsewhere takes its own normalization; the data's is the student's.
-            setting = f"teacher.{key}" if teacher is not None and teacher.checkpoint is not None else f"data.{key}"
+            external = teacher is not None and teacher.checkpoint is not None
+            advice = (f"set teacher.{key} to the trained values" if external else
+                      f"set data.{key} to the trained values" + (
+                          f", or give the file as teacher.checkpoint with teacher.{key}, or retrain the "
+                          "teacher" if teacher is not None else ""))
             raise ModelError(f"'{weights}' was trained on images normalized with data.{key} {then} (its "
-                             f"{saved}), this recipe gives it {now}: set {setting} to the trained values")
+                             f"{saved}), this recipe gives it {now}: {advice}")

@@ -575,6 +575,15 @@ def test_weights_trained_on_other_normalization_are_refused_by_eval_export_and_c
             call()
     assert not (tmp_path / "run" / "export").exists() and not (tmp_path / "run" / "compare").exists()
     evaluate_checkpoint(recipe, "student")  # the trained normalization: scored
+    # The run folder's own teacher, met by a student stage or a store of another normalization.
+    from distill.cache import write_cache
+
+    retrain = r"set data.mean to the trained values, or give the file as teacher.checkpoint with teacher.mean, or retrain"
+    for call in (lambda: train(now, "student"), lambda: write_cache(tiny_recipe(
+            tmp_path / "run", teacher=True, **{"teacher.mode": "cache", "data.resize": "[32,32]"}))):
+        with pytest.raises(ModelError, match=retrain):
+            call()
+    assert not (tmp_path / "run" / "cache").exists()
     # That teacher given to another recipe: refused before a student learns from it, naming the
     # teacher's own key (the data's normalizes the student's inputs); with it, accepted.
     other = {"teacher.checkpoint": str(tmp_path / "run" / "teacher" / "best.safetensors"), "train.epochs": 1}

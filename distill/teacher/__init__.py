@@ -16,7 +16,7 @@ from torch import nn
 from distill._checks import check_number
 from distill.teacher.sources import apply_class_map, class_map_matrix, load_source
 from distill.models import ModelError, forward_padded, recorded_classes
-from distill.stage_weights import trained_weights
+from distill.stage_weights import check_normalization, trained_weights
 
 if TYPE_CHECKING:
     from distill.config import Recipe
@@ -194,6 +194,10 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
     spec = recipe.teacher
     assert spec is not None
     weights = trained_weights(recipe, "teacher")
+    if weights is not None and spec.source in ("smp", "factory"):
+        # A run folder's teacher (or a checkpoint with its recipe.yaml) fed images normalized
+        # otherwise than it learnt would teach from wrong targets without a word.
+        check_normalization(recipe, weights, "teacher")
     student_names = dataset_info(recipe.data).class_names
     teacher_classes = len(spec.class_names) if spec.class_names else num_classes
     model, source_names, expects = load_source(spec, teacher_classes, weights)
