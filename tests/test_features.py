@@ -158,6 +158,42 @@ def test_layers_of_other_strides_are_compared_at_the_same_place_of_an_image_of_a
     assert got == pytest.approx(float(hint_loss(s_on_t, t_full[..., :keep, :keep])), rel=1e-5)
 
 
+class _RampEncoder(torch.nn.Module):
+    """A stride-32 stage whose feature is ``(x / 50)^2`` at each cell's centre, ``x`` in the
+    original image's pixels (``shrink``: the model sees the image widened by 1 / shrink)."""
+
+    def __init__(self, shrink: float = 1.0) -> None:
+        super().__init__()
+        self.shrink, self.out_channels = shrink, (3, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        n, _, height, width = x.shape
+        xs = (torch.arange(width // 32) + 0.5) * 32 * self.shrink
+        return [x, ((xs / 50) ** 2).view(1, 1, 1, -1).expand(n, 1, height // 32, -1).clone()]
+
+
+def test_a_teacher_at_its_input_size_is_compared_where_its_cells_lie_in_the_image():
+    # A 64x70 crop: the student pads it to 64x96, the teacher (teacher.input_size [64, 96]) sees
+    # it stretched to 96. Both maps are 2x3 cells, on other grids of the image.
+    student, teacher = _SceneModel(32), _SceneModel(32)
+    student.encoder, teacher.encoder = _RampEncoder(), _RampEncoder(shrink=70 / 96)
+    term = FeatureDistillation(student, teacher, [(0, 0)], kind="hint", probe_size=(64, 64))
+    with torch.no_grad():
+        term.adapters[0][0].weight.fill_(1.0)
+    forward_padded(student, torch.zeros(2, 3, 64, 70))
+    forward_padded(teacher, torch.zeros(2, 3, 64, 96))
+    got = float(term((64, 70), (64, 96), None).detach())
+    # Reference: the student's cells (centres 16, 48, 80 px) interpolated linearly at the teacher's
+    # centres in image pixels, held at the end values beyond them.
+    student_centres = np.array([16.0, 48.0, 80.0])
+    teacher_centres = (np.arange(3) + 0.5) * 32 * 70 / 96
+    at_teacher = np.interp(teacher_centres, student_centres, (student_centres / 50) ** 2)
+    s_on_t = torch.tensor(at_teacher, dtype=torch.float32).view(1, 1, 1, 3).expand(2, 1, 2, 3)
+    s_on_t = F.batch_norm(s_on_t, None, None, training=True)  # the adapter's batch norm, training mode
+    t = torch.tensor((teacher_centres / 50) ** 2, dtype=torch.float32).view(1, 1, 1, 3).expand(2, 1, 2, 3)
+    assert got == pytest.approx(float(hint_loss(s_on_t, t)), rel=1e-4)  # float32 batch norm
+
+
 def test_a_feature_cell_is_void_only_when_every_pixel_under_it_is():
     from distill.losses.features import _any_in_cells
 

@@ -270,7 +270,11 @@ class FeatureDistillation(nn.Module):
         total = 0.0
         for adapter, (s, s_cell), (t, t_cell) in zip(self.adapters, student_features, teacher_features):
             s = adapter(s)  # under autocast where the step is
-            if s.shape[-2:] != t.shape[-2:]:
+            # Maps of one shape may still lie on other grids (a teacher at teacher.input_size sees
+            # the image stretched where the student's padding covers it): compare cells in image terms.
+            same_grid = s.shape[-2:] == t.shape[-2:] and all(
+                abs(s_cell[a] * teacher_size[a] / student_size[a] - t_cell[a]) <= 1e-6 * t_cell[a] for a in (0, 1))
+            if not same_grid:
                 s = _on_teacher_cells(s, s_cell, student_size, t.shape[-2:], t_cell, teacher_size)
             if self.kind == "hint":
                 total = total + hint_loss(s, t)
