@@ -70,10 +70,19 @@ def stage_inputs(recipe: Recipe, stage: str, *, teacher_module: bool = False) ->
         inputs["teacher"] = {**teacher, **_weights(recipe.teacher, "student"),
                              "weights": teacher_digest(recipe)}
         if recipe.teacher.mode == "cache":
-            manifest = cache_dir(recipe) / "manifest.json"
-            inputs["cache"] = {**keys_for(recipe.cache, "student"),
-                               "store": file_digest(manifest) if manifest.is_file() else None}
+            inputs["cache"] = {**keys_for(recipe.cache, "student"), "store": _store_entry(recipe)}
     return inputs
+
+
+def _store_entry(recipe: Recipe) -> str | None:
+    """The digest of the store's record of the training split, the one split a student reads
+    (its unlabelled images included): caching another split leaves the student up to date."""
+    manifest = cache_dir(recipe) / "manifest.json"
+    try:
+        entry = json.loads(manifest.read_text())["splits"][recipe.data.train_split]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not a store's: never up to date
+        return None
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
 
 
 def _split_lists(data: dict[str, Any]) -> dict[str, str | None]:

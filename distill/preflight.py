@@ -76,7 +76,7 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
     if recipe.teacher is not None and (stage in ("teacher", None) or (stage == "student" and recipe.distills)):
         specs.append(recipe.teacher)
     for spec in specs:
-        if spec.encoder_weights is not None and is_local(spec.encoder_weights):
+        if spec.encoder_weights is not None and is_local(spec.encoder_weights) and spec.checkpoint is None:
             attempt(lambda spec=spec: locate(spec.encoder_weights))
         if spec.checkpoint is not None:  # found and readable; read whole when the model is built
             attempt(lambda spec=spec: check_weights_file(spec.checkpoint))

@@ -4,6 +4,7 @@ says which stages' results it changes, and the fingerprint follows exactly that.
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import BaseModel
 
 from distill.config import (CacheConfig, DataConfig, LossConfig, ModelConfig, TeacherConfig, TrainConfig,
@@ -64,6 +65,48 @@ def test_the_teachers_weights_enter_by_their_bytes_not_their_path(tmp_path):
     assert stage_inputs(make(first), "student") == stage_inputs(make(second), "student")
     second.write_bytes(b"other")
     assert stage_inputs(make(first), "student") != stage_inputs(make(second), "student")
+
+
+def test_encoder_weights_a_checkpoint_replaces_are_neither_hashed_nor_required(tmp_path):
+    # The teacher's checkpoint holds its whole model: its encoder_weights are never read, and the
+    # recipe reused on a machine without them (or with other ones) is the same teacher.
+    from safetensors.torch import save_file
+
+    from distill.preflight import check_inputs
+
+    encoder, checkpoint = tmp_path / "encoder.safetensors", tmp_path / "teacher.safetensors"
+    encoder.write_bytes(b"one")
+    save_file({"weight": torch.zeros(1)}, checkpoint)
+    make = lambda: tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.factory": "null", "teacher.factory_kwargs": "{}", "teacher.arch": "FPN", "teacher.encoder": "resnet18",
+        "teacher.checkpoint": str(checkpoint), "teacher.encoder_weights": str(encoder)})
+    before = stage_inputs(make(), "student")
+    encoder.write_bytes(b"two")
+    assert stage_inputs(make(), "student") == before
+    encoder.unlink()
+    assert stage_inputs(make(), "student") == before
+    try:
+        check_inputs(make(), "student")
+    except ValueError as error:  # the teacher's run folder is empty; its encoder file is not asked for
+        assert "encoder.safetensors" not in str(error)
+
+
+def test_a_cached_student_reads_its_training_splits_store_alone(tmp_path):
+    import json
+
+    (tmp_path / "teacher.safetensors").write_bytes(b"weights")
+    recipe = lambda splits: tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.mode": "cache", "data.resize": "[32,32]", "cache.splits": splits,
+        "teacher.checkpoint": str(tmp_path / "teacher.safetensors")})
+    manifest = tmp_path / "run" / "cache" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    write = lambda splits: manifest.write_text(json.dumps({"format": "distill-logit-cache", "splits": splits}))
+    write({"train": {"complete": True, "fingerprint": {"teacher": "a"}}})
+    before = stage_inputs(recipe("[train]"), "student")
+    write({"train": {"complete": True, "fingerprint": {"teacher": "a"}}, "val": {"complete": True}})
+    assert stage_inputs(recipe("[train, val]"), "student") == before  # another split cached beside it
+    write({"train": {"complete": True, "fingerprint": {"teacher": "b"}}, "val": {"complete": True}})
+    assert stage_inputs(recipe("[train, val]"), "student") != before  # its own store rewritten
 
 
 def test_a_list_selectors_file_enters_by_its_content(tmp_path):

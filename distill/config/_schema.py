@@ -157,7 +157,8 @@ class CacheConfig(Section):
         "fp16", description="stored value type; int8: uint8 codes with a per-pixel fp16 zero point and scale", json_schema_extra=DISTILLED
     )
     splits: list[str] = Field(
-        default_factory=lambda: ["train"], description="splits (or selectors, as data.train_split) to cache", json_schema_extra=DISTILLED
+        default_factory=lambda: ["train"], description="splits (or selectors, as data.train_split) to cache; "
+        "the student reads its training split's store alone", json_schema_extra=RUN_ONLY
     )
     batch_size: int = Field(8, ge=1, description="teacher batch size while caching", json_schema_extra=RUN_ONLY)
     teacher_resize: tuple[int, int] | None = Field(

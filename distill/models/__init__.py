@@ -168,7 +168,9 @@ def model_identity(spec: ModelConfig, exclude: set[str] | None = None) -> dict[s
     """``spec`` as a fingerprint sees it: local encoder weights by their sha256, so that changed
     weights behind the same path or package redo the stage."""
     fields = spec.model_dump(mode="json", exclude=exclude)
-    if "encoder_weights" in fields:
+    if "encoder_weights" in fields and getattr(spec, "checkpoint", None) is not None:
+        fields["encoder_weights"] = None  # the checkpoint replaces them: never read (build_model)
+    elif "encoder_weights" in fields:
         try:
             fields["encoder_weights"] = pretrained.weights_identity(spec.encoder_weights)
         except pretrained.PretrainedWeightsError as error:
