@@ -385,8 +385,8 @@ def test_a_processor_of_0_255_statistics_without_rescaling_and_scalar_ones_are_f
         torch.testing.assert_close(got, want)
 
 
-def _export_onnx(model, path, size, dynamic):
-    torch.onnx.export(model.eval(), torch.randn(1, 3, *size), str(path), input_names=["image"],
+def _export_onnx(model, path, size, dynamic, batch=1):
+    torch.onnx.export(model.eval(), torch.randn(batch, 3, *size), str(path), input_names=["image"],
                       output_names=["logits"], opset_version=18, dynamo=False,
                       dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}}
                       if dynamic else None)
@@ -409,6 +409,9 @@ def test_onnx_teacher_of_one_fixed_size_and_batch_runs_at_that_size(tmp_path):
     images = torch.nn.functional.interpolate(batch["image"], size=(40, 40), mode="bilinear", align_corners=False)
     with torch.no_grad():
         want = model(torch.nn.functional.pad(images, (0, 24, 0, 24)))
+    torch.testing.assert_close(load_teacher(recipe, 4)(batch), want, rtol=1e-4, atol=1e-4)
+    # A batch fixed at 2: 3 images run as 2 + (1 and a copy), the copy's logits dropped.
+    _export_onnx(torch.nn.Sequential(torch.nn.ZeroPad2d((0, 24, 0, 24)), model), path, (40, 40), dynamic=False, batch=2)
     torch.testing.assert_close(load_teacher(recipe, 4)(batch), want, rtol=1e-4, atol=1e-4)
 
 

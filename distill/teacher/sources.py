@@ -59,12 +59,12 @@ class OnnxTeacher(nn.Module):
         self.input_dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(inputs[0].type, np.float32)
         self.path = Path(path)
         # A graph exported for one size (torchvision's at 520x520...) takes that size only: it
-        # is not padded to a stride (teacher.input_size must say the size), and a batch fixed
-        # at one image is run image by image.
+        # is not padded to a stride (teacher.input_size must say the size), and a graph of a
+        # fixed batch is run that many images at a time, the last run padded with copies.
         batch, _, height, width = inputs[0].shape
         self.fixed_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
         self.pads_itself = self.fixed_size is not None
-        self.one_at_a_time = batch == 1
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
         self.classes = outputs[0].shape[1] if isinstance(outputs[0].shape[1], int) else None
 
     def parameter_count(self) -> int:
@@ -81,9 +81,14 @@ class OnnxTeacher(nn.Module):
                              f"teacher.input_size: [{self.fixed_size[0]}, {self.fixed_size[1]}]")
         array = images.detach().float().cpu().numpy().astype(self.input_dtype, copy=False)
         name = self.session.get_outputs()[0].name
-        if self.one_at_a_time and len(array) > 1:
-            logits = np.concatenate([self.session.run([name], {self.input_name: array[i : i + 1]})[0]
-                                     for i in range(len(array))])
+        if self.fixed_batch is not None and len(array) != self.fixed_batch:
+            runs, size = [], self.fixed_batch
+            for start in range(0, len(array), size):
+                chunk = array[start : start + size]
+                short = size - len(chunk)  # the last run: filled with copies, their logits dropped
+                padded = np.concatenate([chunk, np.repeat(chunk[-1:], short, axis=0)]) if short else chunk
+                runs.append(self.session.run([name], {self.input_name: padded})[0][: len(chunk)])
+            logits = np.concatenate(runs)
         else:
             (logits,) = self.session.run([name], {self.input_name: array})[:1]
         return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).to(images.device)
