@@ -237,6 +237,11 @@ def test_a_tta_view_lines_up_with_the_image_at_any_size(height, width, scale):
 def test_smps_own_efficientnet_encoder_takes_its_own_weights(tmp_path):
     # Its keys (_conv_stem, _blocks.*) are lukemelas's layout, which was taken for Lite weights.
     assert_encoder_file_round_trips(ModelConfig(arch="FPN", encoder="efficientnet-b0"), tmp_path / "b0.safetensors")
+    # Given to another encoder, the advice names the one kind that takes them (not a Lite encoder).
+    with pytest.raises(ModelError, match=r"b0.safetensors' are EfficientNet-B weights in lukemelas's layout; "
+                                         r"they fit smp's own encoders \(efficientnet-b0"):
+        build_model(ModelConfig(arch="FPN", encoder="tu-efficientnet_b0",
+                                encoder_weights=str(tmp_path / "b0.safetensors")), num_classes=3)
 
 
 @needs_packages

@@ -195,6 +195,12 @@ def load_encoder_weights(model: nn.Module, encoder: str, value: str) -> int:
     own_keys = all(name in state for name in wanted.values() if not name.endswith("num_batches_tracked"))
     # lukemelas's layout is also smp's own efficientnet-bN encoders': converted only when the
     # encoder does not already hold those keys.
+    if _is_efficientnet_lite_layout(state) and not own_keys and any("._se_reduce." in k for k in state):
+        # The same layout with squeeze-excitation: EfficientNet-B weights, which only smp's own
+        # encoders of that name take (timm's tf_efficientnet_bN orders its modules otherwise).
+        raise PretrainedWeightsError(f"encoder_weights '{value}' are EfficientNet-B weights in "
+                                     f"lukemelas's layout; they fit smp's own encoders "
+                                     f"(efficientnet-b0 ... efficientnet-b7), not '{encoder}'")
     if _is_efficientnet_lite_layout(state) and not own_keys:
         if timm_name is None:
             raise PretrainedWeightsError(f"encoder_weights '{value}' are EfficientNet-Lite weights; "
