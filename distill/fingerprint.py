@@ -48,8 +48,9 @@ def stage_inputs(recipe: Recipe, stage: str, *, teacher_module: bool = False) ->
     }
     # Class names are labels for ids: a rename changes no training, only a class map that names
     # classes (the distilled student's teacher.class_map). Their count stays (a folder layout's).
+    mapper = recipe.teacher if distilling and recipe.teacher is not None else None
     names = inputs["data"].get("class_names")
-    if names is not None and not (distilling and recipe.teacher is not None and recipe.teacher.class_map):
+    if names is not None and not (mapper is not None and mapper.map_names("student")):
         inputs["data"]["class_names"] = f"{len(names)} classes"
     # A key added to data.unlabelled's entries counts only where set, so that other runs keep
     # their digest (as the keys below).
@@ -67,6 +68,8 @@ def stage_inputs(recipe: Recipe, stage: str, *, teacher_module: bool = False) ->
     elif distilling:
         assert recipe.teacher is not None
         teacher = keys_for(recipe.teacher, "student")
+        if teacher.get("class_names") is not None and not recipe.teacher.map_names("teacher"):
+            teacher["class_names"] = f"{len(teacher['class_names'])} classes"  # labels of ids
         inputs["teacher"] = {**teacher, **_weights(recipe.teacher, "student"),
                              "weights": teacher_digest(recipe)}
         if recipe.teacher.mode == "cache":

@@ -109,6 +109,24 @@ def test_a_cached_student_reads_its_training_splits_store_alone(tmp_path):
     assert stage_inputs(recipe("[train, val]"), "student") != before  # its own store rewritten
 
 
+def test_class_names_a_class_map_numbers_are_labels_that_redo_nothing(tmp_path):
+    from distill.cache.reader import expected_fingerprint
+
+    (tmp_path / "teacher.safetensors").write_bytes(b"weights")
+    base = {"teacher.checkpoint": str(tmp_path / "teacher.safetensors"), "teacher.mode": "cache",
+            "data.resize": "[32,32]", "data.dataset": "folder", "data.root": str(tmp_path)}
+    recipe = lambda class_map, teacher_names, names: tiny_recipe(tmp_path / "run", teacher=True, **base, **{
+        "teacher.class_map": class_map, "teacher.class_names": teacher_names, "data.class_names": names})
+    inputs = lambda r: (stage_inputs(r, "student"), expected_fingerprint(r, "train", ids=["a"], num_classes=4))
+    by_ids = "{0: 0, 1: 1, 2: 2, 3: 3, 4: 3}"
+    before = inputs(recipe(by_ids, "[road, car, tree, sky, cloud]", "[a, b, c, d]"))
+    assert inputs(recipe(by_ids, "[road, vehicle, tree, sky, cloud]", "[a, b, c, e]")) == before
+    by_names = "{road: a, car: b, tree: c, sky: d, cloud: d}"
+    named = inputs(recipe(by_names, "[road, car, tree, sky, cloud]", "[a, b, c, d]"))
+    renamed = inputs(recipe("{road: a, vehicle: b, tree: c, sky: d, cloud: d}", "[road, vehicle, tree, sky, cloud]", "[a, b, c, d]"))
+    assert named[0] != renamed[0] and named[1] != renamed[1]  # the map by name changed with them
+
+
 def test_a_list_selectors_file_enters_by_its_content(tmp_path):
     listing = tmp_path / "held_out.txt"
     listing.write_text("0001\n0002\n")

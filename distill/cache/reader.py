@@ -88,6 +88,16 @@ def store_rows(store_ids: Sequence[str], ids: Sequence[str]) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
+def _teacher_outputs(teacher: Any) -> dict[str, Any]:
+    """The teacher's keys that change its stored outputs; its class names reduced to their
+    count where its class map numbers them (they label ids, and say nothing of where a class goes)."""
+    keys = teacher.model_dump(mode="json", include={name for name, field in type(teacher).model_fields.items()
+                                                    if changes_output(field)})
+    if keys.get("class_names") is not None and not teacher.map_names("teacher"):
+        keys["class_names"] = f"{len(keys['class_names'])} classes"
+    return keys
+
+
 def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | None = None,
                          num_classes: int | None = None) -> dict[str, Any]:
     """What a store of ``split`` written from ``recipe`` would record (a flat JSON dict)."""
@@ -103,9 +113,7 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
         "teacher_checkpoint_sha256": teacher_digest(recipe),
         # The keys whose metadata says they change the teacher's outputs (the weights enter by
         # their digest above; the normalization below).
-        "teacher_model": teacher.model_dump(
-            mode="json", include={name for name, field in type(teacher).model_fields.items()
-                                  if changes_output(field)}),
+        "teacher_model": _teacher_outputs(teacher),
         "teacher_input": {"mean": list(teacher.mean or data.mean), "std": list(teacher.std or data.std)},
         "dataset": data.dataset,
         "dataset_root": str(Path(data.root).resolve()) if data.root is not None else None,
@@ -130,7 +138,7 @@ def expected_fingerprint(recipe: Recipe, split: str, *, ids: Sequence[str] | Non
     views = teacher.tta_flip or tuple(teacher.tta_scales) != (1.0,)
     if views or teacher.class_map is not None:
         fingerprint["temperature"] = recipe.loss.temperature
-    if teacher.class_map is not None:  # a map by name: the student's names say where each class goes
+    if teacher.map_names("student"):  # the student's names say where each class goes
         fingerprint["student_classes"] = list(dataset_info(data).class_names)
     if recipe.train.mixed_precision != "no":  # the teacher writes under the recipe's autocast
         fingerprint["mixed_precision"] = recipe.train.mixed_precision

@@ -116,6 +116,14 @@ class TeacherConfig(ModelConfig):
 
     _positive_size = field_validator("input_size")(lambda value: positive_size("teacher.input_size", value))
 
+    def map_names(self, side: Literal["teacher", "student"]) -> bool:
+        """Whether ``class_map`` names the ``side``'s classes (the teacher's: its keys, the
+        student's: its values) rather than numbering them: only then do those names change where
+        a class goes. A string counts as a name (``"3"`` may be one)."""
+        if not self.class_map:
+            return False
+        return any(isinstance(x, str) for x in (self.class_map if side == "teacher" else self.class_map.values()))
+
     @model_validator(mode="after")
     def _source_keys(self) -> TeacherConfig:
         repeated = repeated_names(self.class_names or [])
