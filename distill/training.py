@@ -360,7 +360,8 @@ def _set_up(recipe: Recipe, stage: Stage, run_dir: Path, accelerator: Accelerato
     else:  # plain training: CE at weight 1 (the recipe's weights are the distillation's balance)
         criterion = DistillLoss(ce_weight=1.0, kd_weight=0.0, ignore_index=info.ignore_index,
                                 class_weights=recipe.loss.class_weights)
-    total_steps = schedule_steps(recipe, len(train_loader), len(train_loader.dataset), accelerator.num_processes)
+    total_steps = schedule_steps(recipe, len(train_loader), len(train_loader.dataset), accelerator.num_processes,
+                                 "the train_dataset given" if train_dataset is not None else None)
     # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
     # step it once per process), and registered so that save_state/load_state include it.
     scheduler = build_scheduler(optimizer, recipe, total_steps)
@@ -370,13 +371,15 @@ def _set_up(recipe: Recipe, stage: Stage, run_dir: Path, accelerator: Accelerato
                 teacher_module=caller_teacher, val_given=val_dataset is not None)
 
 
-def schedule_steps(recipe: Recipe, batches: int, images: int, num_processes: int) -> int:
+def schedule_steps(recipe: Recipe, batches: int, images: int, num_processes: int,
+                   source: str | None = None) -> int:
     """The run's optimizer steps from its training batches per process, or a TrainingError when
-    they make no schedule (no batch at all, or a warm-up that never ends)."""
+    they make no schedule (no batch at all, or a warm-up that never ends). ``source``: what the
+    images are, when not ``data.train_split`` (a dataset of the caller's)."""
     cfg = recipe.train
     if batches == 0:
         raise TrainingError(
-            f"no training batch: {images} images in split '{recipe.data.train_split}' do not fill "
+            f"no training batch: {images} images in {source or f'split {recipe.data.train_split!r}'} do not fill "
             f"one batch of {recipe.data.batch_size} on each of {num_processes} processes (lower data.batch_size)"
         )
     total_steps = min(cfg.max_steps or math.inf, steps_per_epoch(batches, cfg.grad_accum_steps) * cfg.epochs)

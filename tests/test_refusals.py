@@ -488,6 +488,17 @@ def test_a_cached_teacher_cannot_label_a_dataset_of_your_own(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_dataset_of_your_own_too_small_for_a_batch_is_named_as_yours(tmp_path):
+    from distill.launch import TrainingError
+    from distill.training import train
+
+    recipe = tiny_recipe(tmp_path / "run", **{"data.batch_size": 4})
+    pairs = [(torch.rand(3, 32, 32), torch.zeros(32, 32, dtype=torch.long)) for _ in range(3)]
+    with pytest.raises(TrainingError, match=r"no training batch: 3 images in the train_dataset given do not fill one batch of 4"):
+        train(recipe, "baseline", train_dataset=pairs, val_dataset=pairs)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_checkpoint_replaces_hub_encoder_weights_without_fetching_them(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
