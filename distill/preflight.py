@@ -26,8 +26,9 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
 
     Args:
         recipe: the resolved recipe.
-        stage: the training stage about to run (``teacher``, ``baseline``, ``student``), or None
-            for a command that trains nothing of its own.
+        stage: the training stage about to run (``teacher``, ``baseline``, ``student``),
+            ``cache`` for the teacher's logit store, or None for a command that trains nothing
+            of its own.
         needs_teacher_weights: check that the teacher's weights exist (False for ``distill run``,
             which trains the teacher first).
         planned: ``distill run``'s stages: the splits and folders of each are checked too (a
@@ -41,6 +42,10 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
 
     problems: list[str] = []
     errors: list[Exception] = []
+    if stage == "cache":  # the store's splits and folder, and the teacher that fills it
+        planned, stage, caching = ("cache",), None, True
+    else:
+        caching = False
 
     def attempt(check: Callable[[], object]) -> None:
         try:
@@ -71,7 +76,7 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
         if recipe.train.resume is not None and not Path(recipe.train.resume).is_dir():
             attempt(lambda: _not_a_checkpoint(recipe.train.resume))
     specs = []  # the models this command builds
-    if stage in ("baseline", "student") or stage is None:
+    if stage in ("baseline", "student") or (stage is None and not caching):
         specs.append(recipe.student_model)
     if recipe.teacher is not None and (stage in ("teacher", None) or (stage == "student" and recipe.distills)):
         specs.append(recipe.teacher)
@@ -82,7 +87,7 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
             attempt(lambda spec=spec: check_weights_file(spec.checkpoint))
         if getattr(spec, "source", None) in PATH_SOURCES and spec.path is not None:  # nothing downloaded
             attempt(lambda spec=spec: external_weights(spec.source, Path(str(spec.path)), download=False))
-    if stage == "student" and recipe.distills and needs_teacher_weights and recipe.teacher.checkpoint is None:
+    if (stage == "student" or caching) and recipe.distills and needs_teacher_weights and recipe.teacher.checkpoint is None:
         attempt(lambda: trained_weights(recipe, "teacher"))
     if stage in ("student", None) and recipe.distills and needs_teacher_weights:
         # Before a student learns from a teacher fed otherwise normalized images than it knew.

@@ -596,3 +596,20 @@ def test_a_store_finer_than_the_teachers_map_holds_its_bilinear_upsampling(tmp_p
     streamed = F.interpolate(eval_logits(recipe, range(4)), size=(32, 32), mode="bilinear", align_corners=False)
     assert eval_logits(recipe, range(1)).shape[-2:] == (8, 8)
     torch.testing.assert_close(CachedTeacher(open_store(recipe))(batch), streamed, atol=2e-2, rtol=0)
+
+
+def test_a_store_names_every_problem_of_its_inputs_at_once(tmp_path):
+    from distill.preflight import InputError
+
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.mode": "cache", "data.resize": "[32,32]", "data.dataset": "folder", "data.class_names": "[a, b, c, d]",
+        "data.root": str(tmp_path / "no_data"), "teacher.checkpoint": str(tmp_path / "no_teacher.safetensors")})
+    with pytest.raises(InputError, match=r"2 problems with the inputs") as caught:
+        write_cache(recipe)
+    assert "no_data" in str(caught.value) and "no_teacher.safetensors' does not exist" in str(caught.value)
+    assert not (tmp_path / "run").exists()
+    # The run folder's own teacher, not trained yet, is named before anything else happens.
+    untrained = tiny_recipe(tmp_path / "run", teacher=True, **{"teacher.mode": "cache", "data.resize": "[32,32]"})
+    with pytest.raises(Exception, match=r"the teacher has no weights: .*best.safetensors does not exist"):
+        write_cache(untrained)
+    assert not (tmp_path / "run").exists()

@@ -39,9 +39,11 @@ def write_cache(recipe: Recipe, splits: Sequence[str] | None = None) -> Path:
     from distill.run_folder import exclusive_folder
     from distill.teacher import load_teacher
 
+    from distill.preflight import check_inputs
     from distill.run_folder import ensure_writable_folder
 
     stream = _stream_recipe(recipe)
+    check_inputs(stream, "cache")  # every problem of its data, folder and teacher at once
     base_size(stream)
     folder = cache_dir(stream)
     ensure_writable_folder(folder, "logit cache", CacheError)  # cache.dir that is a file, read-only...
