@@ -317,9 +317,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue  # another formula (no void mask, another mean): its value is not comparable
         row["loss_rel_diff"] = abs(row["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
         if row is not ref:  # memory against the autograd version; time against it and every peer
-            row["meets_targets"] = (
+            # Unknown (None) without a peer measured beside it (--variants without one).
+            row["meets_targets"] = None if fastest_peer is None else (
                 row["peak_ratio"] <= PEAK_TARGET and row["time_ratio"] <= TIME_TARGET
-                and row.get("time_ratio_to_fastest_peer", 0.0) <= TIME_TARGET
+                and row["time_ratio_to_fastest_peer"] <= TIME_TARGET
             )
     import torch
 

@@ -89,11 +89,12 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
             attempt(lambda spec=spec: external_weights(spec.source, Path(str(spec.path)), download=False))
     if (stage == "student" or caching) and recipe.distills and needs_teacher_weights and recipe.teacher.checkpoint is None:
         attempt(lambda: trained_weights(recipe, "teacher"))
-    if stage in ("student", None) and recipe.distills and needs_teacher_weights:
-        # Before a student learns from a teacher fed otherwise normalized images than it knew.
+    if stage in ("student", None) and recipe.distills:
+        # Before a student learns from a teacher fed otherwise normalized images than it knew
+        # (a teacher given by its file: also before `distill run` trains the baseline).
         if recipe.teacher.checkpoint is not None:
             attempt(lambda: check_normalization(recipe, Path(recipe.teacher.checkpoint), "teacher"))
-        elif recipe.teacher.source in ("smp", "factory"):  # the run folder's teacher
+        elif needs_teacher_weights and recipe.teacher.source in ("smp", "factory"):  # the run folder's
             attempt(lambda: check_normalization(recipe, trained_weights(recipe, "teacher"), "teacher"))
     if len(errors) == 1:
         raise errors[0]  # one problem keeps its own type (DataError, ModelError...)

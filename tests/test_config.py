@@ -206,7 +206,9 @@ def test_a_bug_keeps_its_traceback_and_is_not_called_bad_input(tmp_path, monkeyp
     ("model: {}\ncache: {dir: ' '}\n", [], r"cache: 'dir' is empty: give a path, or null for none"),
     ("model: {}\n", ["cache.dir="], r"give one, or `cache.dir=null` for none"),
     ("model: {}\n", ["model.encoder_weights="], r"give one, or `model.encoder_weights=null` for none"),
-    ("model: {}\n", ["train.epochs=3 #x"], r"YAML reads '#x' as a comment; quote the value"),
+    ("model: {}\n", ["train.epochs=3 #x"], r"YAML reads '#x' as a comment, which an override cannot hold"),
+    ("model: {}\n", ["data.class_names.0=bg"], r"give the whole list, e\.g\. `data\.class_names=\[\.\.\., \.\.\.\]`"),
+    ("model: {}\n", ["data.mean.0=0.5"], r"give the whole list, e\.g\. `data\.mean=\[\.\.\., \.\.\.\]`"),
     ("model: {}\n", ["train={epochs: 3, lr: 0.1, epochs: 5}"], r"key 'epochs' appears twice"),
     ("model: {}\n", ["data.unlabelled[0].folder=x"], r"entries of a list cannot be set one by one; give the whole list, e\.g\. `data\.unlabelled="),
     ("model: {}\n", ["data.unlabelled.0.repeat=2"], r"cannot be set one by one; give the whole list, e\.g\. `data\.unlabelled="),
@@ -245,10 +247,20 @@ def test_a_path_or_text_override_is_taken_as_written(tmp_path, monkeypatch):
                                 "cache.dir=~/stores/a", "train.resume=null"])
     assert recipe.output_dir == Path("runs/exp #2") and recipe.data.val_split == "train:list=held out #1.txt"
     assert recipe.cache.dir == tmp_path / "home" / "stores" / "a" and recipe.train.resume is None
-    assert load_recipe(path, ["output_dir=2024"]).output_dir == Path("2024")  # not the number 2024
-    assert load_recipe(path, ["output_dir='007'"]).output_dir == Path("007")  # quoted: YAML's string
-    path.write_text("model: {}\noutput_dir: 2024\n")
-    assert load_recipe(path).output_dir == Path("2024")
+    assert load_recipe(path, ["output_dir=007"]).output_dir == Path("007")  # not the number 7
+    assert load_recipe(path, ["output_dir='007'", "data.root= ~/data "]).output_dir == Path("007")
+    assert load_recipe(path, ["data.root= ~/data "]).data.root == tmp_path / "home" / "data"
+    recipe = load_recipe(path, ["model.encoder_weights=~/w.pth", "data.val_split=train:list=~/ids.txt"])
+    assert recipe.model.encoder_weights == str(tmp_path / "home" / "w.pth")
+    from distill.data.splits import parse_split
+
+    assert parse_split(recipe.data.val_split).list_file == tmp_path / "home" / "ids.txt"
+    path.write_text("model: {}\noutput_dir: 007\n")  # YAML's 7: the text is gone
+    with pytest.raises(RecipeError, match=r"'output_dir' is the number 7: quote a folder or file name made of digits"):
+        load_recipe(path)
+    path.write_text("model: {}\neval: {split: &r [*r]}\n")
+    with pytest.raises(RecipeError, match="a YAML alias inside its own anchor"):
+        load_recipe(path)
 
 
 def test_recipe_that_is_binary_or_a_folder(tmp_path):

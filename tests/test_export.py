@@ -590,6 +590,10 @@ def test_weights_trained_on_other_normalization_are_refused_by_eval_export_and_c
     given = tiny_recipe(tmp_path / "other", teacher=True, **other)
     with pytest.raises(ModelError, match=r"this recipe gives it \[0.485, 0.456, 0.406\]: set teacher.mean"):
         train(given, "student")
+    from distill.preflight import check_inputs
+
+    with pytest.raises(ModelError, match=r"set teacher.mean"):  # `distill run`'s, before its baseline trains
+        check_inputs(given, needs_teacher_weights=False, planned=["baseline", "student"])
     assert not (tmp_path / "other").exists()
     train(tiny_recipe(tmp_path / "other", teacher=True, **other, **{"teacher.mean": "[0.2, 0.5, 0.7]"}), "student")
     # Another tool's recipe.yaml beside weights is no record of how they were trained.

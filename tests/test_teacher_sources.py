@@ -494,6 +494,11 @@ def test_a_teacher_of_another_class_count_without_a_class_map_is_refused_before_
     streamed = tiny_recipe(tmp_path / "streamed", teacher=True, **source)
     with pytest.raises(ModelError, match="predicts 5 classes and the student 4"):
         check_models(streamed, "student")
+    # A teacher of distill's own architectures, named by its file with classes of another count.
+    own = tiny_recipe(tmp_path / "own", teacher=True, **{"teacher.checkpoint": str(tmp_path / "t.safetensors"),
+                                                        "teacher.class_names": "[a, b, c, d, e, f]"})
+    with pytest.raises(ModelError, match=r"predicts 6 classes \(teacher.class_names\) and the student 4"):
+        check_models(own, "student")
     mapped = tiny_recipe(tmp_path / "mapped", teacher=True, **source, **{"teacher.class_map": "{0: 0, 1: 1, 2: 2, 3: 3, 4: 3}"})
     assert load_teacher(mapped, 4)(_batch(mapped)).shape[1] == 4
 

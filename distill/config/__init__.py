@@ -67,15 +67,16 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         parts = tuple(key.split("."))
         listed = next((k for k in range(1, len(parts)) if _is_list_key(parts[:k])), None)
         if "[" in key or listed is not None:
-            whole = ".".join(parts[:listed]) if listed is not None else key.split("[", 1)[0]
+            whole = tuple(parts[:listed]) if listed is not None else tuple(key.split("[", 1)[0].split("."))
+            example = "[{...}, {...}]" if _holds_sections(whole) else "[..., ...]"
             raise RecipeError(f"override '{item}': the entries of a list cannot be set one by one; "
-                              f"give the whole list, e.g. `{whole}=[{{...}}, {{...}}]`")
+                              f"give the whole list, e.g. `{'.'.join(whole)}={example}`")
         if not raw.strip() and _is_text_key(parts):
             optional = type(None) in get_args(_field_at(parts).annotation)
             raise RecipeError(f"override '{item}': the value is empty; give one"
                               + (f", or `{key}=null` for none" if optional else ""))
         try:
-            parsed[key] = raw if _is_text_key(parts) and _plain_text(raw) else _yaml_value(raw, item)
+            parsed[key] = raw.strip() if _is_text_key(parts) and _plain_text(raw) else _yaml_value(raw, item)
         except yaml.YAMLError as error:
             raise RecipeError(f"override '{item}': value is not valid YAML ({error})") from None
     return parsed
@@ -88,8 +89,16 @@ def _field_at(parts: tuple[str, ...]) -> Any:
 
 
 def _is_list_key(parts: tuple[str, ...]) -> bool:
+    """A list or fixed-length tuple key (`data.unlabelled`, `data.mean`): set whole, not by index."""
     field = _field_at(parts)
-    return field is not None and any(get_origin(a) is list for a in (field.annotation, *get_args(field.annotation)))
+    return field is not None and any(get_origin(a) in (list, tuple) for a in (field.annotation, *get_args(field.annotation)))
+
+
+def _holds_sections(parts: tuple[str, ...]) -> bool:
+    """A list whose entries are sections (`data.unlabelled`), not values (`data.class_names`)."""
+    field = _field_at(parts)
+    members = [a for outer in (field.annotation, *get_args(field.annotation)) for a in get_args(outer)] if field else []
+    return any(isinstance(a, type) and issubclass(a, BaseModel) for a in members)
 
 
 def _is_text_key(parts: tuple[str, ...]) -> bool:
@@ -251,8 +260,8 @@ def _yaml_value(text: str, item: str) -> Any:
     finally:
         loader.dispose()
     if node is not None and text[node.end_mark.index:].strip():
-        raise RecipeError(f"override '{item}': YAML reads '{text[node.end_mark.index:].strip()}' "
-                          f"as a comment; quote the value to keep it (`key=\"{text}\"`)")
+        raise RecipeError(f"override '{item}': YAML reads '{text[node.end_mark.index:].strip()}' as a "
+                          "comment, which an override cannot hold: leave it out")
     return value
 
 
@@ -298,14 +307,19 @@ def recipe_from_dict(
         raise RecipeError(f"recipe '{source}':\n  - " + "\n  - ".join(problems)) from None
 
 
-def _copied(tree: Any) -> Any:
+def _copied(tree: Any, inside: tuple[int, ...] = ()) -> Any:
     """A copy of a recipe's tree in which no two keys share a value: a YAML alias
     (`student: *net`) is a second copy, so an override of one section leaves the other alone
-    (`copy.deepcopy` keeps shared objects shared)."""
-    if isinstance(tree, dict):
-        return {key: _copied(value) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_copied(value) for value in tree]
+    (`copy.deepcopy` keeps shared objects shared). ``inside``: the containers above, whose
+    reappearance below is an alias of itself."""
+    if isinstance(tree, (dict, list, tuple)):
+        if id(tree) in inside:
+            raise RecipeError("the recipe holds a YAML alias inside its own anchor (`&a [*a]`): "
+                              "a value that contains itself")
+        inside = (*inside, id(tree))
+        if isinstance(tree, dict):
+            return {key: _copied(value, inside) for key, value in tree.items()}
+        return [_copied(value, inside) for value in tree]
     return copy.copy(tree)
 
 

@@ -44,11 +44,12 @@ def _is_path(annotation: Any) -> bool:
 
 
 def _path_value(name: str, value: Any, annotation: Any) -> Any:
-    """A path key's value: ``~`` expanded (no shell expands it inside `key=~/runs`), a number
-    taken as the folder name it is (`output_dir: 2024`), and an empty path (the working
-    directory, by accident: `cache.dir=`) refused."""
+    """A path key's value: ``~`` expanded (no shell expands it inside `key=~/runs`), and an
+    empty path (the working directory, by accident: `cache.dir=`) or a number refused (YAML
+    read `007` as 7: its text is gone)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
+        raise ValueError(f"'{name}' is the number {value!r}: quote a folder or file name made of "
+                         "digits (YAML reads `007` as 7)")
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if isinstance(value, str):
@@ -56,9 +57,13 @@ def _path_value(name: str, value: Any, annotation: Any) -> Any:
             optional = type(None) in get_args(annotation)
             raise ValueError(f"'{name}' is empty: give a path" + (", or null for none" if optional else "")
                              + " (an empty path is the working directory)")
-        if value.startswith("~"):
-            value = os.path.expanduser(value)
+        value = expand_home(value)
     return value
+
+
+def expand_home(value: str) -> str:
+    """A leading ``~`` or ``~user`` expanded, as a shell would (not inside `key=~/x`)."""
+    return os.path.expanduser(value) if value.startswith("~") else value
 
 
 def is_number(annotation: Any) -> bool:

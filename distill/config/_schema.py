@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from distill.data.labels import dataset_info
-from distill.config._base import DISTILLED, EVERY_STAGE, RUN_ONLY, Section, shapes_output
+from distill.config._base import DISTILLED, EVERY_STAGE, RUN_ONLY, Section, expand_home, shapes_output
 from distill.config._data_schema import DataConfig, optional_split, repeated_names
 from distill.data.splits import parse_split
 
@@ -51,6 +51,9 @@ class ModelConfig(Section):
     arch_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments for the smp architecture", json_schema_extra=MODEL_OUTPUT
     )
+
+    # A local weights file as a shell would name it (`~/weights.pth`); tags and packages never start so.
+    _home = field_validator("encoder_weights")(lambda value: expand_home(value) if isinstance(value, str) else value)
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -115,6 +118,8 @@ class TeacherConfig(ModelConfig):
         return value
 
     _positive_size = field_validator("input_size")(lambda value: positive_size("teacher.input_size", value))
+    # A folder or file as a shell would name it (`~/teachers/x.onnx`); hub ids never start so.
+    _path_home = field_validator("path")(lambda value: expand_home(value) if isinstance(value, str) else value)
 
     def map_names(self, side: Literal["teacher", "student"]) -> bool:
         """Whether ``class_map`` names the ``side``'s classes (the teacher's: its keys, the

@@ -84,7 +84,7 @@ def parse_split(text: str) -> SplitSelector:
             raise SplitError(f"split '{text}': empty prefix in '{value}'")
         return SplitSelector(text, splits, kind, prefixes=prefixes)
     if kind == "list":
-        return SplitSelector(text, splits, kind, list_file=Path(value))
+        return SplitSelector(text, splits, kind, list_file=Path(value).expanduser())
     match = re.fullmatch(r"(\d+)/(\d+)", value)
     if match is None or not 0 <= int(match[1]) < int(match[2]):
         raise SplitError(f"split '{text}': fold must be K/N with 0 <= K < N, not '{value}'")

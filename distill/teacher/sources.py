@@ -148,10 +148,11 @@ def _transformers_teacher(path: str) -> tuple[nn.Module, list[str], tuple | None
                          "segmentation model")
     if any("UniversalSegmentation" in a for a in archs) or config.model_type in ("mask2former", "maskformer"):
         model: nn.Module = MaskQueryTeacher(
-            transformers.AutoModelForUniversalSegmentation.from_pretrained(str(folder), dtype=torch.float32))
+            transformers.AutoModelForUniversalSegmentation.from_pretrained(str(folder)).float())
     elif any("SemanticSegmentation" in a for a in archs):
-        # float32 whatever dtype the upload was saved in (mixed precision is the recipe's autocast).
-        model = _HFLogits(transformers.AutoModelForSemanticSegmentation.from_pretrained(str(folder), dtype=torch.float32))
+        # float32 whatever dtype the upload was saved in (transformers 5 keeps it; mixed
+        # precision is the recipe's autocast).
+        model = _HFLogits(transformers.AutoModelForSemanticSegmentation.from_pretrained(str(folder)).float())
     else:
         raise ModelError(f"teacher.path '{path}' holds a {config.model_type} model for another task "
                          f"({', '.join(archs) or 'no architectures listed'}): distill needs a "
