@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
         "accuracy_target_met_every_seed": bool(runs) and all(
             r["gain"] is not None and r["gain"] >= TARGET_GAIN and r["gap_recovered"] is not None
             and r["gap_recovered"] >= TARGET_SHARE for r in runs.values()),
-        "time_target_met_every_seed": bool(runs) and all(r["wall_s"] <= TARGET_WALL_S for r in runs.values()),
+        # The target is for 2 cores: elsewhere (torch takes every core) it is not checked.
+        "time_target_met_every_seed": None if os.cpu_count() != 2 else
+        bool(runs) and all(r["wall_s"] <= TARGET_WALL_S for r in runs.values()),
+        "gap_recovered_seeds": len(shares),  # seeds whose teacher beat their baseline
         "load_before_after": [load_before, os.getloadavg()],
         "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "machine": platform.machine()},
@@ -125,14 +128,18 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"distilled student vs baseline: {100 * run['gain']:+.1f} mIoU points"
                   + ("" if share is None else f", {100 * share:.0f}% of the teacher/baseline gap"))
     if gains:
+        share = ("none (no teacher above its baseline)" if not shares else
+                 f"{100 * result['mean_gap_recovered']:.0f}% over {len(shares)} of {len(runs)} seeds")
         print(f"\nover {len(gains)} seed(s): mean gain {100 * result['mean_gain']:+.1f}, smallest "
-              f"{100 * result['min_gain']:+.1f} mIoU points; mean share of the gap "
-              f"{100 * (result['mean_gap_recovered'] or 0):.0f}%")
+              f"{100 * result['min_gain']:+.1f} mIoU points; mean share of the gap {share}")
+        timed = result["time_target_met_every_seed"]
+        busy = load_before[0] > 0.5
         print(f"target (every seed: +{100 * TARGET_GAIN:.0f} points and {100 * TARGET_SHARE:.0f}% of the gap): "
               f"{'met' if result['accuracy_target_met_every_seed'] else 'NOT met'}; "
               f"time (every seed at most {TARGET_WALL_S:.0f} s on 2 idle cores): "
-              f"{'met' if result['time_target_met_every_seed'] else 'NOT met'} "
-              f"(longest {result['max_wall_s']:.0f} s)")
+              + (f"not checked ({os.cpu_count()} CPUs)" if timed is None else
+                 f"{'met' if timed else 'NOT met'} (longest {result['max_wall_s']:.0f} s"
+                 + (f"; the cores were busy before: load {load_before[0]:.1f})" if busy else ")")))
     print(f"wrote {args.results}")
     return result
 

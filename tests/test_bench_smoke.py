@@ -181,6 +181,7 @@ def test_camvid_kd_bench(tmp_path, camvid_root):
     report = json.loads((tmp_path / "camvid_kd.json").read_text())
     assert set(report["arms"]) == {"baseline"}
     assert report["teacher"]["train_seconds"] > 0  # the benchmark trained it (no --teacher-checkpoint)
+    assert report["teacher"]["reused"] is False and report["baseline_arm"] == "baseline"
     # The teacher's own held-out curve, read from its run's metrics: one evaluation, epoch 1.
     logged = [json.loads(line) for line in (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text().splitlines()]
     assert report["teacher"]["val_curve"] == {"1": next(line["val_miou"] for line in logged if "val_miou" in line)}
@@ -377,6 +378,29 @@ def test_camvid_kd_gains_are_measured_from_the_named_baseline(capsys):
     # The baseline streams its (unused) teacher too: a recipe of a cached one refuses CutMix.
     assert camvid_kd._arm_overrides("baseline/cutmix", [], []) == [
         "data.cutmix=0.5", "teacher.mode=stream", "teacher.tta_flip=false", "teacher.tta_scales=[1.0]"]
+
+
+def test_camvid_kd_reuses_an_arm_of_the_same_teacher_weights_only(tmp_path, monkeypatch):
+    camvid_kd = _bench_module("camvid_kd")
+    trained = []
+
+    def run(command, log):
+        trained.append(command)
+        metrics = log.parent / "student" / "metrics.jsonl"
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(json.dumps({"epoch": 1, "val_miou": 0.5}) + "\n")
+        return 7.0
+
+    monkeypatch.setattr(camvid_kd, "_run", run)
+    monkeypatch.setattr(camvid_kd, "_eval", lambda *a: {"miou": 0.5, "pixel_accuracy": 0.9, "iou": {}})
+    recipe = REPO_ROOT / "recipes" / "quickstart.yaml"
+    arm = lambda teacher: camvid_kd._arm("cache/kl", "student", recipe, tmp_path / "arm", ["x=1"], False, teacher)
+    first = arm("aaa")
+    assert len(trained) == 1 and "reused" not in first
+    again = arm("aaa")  # the same command and teacher weights: reused, and said so
+    assert len(trained) == 1 and again["reused"] is True and again["seconds"] == 7.0
+    arm("bbb")  # a teacher retrained into the same path: the arm is trained again
+    assert len(trained) == 2
 
 
 def test_camvid_kd_shares_of_the_gap_need_a_gap_and_seeds_their_baseline(capsys):

@@ -47,7 +47,8 @@ Usage::
     python bench/studies/camvid_kd.py --recipe recipes/quickstart.yaml --out runs/features_qs --arms baseline,kd_stream,stream/hint
 
 Extra ``key=value`` words override the recipe for every arm (e.g. ``train.epochs=2``).
-Results: ``bench/studies/results/camvid_kd.json`` and a markdown table on stdout.
+Results: ``<out>/[<teacher-name>/]camvid_kd.json`` (``--results`` to name another) and a
+markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -142,30 +143,47 @@ def _eval(recipe: Path, out: Path, stage: str, checkpoint: Path, overrides: list
     return json.loads(max((out / stage).glob("eval_*.json"), key=lambda p: p.stat().st_mtime_ns).read_text())
 
 
+def _file_digest(path: Path) -> str | None:
+    """sha256 of a file's bytes (None: no such file)."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _recipe_digest(recipe: Path) -> str:
     """sha256 of the recipe's parsed content: comments and layout do not count."""
     content = json.dumps(yaml.safe_load(recipe.read_text()), sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def _arm(name: str, stage: str, recipe: Path, folder: Path, overrides: list[str], force: bool) -> dict:
-    """Train one arm (or reuse it when its arm.json records the same command); score its end."""
+def _arm(name: str, stage: str, recipe: Path, folder: Path, overrides: list[str], force: bool,
+         teacher_sha256: str | None = None) -> dict:
+    """Train one arm (or reuse it when its arm.json records the same command, recipe file and,
+    for a distilled arm, teacher weights); score its end."""
     command = [sys.executable, "-m", "distill", "train", str(recipe), "--stage", stage,
                f"output_dir={folder}", *overrides]
     record_path = folder / "arm.json"
     recipe_digest = _recipe_digest(recipe)
     if not force and record_path.is_file():
         record = json.loads(record_path.read_text())
-        # Same command and same recipe file: an edited recipe (say, its loss) reruns the arm.
-        if record.get("command") == command[1:] and record.get("recipe_sha256") == recipe_digest:
+        # Same command and same recipe file: an edited recipe (say, its loss) reruns the arm;
+        # so does a teacher retrained into the same path (the command names only its path).
+        if (record.get("command") == command[1:] and record.get("recipe_sha256") == recipe_digest
+                and record.get("teacher_sha256") == teacher_sha256):
             print(f"{name}: reused {record_path}", flush=True)
-            return {**record, "seconds_per_epoch": _seconds_per_epoch(record["seconds"], folder / stage)}
+            # Its seconds are the earlier run's: said so, not taken for this run's.
+            return {**record, "reused": True,
+                    "seconds_per_epoch": _seconds_per_epoch(record["seconds"], folder / stage)}
     seconds = _run(command, folder / "train.log")
     curve, _ = _val_curve(folder / stage / "metrics.jsonl")
     scores = _eval(recipe, folder, stage, folder / stage / "last.safetensors", overrides)
     record = {
         "name": name, "stage": stage, "command": command[1:], "recipe_sha256": recipe_digest,
-        "overrides": overrides,
+        "teacher_sha256": teacher_sha256, "overrides": overrides,
         "seconds": seconds, "seconds_per_epoch": _seconds_per_epoch(seconds, folder / stage),
         "final_miou": scores["miou"], "best_miou": max(curve), "val_curve": curve,
         "pixel_accuracy": scores["pixel_accuracy"], "per_class_iou": scores["iou"],
@@ -275,7 +293,9 @@ def main() -> None:
                         help="the logit cache (default <out>/cache); another run's to share it")
     parser.add_argument("--seeds", default="0,1", help="comma-separated train.seed of every student arm")
     parser.add_argument("--force", action="store_true", help="rerun arms already done")
-    parser.add_argument("--results", type=Path, default=Path("bench/studies/results/camvid_kd.json"))
+    parser.add_argument("--results", type=Path, default=None,
+                        help="the JSON written (default: <out>/[<teacher-name>/]camvid_kd.json, beside the "
+                        "runs it describes)")
     parser.add_argument("--reference", default="baseline",
                         help="the arm whose per-class IoU every other arm's is compared with (for "
                         "example a logits-only arm, to see what a feature term adds)")
@@ -310,16 +330,28 @@ def main() -> None:
     if not args.recipe.is_file():
         parser.error(f"recipe not found: {args.recipe}")
     out, common = args.out, [f"data.root={args.data_root}", *args.overrides]
+    args.results = args.results or out / args.teacher_name / "camvid_kd.json"
 
     teacher = args.teacher_checkpoint
+    teacher_trained_here = False
     if teacher is None:
         teacher = out / "teacher" / "last.safetensors"  # its last epoch: none picked on val
-        if not teacher.is_file():
-            teacher_seconds = _run([sys.executable, "-m", "distill", "train", str(args.recipe), "--stage",
-                                    "teacher", f"output_dir={out}", *common], out / "teacher_train.log")
-            save_json(out / "teacher_train.json", {"seconds": teacher_seconds})
+        command = [sys.executable, "-m", "distill", "train", str(args.recipe), "--stage", "teacher",
+                   f"output_dir={out}", *common]
+        # Reused only when this command finished it: a killed run's or another schedule's
+        # last.safetensors is not this benchmark's teacher.
+        done = out / "teacher_train.json"
+        record = json.loads(done.read_text()) if done.is_file() else {}
+        if not (teacher.is_file() and record.get("command") == command[1:]
+                and record.get("recipe_sha256") == _recipe_digest(args.recipe)
+                and record.get("teacher_sha256") == _file_digest(teacher)):
+            teacher_seconds = _run(command, out / "teacher_train.log")
+            save_json(done, {"seconds": teacher_seconds, "command": command[1:],
+                             "recipe_sha256": _recipe_digest(args.recipe), "teacher_sha256": _file_digest(teacher)})
+            teacher_trained_here = True
     elif not teacher.is_file():
         parser.error(f"--teacher-checkpoint not found: {teacher}")
+    teacher_sha256 = _file_digest(teacher)
     results: dict = {"recipe": str(args.recipe), "teacher_checkpoint": str(teacher), "seeds": seeds,
                      "overrides": common, "machine": f"{platform.processor() or platform.machine()}, "
                      f"{os.cpu_count()} CPUs (torch threads as distill sets them), no GPU", "arms": {}}
@@ -327,8 +359,9 @@ def main() -> None:
     teacher_scores = _eval(args.recipe, taught / "teacher_eval", "teacher", teacher,
                            [*common, *args.teacher_override, *args.teacher_eval_override])
     results["teacher"] = {**teacher_scores, "final_miou": teacher_scores["miou"]}
-    if args.teacher_checkpoint is None and (out / "teacher_train.json").is_file():  # trained here
+    if args.teacher_checkpoint is None:  # trained by this command, now or by an earlier run of it
         results["teacher"]["train_seconds"] = json.loads((out / "teacher_train.json").read_text())["seconds"]
+        results["teacher"]["reused"] = not teacher_trained_here
     teacher_metrics = teacher.parent / "metrics.jsonl"
     if teacher_metrics.is_file():  # how its held-out score moved with its epochs
         results["teacher"]["val_curve"] = {line["epoch"]: line["val_miou"]
@@ -344,19 +377,20 @@ def main() -> None:
         seconds = _run([sys.executable, "-m", "distill", "cache", str(args.recipe), *cached,
                         f"output_dir={taught / 'cache_run'}", *common], taught / "cache.log")
         results["cache_seconds"] = seconds  # near 0 when the store was already complete
-    # Seed by seed, so that a shortened benchmark still has every arm of its first seeds.
+    # Seed by seed, so that a shortened benchmark still has every arm of its first seeds; the
+    # JSON written after each names its baseline, so that a partial one is read as meant.
+    results["baseline_arm"] = args.baseline
     for seed in seeds:
         for arm in arms:
             stage = "baseline" if arm.startswith("baseline") else "student"
             extra = _arm_overrides(arm, cached, streamed)
             folder = (out if stage == "baseline" else taught) / arm / f"seed{seed}"
-            record = _arm(arm, stage, args.recipe, folder,
-                          [*extra, *common, f"train.seed={seed}"], args.force)
+            record = _arm(arm, stage, args.recipe, folder, [*extra, *common, f"train.seed={seed}"],
+                          args.force, teacher_sha256 if stage == "student" else None)
             results["arms"].setdefault(arm, {})[str(seed)] = record
             save_json(args.results, results)
 
     print(f"\nteacher: {_pct(results['teacher']['final_miou'])} mIoU")
-    results["baseline_arm"] = args.baseline
     _summary(results["arms"], results["teacher"]["final_miou"], seeds, args.baseline)
     results["per_class_gain"] = {"reference": args.reference,
                                  "arms": _per_class_gains(results["arms"], seeds, args.reference)}

@@ -103,7 +103,8 @@ def main() -> None:
     if spreads:
         print(f"seeds 0 and 1 of one baseline ended {100 * min(spreads.values()):.1f}-"
               f"{100 * max(spreads.values()):.1f} points apart ({len(spreads)} baselines)")
-    save_json(args.out, {"summary": summary, "pairs": pairs})
+    save_json(args.out, {"results_dir": str(args.results_dir), "pattern": args.pattern,  # what it read
+                         "summary": summary, "pairs": pairs})
     print(f"wrote {args.out}")
 
 
