@@ -225,8 +225,6 @@ _Loader.add_implicit_resolver(  # appended to (after) PyYAML's own float and int
 )
 
 
-
-
 class _UniqueKeyLoader(_Loader):
     """:class:`_Loader` that refuses a key given twice in one mapping (YAML keeps the last)."""
 

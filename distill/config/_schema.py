@@ -221,13 +221,6 @@ class LossConfig(Section):
         "labelled", description="pixels the KD term sees: every labelled one, or only those the teacher gets right", json_schema_extra=DISTILLED
     )
     class_weights: list[float] | None = Field(None, description="CE weight per class", json_schema_extra=EVERY_STAGE)
-
-    @field_validator("class_weights")
-    @classmethod
-    def _weights_weigh(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and (any(w < 0 for w in value) or not sum(value) > 0):
-            raise ValueError(f"{value} must be >= 0, with at least one above 0")
-        return value
     chunk_size: int | None = Field(
         None, ge=1, description="KD loss computed this many samples at a time (less memory)", json_schema_extra=RUN_ONLY
     )
@@ -250,6 +243,13 @@ class LossConfig(Section):
         if self.pseudo_label_weight > 0 and self.kd_weight == 0:
             raise ValueError("loss.pseudo_label_weight needs the teacher's targets: kd_weight is 0")
         return self
+
+    @field_validator("class_weights")
+    @classmethod
+    def _weights_weigh(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (any(w < 0 for w in value) or not sum(value) > 0):
+            raise ValueError(f"{value} must be >= 0, with at least one above 0")
+        return value
 
 
 class TrainConfig(Section):
