@@ -193,9 +193,9 @@ $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/
 
 # Twelfth round: patience again (the tenth round's 80 -> 160 epochs took 11% of the gap to 21%):
 # every 4th mask and the deployment frames, the recipe's cached loss and its baseline at 320 epochs
-# of the 92 masks, the first seed.
+# of the 92 masks, every seed of SEEDS.
 $PY bench/studies/camvid_kd.py --recipe $RECIPE --data-root "$DATA" --out "$OUT/target_quarter" "${TEACHER_FULLRES[@]}" \
-    --cache-dir "$OUT/target/cache" --seeds "$FIRST" --arms baseline/epochs320,cache/kl_T1_w1_correct+epochs320 \
+    --cache-dir "$OUT/target/cache" --seeds "$SEEDS" --arms baseline/epochs320,cache/kl_T1_w1_correct+epochs320 \
     --baseline baseline/epochs320 --reference baseline/epochs320 \
     --results bench/studies/results/camvid_pretrained_r12_target_quarter_longer.json "${TARGET[@]}" \
     data.labelled_fraction=0.25 train.eval_every_epochs=80 train.checkpoint_every_epochs=80
