@@ -70,6 +70,16 @@ def test_non_finite_loss_stops_with_step_parts_and_indices(tmp_path):
         train(recipe, "student")
 
 
+def test_a_non_finite_loss_on_a_dataset_of_your_own_names_its_items(tmp_path):
+    # (image, mask) pairs carry no index of their own: the loader gives each its place.
+    pairs = [(torch.rand(3, 32, 32), torch.zeros(32, 32, dtype=torch.long)) for _ in range(4)]
+    pairs[2] = (torch.full((3, 32, 32), float("nan")), pairs[2][1])
+    recipe = tiny_recipe(tmp_path, **{"data.batch_size": 4})
+    with pytest.raises(TrainingError, match=r"batch sample indices \[(\d+, ){3}\d+\]") as caught:
+        train(recipe, "baseline", train_dataset=pairs, val_dataset=pairs)
+    assert sorted(int(i) for i in str(caught.value).rsplit("[", 1)[1].split("]")[0].split(", ")) == [0, 1, 2, 3]
+
+
 def test_a_non_finite_loss_on_another_process_stops_this_one():
     # Process 0's loss is finite, process 1's NaN. Reductions as Accelerate's: "max" takes the
     # maximum, every other word sums ("mean" then divides), so there is no "min".

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 
 def collate_batch(items: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
@@ -47,8 +48,29 @@ def collate_batch(items: list[dict[str, Any]], ignore_index: int = 255) -> dict[
     }
 
 
-def _as_item(item: Any) -> dict[str, Any]:
-    """A user dataset's item as distill's: ``(image, mask)`` pairs or dicts without geometry."""
+class Indexed(Dataset):
+    """A dataset of the caller's whose items come with their index (``(index, item)``), so that
+    a batch names its samples, as distill's own datasets do (a non-finite loss names them).
+    Other attributes (``set_epoch``...) are the wrapped dataset's."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _as_item(item: Any, index: int = -1) -> dict[str, Any]:
+    """A user dataset's item as distill's: ``(image, mask)`` pairs or dicts without geometry
+    (``index``: its place in the dataset, where the item does not say)."""
     if isinstance(item, (tuple, list)):
         item = {"image": item[0], "mask": item[1]}
     if "geometry" in item:
@@ -56,11 +78,12 @@ def _as_item(item: Any) -> dict[str, Any]:
     image, mask = torch.as_tensor(item["image"]), torch.as_tensor(item["mask"]).long()
     frame = tuple(image.shape[-2:])
     return {"image": image, "mask": mask, "label_size": torch.tensor(mask.shape[-2:]),
-            "index": int(item.get("index", -1)),
+            "index": int(item.get("index", index)),
             "geometry": {"base_size": torch.tensor(frame), "scaled_size": torch.tensor(frame),
                          "scale": torch.tensor(1.0), "crop_box": torch.tensor((0, 0, *frame)),
                          "flip": torch.tensor(False)}}
 
 
-def collate_user_items(items: list[Any], ignore_index: int = 255) -> dict[str, Any]:
-    return collate_batch([_as_item(item) for item in items], ignore_index)
+def collate_user_items(items: list[tuple[int, Any]], ignore_index: int = 255) -> dict[str, Any]:
+    """A batch of :class:`Indexed` items of a dataset of the caller's, as distill's batches."""
+    return collate_batch([_as_item(item, index) for index, item in items], ignore_index)

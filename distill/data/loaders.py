@@ -20,7 +20,7 @@ from distill.data.layouts import (
     PascalVOC,
 )
 from distill.data.labels import FILE_SOURCES, DatasetInfo, dataset_info
-from distill.data.batches import collate_user_items, collate_batch
+from distill.data.batches import Indexed, collate_batch, collate_user_items
 from distill.data.splits import (
     SplitError,
     SplitSelector,
@@ -343,7 +343,7 @@ def loader_for_dataset(dataset: Dataset, data: DataConfig, *, train: bool, seed:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, drop_last=train,
+        Indexed(dataset), batch_size=batch_size, shuffle=train, drop_last=train,
         num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
         collate_fn=functools.partial(collate_user_items, ignore_index=data.ignore_index),
         generator=generator, persistent_workers=data.num_workers > 0,
