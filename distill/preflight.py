@@ -80,8 +80,12 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
         specs.append(recipe.student_model)
     if recipe.teacher is not None and (stage in ("teacher", None) or (stage == "student" and recipe.distills)):
         specs.append(recipe.teacher)
+    trains_teacher = stage == "teacher" or "teacher" in planned
     for spec in specs:
-        if spec.encoder_weights is not None and is_local(spec.encoder_weights) and spec.checkpoint is None:
+        # Encoder weights are read only by a model trained from them: a teacher this command
+        # does not train is built from its checkpoint or its stage's weights.
+        reads_encoder = spec.checkpoint is None and (spec is not recipe.teacher or trains_teacher)
+        if spec.encoder_weights is not None and is_local(spec.encoder_weights) and reads_encoder:
             attempt(lambda spec=spec: locate(spec.encoder_weights))
         if spec.checkpoint is not None:  # found and readable; read whole when the model is built
             attempt(lambda spec=spec: check_weights_file(spec.checkpoint))

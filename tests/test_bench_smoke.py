@@ -401,6 +401,13 @@ def test_camvid_kd_reuses_an_arm_of_the_same_teacher_weights_only(tmp_path, monk
     assert len(trained) == 1 and again["reused"] is True and again["seconds"] == 7.0
     arm("bbb")  # a teacher retrained into the same path: the arm is trained again
     assert len(trained) == 2
+    # A record from before teachers were recorded: reused when the teacher is older than it.
+    record = json.loads((tmp_path / "arm" / "arm.json").read_text())
+    del record["teacher_sha256"]
+    (tmp_path / "arm" / "arm.json").write_text(json.dumps(record))
+    old = camvid_kd._arm("cache/kl", "student", recipe, tmp_path / "arm", ["x=1"], False, "ccc", 0.0)
+    assert len(trained) == 2 and old["reused"] is True
+    assert json.loads((tmp_path / "arm" / "arm.json").read_text())["teacher_sha256"] == "ccc"
 
 
 def test_camvid_kd_shares_of_the_gap_need_a_gap_and_seeds_their_baseline(capsys):

@@ -613,3 +613,17 @@ def test_a_store_names_every_problem_of_its_inputs_at_once(tmp_path):
     with pytest.raises(Exception, match=r"the teacher has no weights: .*best.safetensors does not exist"):
         write_cache(untrained)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_store_does_not_ask_for_encoder_weights_its_trained_teacher_replaces(tmp_path):
+    # The teacher was trained from a local pretrained file, since moved away: its stage's weights
+    # hold every tensor, and the store never reads that file.
+    import segmentation_models_pytorch as smp
+
+    teacher = smp.create_model("Unet", encoder_name="resnet18", encoder_weights=None, classes=4)
+    (tmp_path / "run" / "teacher").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, tmp_path / "run" / "teacher" / "best.safetensors")
+    recipe = tiny_recipe(tmp_path / "run", teacher=True, **{
+        "teacher.factory": "null", "teacher.factory_kwargs": "{}", "teacher.arch": "Unet", "teacher.encoder": "resnet18",
+        "teacher.encoder_weights": str(tmp_path / "moved_away.safetensors"), "teacher.mode": "cache", "data.resize": "[32,32]"})
+    assert (write_cache(recipe) / "manifest.json").is_file()

@@ -80,6 +80,21 @@ def test_a_non_finite_loss_on_a_dataset_of_your_own_names_its_items(tmp_path):
     assert sorted(int(i) for i in str(caught.value).rsplit("[", 1)[1].split("]")[0].split(", ")) == [0, 1, 2, 3]
 
 
+def test_a_subset_and_a_stream_of_your_own_train_and_score(tmp_path):
+    # A Subset has its own __getitems__ (batched fetching); a stream has no length and no index.
+    from torch.utils.data import IterableDataset, Subset
+
+    pairs = [(torch.rand(3, 32, 32), torch.randint(0, 4, (32, 32))) for _ in range(12)]
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(pairs[8:])
+
+    result = train(tiny_recipe(tmp_path, **{"data.batch_size": 4}), "baseline",
+                   train_dataset=Subset(pairs, range(8)), val_dataset=Stream())
+    assert result.steps == 2 * tiny_recipe(tmp_path).train.epochs and 0 <= result.final_miou <= 1
+
+
 def test_a_non_finite_loss_on_another_process_stops_this_one():
     # Process 0's loss is finite, process 1's NaN. Reductions as Accelerate's: "max" takes the
     # maximum, every other word sums ("mean" then divides), so there is no "min".

@@ -161,15 +161,20 @@ def _recipe_digest(recipe: Path) -> str:
 
 
 def _arm(name: str, stage: str, recipe: Path, folder: Path, overrides: list[str], force: bool,
-         teacher_sha256: str | None = None) -> dict:
+         teacher_sha256: str | None = None, teacher_mtime: float | None = None) -> dict:
     """Train one arm (or reuse it when its arm.json records the same command, recipe file and,
-    for a distilled arm, teacher weights); score its end."""
+    for a distilled arm, teacher weights); score its end. A record from before the weights were
+    recorded counts as theirs when the teacher file is older than it (and gets their sha256)."""
     command = [sys.executable, "-m", "distill", "train", str(recipe), "--stage", stage,
                f"output_dir={folder}", *overrides]
     record_path = folder / "arm.json"
     recipe_digest = _recipe_digest(recipe)
     if not force and record_path.is_file():
         record = json.loads(record_path.read_text())
+        if ("teacher_sha256" not in record and teacher_sha256 is not None and teacher_mtime is not None
+                and teacher_mtime < record_path.stat().st_mtime):
+            record["teacher_sha256"] = teacher_sha256
+            save_json(record_path, record)
         # Same command and same recipe file: an edited recipe (say, its loss) reruns the arm;
         # so does a teacher retrained into the same path (the command names only its path).
         if (record.get("command") == command[1:] and record.get("recipe_sha256") == recipe_digest
@@ -385,8 +390,9 @@ def main() -> None:
             stage = "baseline" if arm.startswith("baseline") else "student"
             extra = _arm_overrides(arm, cached, streamed)
             folder = (out if stage == "baseline" else taught) / arm / f"seed{seed}"
-            record = _arm(arm, stage, args.recipe, folder, [*extra, *common, f"train.seed={seed}"],
-                          args.force, teacher_sha256 if stage == "student" else None)
+            student = stage == "student"
+            record = _arm(arm, stage, args.recipe, folder, [*extra, *common, f"train.seed={seed}"], args.force,
+                          teacher_sha256 if student else None, teacher.stat().st_mtime if student else None)
             results["arms"].setdefault(arm, {})[str(seed)] = record
             save_json(args.results, results)
 

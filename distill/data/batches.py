@@ -63,7 +63,9 @@ class Indexed(Dataset):
         return index, self.dataset[index]
 
     def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # not set yet (unpickling in a worker)
+        # Not `dataset` before it is set (unpickling in a worker), nor protocol methods: a
+        # `__getitems__` (torch's Subset, Hugging Face datasets) would hand back unindexed items.
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -84,6 +86,8 @@ def _as_item(item: Any, index: int = -1) -> dict[str, Any]:
                          "flip": torch.tensor(False)}}
 
 
-def collate_user_items(items: list[tuple[int, Any]], ignore_index: int = 255) -> dict[str, Any]:
-    """A batch of :class:`Indexed` items of a dataset of the caller's, as distill's batches."""
-    return collate_batch([_as_item(item, index) for index, item in items], ignore_index)
+def collate_user_items(items: list[Any], ignore_index: int = 255, indexed: bool = True) -> dict[str, Any]:
+    """A batch of a dataset of the caller's as distill's batches: :class:`Indexed` items
+    (``indexed``), or a stream's items as they come."""
+    pairs = items if indexed else [(-1, item) for item in items]
+    return collate_batch([_as_item(item, index) for index, item in pairs], ignore_index)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from distill.data.layouts import (
     ADE20K,
@@ -342,10 +342,12 @@ def loader_for_dataset(dataset: Dataset, data: DataConfig, *, train: bool, seed:
     batch_size = data.batch_size if train else (data.eval_batch_size or data.batch_size)
     generator = torch.Generator()
     generator.manual_seed(seed)
+    # Each item with its index, except a stream's (it has none to give): batches name their samples.
+    stream = isinstance(dataset, IterableDataset)
     return DataLoader(
-        Indexed(dataset), batch_size=batch_size, shuffle=train, drop_last=train,
+        dataset if stream else Indexed(dataset), batch_size=batch_size, shuffle=train, drop_last=train,
         num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
-        collate_fn=functools.partial(collate_user_items, ignore_index=data.ignore_index),
+        collate_fn=functools.partial(collate_user_items, ignore_index=data.ignore_index, indexed=not stream),
         generator=generator, persistent_workers=data.num_workers > 0,
     )
 
