@@ -81,9 +81,15 @@ def evaluate_checkpoint(recipe: Recipe, stage: Stage = "student") -> tuple[Segme
     """``distill eval``: score a stage's checkpoint, print a table, write ``eval_<split>.json``
     (``eval_<split>@<file>.json`` for other weights than the stage's best: ``eval.checkpoint``, or
     a ``teacher.checkpoint`` outside the stage folder)."""
-    checkpoint = checkpoint_to_score(recipe, stage)
+    from distill.data import build_dataset
+    from distill.preflight import check_all
+
+    found: dict[str, Path] = {}
+    check_all(lambda: found.setdefault("weights", checkpoint_to_score(recipe, stage)),  # every problem at once
+              lambda: build_dataset(recipe.data, recipe.eval_split, train=False),
+              lambda: ensure_writable_folder(stage_dir(recipe, stage), "evaluation report"))
+    checkpoint = found["weights"]
     check_normalization(recipe, checkpoint, stage)
-    ensure_writable_folder(stage_dir(recipe, stage), "evaluation report")  # before the evaluation
     info = dataset_info(recipe.data)
     scores = evaluate(recipe, stage)
     out = stage_dir(recipe, stage) / f"eval_{file_safe(recipe.eval_split)}{_other_weights(recipe, stage, checkpoint)}.json"

@@ -100,6 +100,25 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
             attempt(lambda: check_normalization(recipe, Path(recipe.teacher.checkpoint), "teacher"))
         elif needs_teacher_weights and recipe.teacher.source in ("smp", "factory"):  # the run folder's
             attempt(lambda: check_normalization(recipe, trained_weights(recipe, "teacher"), "teacher"))
+    _raise_found(problems, errors)
+
+
+def check_all(*checks: Callable[[], object]) -> None:
+    """Run every check; raise the one problem found (its own type), or :class:`InputError`
+    naming each when there are several (a command's own list of inputs, as ``distill eval``'s)."""
+    problems: list[str] = []
+    errors: list[Exception] = []
+    for check in checks:
+        try:
+            check()
+        except (ValueError, OSError, RuntimeError) as error:  # distill's errors and the disk's
+            if str(error) not in problems:
+                problems.append(str(error))
+                errors.append(error)
+    _raise_found(problems, errors)
+
+
+def _raise_found(problems: list[str], errors: list[Exception]) -> None:
     if len(errors) == 1:
         raise errors[0]  # one problem keeps its own type (DataError, ModelError...)
     if problems:

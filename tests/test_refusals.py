@@ -603,3 +603,15 @@ def test_a_resumed_run_drops_the_reports_of_the_weights_it_rewrites(tmp_path, mo
     # last.safetensors is rewritten; best.safetensors when a later epoch scores higher.
     kept = {p.name for p in folder.glob("eval_*.json")}
     assert kept == (set() if (folder / "best.safetensors").read_bytes() != best else {"eval_val.json"})
+
+
+def test_eval_names_every_problem_of_its_inputs_at_once(tmp_path):
+    from distill.evaluation import evaluate_checkpoint
+    from distill.preflight import InputError
+
+    recipe = tiny_recipe(tmp_path / "run", **{"data.dataset": "folder", "data.class_names": "[a, b, c, d]",
+                                              "data.root": str(tmp_path / "no_data")})
+    with pytest.raises(InputError, match=r"2 problems with the inputs") as caught:
+        evaluate_checkpoint(recipe, "student")
+    assert "no_data" in str(caught.value) and "has no weights" in str(caught.value)
+    assert not (tmp_path / "run").exists()
