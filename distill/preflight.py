@@ -40,20 +40,12 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
     from distill.run_folder import cache_dir, compare_dir, ensure_writable_folder, export_dir, stage_dir
     from distill.stage_weights import PATH_SOURCES, check_normalization, external_weights, trained_weights
 
-    problems: list[str] = []
-    errors: list[Exception] = []
+    checks: list[Callable[[], object]] = []  # run together at the end (check_all)
+    attempt = checks.append
     if stage == "cache":  # the store's splits and folder, and the teacher that fills it
         planned, stage, caching = ("cache",), None, True
     else:
         caching = False
-
-    def attempt(check: Callable[[], object]) -> None:
-        try:
-            check()
-        except (ValueError, OSError, RuntimeError) as error:  # distill's errors and the disk's
-            if str(error) not in problems:
-                problems.append(str(error))
-                errors.append(error)
 
     data = recipe.data
     attempt(lambda: build_dataset(data, data.train_split, train=False))
@@ -100,7 +92,7 @@ def check_inputs(recipe: Recipe, stage: str | None = None, *, needs_teacher_weig
             attempt(lambda: check_normalization(recipe, Path(recipe.teacher.checkpoint), "teacher"))
         elif needs_teacher_weights and recipe.teacher.source in ("smp", "factory"):  # the run folder's
             attempt(lambda: check_normalization(recipe, trained_weights(recipe, "teacher"), "teacher"))
-    _raise_found(problems, errors)
+    check_all(*checks)
 
 
 def check_all(*checks: Callable[[], object]) -> None:
@@ -115,10 +107,6 @@ def check_all(*checks: Callable[[], object]) -> None:
             if str(error) not in problems:
                 problems.append(str(error))
                 errors.append(error)
-    _raise_found(problems, errors)
-
-
-def _raise_found(problems: list[str], errors: list[Exception]) -> None:
     if len(errors) == 1:
         raise errors[0]  # one problem keeps its own type (DataError, ModelError...)
     if problems:
