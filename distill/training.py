@@ -40,11 +40,11 @@ from distill.launch import TrainingError, make_accelerator
 from distill.losses import DistillLoss
 from distill.evaluation import evaluate_model
 from distill.losses.features import FeatureDistillation, FeatureError
-from distill.models import STAGES, ModelError, Stage, build_model, check_class_count, forward_padded, stage_model
+from distill.models import STAGES, Stage, build_model, check_class_count, forward_padded, stage_model
 from distill.preflight import check_inputs
 from distill.progress import console, make_progress, report
 from distill.run_folder import StageFiles, exclusive_folder, stage_dir
-from distill.teacher import Teacher, load_teacher
+from distill.teacher import Teacher, load_teacher, refuse_unmapped_count
 from distill.teacher.sources import class_map_matrix
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, *more: torch.nn.Module) -> torch.optim.Optimizer:
@@ -435,10 +435,8 @@ def check_models(recipe: Recipe, stage: Stage) -> None:
                 feature_distillation(recipe, model, teacher, info.ignore_index)
         return
     teacher_classes = len(spec.class_names) if spec.class_names else info.num_classes
-    if spec.class_map is None and teacher_classes != info.num_classes:  # as teacher_from_recipe refuses it
-        raise ModelError(f"the teacher predicts {teacher_classes} classes (teacher.class_names) and the "
-                         f"student {info.num_classes}: map the teacher's classes onto the student's with "
-                         "teacher.class_map (docs/teachers.md)")
+    if spec.class_map is None:  # as teacher_from_recipe refuses it, before the baseline trains
+        refuse_unmapped_count(teacher_classes, info.num_classes, counted_by="teacher.class_names")
     if spec.class_map is not None:
         names = spec.class_names or [str(k) for k in range(teacher_classes)]
         class_map_matrix(spec.class_map, names, info.class_names)

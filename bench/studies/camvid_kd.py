@@ -68,6 +68,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
 from benchlib import save_json
 
+from distill._io import file_digest  # noqa: E402  (the package's own digest of weights files)
+
 RECIPE = Path("recipes/camvid/dlv3p-r50_to_dlv3p-mbv3_cpu.yaml")
 
 # Loss settings an arm can name (``cache/NAME``, ``stream/NAME``).
@@ -141,17 +143,6 @@ def _eval(recipe: Path, out: Path, stage: str, checkpoint: Path, overrides: list
     _run(command, out / f"eval_{stage}.log")
     # The report this command wrote: the folder may hold others (other splits, other weights).
     return json.loads(max((out / stage).glob("eval_*.json"), key=lambda p: p.stat().st_mtime_ns).read_text())
-
-
-def _file_digest(path: Path) -> str | None:
-    """sha256 of a file's bytes (None: no such file)."""
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _recipe_digest(recipe: Path) -> str:
@@ -349,14 +340,14 @@ def main() -> None:
         record = json.loads(done.read_text()) if done.is_file() else {}
         if not (teacher.is_file() and record.get("command") == command[1:]
                 and record.get("recipe_sha256") == _recipe_digest(args.recipe)
-                and record.get("teacher_sha256") == _file_digest(teacher)):
+                and record.get("teacher_sha256") == file_digest(teacher)):
             teacher_seconds = _run(command, out / "teacher_train.log")
             save_json(done, {"seconds": teacher_seconds, "command": command[1:],
-                             "recipe_sha256": _recipe_digest(args.recipe), "teacher_sha256": _file_digest(teacher)})
+                             "recipe_sha256": _recipe_digest(args.recipe), "teacher_sha256": file_digest(teacher)})
             teacher_trained_here = True
     elif not teacher.is_file():
         parser.error(f"--teacher-checkpoint not found: {teacher}")
-    teacher_sha256 = _file_digest(teacher)
+    teacher_sha256 = file_digest(teacher)
     results: dict = {"recipe": str(args.recipe), "teacher_checkpoint": str(teacher), "seeds": seeds,
                      "overrides": common, "machine": f"{platform.processor() or platform.machine()}, "
                      f"{os.cpu_count()} CPUs (torch threads as distill sets them), no GPU", "arms": {}}

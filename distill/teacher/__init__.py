@@ -220,11 +220,8 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
         # be cut to the first classes of a top-k store, or fail at the first batch.
         predicts = len(spec.class_names) if spec.class_names else (
             len(source_names) if source_names else recorded_classes(model))
-        if predicts is not None and predicts != num_classes:
-            named = f" '{spec.path}'" if spec.path else ""
-            raise ModelError(f"the teacher{named} predicts {predicts} classes and the student {num_classes}: "
-                             "map the teacher's classes onto the student's with teacher.class_map "
-                             "(docs/teachers.md)")
+        if predicts is not None:
+            refuse_unmapped_count(predicts, num_classes, spec.path)
     matrix = None
     if spec.class_map is not None:
         names = spec.class_names or source_names or [str(k) for k in range(_output_classes(model, spec))]
@@ -244,6 +241,18 @@ def teacher_from_recipe(recipe: Recipe, num_classes: int, *, temperature: float)
         tta_scales=spec.tta_scales,
         tta_flip=spec.tta_flip,
     )
+
+
+def refuse_unmapped_count(predicts: int, num_classes: int, path: str | None = None,
+                          counted_by: str | None = None) -> None:
+    """Without a class map the teacher's classes are the student's, one to one: refuse another
+    count (``counted_by``: the key that gave the teacher's, when not the model itself)."""
+    if predicts != num_classes:
+        named = f" '{path}'" if path else ""
+        by = f" ({counted_by})" if counted_by else ""
+        raise ModelError(f"the teacher{named} predicts {predicts} classes{by} and the student {num_classes}: "
+                         "map the teacher's classes onto the student's with teacher.class_map "
+                         "(docs/teachers.md)")
 
 
 def _output_classes(model: nn.Module, spec: object) -> int:
